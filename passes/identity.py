@@ -1,0 +1,45 @@
+"""Identity: the simplest pass. Inserts an all-ones mask after each selected op; the model's
+function is unchanged. It proves the plumbing and marks where masks would go."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from surgery.graph import insert_after
+from surgery.pipeline import Context, UnitMask
+from surgery.select import Selector, select_nodes
+
+
+class OnesMask(UnitMask):
+    """A mask that keeps every unit with factor 1."""
+
+    def factors(self) -> Tensor:
+        return torch.ones(self.units)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.shape_for(x)
+        return x
+
+
+@dataclass
+class Identity:
+    """Insert an :class:`OnesMask` after every selected module call (units on dim 1 for
+    feature maps, the last dim otherwise). Needs shapes: pass example_inputs to compress."""
+
+    select: Selector = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    exclude: Selector = None
+
+    def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+        from surgery.errors import SurgeryError
+        for node in select_nodes(gm, self.select, self.exclude, skip=(UnitMask,)):
+            shape = node.meta.get("shape")
+            if not isinstance(shape, torch.Size):
+                raise SurgeryError(f"Identity: node {node.name!r} ({node.target}) has no known tensor shape; "
+                                   "pass example_inputs to compress()")
+            module = gm.get_submodule(str(node.target))
+            dim = -1 if isinstance(module, nn.Linear) or len(shape) < 3 else 1
+            insert_after(gm, node, OnesMask(shape[dim], dim), f"mask_{node.target}")
+        return gm

@@ -1,0 +1,283 @@
+"""Capture: trace an arbitrary model with torch.fx into a GraphModule, with shapes.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> from surgery import capture
+    >>> gm = capture(torchvision.models.resnet18(weights=None), (torch.randn(1, 3, 64, 64),))
+    >>> gm.graph.find_nodes(op="call_module", target="layer1.0.conv1")[0].meta["shape"]
+    torch.Size([1, 64, 16, 16])
+
+Models whose forward mixes traceable code with data-dependent parts (detection heads,
+iterative refinement loops) are captured with the smallest untraceable submodules kept
+opaque: they stay as single `call_module` nodes that run their eager forward.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import SurgeryError, TraceFailure
+
+__all__ = ["capture", "ShapeProp", "surgery_meta", "as_inputs"]
+
+LeafSpec = type | str
+
+
+def surgery_meta(gm: fx.GraphModule) -> dict[str, Any]:
+    """The dict where surgery keeps its bookkeeping on a GraphModule (`gm.meta["surgery"]`)."""
+    meta = gm.meta.setdefault("surgery", {})
+    meta.setdefault("opaque", {})
+    meta.setdefault("passes", [])
+    return meta
+
+
+def as_inputs(example_inputs: Any) -> tuple | None:
+    """Normalise example inputs to a tuple of positional arguments (None stays None)."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list) and not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+class _Tracer(fx.Tracer):
+    """An fx Tracer that keeps user/opaque leaves and remembers which module was being traced
+    when tracing failed (the innermost module on the call stack)."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str]):
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_names = leaf_names
+        self.stack: list[str] = []
+        self.failure_stack: list[str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            qual = self.path_of_module(m)
+        except NameError:
+            qual = None  # a module built inside forward: failures belong to the caller
+        if qual is not None:
+            self.stack.append(qual)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failure_stack is None:
+                self.failure_stack = list(self.stack)
+            raise
+        finally:
+            if qual is not None:
+                self.stack.pop()
+
+
+def _split_leaves(leaf_modules: Iterable[LeafSpec]) -> tuple[tuple[type, ...], set[str]]:
+    types, names = [], set()
+    for leaf in leaf_modules:
+        if isinstance(leaf, type) and issubclass(leaf, nn.Module):
+            types.append(leaf)
+        elif isinstance(leaf, str):
+            names.add(leaf)
+        else:
+            raise SurgeryError(f"leaf_modules entries must be nn.Module classes or qualified names, got {leaf!r}")
+    return tuple(types), names
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], concrete_args) -> tuple[fx.Graph, dict[str, str]]:
+    leaf_types, leaf_names = _split_leaves(leaf_modules)
+    opaque: dict[str, str] = {}
+    n_modules = sum(1 for _ in root.modules())
+    for _ in range(n_modules + 1):
+        tracer = _Tracer(leaf_types, leaf_names | set(opaque))
+        try:
+            return tracer.trace(root, concrete_args), opaque
+        except Exception as e:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
+            culprit = (tracer.failure_stack or [""])[-1]
+            if not culprit or culprit in opaque:
+                raise TraceFailure(type(root).__name__ if not culprit else culprit, e) from e
+            # an opaque module hides its descendants: drop any of them recorded earlier
+            opaque = {k: v for k, v in opaque.items() if not k.startswith(culprit + ".")}
+            opaque[culprit] = _first_line(e)
+    raise TraceFailure(type(root).__name__, "gave up after marking every submodule opaque")
+
+
+def _graph_module(module: nn.Module, leaf_modules, concrete_args) -> tuple[fx.GraphModule, dict[str, str]]:
+    graph, opaque = _trace(module, leaf_modules, concrete_args)
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    # plain attributes the parent may read (out_channels, num_classes...) survive the swap
+    for k, v in vars(module).items():
+        if not k.startswith("_") and k != "training" and not hasattr(gm, k):
+            setattr(gm, k, v)
+    return gm, opaque
+
+
+_MODULE_API = set(dir(nn.Module))
+
+
+def _has_extra_methods(module: nn.Module) -> bool:
+    """A class whose parent may call methods other than forward cannot be swapped for a graph."""
+    for cls in type(module).__mro__:
+        if cls in (nn.Module, object) or cls.__module__.startswith("torch.nn"):
+            continue
+        for k, v in vars(cls).items():
+            if callable(v) and not k.startswith("_") and k != "forward" and k not in _MODULE_API:
+                return True
+    return False
+
+
+def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict[str, str]) -> None:
+    """`module` stays eager: swap each child for its traced graph, descending where a child's
+    own forward is untraceable too."""
+    leaf_types, leaf_names = _split_leaves(leaf_modules)
+    for name, child in list(module.named_children()):
+        qual = f"{prefix}{name}"
+        if not any(True for _ in child.children()):
+            continue  # a leaf layer runs as it is
+        if qual in leaf_names or (leaf_types and isinstance(child, leaf_types)):
+            continue
+        if not _has_extra_methods(child):
+            try:
+                inner = [n[len(qual) + 1:] for n in leaf_names if n.startswith(qual + ".")]
+                gm, sub = _graph_module(child, (*leaf_types, *inner), None)
+                setattr(module, name, gm)
+                opaque.update({f"{qual}.{k}": v for k, v in sub.items()})
+                continue
+            except TraceFailure as e:
+                if not any(True for _ in child.children()):
+                    opaque[qual] = _first_line(e.fx_error) if isinstance(e.fx_error, BaseException) else str(e)
+                    continue
+        _capture_children(child, qual + ".", leaf_modules, opaque)
+
+
+def _shell(root: nn.Module) -> fx.GraphModule:
+    """A GraphModule whose graph calls `root` (kept eager) as one node named ``model``."""
+    graph = fx.Graph()
+    args, kwargs = [], {}
+    for p in inspect.signature(root.forward).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise TraceFailure(type(root).__name__, "its forward takes *args/**kwargs",
+                               "wrap the model in a module with an explicit forward signature")
+        default = () if p.default is inspect.Parameter.empty else (p.default,)
+        ph = graph.placeholder(p.name, default_value=p.default) if default else graph.placeholder(p.name)
+        if p.kind == p.KEYWORD_ONLY:
+            kwargs[p.name] = ph
+        else:
+            args.append(ph)
+    graph.output(graph.call_module("model", tuple(args), kwargs))
+    holder = nn.Module()
+    holder.model = root
+    return fx.GraphModule(holder, graph, class_name=type(root).__name__)
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: Sequence[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+    descend: bool = True,
+) -> fx.GraphModule:
+    """Trace a copy of `model` into a GraphModule that keeps its qualified module names.
+
+    Args:
+        model: any nn.Module; it is never mutated (a deep copy is traced).
+        example_inputs: a tensor or tuple of positional inputs. When given, every node is
+            annotated with ``meta["shape"]`` and ``meta["dtype"]`` (see :class:`ShapeProp`).
+        leaf_modules: module classes or qualified names to keep opaque (not traced into).
+        concrete_args: forwarded to ``torch.fx.Tracer.trace`` for arguments that steer
+            control flow.
+        descend: what to do when the top-level forward itself is data-dependent (detection
+            and optical-flow models). True: keep that forward eager as a single node named
+            ``model`` and trace each of its children instead (names gain the ``model.``
+            prefix; ``gm.meta["surgery"]["shell"]`` is True). False: raise TraceFailure.
+
+    Submodules whose own forward cannot be traced are kept opaque automatically, listed in
+    ``gm.meta["surgery"]["opaque"]`` (name -> reason) and reported in one warning. A top-level
+    forward that cannot be traced raises :class:`TraceFailure` when ``descend=False`` or when
+    nothing beneath it can be traced either.
+    """
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"capture expects an nn.Module, got {type(model).__name__}")
+    try:
+        root = copy.deepcopy(model)
+    except Exception as e:
+        raise SurgeryError(f"cannot copy {type(model).__name__} before tracing ({_first_line(e)}); "
+                           "surgery never traces the caller's model in place") from e
+    shell = False
+    try:
+        gm, opaque = _graph_module(root, leaf_modules, concrete_args)
+    except TraceFailure as failure:
+        if not descend:
+            raise
+        opaque: dict[str, str] = {}
+        _capture_children(root, "", leaf_modules, opaque)
+        if not any(isinstance(m, fx.GraphModule) for m in root.modules()):
+            raise failure
+        gm, shell = _shell(root), True
+        opaque = {"model": _first_line(failure.fx_error) if isinstance(failure.fx_error, BaseException)
+                  else str(failure.fx_error), **{f"model.{k}": v for k, v in opaque.items()}}
+    meta = surgery_meta(gm)
+    meta.update(opaque=dict(opaque), class_name=type(model).__name__, shell=shell)
+    if opaque:
+        listing = "; ".join(f"{k} ({v})" for k, v in opaque.items())
+        warnings.warn(f"surgery.capture({type(model).__name__}): kept {len(opaque)} module(s) opaque "
+                      f"because their forward cannot be traced: {listing}", stacklevel=2)
+    inputs = as_inputs(example_inputs)
+    if inputs is not None:
+        ShapeProp(gm).propagate(*inputs)
+    return gm
+
+
+def _describe(value: Any) -> tuple[Any, Any]:
+    if isinstance(value, torch.Tensor):
+        return value.shape, value.dtype
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(v.shape for v in value), value[0].dtype
+    return None, None
+
+
+class ShapeProp(fx.Interpreter):
+    """Run a GraphModule once and record every node's output shape and dtype.
+
+    Sets ``node.meta["shape"]`` (a ``torch.Size``, a tuple of them for tuple outputs, or None)
+    and ``node.meta["dtype"]``. Runs in eval mode under ``torch.no_grad()`` so that nothing
+    in the model (BatchNorm running statistics) changes; training flags are restored.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 2))
+        >>> ShapeProp(gm).propagate(torch.randn(3, 4)).shape
+        torch.Size([3, 2])
+    """
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["shape"], n.meta["dtype"] = _describe(result)
+        return result
+
+    def propagate(self, *args: Any) -> Any:
+        modes = {m: m.training for m in self.module.modules()}
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                return self.run(*args)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode

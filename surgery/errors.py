@@ -1,0 +1,66 @@
+"""Errors raised by surgery. Every error names its culprit: a module path, a node, a file."""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class SurgeryError(Exception):
+    """Root of every error surgery raises on purpose."""
+
+
+class TraceFailure(SurgeryError):
+    """torch.fx could not trace the model's top-level forward."""
+
+    def __init__(self, module_path: str, fx_error: BaseException | str, hint: str = ""):
+        self.module_path = module_path or "<root>"
+        self.fx_error = fx_error
+        self.hint = hint or (
+            "pass concrete_args= for arguments that steer control flow, or leaf_modules= "
+            "to keep the offending submodules opaque"
+        )
+        err = f"{type(fx_error).__name__}: {fx_error}" if isinstance(fx_error, BaseException) else fx_error
+        super().__init__(
+            f"cannot trace the forward of {self.module_path!r}: {err}\n  try: {self.hint}"
+        )
+
+
+class SelectionError(SurgeryError):
+    """A selector matched nothing (or something it must not)."""
+
+    def __init__(self, message: str, nearest: Sequence[str] = ()):
+        self.nearest = list(nearest)
+        if self.nearest:
+            message += "; nearest names: " + ", ".join(self.nearest)
+        super().__init__(message)
+
+
+class ShrinkMismatch(SurgeryError):
+    """The shrunk model does not compute what the masked model computes."""
+
+    def __init__(self, max_error: float, first_node: str | None = None, detail: str = ""):
+        self.max_error = max_error
+        self.first_node = first_node
+        msg = f"shrunk model differs from the masked model: max abs error {max_error:.3g}"
+        if first_node:
+            msg += f", first differing node {first_node!r}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+
+class UnsafeFile(SurgeryError):
+    """A file needs full unpickling (which can run code) and the user did not trust it."""
+
+    def __init__(self, path: str, reason: str = ""):
+        self.path = str(path)
+        msg = (
+            f"{self.path}: refusing to unpickle: loading it needs full pickle, which can run "
+            "arbitrary code; pass --trust (trust=True) only if you trust where the file came from"
+        )
+        if reason:
+            msg += f" [{reason}]"
+        super().__init__(msg)
+
+
+class ExportFailure(SurgeryError):
+    """TorchScript export failed, or the reloaded file did not reproduce the model."""

@@ -1,0 +1,200 @@
+"""Graph edits on a captured GraphModule: insert after a node, replace a node, extract a set of
+nodes into a child GraphModule. Every edit recompiles and lints the graph.
+
+Example::
+
+    >>> import torch, torch.fx as fx
+    >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    >>> node = gm.graph.find_nodes(op="call_module", target="0")[0]
+    >>> _ = insert_after(gm, node, torch.nn.Identity(), "probe")
+    >>> [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    ['0', 'probe', '1']
+"""
+from __future__ import annotations
+
+import heapq
+import operator
+from typing import Any, Callable, Iterable
+
+import torch.fx as fx
+from torch import nn
+
+from .errors import SurgeryError
+
+__all__ = ["insert_after", "replace_node", "extract", "unique_name", "finish"]
+
+
+def finish(gm: fx.GraphModule) -> fx.GraphModule:
+    """Lint, drop submodules no node uses any more, recompile."""
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def unique_name(gm: nn.Module, base: str) -> str:
+    """A fresh top-level attribute name on `gm` derived from `base` (dots become underscores)."""
+    base = base.replace(".", "_") or "module"
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str,
+                 args: tuple = (), kwargs: dict | None = None) -> fx.Node:
+    """Add `module` as submodule `name` and call it on `node`'s output; every former user of
+    `node` now reads the new node. Extra `args`/`kwargs` follow the node in the call."""
+    if node.graph is not gm.graph:
+        raise SurgeryError(f"node {node.name!r} does not belong to this graph")
+    if node.op == "output":
+        raise SurgeryError("cannot insert after the graph output")
+    name = unique_name(gm, name)
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (node, *args), kwargs or {})
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
+    gm.graph.lint()
+    gm.recompile()
+    return new
+
+
+def replace_node(gm: fx.GraphModule, node: fx.Node, replacement: nn.Module | Callable[..., Any],
+                 name: str | None = None) -> fx.Node:
+    """Replace `node` by a call of `replacement` with the same arguments.
+
+    A module becomes a submodule (named `name`, or the old module's name when `node` called a
+    module, which it then replaces in place); a function becomes a ``call_function`` node.
+    """
+    if node.op in ("placeholder", "output", "get_attr"):
+        raise SurgeryError(f"cannot replace {node.op} node {node.name!r}")
+    graph = gm.graph
+    if isinstance(replacement, nn.Module):
+        if node.op == "call_module" and name is None:
+            target = str(node.target)
+            users = [n for n in graph.nodes if n.op == "call_module" and n.target == target and n is not node]
+            if users:  # the module is shared: give the replacement its own name
+                target = unique_name(gm, target)
+            else:
+                gm.delete_submodule(target)
+            gm.add_submodule(target, replacement)
+        else:
+            target = unique_name(gm, name or node.name)
+            gm.add_submodule(target, replacement)
+        with graph.inserting_after(node):
+            new = graph.call_module(target, node.args, node.kwargs)
+    else:
+        with graph.inserting_after(node):
+            new = graph.call_function(replacement, node.args, node.kwargs)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    finish(gm)
+    return new
+
+
+def _topo_sort(graph: fx.Graph) -> None:
+    """Reorder nodes so that every node follows its inputs (stable: keeps the existing order
+    where it is already valid)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    indeg = {n: len(set(n.all_input_nodes)) for n in graph.nodes}
+    ready = sorted((n for n, d in indeg.items() if d == 0), key=order.__getitem__)
+    out: list[fx.Node] = []
+    heap = [(order[n], id(n), n) for n in ready]
+    heapq.heapify(heap)
+    while heap:
+        _, _, n = heapq.heappop(heap)
+        out.append(n)
+        for u in n.users:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(heap, (order[u], id(u), u))
+    if len(out) != len(order):
+        raise SurgeryError("graph has a cycle after an edit")
+    root = graph._root  # the sentinel before the first node
+    cursor = root
+    for n in out:
+        if cursor.next is not n:
+            cursor.append(n)
+        cursor = n
+
+
+def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node], name: str,
+            wrap: Callable[[fx.GraphModule], nn.Module] | None = None) -> fx.Node:
+    """Move `nodes` into a child GraphModule called as one node; returns that node.
+
+    The child's inputs are the values the set reads from outside it; its output is the single
+    value (or tuple of values) used outside. ``get_attr`` nodes read only by the set move with
+    it. The set must be convex: no path may leave it and come back. `wrap`, when given, wraps
+    the child module (e.g. in a saved-tensor-hooks context) before it is installed.
+    """
+    graph = gm.graph
+    chosen = [n for n in graph.nodes if n in set(nodes)]
+    if not chosen:
+        raise SurgeryError(f"extract({name!r}): empty node set")
+    for n in chosen:
+        if n.op in ("placeholder", "output"):
+            raise SurgeryError(f"extract({name!r}): cannot move {n.op} node {n.name!r}")
+    inside = set(chosen)
+    for n in list(graph.nodes):
+        if n.op == "get_attr" and n not in inside and n.users and all(u in inside for u in n.users):
+            inside.add(n)
+    chosen = [n for n in graph.nodes if n in inside]
+    _check_convex(inside, name)
+
+    inputs: list[fx.Node] = []
+    for n in chosen:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in inputs:
+                inputs.append(a)
+    outputs = [n for n in chosen if any(u not in inside for u in n.users)]
+    if not outputs:
+        raise SurgeryError(f"extract({name!r}): nothing in the set is used outside it")
+
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for a in inputs:
+        env[a] = sub.placeholder(a.name)
+        env[a].meta.update(a.meta)
+    for n in chosen:
+        env[n] = sub.node_copy(n, lambda x: env[x])
+    sub.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+    child: nn.Module = fx.GraphModule(gm, sub, class_name=name)
+    if wrap is not None:
+        child = wrap(child)
+    target = unique_name(gm, name)
+    gm.add_submodule(target, child)
+
+    with graph.inserting_before(chosen[0]):
+        call = graph.call_module(target, tuple(inputs))
+    if len(outputs) == 1:
+        call.meta.update(outputs[0].meta)
+        outputs[0].replace_all_uses_with(call)
+    else:
+        for i, o in enumerate(outputs):
+            with graph.inserting_after(call):
+                item = graph.call_function(operator.getitem, (call, i))
+            item.meta.update(o.meta)
+            o.replace_all_uses_with(item)
+    for n in reversed(chosen):
+        graph.erase_node(n)
+    _topo_sort(graph)
+    finish(gm)
+    return call
+
+
+def _check_convex(inside: set[fx.Node], name: str) -> None:
+    # nodes outside reachable from the set; if any of them feeds the set, a path leaves and returns
+    frontier = [u for n in inside for u in n.users if u not in inside]
+    seen: set[fx.Node] = set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u in inside:
+                raise SurgeryError(f"extract({name!r}): the node set is not convex: {n.name!r} lies outside "
+                                   f"it on a path between two of its nodes (it feeds {u.name!r})")
+            frontier.append(u)

@@ -1,0 +1,153 @@
+"""The pass pipeline: the Pass and Mask protocols, compress(), masks(), penalty(), step().
+
+Example::
+
+    >>> import torch, surgery
+    >>> from passes import Identity
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> gm = surgery.compress(net, passes=[Identity(select=torch.nn.Linear)], example_inputs=(torch.randn(2, 4),))
+    >>> sorted(surgery.masks(gm))
+    ['mask_0', 'mask_2']
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .capture import ShapeProp, as_inputs, capture, surgery_meta
+from .errors import SurgeryError
+
+__all__ = ["Pass", "Mask", "UnitMask", "Context", "compress", "masks", "penalty", "step"]
+
+
+@runtime_checkable
+class Mask(Protocol):
+    """What every mask module offers: the units that survive Shrink, a penalty to add to the
+    loss, and a step of its schedule."""
+
+    def kept(self) -> Tensor: ...
+
+    def penalty(self) -> Tensor: ...
+
+    def step(self) -> None: ...
+
+
+@dataclass
+class Context:
+    """What a pass may need besides the graph: the example inputs (or None)."""
+
+    example_inputs: tuple | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Pass(Protocol):
+    """A graph pass: a dataclass whose fields are its configuration."""
+
+    def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule: ...
+
+
+class UnitMask(nn.Module):
+    """Base class for masks that scale the units along one axis of a tensor.
+
+    A subclass provides ``factors()``: the per-unit multiplier the mask applies in eval mode
+    (what Shrink folds or removes). ``kept()`` defaults to ``factors() != 0``. ``dim`` is the
+    unit axis, counted from the end when negative, so one mask fits any batch shape.
+    """
+
+    def __init__(self, units: int, dim: int):
+        super().__init__()
+        if units <= 0:
+            raise SurgeryError(f"{type(self).__name__}: a mask needs at least one unit, got {units}")
+        self.units = int(units)
+        self.dim = int(dim)
+
+    def factors(self) -> Tensor:
+        raise NotImplementedError
+
+    def shape_for(self, x: Tensor) -> list[int]:
+        dim = self.dim if self.dim >= 0 else x.dim() + self.dim
+        if x.shape[dim] != self.units:
+            raise SurgeryError(f"{type(self).__name__}: expected {self.units} units on dim {self.dim}, "
+                               f"got a tensor of shape {tuple(x.shape)}")
+        shape = [1] * x.dim()
+        shape[dim] = self.units
+        return shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.factors().to(x.dtype).reshape(self.shape_for(x))
+
+    def kept(self) -> Tensor:
+        return self.factors().detach() != 0
+
+    def penalty(self) -> Tensor:
+        p = next(self.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+
+    def step(self) -> None:
+        pass
+
+    def extra_repr(self) -> str:
+        return f"units={self.units}, dim={self.dim}"
+
+
+def masks(gm: nn.Module) -> dict[str, Mask]:
+    """Every mask module in `gm` by qualified name (anything with kept/penalty/step)."""
+    return {n: m for n, m in gm.named_modules() if n and isinstance(m, Mask) and not isinstance(m, type)}
+
+
+def penalty(gm: nn.Module) -> Tensor:
+    """The sum of every mask's penalty (a zero tensor when there are none)."""
+    terms = [m.penalty() for m in masks(gm).values()]
+    if not terms:
+        p = next(gm.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    return torch.stack([t.reshape(()) for t in terms]).sum()
+
+
+def step(gm: nn.Module) -> None:
+    """Advance every mask's schedule by one step (call once per optimizer step)."""
+    for m in masks(gm).values():
+        m.step()
+
+
+def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = None, *,
+             inplace: bool = False, leaf_modules: Sequence = (), concrete_args: dict | None = None,
+             ) -> fx.GraphModule:
+    """Capture `model` (a copy of it) and run `passes` over the graph, in order.
+
+    `model` may be any nn.Module or a GraphModule from an earlier compress(); it is never
+    mutated unless ``inplace=True`` (GraphModules only). With `example_inputs`, node shapes are
+    (re)annotated before the passes run and after each one.
+    """
+    inputs = as_inputs(example_inputs)
+    for p in passes:
+        if not callable(getattr(p, "apply", None)):
+            raise SurgeryError(f"{p!r} is not a pass: it has no apply(gm, ctx) method")
+    if isinstance(model, fx.GraphModule):
+        gm = model if inplace else copy.deepcopy(model)
+        if inputs is not None:
+            ShapeProp(gm).propagate(*inputs)
+    elif isinstance(model, nn.Module):
+        if inplace:
+            raise SurgeryError("inplace=True needs a GraphModule; an nn.Module is always captured as a copy")
+        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    else:
+        raise SurgeryError(f"compress expects an nn.Module, got {type(model).__name__}")
+    ctx = Context(example_inputs=inputs)
+    for p in passes:
+        out = p.apply(gm, ctx)
+        if not isinstance(out, fx.GraphModule):
+            raise SurgeryError(f"{type(p).__name__}.apply returned {type(out).__name__}, not a GraphModule")
+        gm = out
+        gm.graph.lint()
+        gm.recompile()
+        surgery_meta(gm)["passes"].append(repr(p))
+        if inputs is not None:
+            ShapeProp(gm).propagate(*inputs)
+    return gm
