@@ -3,6 +3,7 @@
     >>> import surgery
     >>> gm = surgery.compress(model, passes=[...], example_inputs=(x,))
 """
+from . import graph
 from .capture import ShapeProp, capture
 from .errors import ExportFailure, SelectionError, ShrinkMismatch, SurgeryError, TraceFailure, UnsafeFile
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
