@@ -43,7 +43,7 @@ def example_inputs(family: str, name: str) -> tuple:
     if family == "optical_flow":
         return (torch.rand(1, 3, 128, 128, generator=g), torch.rand(1, 3, 128, 128, generator=g))
     if family == "video":
-        size = 224 if name.startswith(("mvit", "swin3d")) else 112
+        size = 224 if name.startswith(("mvit", "swin3d", "s3d")) else 112
         return (torch.rand(1, 3, 16, size, size, generator=g),)
     size = 299 if name == "inception_v3" else 224
     return (torch.rand(1, 3, size, size, generator=g),)

@@ -254,6 +254,17 @@ def _describe(value: Any) -> tuple[Any, Any]:
     return None, None
 
 
+def _plain(value: Any) -> Any:
+    """fx's immutable containers -> ordinary lists/dicts (recursively)."""
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 class ShapeProp(fx.Interpreter):
     """Run a GraphModule once and record every node's output shape and dtype.
 
@@ -267,6 +278,11 @@ class ShapeProp(fx.Interpreter):
         >>> ShapeProp(gm).propagate(torch.randn(3, 4)).shape
         torch.Size([3, 2])
     """
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        # generated code passes fresh lists; some callees mutate theirs (swin3d's window sizes)
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _plain(args), _plain(kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)

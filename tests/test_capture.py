@@ -161,3 +161,22 @@ def test_shape_propagation_keeps_batchnorm_statistics():
     gm = surgery.capture(model, (torch.rand(2, 3, 8, 8) * 5,))
     assert torch.equal(gm.get_submodule("1").running_mean, torch.zeros(4))
     assert gm.training
+
+
+def _mutates_its_list(x, sizes: list):
+    sizes[0] = 2  # as swin3d's window-size helper does
+    return x * sizes[0]
+
+
+torch.fx.wrap("_mutates_its_list")
+
+
+def test_shape_propagation_passes_plain_lists_to_callees():
+    class Net(nn.Module):
+        def forward(self, x):
+            return _mutates_its_list(x, [1, 1])
+
+    x = torch.ones(3)
+    gm = surgery.capture(Net(), (x,))
+    assert gm.graph.find_nodes(op="call_function", target=_mutates_its_list)[0].meta["shape"] == (3,)
+    assert torch.equal(gm(x), 2 * x)
