@@ -153,7 +153,9 @@ def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict
             continue  # a leaf layer runs as it is
         if qual in leaf_names or (leaf_types and isinstance(child, leaf_types)):
             continue
-        if not _has_extra_methods(child):
+        if _has_extra_methods(child):
+            opaque[qual] = f"eager: {type(child).__name__} has methods besides forward that its parent may call"
+        else:
             try:
                 inner = [n[len(qual) + 1:] for n in leaf_names if n.startswith(qual + ".")]
                 gm, sub = _graph_module(child, (*leaf_types, *inner), None)
