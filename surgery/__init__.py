@@ -5,6 +5,8 @@
 """
 from .capture import ShapeProp, capture
 from .errors import ExportFailure, SelectionError, ShrinkMismatch, SurgeryError, TraceFailure, UnsafeFile
+from .files import load_model_file
+from .inspect import summary
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
 
