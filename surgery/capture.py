@@ -53,10 +53,11 @@ class _Tracer(fx.Tracer):
     """An fx Tracer that keeps user/opaque leaves and remembers which module was being traced
     when tracing failed (the innermost module on the call stack)."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str]):
+    # fx re-creates the tracer class with no arguments when a GraphModule is unpickled
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: set[str] | None = None):
         super().__init__()
         self.leaf_types = leaf_types
-        self.leaf_names = leaf_names
+        self.leaf_names = leaf_names or set()
         self.stack: list[str] = []
         self.failure_stack: list[str] | None = None
 

@@ -159,7 +159,7 @@ def parse_shapes(spec: str | Sequence[int] | Sequence[Sequence[int]] | None) -> 
         return None
     if isinstance(spec, str):
         try:
-            shapes = [tuple(int(d) for d in part.replace("x", ",").split(",") if d.strip())
+            shapes = [tuple(int(d) for d in part.replace("x", ",").split(","))
                       for part in spec.split(";") if part.strip()]
         except ValueError:
             raise SurgeryError(f"bad input shape {spec!r}: expected comma-separated integers such as "

@@ -66,14 +66,18 @@ def _hint(valid: list[str], word: str) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-def _annotation(cls: type, f: dataclasses.Field) -> str:
+def _wants_list(cls: type, f: dataclasses.Field) -> bool:
+    """True when the field is annotated as a list (a TOML list then stays a list, not a tuple)."""
     try:
-        return str(typing.get_type_hints(cls).get(f.name, f.type))
-    except Exception:  # forward references that do not resolve: the raw string is enough
-        return str(f.type)
+        hint = typing.get_type_hints(cls).get(f.name, f.type)
+    except Exception:  # forward references that do not resolve: read the raw annotation
+        hint = f.type
+    if hint is list or typing.get_origin(hint) is list:
+        return True
+    return isinstance(hint, str) and hint.replace("typing.", "").strip().lower().startswith("list")
 
 
-def _convert(value: Any, annotation: str, where: str) -> Any:
+def _convert(value: Any, as_list: bool, where: str) -> Any:
     if isinstance(value, dict) and "type" in value:
         classes = _config_classes()
         cls = classes.get(value["type"])
@@ -83,11 +87,10 @@ def _convert(value: Any, annotation: str, where: str) -> Any:
         fields = {k: v for k, v in value.items() if k != "type"}
         return _build(cls, fields, f"{where} ({value['type']})")
     if isinstance(value, list):
-        items = [_convert(v, "", where) for v in value]
-        head = annotation.replace("typing.", "").lstrip("( ").lower()
-        return items if head.startswith("list") else tuple(items)
+        items = [_convert(v, False, where) for v in value]
+        return items if as_list else tuple(items)
     if isinstance(value, dict):
-        return {k: _convert(v, "", where) for k, v in value.items()}
+        return {k: _convert(v, False, where) for k, v in value.items()}
     return value
 
 
@@ -101,7 +104,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise SurgeryError(f"{where}: {cls.__name__} needs field(s) {', '.join(missing)}")
-    kwargs = {k: _convert(v, _annotation(cls, fields[k]), f"{where}, field {k!r}") for k, v in values.items()}
+    kwargs = {k: _convert(v, _wants_list(cls, fields[k]), f"{where}, field {k!r}") for k, v in values.items()}
     try:
         return cls(**kwargs)
     except SurgeryError as e:
