@@ -9,6 +9,7 @@ from .files import load_model_file
 from .inspect import summary
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
+from .channels import ChannelGroup, RULES, channel_groups, group_of, register_rule
 
 __version__ = "0.1.0"
 
