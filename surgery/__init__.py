@@ -7,6 +7,7 @@ from .capture import ShapeProp, capture
 from .errors import ExportFailure, SelectionError, ShrinkMismatch, SurgeryError, TraceFailure, UnsafeFile
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
+from .activation_stats import activation_sparsity, harden
 
 __version__ = "0.1.0"
 
@@ -15,3 +16,4 @@ __all__ = [
     "select_modules", "select_nodes",
     "SurgeryError", "TraceFailure", "SelectionError", "ShrinkMismatch", "UnsafeFile", "ExportFailure",
 ]
+__all__ += ["harden", "activation_sparsity"]
