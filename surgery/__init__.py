@@ -7,6 +7,7 @@ from .capture import ShapeProp, capture
 from .errors import ExportFailure, SelectionError, ShrinkMismatch, SurgeryError, TraceFailure, UnsafeFile
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
+from .channels import ChannelGroup, RULES, channel_groups, group_of, register_rule
 from .activation_stats import activation_sparsity, harden
 
 __version__ = "0.1.0"

@@ -1,0 +1,560 @@
+"""Channel groups: which channels of which tensors are coupled, found in one walk of the graph.
+
+Every tensor that carries channels gets a *layout*: an int array broadcastable to the tensor's
+shape that names, for every entry, the channel *element* it belongs to (size-1 axes are the
+axes the channels do not vary along). Producers (Conv/Linear out-channels) create fresh
+elements; channel-local ops (BN, activations, pooling, element-wise ops, masks) pass layouts on;
+``cat``/``split``/``flatten``/``view``/``transpose`` rearrange them; readers (Conv/Linear
+in-channels) consume them. Element-wise ops between two tracked tensors couple their elements
+position by position. A channel of a group is a set of coupled elements; a group is every
+channel reachable through shared producers and couplings.
+
+How each op moves channels lives in a public rule table (:data:`RULES`), extendable for custom
+ops with :func:`register_rule`. An op without a rule freezes the groups of its inputs (never
+pruned, reported by name), it never crashes the analysis.
+
+Example::
+
+    >>> import torch, surgery
+    >>> from torch import nn
+    >>> from surgery.channels import channel_groups
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> gm = surgery.capture(net, (torch.randn(1, 3, 16, 16),))
+    >>> [(g.size, g.frozen is None) for g in channel_groups(gm)]
+    [(8, True), (4, False)]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import SurgeryError
+
+__all__ = ["ChannelGroup", "Place", "RuleContext", "RULES", "register_rule", "channel_groups", "group_of",
+           "analyze", "ChannelGraph", "passthrough", "channel_local", "frozen"]
+
+Ids = np.ndarray  # int64, broadcastable to the tensor's shape
+
+
+@dataclass(eq=False)
+class Place:
+    """Where a group's channels live at one op.
+
+    ``role`` is "producer" (the op creates the channels on its output), "local" (the op keeps
+    them channel by channel) or "reader" (the op mixes them, reading its input ``arg``).
+    ``dim`` is the axis of that tensor, ``channels[p]`` the group channel at position ``p`` along
+    it (-1 where the position belongs to another group).
+    """
+
+    node: fx.Node
+    role: str
+    dim: int
+    channels: np.ndarray
+    arg: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Place({self.node.name}, {self.role}, dim={self.dim}, n={len(self.channels)})"
+
+
+@dataclass(eq=False)
+class ChannelGroup:
+    """A set of coupled channels: removing channel j removes it from every place listed."""
+
+    id: int
+    size: int
+    producers: list[Place] = field(default_factory=list)
+    locals: list[Place] = field(default_factory=list)
+    readers: list[Place] = field(default_factory=list)
+    frozen: str | None = None
+    masks: list[Place] = field(default_factory=list)
+
+    def mask_points(self) -> list[tuple[fx.Node, int]]:
+        """(node, dim) pairs after which one shared per-channel mask of ``size`` units realises
+        this group: after each producer and its trailing single-user BN/activation chain.
+
+        Only producers that carry every channel of the group in group order are listed (true
+        for convolutional and residual streams); a group fed by a producer that carries part
+        of it (a ``cat`` added to a tensor) or none (frozen) yields no points.
+        """
+        if self.frozen:
+            return []
+        points = []
+        for p in self.producers:
+            if len(p.channels) != self.size or not np.array_equal(p.channels, np.arange(self.size)):
+                return []
+            node = p.node
+            while len(node.users) == 1:
+                user = next(iter(node.users))
+                if not _is_trailing(user, node):
+                    break
+                node = user
+            dim = p.dim
+            shape = node.meta.get("shape")
+            if isinstance(shape, torch.Size) and dim >= 0:
+                dim = dim - len(shape)  # from the end, so one mask fits any batch shape
+            points.append((node, dim))
+        return list(dict.fromkeys(points))
+
+    def places(self) -> list[Place]:
+        return [*self.producers, *self.locals, *self.readers]
+
+    def __repr__(self) -> str:
+        names = ", ".join(p.node.name for p in self.producers[:4]) + ("..." if len(self.producers) > 4 else "")
+        fz = f", frozen={self.frozen!r}" if self.frozen else ""
+        return f"ChannelGroup(id={self.id}, size={self.size}, producers=[{names}], readers={len(self.readers)}{fz})"
+
+
+def _is_trailing(user: fx.Node, node: fx.Node) -> bool:
+    """A single-input channel-local op (BN, activation, dropout) that ends a producer's chain."""
+    if user.op != "call_module" or len(user.all_input_nodes) != 1:
+        return False
+    m = user.graph.owning_module.get_submodule(str(user.target))
+    from .pipeline import UnitMask
+    return isinstance(m, _TRAILING) and not isinstance(m, UnitMask)
+
+
+_TRAILING = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
+             nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish,
+             nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+
+
+def group_of(groups: Iterable[ChannelGroup], node: fx.Node) -> list[ChannelGroup]:
+    """The groups that have a place at `node` (as producer, local op, reader or mask)."""
+    return [g for g in groups if any(p.node is node for p in (*g.places(), *g.masks))]
+
+
+# ----------------------------------------------------------------------------------------- rules
+Rule = Callable[["RuleContext"], Any]
+RULES: dict[Any, Rule] = {}
+"""The rule table: module class, function, or method name (a str) -> rule. A rule receives a
+:class:`RuleContext` and returns the output layout, or ``(layout, values)``, or None (the output
+carries no tracked channels). A tuple-valued op (split) must return ``(tuple_of_layouts, values)``."""
+
+
+def register_rule(target: Any, rule: Rule) -> Rule:
+    """Teach the channel analysis how `target` moves channels.
+
+    `target` is an ``nn.Module`` subclass (matched through the class hierarchy), a function
+    (``torch.add``, ``F.relu``, your own leaf function) or a method name (``"flatten"``).
+    `rule` is usually built by a helper, e.g. a custom per-channel scale module::
+
+        register_rule(MyScale, channel_local(params={"weight": 0}))
+
+    or a function ``rule(ctx) -> layout`` using :class:`RuleContext` for anything else.
+    """
+    RULES[target] = rule
+    return rule
+
+
+@dataclass(eq=False)
+class _RawPlace:
+    node: fx.Node
+    role: str
+    dim: int
+    ids: np.ndarray            # element per position along dim
+    arg: int | None = None
+    params: list = field(default_factory=list)   # (owner module, attribute, dim)
+    attrs: list = field(default_factory=list)    # (owner module, attribute) set to the kept count
+    kind: str = "zero"         # readers: "linear" / "conv" may fold constants; "zero" needs zeros
+    groups: int = 1            # grouped convolutions: positions split into equal segments
+    edit: Callable | None = None  # custom shrink edit: edit(kept_positions: np.ndarray) -> None
+    values: np.ndarray | None = None  # readers: constant value per position (nan = unknown)
+
+
+class RuleContext:
+    """What a rule sees: the node, its module, the layouts of its inputs, and the means to
+    record places, couple elements and freeze them."""
+
+    def __init__(self, graph: "ChannelGraph", node: fx.Node):
+        self.g = graph
+        self.node = node
+        self.module: nn.Module | None = (graph.gm.get_submodule(str(node.target))
+                                         if node.op == "call_module" else None)
+
+    # --- reading
+    def ids(self, arg: Any) -> Ids | None:
+        """The layout of an argument (a node), or None when it carries no tracked channels."""
+        return self.g.layouts.get(arg) if isinstance(arg, fx.Node) else None
+
+    def values(self, arg: Any) -> np.ndarray | None:
+        """Known per-entry constant values of an argument (nan = unknown)."""
+        if not isinstance(arg, fx.Node):
+            return None
+        return self.g.values.get(arg)
+
+    def shape(self, arg: Any = None) -> torch.Size | None:
+        node = self.node if arg is None else arg
+        s = node.meta.get("shape") if isinstance(node, fx.Node) else None
+        return s if isinstance(s, torch.Size) else None
+
+    @property
+    def x(self) -> fx.Node | None:
+        """The first argument when it is a node (the tensor input of most ops)."""
+        a = self.node.args[0] if self.node.args else None
+        return a if isinstance(a, fx.Node) else None
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        if len(self.node.args) > i:
+            return self.node.args[i]
+        return self.node.kwargs.get(name, default)
+
+    # --- recording
+    def new_space(self, dim: int, size: int | None = None, params=(), attrs=(), edit=None, groups=1) -> Ids:
+        """Fresh channels on axis `dim` of this node's output (a producer place)."""
+        shape = self.shape()
+        if shape is None:
+            raise SurgeryError(f"node {self.node.name!r} has no shape; capture with example_inputs")
+        dim = dim % len(shape)
+        size = shape[dim] if size is None else size
+        start = self.g.new_elements(size, self.node)
+        ids = np.arange(start, start + size, dtype=np.int64)
+        self.g.places.append(_RawPlace(self.node, "producer", dim, ids, None, list(params), list(attrs),
+                                       groups=groups, edit=edit))
+        out = [1] * len(shape)
+        out[dim] = size
+        return ids.reshape(out)
+
+    def place(self, role: str, ids: Ids, dim: int, arg: int | None = None, params=(), attrs=(),
+              kind: str = "zero", groups: int = 1, edit=None, values: np.ndarray | None = None) -> None:
+        """Record a local or reader place: the positions along `dim` of a layout `ids`."""
+        dim = dim % ids.ndim
+        if any(s > 1 for d, s in enumerate(ids.shape) if d != dim):
+            # the op treats positions along `dim` as units; channels also varying along other
+            # axes (a flattened map read by a per-channel op) cannot be cut out per position
+            self.freeze(ids, f"{self.describe()} sees channels along more than axis {dim}")
+            return
+        line = ids.reshape(-1)
+        size = self.shape_at(role, arg, dim)
+        if len(line) == 1 and size not in (None, 1):
+            line = np.repeat(line, size)
+        vline = None
+        if values is not None:
+            vline = np.broadcast_to(values, ids.shape).reshape(-1)
+            if len(vline) == 1 and len(line) > 1:
+                vline = np.repeat(vline, len(line))
+        self.g.places.append(_RawPlace(self.node, role, dim, line, arg, list(params), list(attrs), kind,
+                                       groups, edit, vline))
+
+    def shape_at(self, role: str, arg: int | None, dim: int) -> int | None:
+        node = self.node if role != "reader" or arg is None else self.node.args[arg]
+        s = self.shape(node) if isinstance(node, fx.Node) else None
+        return s[dim] if s is not None and dim < len(s) else None
+
+    def couple(self, a: Ids, b: Ids) -> Ids:
+        """Position-wise union of two layouts (broadcast); returns the broadcast layout."""
+        a, b = _align(a, b)
+        a, b = np.broadcast_arrays(a, b)
+        diff = a != b
+        if diff.any():
+            self.g.edges.append((a[diff].ravel().copy(), b[diff].ravel().copy()))
+        return np.array(a)
+
+    def freeze(self, ids: Ids | None, reason: str) -> None:
+        """Mark every element in `ids` as never removable, with a reason naming the culprit."""
+        if ids is not None:
+            self.g.frozen.append((np.unique(np.asarray(ids, dtype=np.int64)), reason))
+
+    def freeze_inputs(self, reason: str) -> None:
+        for a in self.node.all_input_nodes:
+            lay = self.g.layouts.get(a)
+            if isinstance(lay, tuple):
+                for part in lay:
+                    self.freeze(part, reason)
+            else:
+                self.freeze(lay, reason)
+
+    def describe(self) -> str:
+        n = self.node
+        if n.op == "call_module":
+            return f"{type(self.module).__name__} {n.target!r}"
+        name = getattr(n.target, "__name__", str(n.target))
+        return f"{name} at node {n.name!r}"
+
+
+def _align(a: Ids, b: Ids) -> tuple[Ids, Ids]:
+    if a.ndim < b.ndim:
+        a = a.reshape((1,) * (b.ndim - a.ndim) + a.shape)
+    elif b.ndim < a.ndim:
+        b = b.reshape((1,) * (a.ndim - b.ndim) + b.shape)
+    return a, b
+
+
+def varying(ids: Ids) -> list[int]:
+    """The axes a layout varies along."""
+    return [d for d, s in enumerate(ids.shape) if s > 1]
+
+
+# ----------------------------------------------------------------------------------------- rule helpers
+def passthrough(values: str | Callable | None = "apply") -> Rule:
+    """A channel-local op with no per-channel parameters (activation, dropout, identity).
+
+    `values` says what happens to a channel that is constant: "apply" runs the op on the
+    constants (right for element-wise ops), "keep" keeps them, "zero" keeps only zeros,
+    None forgets them; or a function (ctx, values) -> values.
+    """
+    def rule(ctx: RuleContext):
+        ids = ctx.ids(ctx.x)
+        if ids is None:
+            return None
+        return ids, _values(ctx, values)
+    rule.__name__ = "passthrough"
+    return rule
+
+
+def channel_local(params: dict[str, int] | None = None, dim: int = 1, attrs: tuple[str, ...] = (),
+                  values: str | Callable | None = None) -> Rule:
+    """A module that treats channels on axis `dim` one by one with per-channel parameters
+    (``params``: attribute name -> the parameter's channel axis). Shrink slices those
+    parameters and sets each of `attrs` to the kept count."""
+    def rule(ctx: RuleContext):
+        ids = ctx.ids(ctx.x)
+        if ids is None:
+            return None
+        m = ctx.module
+        ps = [(m, k, d) for k, d in (params or {}).items() if m is not None and getattr(m, k, None) is not None]
+        ctx.place("local", ids, dim, params=ps, attrs=[(m, a) for a in attrs])
+        return ids, _values(ctx, values)
+    rule.__name__ = "channel_local"
+    return rule
+
+
+def frozen(reason: str) -> Rule:
+    """An op whose channels must never be removed (its inputs' groups are frozen)."""
+    def rule(ctx: RuleContext):
+        ctx.freeze_inputs(f"{ctx.describe()}: {reason}")
+        return None
+    rule.__name__ = "frozen"
+    return rule
+
+
+def _values(ctx: RuleContext, how) -> np.ndarray | None:
+    v = ctx.values(ctx.x)
+    if v is None or how is None:
+        return None
+    if callable(how):
+        return how(ctx, v)
+    if how == "keep":
+        return v
+    if how == "zero":
+        return np.where(v == 0, 0.0, np.nan)
+    # "apply": run the op itself on the constants (the op is element-wise)
+    try:
+        t = torch.as_tensor(v, dtype=torch.float64)
+        with torch.no_grad():
+            if ctx.node.op == "call_module":
+                out = _apply_module(ctx.module, t)
+            elif ctx.node.op == "call_function":
+                out = ctx.node.target(t, *ctx.node.args[1:], **ctx.node.kwargs)
+            else:
+                out = getattr(t, ctx.node.target)(*ctx.node.args[1:], **ctx.node.kwargs)
+        out = out.detach().double().numpy()
+        return out if out.shape == v.shape else None
+    except Exception:
+        return None
+
+
+def _apply_module(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    p = next(m.parameters(), None)
+    return m(t.to(p.dtype if p is not None else torch.float32)).double()
+
+
+# ----------------------------------------------------------------------------------------- analysis
+class ChannelGraph:
+    """The result of the walk: layouts per node, places, couplings, frozen elements, and the
+    groups built from them. :func:`analyze` makes one; Shrink and ChannelPrune read it."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.layouts: dict[fx.Node, Any] = {}
+        self.values: dict[fx.Node, Any] = {}
+        self.places: list[_RawPlace] = []
+        self.edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self.frozen: list[tuple[np.ndarray, str]] = []
+        self.space_start: list[int] = []
+        self.space_node: list[fx.Node] = []
+        self.n = 0
+        self.size_nodes: list[tuple[fx.Node, fx.Node]] = []   # (size/shape node, tensor node)
+        self.mask_nodes: list[fx.Node] = []
+        self.rewrite: set[fx.Node] = set()   # nodes whose literal size arguments follow channels
+
+    def new_elements(self, size: int, node: fx.Node) -> int:
+        start = self.n
+        self.space_start.append(start)
+        self.space_node.append(node)
+        self.n += size
+        return start
+
+    def run(self) -> "ChannelGraph":
+        from .pipeline import UnitMask
+        from . import rules  # noqa: F401  (registers the standard table)
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "get_attr"):
+                continue
+            if node.op == "output":
+                _freeze_output(self, node)
+                continue
+            if node.op != "placeholder" and "shape" not in node.meta:
+                raise SurgeryError(f"channel analysis needs node shapes but node {node.name!r} has none: "
+                                   "capture the model with example_inputs (surgery.capture(model, (x,)))")
+            ctx = RuleContext(self, node)
+            if ctx.module is not None and isinstance(ctx.module, UnitMask):
+                out = rules.mask_rule(ctx)
+            else:
+                rule = find_rule(node, ctx.module)
+                if rule is None:
+                    if any(self._tracked(a) for a in node.all_input_nodes):
+                        ctx.freeze_inputs(f"{ctx.describe()} has no channel rule")
+                    continue
+                try:
+                    out = rule(ctx)
+                except SurgeryError:
+                    raise
+                except Exception as e:  # a rule that trips on an odd call must not crash the analysis
+                    ctx.freeze_inputs(f"{ctx.describe()}: channel rule failed ({type(e).__name__}: {e})")
+                    out = None
+            if isinstance(out, tuple) and len(out) == 2 and (out[0] is None or isinstance(out[0], (np.ndarray, tuple))):
+                out, vals = out
+            else:
+                vals = None
+            if out is not None:
+                self.layouts[node] = out
+                if vals is not None:
+                    self.values[node] = vals
+        self._check_sizes()
+        self._build()
+        return self
+
+    def _tracked(self, a: fx.Node) -> bool:
+        return self.layouts.get(a) is not None
+
+    def _check_sizes(self) -> None:
+        """A channel count read with size()/shape may only steer reshapes (rewritten by Shrink);
+        anything else (a scale computed from it) would change when channels go."""
+        from .rules import size_uses_ok
+        for size_node, tensor in self.size_nodes:
+            bad = size_uses_ok(self, size_node)
+            if bad is not None:
+                ids = self.layouts.get(tensor)
+                self.frozen.append((np.unique(ids), f"node {bad.name!r} uses the channel count of "
+                                    f"{tensor.name!r} (read by {size_node.name!r}) as a number"))
+
+    def _build(self) -> None:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+        n = self.n
+        if self.edges:
+            a = np.concatenate([e[0] for e in self.edges])
+            b = np.concatenate([e[1] for e in self.edges])
+        else:
+            a = b = np.zeros(0, dtype=np.int64)
+        _, chan = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
+        # groups: channels joined also through the spaces they were produced in
+        space = np.zeros(n, dtype=np.int64)
+        for i, s in enumerate(self.space_start):
+            space[s:] = i
+        first = np.array(self.space_start, dtype=np.int64)[space] if n else space
+        a2, b2 = np.concatenate([a, np.arange(n)]), np.concatenate([b, first])
+        _, grp = connected_components(coo_matrix((np.ones(len(a2)), (a2, b2)), shape=(n, n)), directed=False)
+        self.chan_of_elem = chan            # element -> global channel id
+        self.group_of_elem = grp
+        n_chan = int(chan.max()) + 1 if n else 0
+        self.group_of_chan = np.zeros(n_chan, dtype=np.int64)
+        self.group_of_chan[chan] = grp
+        frozen_chan: dict[int, str] = {}
+        for elems, reason in self.frozen:
+            for c in np.unique(chan[elems]):
+                frozen_chan.setdefault(int(c), reason)
+        self.frozen_chan = frozen_chan
+        # number the channels of each group by first appearance in its first producer
+        order: dict[int, list[int]] = {}
+        seen = np.zeros(n_chan, dtype=bool)
+        for e in range(n):
+            c = chan[e]
+            if not seen[c]:
+                seen[c] = True
+                order.setdefault(int(grp[e]), []).append(int(c))
+        self.local_index = np.zeros(n_chan, dtype=np.int64)
+        gid_of: dict[int, int] = {}
+        groups: list[ChannelGroup] = []
+        for gkey, chans in order.items():
+            gid_of[gkey] = len(groups)
+            self.local_index[chans] = np.arange(len(chans))
+            groups.append(ChannelGroup(id=len(groups), size=len(chans)))
+        self.chan_group = np.array([gid_of[int(k)] for k in self.group_of_chan], dtype=np.int64) \
+            if n_chan else np.zeros(0, dtype=np.int64)
+        for c, reason in frozen_chan.items():
+            g = groups[self.chan_group[c]]
+            g.frozen = g.frozen or reason
+        for p in self.places:
+            chans = chan[p.ids]
+            for gi in np.unique(self.chan_group[chans]):
+                local = np.where(self.chan_group[chans] == gi, self.local_index[chans], -1)
+                place = Place(p.node, p.role, p.dim, local, p.arg)
+                bucket = {"producer": groups[gi].producers, "local": groups[gi].locals,
+                          "reader": groups[gi].readers, "mask": groups[gi].masks}[p.role]
+                bucket.append(place)
+        self.groups = groups
+
+    def channels(self, ids: Ids) -> np.ndarray:
+        """Global channel ids of a layout."""
+        return self.chan_of_elem[ids]
+
+
+def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
+    if node.op == "call_module":
+        for cls in type(module).__mro__:
+            if cls in RULES:
+                return RULES[cls]
+        return None
+    if node.op == "call_method":
+        return RULES.get(str(node.target))
+    if node.op == "call_function":
+        try:
+            return RULES.get(node.target)
+        except TypeError:
+            return None
+    return None
+
+
+def _freeze_output(g: ChannelGraph, node: fx.Node) -> None:
+    for a in node.all_input_nodes:
+        lay = g.layouts.get(a)
+        for part in (lay if isinstance(lay, tuple) else (lay,)):
+            if part is not None:
+                g.frozen.append((np.unique(part), f"reaches the model output through {a.name!r}"))
+
+
+def analyze(gm: fx.GraphModule) -> ChannelGraph:
+    """Walk `gm` once and return the full channel analysis (layouts, places, groups)."""
+    if not isinstance(gm, fx.GraphModule):
+        raise SurgeryError(f"channel analysis needs a captured GraphModule, got {type(gm).__name__}")
+    if not any("shape" in n.meta for n in gm.graph.nodes if n.op != "placeholder"):
+        raise SurgeryError("channel analysis needs node shapes: capture with example_inputs "
+                           "(surgery.capture(model, (x,)) or compress(..., example_inputs=(x,)))")
+    return ChannelGraph(gm).run()
+
+
+def channel_groups(gm: fx.GraphModule, rules: dict | None = None) -> list[ChannelGroup]:
+    """The channel groups of a captured GraphModule (captured with example_inputs).
+
+    `rules` adds or overrides rules for this call only (same keys as :data:`RULES`).
+    """
+    if rules:
+        saved = dict(RULES)
+        RULES.update(rules)
+        try:
+            return analyze(gm).groups
+        finally:
+            RULES.clear()
+            RULES.update(saved)
+    return analyze(gm).groups
+
+
+def prod(xs: Iterable[int]) -> int:
+    return int(math.prod(xs))
