@@ -1,4 +1,8 @@
 """Graph passes, one method each. Each pass is a dataclass with ``apply(gm, ctx) -> gm``."""
 from .identity import Identity, OnesMask
+from .dam import DAM, DAMMask
+from .gumbel import GumbelGate, GumbelMask
+from .sparsifier import Sparsifier, SparsifierModule
 
 __all__ = ["Identity", "OnesMask"]
+__all__ += ["DAM", "DAMMask", "GumbelMask", "GumbelGate", "Sparsifier", "SparsifierModule"]

@@ -10,6 +10,7 @@ from .inspect import summary
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
 from .channels import ChannelGroup, RULES, channel_groups, group_of, register_rule
+from .activation_stats import activation_sparsity, harden
 
 __version__ = "0.1.0"
 
@@ -18,3 +19,4 @@ __all__ = [
     "select_modules", "select_nodes",
     "SurgeryError", "TraceFailure", "SelectionError", "ShrinkMismatch", "UnsafeFile", "ExportFailure",
 ]
+__all__ += ["harden", "activation_sparsity"]
