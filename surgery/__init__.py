@@ -8,6 +8,10 @@ from .capture import ShapeProp, capture
 from .errors import ExportFailure, SelectionError, ShrinkMismatch, SurgeryError, TraceFailure, UnsafeFile
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
+from .weights import finalize
+from .analysis import bits_analysis, sensitivity
+from .storage import compressed_size
+from .archive import load, save
 
 __version__ = "0.1.0"
 
@@ -16,3 +20,4 @@ __all__ = [
     "select_modules", "select_nodes",
     "SurgeryError", "TraceFailure", "SelectionError", "ShrinkMismatch", "UnsafeFile", "ExportFailure",
 ]
+__all__ += ["finalize", "sensitivity", "bits_analysis", "compressed_size", "save", "load"]
