@@ -244,6 +244,16 @@ def finalize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             if not all(ours):
                 raise SurgeryError(f"finalize: {name}.{tensor} mixes surgery and other parametrizations "
                                    f"({', '.join(type(p).__name__ for p in plist)}); remove the others first")
+            _own_class(mod)
             with torch.no_grad():
                 parametrize.remove_parametrizations(mod, tensor, leave_parametrized=True)
     return out
+
+
+def _own_class(mod: nn.Module) -> None:
+    """Give a parametrized module a class of its own. torch's parametrize keeps the generated
+    class when a module is deep-copied, and removing a parametrization deletes its property from
+    that class, which would break every other copy (the caller's model among them)."""
+    cls = type(mod)
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    mod.__class__ = type(cls.__name__, cls.__bases__, body)
