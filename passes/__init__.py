@@ -6,3 +6,6 @@ from .sparsifier import Sparsifier, SparsifierModule
 
 __all__ = ["Identity", "OnesMask"]
 __all__ += ["DAM", "DAMMask", "GumbelMask", "GumbelGate", "Sparsifier", "SparsifierModule"]
+from .magnitude import AGP, MagnitudePrune, WeightMask
+from .weight_share import SharedWeight, WeightShare
+__all__ += ["AGP", "MagnitudePrune", "WeightMask", "SharedWeight", "WeightShare"]

@@ -3,6 +3,7 @@
     >>> import surgery
     >>> gm = surgery.compress(model, passes=[...], example_inputs=(x,))
 """
+from . import graph
 from .capture import ShapeProp, capture
 from .errors import ExportFailure, SelectionError, ShrinkMismatch, SurgeryError, TraceFailure, UnsafeFile
 from .files import load_model_file
@@ -11,6 +12,10 @@ from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, s
 from .select import select_modules, select_nodes
 from .channels import ChannelGroup, RULES, channel_groups, group_of, register_rule
 from .activation_stats import activation_sparsity, harden
+from .weights import finalize
+from .analysis import bits_analysis, sensitivity
+from .storage import compressed_size
+from .archive import load, save
 
 __version__ = "0.1.0"
 
@@ -20,3 +25,4 @@ __all__ = [
     "SurgeryError", "TraceFailure", "SelectionError", "ShrinkMismatch", "UnsafeFile", "ExportFailure",
 ]
 __all__ += ["harden", "activation_sparsity"]
+__all__ += ["finalize", "sensitivity", "bits_analysis", "compressed_size", "save", "load"]

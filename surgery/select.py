@@ -69,13 +69,13 @@ def matches(name: str, module: nn.Module, select: Selector, exclude: Selector = 
     return not any(_match_one(i, name, module) for i in _items(exclude))
 
 
-def describe(sel: Selector) -> str:
+def describe(sel: Selector, empty: str = "everything") -> str:
     """A short human description of a selector, for messages."""
     parts = []
     for i in _items(sel):
         parts.append(i.__name__ if isinstance(i, type) else i.pattern if isinstance(i, re.Pattern)
                      else repr(i) if isinstance(i, str) else getattr(i, "__name__", repr(i)))
-    return ", ".join(parts) or "everything"
+    return ", ".join(parts) or empty
 
 
 def _nearest(root: nn.Module, select: Selector) -> list[str]:
@@ -104,7 +104,7 @@ def select_modules(root: nn.Module, select: Selector = None, exclude: Selector =
         _check(i, "exclude")
     picked = {n: m for n, m in root.named_modules() if n and matches(n, m, select, exclude)}
     if required and not picked:
-        raise SelectionError(f"select={describe(select)} (exclude={describe(exclude)}) matched no module "
+        raise SelectionError(f"select={describe(select)} (exclude={describe(exclude, 'nothing')}) matched no module "
                              f"of {type(root).__name__}", _nearest(root, select))
     return picked
 
@@ -135,6 +135,6 @@ def select_nodes(gm: fx.GraphModule, select: Selector = None, exclude: Selector 
         if hidden:
             raise SelectionError(f"select={describe(select)} matched only modules that are not graph nodes "
                                  f"(inside opaque modules or never called): {', '.join(hidden[:8])}")
-        raise SelectionError(f"select={describe(select)} (exclude={describe(exclude)}) matched no module "
+        raise SelectionError(f"select={describe(select)} (exclude={describe(exclude, 'nothing')}) matched no module "
                              f"in the graph of {type(gm).__name__}", _nearest(gm, select))
     return nodes

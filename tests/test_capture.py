@@ -1,0 +1,163 @@
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torchvision.models as tvm
+from torch import nn
+
+import surgery
+from surgery import TraceFailure
+from surgery.verify import max_abs_diff, run_eval
+
+# A dozen representative torchvision models: (family module, name, input).
+x64 = (torch.rand(1, 3, 64, 64),)
+x224 = (torch.rand(1, 3, 224, 224),)
+MODELS = [
+    ("resnet18", x64), ("mobilenet_v3_small", x64), ("densenet121", x64), ("efficientnet_b0", x64),
+    ("convnext_tiny", x64), ("shufflenet_v2_x0_5", x64), ("squeezenet1_1", x64), ("regnet_y_400mf", x64),
+    ("googlenet", x64), ("vit_b_16", x224), ("swin_t", x64), ("mnasnet0_5", x64),
+    ("deeplabv3_mobilenet_v3_large", x64), ("r3d_18", (torch.rand(1, 3, 4, 32, 32),)),
+]
+
+
+def _build(name):
+    kw = {"weights": None}
+    if name.startswith(("deeplab", "fasterrcnn", "fcn", "lraspp")):
+        kw["weights_backbone"] = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tvm.get_model(name, **kw).eval()
+
+
+@pytest.mark.parametrize("name,x", MODELS, ids=[m[0] for m in MODELS])
+def test_torchvision_capture_is_exact_and_whole(name, x):
+    model = _build(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # capturing these whole must not warn about opaque parts
+        gm = surgery.capture(model, x)
+    assert gm.meta["surgery"]["opaque"] == {}
+    assert max_abs_diff(run_eval(model, x), run_eval(gm, x)) == 0
+    # qualified names survive: every call_module target is a module path of the original
+    names = dict(model.named_modules())
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert targets and all(t in names for t in targets)
+
+
+def test_detection_model_captured_with_opaque_data_dependent_parts():
+    model = _build("fasterrcnn_mobilenet_v3_large_320_fpn")
+    x = ([torch.rand(3, 160, 200)],)
+    with pytest.warns(UserWarning, match="opaque"):
+        gm = surgery.capture(model, x)
+    meta = gm.meta["surgery"]
+    assert meta["shell"] is True and "model" in meta["opaque"]
+    graphs = [n for n, m in gm.named_modules() if n and isinstance(m, fx.GraphModule)]
+    assert "model.backbone" in graphs  # the backbone is traced, its convs are graph nodes
+    backbone = gm.get_submodule("model.backbone")
+    convs = [n for n in backbone.graph.nodes if n.op == "call_module"
+             and isinstance(backbone.get_submodule(n.target), nn.Conv2d)]
+    assert len(convs) > 50
+    assert max_abs_diff(run_eval(model, x), run_eval(gm, x)) == 0
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on data: untraceable
+            return self.lin(x)
+        return -x
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.dd = DataDependent()
+        self.post = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.post(self.dd(self.pre(x)))
+
+
+def test_untraceable_submodule_is_kept_opaque_with_one_warning():
+    model = Outer()
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = surgery.capture(model, (x,))
+    msgs = [str(w.message) for w in caught if "opaque" in str(w.message)]
+    assert len(msgs) == 1 and "dd" in msgs[0]
+    assert list(gm.meta["surgery"]["opaque"]) == ["dd"]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["pre", "dd", "post"]
+    assert torch.equal(gm(x), model(x))
+
+
+def test_top_level_failure_raises_trace_failure_naming_module_and_fix():
+    model = DataDependent()
+    with pytest.raises(TraceFailure) as info:
+        surgery.capture(model, descend=False)
+    msg = str(info.value)
+    assert "DataDependent" in msg and "concrete_args" in msg and "leaf_modules" in msg
+    with pytest.raises(TraceFailure):
+        surgery.capture(model)  # nothing below it can be traced either
+
+
+def test_leaf_modules_by_name_and_type():
+    model = Outer()
+    gm = surgery.capture(model, leaf_modules=["dd"])
+    assert gm.meta["surgery"]["opaque"] == {}
+    assert "dd" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    net = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.Linear(2, 2))
+    gm = surgery.capture(net, leaf_modules=[nn.Sequential])
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+
+
+def test_concrete_args_steer_control_flow():
+    class Flag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x, double: bool = False):
+            y = self.lin(x)
+            return y * 2 if double else y
+
+    model = Flag()
+    x = torch.randn(2, 3)
+    gm = surgery.capture(model, concrete_args={"double": True})
+    assert torch.equal(gm(x, True), model(x, True))
+    gm = surgery.capture(model, concrete_args={"double": False})
+    assert torch.equal(gm(x), model(x))
+
+
+def test_shapes_and_dtypes_annotated():
+    gm = surgery.capture(tvm.resnet18(weights=None), (torch.rand(2, 3, 64, 64),))
+    node = gm.graph.find_nodes(op="call_module", target="layer2.0.conv1")[0]
+    assert node.meta["shape"] == torch.Size([2, 128, 8, 8]) and node.meta["dtype"] == torch.float32
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    assert out.meta["shape"] == torch.Size([2, 1000])
+
+
+def test_capture_never_touches_callers_model():
+    model = tvm.resnet18(weights=None).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = [id(p) for p in model.parameters()]
+    gm = surgery.capture(model, (torch.rand(2, 3, 32, 32),))
+    # training the captured copy must not move the original
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    gm(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    assert [id(p) for p in model.parameters()] == ids
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and all(m.training for m in model.modules())
+    assert not any(p is q for p in gm.parameters() for q in model.parameters())
+
+
+def test_shape_propagation_keeps_batchnorm_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    gm = surgery.capture(model, (torch.rand(2, 3, 8, 8) * 5,))
+    assert torch.equal(gm.get_submodule("1").running_mean, torch.zeros(4))
+    assert gm.training

@@ -1,0 +1,122 @@
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+import torchvision.models as tvm
+from torch import nn
+
+import surgery
+from surgery import SurgeryError
+from surgery.graph import extract, insert_after, replace_node
+from surgery.verify import run_eval
+
+
+class Scale(nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+
+    def forward(self, x):
+        return x * self.s
+
+
+@pytest.fixture()
+def resnet_gm():
+    x = torch.rand(2, 3, 32, 32)
+    model = tvm.resnet18(weights=None).eval()
+    return model, surgery.capture(model, (x,)), x
+
+
+def test_insert_identity_keeps_output(resnet_gm):
+    model, gm, x = resnet_gm
+    node = gm.graph.find_nodes(op="call_module", target="layer1.0.bn1")[0]
+    users = list(node.users)
+    new = insert_after(gm, node, nn.Identity(), "probe")
+    assert list(new.users) == users and list(node.users) == [new]
+    gm.graph.lint()
+    assert torch.equal(run_eval(gm, (x,)), run_eval(model, (x,)))
+
+
+def test_insert_rewires_every_user():
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(3, 3)))
+    class Two(nn.Module):
+        def forward(self, x):
+            return x + x * 2
+    gm = fx.symbolic_trace(Two())
+    ph = next(iter(gm.graph.nodes))
+    insert_after(gm, ph, Scale(10.0), "s")
+    assert torch.equal(gm(torch.ones(1)), torch.tensor([30.0]))
+
+
+def test_insert_names_are_unique():
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(3, 3)))
+    node = gm.graph.find_nodes(op="call_module", target="0")[0]
+    a = insert_after(gm, node, nn.Identity(), "probe")
+    b = insert_after(gm, node, nn.Identity(), "probe")
+    assert a.target == "probe" and b.target == "probe_1"
+
+
+def test_replace_module_node_with_equivalent_keeps_output(resnet_gm):
+    model, gm, x = resnet_gm
+    node = gm.graph.find_nodes(op="call_module", target="layer2.1.relu")[0]
+    replace_node(gm, node, nn.ReLU())
+    assert isinstance(gm.get_submodule("layer2.1.relu"), nn.ReLU)
+    assert torch.equal(run_eval(gm, (x,)), run_eval(model, (x,)))
+
+
+def test_replace_with_function_and_changed_behaviour():
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+    relu = gm.graph.find_nodes(op="call_module", target="1")[0]
+    replace_node(gm, relu, torch.tanh)
+    assert not hasattr(gm, "1")  # the replaced module is gone
+    x = torch.randn(4, 3)
+    assert torch.equal(gm(x), torch.tanh(gm.get_submodule("0")(x)))
+
+
+def test_extract_region_keeps_output_exactly(resnet_gm):
+    model, gm, x = resnet_gm
+    region = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("layer1.")]
+    region += [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.add
+               and any(str(a.target).startswith("layer1.") for a in n.all_input_nodes if a.op == "call_module")]
+    call = extract(gm, region, "region")
+    assert isinstance(gm.get_submodule(call.target), fx.GraphModule)
+    assert not any(n.op == "call_module" and str(n.target).startswith("layer1.") for n in gm.graph.nodes)
+    gm.graph.lint()
+    assert torch.equal(run_eval(gm, (x,)), run_eval(model, (x,)))
+
+
+def test_extract_with_several_outputs_and_interleaved_users():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            a = self.a(x)
+            side = a * 3          # outside user placed between region nodes
+            b = self.b(a)
+            return self.c(b) + side + b
+
+    net = Net()
+    gm = surgery.capture(net)
+    nodes = [n for n in gm.graph.nodes if n.target in ("a", "b")]
+    call = extract(gm, nodes, "ab")
+    assert sum(1 for n in gm.graph.nodes if n.target is operator.getitem) == 2
+    x = torch.randn(2, 4)
+    assert torch.equal(gm(x), net(x))
+
+
+def test_extract_rejects_non_convex_sets():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    gm = surgery.capture(Net())
+    nodes = [n for n in gm.graph.nodes if n.target in ("a", "b")]
+    with pytest.raises(SurgeryError, match="not convex.*relu"):
+        extract(gm, nodes, "ab")

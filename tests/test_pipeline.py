@@ -1,0 +1,113 @@
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.fx as fx
+import torchvision.models as tvm
+from torch import nn
+
+import surgery
+from passes import Identity, OnesMask
+from surgery import SurgeryError
+
+
+def test_compress_with_identity_pass_is_exact_and_finds_masks():
+    model = tvm.resnet18(weights=None).eval()
+    x = torch.rand(2, 3, 32, 32)
+    gm = surgery.compress(model, passes=[Identity(select=nn.Conv2d)], example_inputs=(x,))
+    found = surgery.masks(gm)
+    assert len(found) == 20 and all(isinstance(m, OnesMask) for m in found.values())
+    assert found["mask_layer1_0_conv1"].units == 64 and found["mask_layer1_0_conv1"].dim == 1
+    assert torch.equal(gm(x), model(x))
+    assert "Identity(" in gm.meta["surgery"]["passes"][0]
+
+
+def test_penalty_and_step_go_through_every_mask():
+    calls = []
+
+    class Counting(OnesMask):
+        def penalty(self):
+            return torch.tensor(float(self.units))
+
+        def step(self):
+            calls.append(self.units)
+
+    @dataclass
+    class Insert:
+        def apply(self, gm, ctx):
+            for node in surgery.select_nodes(gm, nn.Linear):
+                surgery.graph.insert_after(gm, node, Counting(node.meta["shape"][-1], -1), "m")
+            return gm
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    gm = surgery.compress(net, passes=[Insert()], example_inputs=(torch.randn(2, 4),))
+    assert surgery.penalty(gm).item() == 11.0
+    surgery.step(gm)
+    assert sorted(calls) == [3, 8]
+    assert surgery.penalty(nn.Linear(2, 2)).item() == 0.0
+
+
+def test_compress_on_graphmodule_copies_unless_inplace():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(2, 4)
+    gm = surgery.compress(net, passes=[], example_inputs=(x,))
+    gm2 = surgery.compress(gm, passes=[Identity()], example_inputs=(x,))
+    assert gm2 is not gm and surgery.masks(gm) == {} and len(surgery.masks(gm2)) == 2
+    gm3 = surgery.compress(gm, passes=[Identity()], example_inputs=(x,), inplace=True)
+    assert gm3 is gm and len(surgery.masks(gm)) == 2
+    with pytest.raises(SurgeryError, match="inplace=True needs a GraphModule"):
+        surgery.compress(net, passes=[], inplace=True)
+
+
+def test_compress_never_mutates_callers_model():
+    model = tvm.resnet18(weights=None)
+    before = copy.deepcopy(model.state_dict())
+    ids = [id(p) for p in model.parameters()]
+    gm = surgery.compress(model, passes=[Identity()], example_inputs=(torch.rand(1, 3, 32, 32),))
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.add_(1.0)
+    assert [id(p) for p in model.parameters()] == ids
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, OnesMask) for m in model.modules())
+
+
+def test_result_is_a_normal_module_trainable_picklable_scriptable(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    gm = surgery.compress(net, passes=[], example_inputs=(x,))
+    assert isinstance(gm, fx.GraphModule)
+    torch.save(gm, tmp_path / "gm.pt")
+    back = torch.load(tmp_path / "gm.pt", weights_only=False)
+    assert torch.equal(back(x), net(x))
+    assert torch.equal(torch.jit.script(gm)(x), net(x))
+    loss = gm(x).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in gm.parameters())
+
+
+def test_bad_pass_and_bad_model_are_named():
+    with pytest.raises(SurgeryError, match="not a pass"):
+        surgery.compress(nn.Linear(2, 2), passes=[object()])
+    with pytest.raises(SurgeryError, match="expects an nn.Module, got str"):
+        surgery.compress("model.pt", passes=[])
+
+    @dataclass
+    class Broken:
+        def apply(self, gm, ctx):
+            return None
+
+    with pytest.raises(SurgeryError, match="Broken.apply returned NoneType"):
+        surgery.compress(nn.Linear(2, 2), passes=[Broken()])
+
+
+def test_identity_without_shapes_says_so():
+    with pytest.raises(SurgeryError, match="no known tensor shape.*example_inputs"):
+        surgery.compress(nn.Sequential(nn.Linear(2, 2)), passes=[Identity()])
+
+
+def test_unit_mask_checks_its_axis():
+    m = OnesMask(4, 1)
+    with pytest.raises(SurgeryError, match="expected 4 units on dim 1"):
+        m(torch.zeros(2, 3, 5, 5))
