@@ -32,6 +32,8 @@ from .errors import SurgeryError, UnsafeFile
 __all__ = ["BadModelFile", "LoadedModel", "load_model_file"]
 
 # keys under which training checkpoints commonly nest their state_dict
+# a compact archive (surgery.save) starts with b"SURGERY" and a format version byte
+COMPACT_MAGIC = b"SURGERY"
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "weights", "net")
 
 
@@ -75,11 +77,12 @@ def _zip_kind(path: Path) -> str:
 
 
 def _compact_loader():
-    """surgery.load and a way to recognise its archives, when this build has them."""
-    import surgery
-    load = getattr(surgery, "load", None)
-    is_compact = getattr(surgery, "is_compact_archive", None)
-    return load, is_compact
+    """surgery.load, when this build has compact archives (surgery/archive.py)."""
+    try:
+        from .archive import load
+    except ImportError:
+        return None
+    return load
 
 
 def _state_dict_in(obj: Any) -> tuple[dict | None, str]:
@@ -163,9 +166,8 @@ def load_model_file(path: str | os.PathLike, trust: bool = False) -> LoadedModel
         raise BadModelFile(p, f"cannot read ({e.strerror or _first_line(e)})") from None
     if not head:
         raise BadModelFile(p, "empty file (0 bytes)")
-    load, is_compact = _compact_loader()
-    if is_compact is not None and is_compact(p):
-        return _load_compact(p, load)
+    if head.startswith(COMPACT_MAGIC):
+        return _load_compact(p, _compact_loader())
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         kind = _zip_kind(p)
         if kind == "torchscript":
@@ -177,16 +179,9 @@ def load_model_file(path: str | os.PathLike, trust: bool = False) -> LoadedModel
                 raise BadModelFile(p, f"truncated or corrupt TorchScript archive ({_first_line(e)})") from None
         if kind == "torch":
             return _torch_load(p, trust)
-        if load is not None:
-            return _load_compact(p, load)
         raise BadModelFile(p, "a zip archive that is neither TorchScript nor a torch.save file")
     if head[:1] == b"\x80":  # a pickle protocol header: torch's legacy format or a bare pickle
         return _torch_load(p, trust)
-    if load is not None and is_compact is None:
-        try:
-            return _load_compact(p, load)
-        except SurgeryError:
-            pass
     raise BadModelFile(p, "not a model file: expected a TorchScript archive, a torch.save file "
                           "(state_dict or pickled module) or a surgery compact archive")
 
@@ -197,9 +192,11 @@ def _load_compact(p: Path, load) -> LoadedModel:
     try:
         obj = load(str(p))
     except SurgeryError as e:
-        raise BadModelFile(p, f"corrupt compact archive ({str(e).splitlines()[0]})") from None
+        msg = str(e).splitlines()[0]
+        msg = msg[len(str(p)) + 2:] if msg.startswith(f"{p}: ") else msg
+        raise BadModelFile(p, f"truncated or corrupt compact archive ({msg})") from None
     except Exception as e:
-        raise BadModelFile(p, f"corrupt compact archive ({_first_line(e)})") from None
+        raise BadModelFile(p, f"truncated or corrupt compact archive ({_first_line(e)})") from None
     if isinstance(obj, nn.Module):
         return LoadedModel(str(p), "compact", obj)
     sd, note = _state_dict_in(obj)

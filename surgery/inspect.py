@@ -288,20 +288,43 @@ def _mask_counts(m: nn.Module) -> tuple[int | None, int | None]:
     return int(kept.sum()), int(kept.numel())
 
 
+def _own_tensors(m: nn.Module, seen: set[int]) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+    """(parameters `m` owns, the tensors its forward uses for them, its weight) without those
+    in `seen`. A parametrized tensor (torch.nn.utils.parametrize, e.g. MagnitudePrune's masks)
+    belongs to the layer, and its sparsity is that of the weight the layer computes with."""
+    from torch.nn.utils import parametrize
+    own, used = [], []
+    for _, p in m.named_parameters(recurse=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            own.append(p)
+            used.append(p)
+    weight = m._parameters.get("weight")
+    if parametrize.is_parametrized(m):
+        for attr, plist in m.parametrizations.items():
+            originals = [p for _, p in plist.named_parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for p in originals)
+            if originals:
+                own += originals
+                with torch.no_grad():
+                    used.append(getattr(m, attr).detach())
+            if attr == "weight":
+                weight = getattr(m, attr)
+    return own, used, weight
+
+
 def _module_rows(model: nn.Module) -> tuple[list[LayerRow], int]:
     rows, seen, buffers = [], set(), 0
     for name, m in model.named_modules():
-        own = [p for _, p in m.named_parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for p in own)
+        own, used, weight = _own_tensors(m, seen)
         buffers += sum(b.numel() for _, b in m.named_buffers(recurse=False))
         is_leaf = next(iter(m.children()), None) is None
         if not (is_leaf or own):
             continue
-        weight = next((p for n, p in m.named_parameters(recurse=False) if n == "weight"), None)
         i, o = _in_out(m, weight)
         kept, units = _mask_counts(m)
         rows.append(LayerRow(name or ROOT, _type_name(m), i, o, sum(p.numel() for p in own),
-                             sum(int((p == 0).sum()) for p in own), kept, units))
+                             sum(int((t == 0).sum()) for t in used), kept, units))
     return rows, buffers
 
 
@@ -340,8 +363,10 @@ def _group_dicts(groups: Sequence[Any]) -> list[dict[str, Any]]:
     def names(items: Any) -> list[str]:
         out = []
         for it in items or ():
-            x = it[0] if isinstance(it, tuple) and it else it
-            out.append(str(getattr(x, "name", x)))
+            node = getattr(it, "node", it[0] if isinstance(it, tuple) and it else it)
+            # a module call is named by its module's qualified name, anything else by the node
+            out.append(str(node.target) if getattr(node, "op", None) == "call_module" else
+                       str(getattr(node, "name", node)))
         return list(dict.fromkeys(out))
 
     return [{"id": getattr(g, "id", k), "size": getattr(g, "size", None),
@@ -386,6 +411,7 @@ def summary(model: nn.Module | dict, input_shape: Any = None, *, inputs: tuple |
         inputs = tuple(torch.randn(s, generator=gen) for s in shapes)
     notes: list[str] = []
     group_list = None
+    counted = False  # MACs were counted (a model ran on the inputs)
     if is_state_dict(model):
         rows, buffers = _state_dict_rows(model)
         kind = kind or "state_dict"
@@ -400,7 +426,7 @@ def summary(model: nn.Module | dict, input_shape: Any = None, *, inputs: tuple |
         kind = kind or ("torchscript" if isinstance(model, torch.jit.ScriptModule) else "module")
         macs = None
         if inputs is not None:
-            macs = count_macs(model, inputs, [r.name for r in rows])
+            macs, counted = count_macs(model, inputs, [r.name for r in rows]), True
             for r in rows:
                 r.macs = macs.pop(r.name, 0)
             if macs.get(OTHER) or macs.get(ROOT):
@@ -420,5 +446,5 @@ def summary(model: nn.Module | dict, input_shape: Any = None, *, inputs: tuple |
               "sparsity": round(zeros / params, 6) if params else 0.0, "buffers": buffers,
               "masks": len(mask_rows), "mask_kept": sum(r.kept for r in mask_rows),
               "mask_units": sum(r.units for r in mask_rows),
-              "macs": sum(r.macs or 0 for r in rows) if inputs is not None and kind != "state_dict" else None}
+              "macs": sum(r.macs or 0 for r in rows) if counted else None}
     return Summary(rows, totals, source, kind, shapes, group_list, notes)

@@ -85,6 +85,18 @@ def test_inspect_trusted_graphmodule_table_shows_masks(tmp_path):
     assert "channel groups" in out
 
 
+def test_inspect_compact_archive(tmp_path):
+    net = Net()
+    with torch.no_grad():
+        net.fc.weight[:, ::2] = 0
+    surgery.save(net, tmp_path / "net.surg", compact=True)
+    proc = run("inspect", tmp_path / "net.surg", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["kind"] == "compact" and doc["totals"]["params"] == N_PARAMS
+    assert next(r for r in doc["rows"] if r["name"] == "fc")["zeros"] == 640
+
+
 class Boom:
     """Unpickling this creates a file: proof of whether a loader ran the pickle's code."""
 

@@ -158,3 +158,14 @@ def test_load_model_file_refuses_bad_files(tmp_path):
     for name, message in cases.items():
         with pytest.raises(BadModelFile, match=message):
             load_model_file(tmp_path / name)
+
+
+def test_compact_archive_is_recognised_and_damage_reported(tmp_path):
+    net = Small()
+    surgery.save(net, tmp_path / "a.surg", compact=True)
+    loaded = load_model_file(tmp_path / "a.surg")
+    assert loaded.kind == "compact" and summary(loaded.model).totals["params"] == n_params(net)
+    data = (tmp_path / "a.surg").read_bytes()
+    (tmp_path / "cut.surg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadModelFile, match="cut.surg: truncated or corrupt compact archive"):
+        load_model_file(tmp_path / "cut.surg")
