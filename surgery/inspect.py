@@ -299,7 +299,7 @@ def _own_tensors(m: nn.Module, seen: set[int]) -> tuple[list[Tensor], list[Tenso
             seen.add(id(p))
             own.append(p)
             used.append(p)
-    weight = m._parameters.get("weight")
+    weight = dict(m.named_parameters(recurse=False)).get("weight")
     if parametrize.is_parametrized(m):
         for attr, plist in m.parametrizations.items():
             originals = [p for _, p in plist.named_parameters(recurse=False) if id(p) not in seen]
