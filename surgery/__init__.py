@@ -9,6 +9,7 @@ from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, s
 from .select import select_modules, select_nodes
 from .channels import ChannelGroup, RULES, channel_groups, group_of, register_rule
 from .shrink import ShrinkReport, shrink, shrink_report
+from .export import export, load_torchscript
 
 __version__ = "0.1.0"
 

@@ -448,6 +448,14 @@ class ChannelGraph:
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
         n = self.n
+        # one parameter sliced at several places (a module called twice) is one decision
+        first_place: dict[tuple, np.ndarray] = {}
+        for p in self.places:
+            for owner, name, dim in p.params:
+                key = (id(owner), name, dim)
+                if key in first_place and len(first_place[key]) == len(p.ids):
+                    self.edges.append((first_place[key], p.ids))
+                first_place.setdefault(key, p.ids)
         if self.edges:
             a = np.concatenate([e[0] for e in self.edges])
             b = np.concatenate([e[1] for e in self.edges])
