@@ -8,6 +8,8 @@ from .errors import ExportFailure, SelectionError, ShrinkMismatch, SurgeryError,
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
 from .channels import ChannelGroup, RULES, channel_groups, group_of, register_rule
+from .shrink import ShrinkReport, shrink, shrink_report
+from .export import export, load_torchscript
 from .activation_stats import activation_sparsity, harden
 
 __version__ = "0.1.0"
