@@ -109,35 +109,43 @@ def _groups(gm: fx.GraphModule):
     return channels
 
 
-def unit_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner: str) -> list[Site]:
-    """The mask sites for the selected ops: one per channel group when ``surgery.channels``
-    exists (frozen groups are skipped), one per selected op otherwise."""
+def unit_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner: str
+               ) -> tuple[list[Site], dict[str, str]]:
+    """The mask sites for the selected ops, and the selected ops left unmasked (name -> why).
+
+    With ``surgery.channels``: one site per channel group that a selected op produces, placed
+    at the group's mask points (every producer of the group, after its BN/activation), so a
+    selected op masks its whole group. Frozen groups (and groups whose producers do not carry
+    all their channels) get no mask. Without it: one site per selected op.
+    """
     nodes = select_nodes(gm, select, exclude, skip=(UnitMask,))
     channels = _groups(gm)
+    if channels is None:
+        return [_node_site(gm, n, owner) for n in nodes], {}
+    groups = channels.channel_groups(gm)
     sites: list[Site] = []
-    if channels is not None:
-        groups = channels.channel_groups(gm)
-        seen: dict[int, Site] = {}
-        for node in nodes:
-            group = channels.group_of(groups, node)
-            if group is None:
-                sites.append(_node_site(gm, node, owner))
+    skipped: dict[str, str] = {}
+    seen: dict[int, Site] = {}
+    for node in nodes:
+        produced = [g for g in channels.group_of(groups, node) if any(p.node is node for p in g.producers)]
+        if not produced:
+            skipped[str(node.target)] = "it produces no channel group"
+            continue
+        for group in produced:
+            if id(group) in seen:
+                seen[id(group)].sources.append(node)
                 continue
-            if getattr(group, "frozen", False):
-                continue
-            key = id(group)
-            if key in seen:
-                seen[key].sources.append(node)
+            if group.frozen:
+                skipped[str(node.target)] = f"its channel group is frozen: {group.frozen}"
                 continue
             points = list(group.mask_points())
             if not points:
+                skipped[str(node.target)] = "its channel group has no place for one shared mask"
                 continue
-            units = _units_at(points[0])
-            site = Site(f"{owner}_{str(node.target)}", units, points, [node])
-            seen[key] = site
+            site = Site(f"{owner}_{str(node.target)}", group.size, points, [node])
+            seen[id(group)] = site
             sites.append(site)
-        return sites
-    return [_node_site(gm, n, owner) for n in nodes]
+    return sites, skipped
 
 
 def _units_at(point: tuple[fx.Node, int]) -> int:

@@ -90,7 +90,8 @@ class DAM:
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         if self.lam < 0:
             raise SurgeryError(f"DAM: lam must be >= 0, got {self.lam}")
-        sites = unit_sites(gm, self.select, self.exclude, "dam")
+        sites, skipped = unit_sites(gm, self.select, self.exclude, "dam")
+        ctx.notes.setdefault("dam", {})["unmasked"] = skipped
         for site in sites:
             insert_site(gm, site, DAMMask(site.units, site.dim, self.lam / len(sites), self.cold_start))
         return gm

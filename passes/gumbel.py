@@ -61,7 +61,7 @@ class GumbelGate(UnitMask):
         noise = torch.log(u) - torch.log1p(-u)
         soft = torch.sigmoid((self.logits + noise) / self.tau)
         hard = (soft > 0.5).to(soft.dtype)
-        return hard + soft - soft.detach()
+        return hard + (soft - soft.detach())  # exactly `hard` forward, the soft gradient backward
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gate().to(x.dtype).reshape(self.shape_for(x))
@@ -94,7 +94,9 @@ class GumbelMask:
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         if self.alpha < 0:
             raise SurgeryError(f"GumbelMask: alpha must be >= 0, got {self.alpha}")
-        for site in unit_sites(gm, self.select, self.exclude, "gumbel"):
+        sites, skipped = unit_sites(gm, self.select, self.exclude, "gumbel")
+        ctx.notes.setdefault("gumbel", {})["unmasked"] = skipped
+        for site in sites:
             insert_site(gm, site, GumbelGate(site.units, site.dim, self.alpha, self.tau, self.init))
         if self.freeze_weights:
             self._freeze(gm)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
@@ -45,8 +43,6 @@ class SparsifierModule(nn.Module):
     ``step()`` (doubles `a` every `double_every` steps, up to `a_max`), ``kept()`` (one True:
     a sparsifier removes no unit, Shrink leaves it alone) and ``harden()``.
     """
-
-    _last: Optional[Tensor]
 
     def __init__(self, eps: float = 0.1, a: float = 1.0, penalty: str = "l0", weight: float = 1e-3,
                  normalize: bool = True, b: float = 1e-2, double_every: int = 0, a_max: float = math.inf,
@@ -74,7 +70,7 @@ class SparsifierModule(nn.Module):
             return x.masked_fill(x.abs() <= e, 0.0)
         a = self.a.to(x.dtype)
         y = torch.sigmoid(a * (x - e)) * x + torch.sigmoid(a * (-e - x)) * x
-        if self.training:
+        if self.training and not torch.jit.is_scripting():
             self._last = y
         return y
 

@@ -11,6 +11,8 @@ from .inspect import summary
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
 from .channels import ChannelGroup, RULES, channel_groups, group_of, register_rule
+from .shrink import ShrinkReport, shrink, shrink_report
+from .export import export, load_torchscript
 from .activation_stats import activation_sparsity, harden
 from .weights import finalize
 from .analysis import bits_analysis, sensitivity

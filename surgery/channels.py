@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import SurgeryError
@@ -112,7 +113,13 @@ class ChannelGroup:
 
 def _is_trailing(user: fx.Node, node: fx.Node) -> bool:
     """A single-input channel-local op (BN, activation, dropout) that ends a producer's chain."""
-    if user.op != "call_module" or len(user.all_input_nodes) != 1:
+    if len(user.all_input_nodes) != 1:
+        return False
+    if user.op == "call_function":
+        return user.target in _TRAILING_FUNCTIONS
+    if user.op == "call_method":
+        return user.target in ("relu", "sigmoid", "tanh", "relu_", "sigmoid_")
+    if user.op != "call_module":
         return False
     m = user.graph.owning_module.get_submodule(str(user.target))
     from .pipeline import UnitMask
@@ -122,6 +129,8 @@ def _is_trailing(user: fx.Node, node: fx.Node) -> bool:
 _TRAILING = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
              nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish,
              nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+_TRAILING_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.gelu, F.silu, F.hardswish,
+                       F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.dropout}
 
 
 def group_of(groups: Iterable[ChannelGroup], node: fx.Node) -> list[ChannelGroup]:
@@ -311,7 +320,13 @@ def channel_local(params: dict[str, int] | None = None, dim: int = 1, attrs: tup
                   values: str | Callable | None = None) -> Rule:
     """A module that treats channels on axis `dim` one by one with per-channel parameters
     (``params``: attribute name -> the parameter's channel axis). Shrink slices those
-    parameters and sets each of `attrs` to the kept count."""
+    parameters and sets each of `attrs` to the kept count.
+
+    `values` as in :func:`passthrough`; the default (None) forgets constants, which is always
+    safe. Pass ``values="apply"`` when the op is point-wise per channel (a scale, a bias, an
+    activation): then a channel zeroed before it is known to hold ``op(0)`` after it, and Shrink
+    can remove it even where the mask sits before the op.
+    """
     def rule(ctx: RuleContext):
         ids = ctx.ids(ctx.x)
         if ids is None:
@@ -448,6 +463,14 @@ class ChannelGraph:
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
         n = self.n
+        # one parameter sliced at several places (a module called twice) is one decision
+        first_place: dict[tuple, np.ndarray] = {}
+        for p in self.places:
+            for owner, name, dim in p.params:
+                key = (id(owner), name, dim)
+                if key in first_place and len(first_place[key]) == len(p.ids):
+                    self.edges.append((first_place[key], p.ids))
+                first_place.setdefault(key, p.ids)
         if self.edges:
             a = np.concatenate([e[0] for e in self.edges])
             b = np.concatenate([e[1] for e in self.edges])

@@ -82,7 +82,7 @@ def conv_rule(ctx: RuleContext):
         ctx.freeze(ids, f"{ctx.describe()} reads channels that vary along its spatial axes")
         ids = None
     G, cin, cout = m.groups, m.in_channels, m.out_channels
-    bias = [(m, "bias", 0)] if m.bias is not None else []
+    bias = [(m, "bias", 0)]  # always: a constant fold may add a bias later
     if G == 1:
         if ids is not None:
             ctx.place("reader", ids, 1, arg=0, params=[(m, "weight", 0 if transposed else 1)],
@@ -133,7 +133,7 @@ def conv_rule(ctx: RuleContext):
 def linear_rule(ctx: RuleContext):
     m = ctx.module
     ids = ctx.ids(ctx.x)
-    bias = [(m, "bias", 0)] if m.bias is not None else []
+    bias = [(m, "bias", 0)]  # always: a constant fold may add a bias later
     return _linear(ctx, ids, [(m, "weight", 1)], [(m, "in_features")],
                    [(m, "weight", 0), *bias], [(m, "out_features")])
 
