@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="digits_small.pt", help="TorchScript file to write")
     d.add_argument("--epochs", type=int, default=None, help="epochs per phase (default: the demo's own)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: fastest for these tiny layers)")
     return p
 
 
@@ -234,7 +235,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(output=args.output, epochs=args.epochs, seed=args.seed)
+    run_demo(output=args.output, epochs=args.epochs, seed=args.seed, threads=args.threads)
     return 0
 
 

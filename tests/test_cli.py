@@ -161,7 +161,25 @@ def test_compress_resnet18_with_weights_is_smaller_and_exact(tmp_path):
     assert doc["after"]["totals"]["macs"] < doc["before"]["totals"]["macs"]
     assert doc["check"]["ok"] and doc["check"]["max_rel_diff"] < 1e-4
     # the exported file is plain TorchScript, and inspect reads it
-    ts = torch.jit.load(str(out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = torch.jit.load(str(out))
     assert sum(p.numel() for p in ts.parameters()) == doc["after"]["totals"]["params"]
     proc = run("inspect", out, "--json")
     assert json.loads(proc.stdout)["totals"]["params"] == doc["after"]["totals"]["params"]
+
+
+@needs_shrink
+def test_demo_end_to_end_short(tmp_path):
+    proc = run("demo", "--epochs", "3", "-o", tmp_path / "digits.pt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for fragment in ("CNN (before)", "DAM-masked", "shrunk, TorchScript", "after / before", "CPU latency",
+                     "$ surgery inspect", "(torchscript)"):
+        assert fragment in out
+    assert "train CNN" in proc.stderr and "epoch" in proc.stderr  # tqdm progress bars
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = torch.jit.load(str(tmp_path / "digits.pt"))
+    assert sum(p.numel() for p in ts.parameters()) < 19_338   # DAM closed channels; Shrink removed them
+    assert ts(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
