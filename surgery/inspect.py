@@ -383,16 +383,22 @@ def channel_groups_of(model: nn.Module, inputs: tuple | None) -> tuple[list[dict
         return None, "channel groups: not available in this build (surgery.channels is missing)"
     if isinstance(model, torch.jit.ScriptModule):
         return None, "channel groups: not available for TorchScript (it carries no torch.fx graph)"
+    if inputs is None:
+        return None, "channel groups: need an input shape (--input-shape) to follow tensor shapes"
+    import copy
+
     import torch.fx as fx
 
     from .capture import ShapeProp, capture
-    if isinstance(model, fx.GraphModule):
-        gm = model
-        if inputs is not None:
+    try:
+        if isinstance(model, fx.GraphModule):
+            gm = copy.deepcopy(model)  # ShapeProp writes node metadata: leave the caller's graph alone
             ShapeProp(gm).propagate(*inputs)
-    else:
-        gm = capture(model, inputs)
-    return _group_dicts(channel_groups(gm)), None
+        else:
+            gm = capture(model, inputs)
+        return _group_dicts(channel_groups(gm)), None
+    except SurgeryError as e:
+        return None, f"channel groups: not available for this model ({str(e).splitlines()[0]})"
 
 
 def summary(model: nn.Module | dict, input_shape: Any = None, *, inputs: tuple | None = None,

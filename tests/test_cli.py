@@ -152,7 +152,7 @@ def test_compress_resnet18_with_weights_is_smaller_and_exact(tmp_path):
     torch.save(model.state_dict(), tmp_path / "r18.pt")
     out = tmp_path / "small.pt"
     proc = run("compress", "torchvision.models:resnet18", "--weights", tmp_path / "r18.pt",
-               "--recipe", ROOT / "examples" / "resnet18_prune_half.toml", "--input-shape", "1,3,64,64",
+               "--recipe", ROOT / "examples" / "resnet18_prune_half.toml", "--input-shape", "1,3,32,32",
                "-o", out, "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)

@@ -120,15 +120,17 @@ def test_bad_input_shape_is_a_surgery_error():
         summary(Small(), "1,3,8,8")
 
 
-def test_groups_report_or_say_not_available():
+def test_groups_show_members_and_frozen_reasons():
     s = summary(Small(), "1,1,8,8", groups=True)
-    try:
-        import surgery.channels  # noqa: F401
-    except ImportError:
-        assert s.groups is None and any("not available" in n for n in s.notes)
-    else:
-        assert s.groups and all({"id", "size", "producers", "readers", "frozen"} <= set(g) for g in s.groups)
-        assert "channel groups:" in str(s)
+    by_producer = {tuple(g["producers"]): g for g in s.groups}
+    conv = by_producer[("conv",)]
+    assert conv["size"] == 4 and conv["frozen"] is None and conv["readers"] == ["fc"] and "bn" in conv["locals"]
+    out = by_producer[("fc",)]
+    assert out["size"] == 10 and "output" in out["frozen"]        # the model's own output never shrinks
+    table = str(s)
+    assert "channel groups: 2 (1 frozen)" in table and f"FROZEN: {out['frozen']}" in table
+    assert json.loads(s.to_json())["groups"] == s.groups
+    assert any("need an input shape" in n for n in summary(Small(), groups=True).notes)
 
 
 def test_load_model_file_kinds(tmp_path):
