@@ -28,3 +28,4 @@ __all__ = [
 ]
 __all__ += ["harden", "activation_sparsity"]
 __all__ += ["finalize", "sensitivity", "bits_analysis", "compressed_size", "save", "load"]
+__all__ += ["summary", "load_model_file"]

@@ -167,7 +167,7 @@ def _export(model: Any, path: str, inputs: tuple) -> None:
     export(model, path, inputs)
 
 
-def compress_command(model: Any, recipe: str, input_shape: str, output: str) -> dict[str, Any]:
+def compress_command(model: Any, recipe: str, input_shape: str, output: str, label: str = "") -> dict[str, Any]:
     """Run a recipe on `model` and export it; return the before/after summaries and the check."""
     import torch
 
@@ -180,13 +180,13 @@ def compress_command(model: Any, recipe: str, input_shape: str, output: str) -> 
     gen = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(s, generator=gen) for s in parse_shapes(input_shape))
     model.eval()
-    before = summary(model, inputs=inputs, source=f"{type(model).__name__} (before)")
+    before = summary(model, inputs=inputs, source=label or type(model).__name__, kind="before")
     pre, post = _split_at_shrink(passes)
     masked = surgery.compress(model, passes=pre, example_inputs=inputs)
     small = surgery.compress(masked, passes=post, example_inputs=inputs) if post else masked
     _export(small, output, inputs)
     exported = load_model_file(output)
-    after = summary(exported.model, inputs=inputs, source=output, kind=exported.kind)
+    after = summary(exported.model, inputs=inputs, source=output, kind=f"after, {exported.kind}")
     ref, got = run_eval(masked, inputs), run_eval(exported.model, inputs)
     check = {"max_abs_diff": max_abs_diff(ref, got), "max_rel_diff": max_rel_diff(ref, got),
              "passes": [repr(p) for p in passes], "output": output, "bytes": os.path.getsize(output)}
@@ -215,7 +215,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model = model_from_spec(args.model, trust=args.trust)
     if args.weights:
         load_weights(model, args.weights, trust=args.trust)
-    out = compress_command(model, args.recipe, args.input_shape, args.output)
+    out = compress_command(model, args.recipe, args.input_shape, args.output, label=args.model)
     ok = out["check"]["max_rel_diff"] <= 1e-4
     if args.json:
         print(json.dumps({"before": out["before"].as_dict(), "after": out["after"].as_dict(),

@@ -170,6 +170,24 @@ def test_compress_resnet18_with_weights_is_smaller_and_exact(tmp_path):
 
 
 @needs_shrink
+def test_compress_a_trusted_masked_graphmodule_file(tmp_path):
+    from passes import ChannelPrune
+    gm = surgery.compress(Net(), [ChannelPrune(ratio=0.5)], example_inputs=(torch.randn(1, 1, 8, 8),))
+    torch.save(gm, tmp_path / "masked.pt")
+    args = ["compress", tmp_path / "masked.pt", "--recipe", ROOT / "examples" / "shrink.toml",
+            "--input-shape", "1,1,8,8", "-o", tmp_path / "small.pt"]
+    assert_one_line_error(run(*args), "--trust")
+    proc = run(*args, "--trust")
+    assert proc.returncode == 0, proc.stderr
+    assert "(after, torchscript)" in proc.stdout and "max rel diff" in proc.stdout
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = torch.jit.load(str(tmp_path / "small.pt"))
+    # conv keeps 4 of 8 channels: conv 1*4*9+4, bn 2*4, fc 10*4*16+10
+    assert sum(p.numel() for p in ts.parameters()) == 40 + 8 + 650
+
+
+@needs_shrink
 def test_demo_end_to_end_short(tmp_path):
     proc = run("demo", "--epochs", "3", "-o", tmp_path / "digits.pt", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
