@@ -460,8 +460,6 @@ class ChannelGraph:
                                     f"{tensor.name!r} (read by {size_node.name!r}) as a number"))
 
     def _build(self) -> None:
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
         n = self.n
         # one parameter sliced at several places (a module called twice) is one decision
         first_place: dict[tuple, np.ndarray] = {}
@@ -476,14 +474,15 @@ class ChannelGraph:
             b = np.concatenate([e[1] for e in self.edges])
         else:
             a = b = np.zeros(0, dtype=np.int64)
-        _, chan = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
+        chan = _components(n, a, b)
         # groups: channels joined also through the spaces they were produced in
         space = np.zeros(n, dtype=np.int64)
-        for i, s in enumerate(self.space_start):
-            space[s:] = i
-        first = np.array(self.space_start, dtype=np.int64)[space] if n else space
-        a2, b2 = np.concatenate([a, np.arange(n)]), np.concatenate([b, first])
-        _, grp = connected_components(coo_matrix((np.ones(len(a2)), (a2, b2)), shape=(n, n)), directed=False)
+        starts = np.array(self.space_start, dtype=np.int64)
+        if n:
+            space[starts[1:]] = 1
+            space = np.cumsum(space)
+        first = starts[space] if n else space
+        grp = _components(n, np.concatenate([a, np.arange(n)]), np.concatenate([b, first]))
         self.chan_of_elem = chan            # element -> global channel id
         self.group_of_elem = grp
         n_chan = int(chan.max()) + 1 if n else 0
@@ -496,12 +495,9 @@ class ChannelGraph:
         self.frozen_chan = frozen_chan
         # number the channels of each group by first appearance in its first producer
         order: dict[int, list[int]] = {}
-        seen = np.zeros(n_chan, dtype=bool)
-        for e in range(n):
-            c = chan[e]
-            if not seen[c]:
-                seen[c] = True
-                order.setdefault(int(grp[e]), []).append(int(c))
+        _, first_elem = np.unique(chan, return_index=True)   # channel -> its first element
+        for c in np.argsort(first_elem, kind="stable"):
+            order.setdefault(int(grp[first_elem[c]]), []).append(int(c))
         self.local_index = np.zeros(n_chan, dtype=np.int64)
         gid_of: dict[int, int] = {}
         groups: list[ChannelGroup] = []
@@ -527,6 +523,29 @@ class ChannelGraph:
     def channels(self, ids: Ids) -> np.ndarray:
         """Global channel ids of a layout."""
         return self.chan_of_elem[ids]
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of n nodes joined by edges a[i]-b[i], labelled 0..k-1 in order of
+    their smallest node (a union-find; no scipy import needed)."""
+    parent = np.arange(n, dtype=np.int64)
+
+    def root(x: int) -> int:
+        r = x
+        while parent[r] != r:
+            r = parent[r]
+        while parent[x] != r:
+            parent[x], x = r, parent[x]
+        return r
+
+    pairs = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], 1), axis=0) if len(a) else ()
+    for x, y in pairs:
+        rx, ry = root(int(x)), root(int(y))
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    roots = np.array([root(i) for i in range(n)], dtype=np.int64) if n else parent
+    _, labels = np.unique(roots, return_inverse=True)
+    return labels.reshape(-1)
 
 
 def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
