@@ -177,6 +177,7 @@ class ChannelGraph:
                 raise SurgeryError(f"channel analysis needs node shapes but node {node.name!r} has none: "
                                    "capture the model with example_inputs (surgery.capture(model, (x,)))")
             ctx = RuleContext(self, node)
+            seen = (len(self.places), len(self.frozen))
             if ctx.module is not None and isinstance(ctx.module, UnitMask):
                 out = rules.mask_rule(ctx)
             else:
@@ -196,6 +197,11 @@ class ChannelGraph:
                 out, vals = out
             else:
                 vals = None
+            if out is None and node.meta.get("shape") is not None and (len(self.places), len(self.frozen)) == seen \
+                    and any(self._tracked(a) for a in node.all_input_nodes):
+                # a tensor came out untracked although tracked channels went in, and the rule
+                # recorded no reader: whatever it did with them is unknown, so they must stay
+                ctx.freeze_inputs(f"{ctx.describe()}: its channel rule lost track of the channels")
             if out is not None:
                 self.layouts[node] = out
                 if vals is not None:
