@@ -352,6 +352,8 @@ def test_does_not_mutate_the_masked_model():
     masked, small, x = _masked_and_shrunk(_randomise(Inception()), IMG)
     assert masked.get_submodule("stem.0").out_channels == 16
     assert any(isinstance(m, UnitMask) for m in masked.modules())
+    shared = {p.data_ptr() for p in masked.state_dict().values()} & {p.data_ptr() for p in small.state_dict().values()}
+    assert not shared, "the shrunk model must own its tensors"
 
 
 def test_torchvision_resnet18_exact_and_smaller():
