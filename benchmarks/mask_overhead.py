@@ -70,7 +70,7 @@ def main(argv=None) -> float:
     table = markdown_table(["model", "median step ms", "best step ms"], rows)
     print(table)
     if not args.no_write:
-        cmd = "OMP_NUM_THREADS=2 python benchmarks/mask_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/mask_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_result("mask_overhead", "DAM mask overhead: ResNet-18 training step", cmd.strip(), table,
                      notes=f"ResNet-18 (torchvision, weights=None, 10 classes), batch {args.batch}, "
                            f"{args.size}x{args.size} inputs, SGD; {n_masks} DAM masks (one per channel group) "
