@@ -96,7 +96,7 @@ def test_caller_model_is_not_mutated():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
-def test_short_digits_run_closes_units_and_keeps_accuracy():
+def test_short_digits_run_closes_units_and_keeps_accuracy(tmp_path):
     from benchmarks.digits import accuracy, load_digits_split, make_mlp, train
     d = load_digits_split(0)
     gm = surgery.compress(make_mlp(), [DAM(select=nn.Linear, exclude="4", lam=0.1)], (d.x_train[:2],))
@@ -104,3 +104,27 @@ def test_short_digits_run_closes_units_and_keeps_accuracy():
     kept = sum(int(m.kept().sum()) for m in surgery.masks(gm).values())
     assert kept < 0.6 * 256  # the penalty closed a large share of the hidden units (all 256 start open)
     assert accuracy(gm, d.x_test, d.y_test) > 0.9
+    # Shrink realises the decision: physically smaller, same function, exported
+    from passes import Shrink
+    small = surgery.compress(gm, [Shrink()], (d.x_test,))
+    assert small.get_submodule("0").out_features + small.get_submodule("2").out_features == kept
+    assert not surgery.masks(small)
+    assert torch.allclose(small(d.x_test), gm.eval()(d.x_test), atol=1e-5)
+    path = surgery.export(small, tmp_path / "dam_mlp.pt", (d.x_test,))
+    assert torch.allclose(torch.jit.load(str(path))(d.x_test), small(d.x_test), atol=1e-5)
+
+
+def test_cnn_masks_shrink_exactly():
+    from benchmarks.digits import make_cnn
+    x = torch.randn(6, 1, 8, 8)
+    gm = surgery.compress(make_cnn(width=8), [DAM(select=nn.Conv2d)], (x,))
+    masks = surgery.masks(gm)
+    assert sorted(m.units for m in masks.values()) == [8, 16, 16]
+    with torch.no_grad():
+        for m in masks.values():
+            m.beta.fill_(-2.6)  # closes a little over half of each mask's units
+    kept = sum(int(m.kept().sum()) for m in masks.values())
+    from passes import Shrink
+    small = surgery.compress(gm, [Shrink()], (x,))
+    assert sum(small.get_submodule(f"conv{i}").out_channels for i in (1, 2, 3)) == kept < 40
+    assert torch.allclose(small.eval()(x), gm.eval()(x), atol=1e-5)

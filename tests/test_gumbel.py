@@ -60,3 +60,7 @@ def test_short_subnetwork_discovery_on_digits():
     assert kept < 0.5 * 256  # from all 256 open
     assert balanced_accuracy(gm, d.x_test, is_zero_te) > 0.95
     assert torch.equal(base[0].weight, gm.get_submodule("0").weight)  # frozen
+    from passes import Shrink
+    small = surgery.compress(gm, [Shrink()], (d.x_test,))
+    assert small.get_submodule("0").out_features + small.get_submodule("2").out_features == kept
+    assert torch.equal(small(d.x_test).argmax(-1), gm.eval()(d.x_test).argmax(-1))
