@@ -28,18 +28,18 @@ from torch.nn.utils import parametrize
 from surgery.errors import SurgeryError
 from surgery.pipeline import Context
 from surgery.select import Selector
-from surgery.weights import INITS, WeightParametrization, cluster_tensor, finalize, weight_tensors
+from surgery.weights import INITS, WeightParametrization, cluster_tensor, finalize, shared_values, weight_tensors
 
 
 class SharedWeight(WeightParametrization):
-    """Parametrization ``cat([codebook, 0])[index]``: index -1 marks a zero (pruned) entry.
+    """Parametrization ``cat([codebook, 0])[index]``: index len(codebook) marks a zero (pruned) entry.
     Only the codebook trains; the tensor it replaces is ignored until finalize bakes it."""
 
     def __init__(self, codebook: Tensor, index: Tensor, tensor: str):
         super().__init__()
         self.tensor = tensor
         self.codebook = nn.Parameter(codebook.clone())
-        small = torch.int16 if len(codebook) < (1 << 15) else torch.int32
+        small = torch.int16 if len(codebook) < (1 << 15) - 1 else torch.int32
         self.register_buffer("index", index.to(small))
 
     def forward(self, w: Tensor) -> Tensor:
@@ -86,8 +86,7 @@ class WeightShare:
                     mod, attr, SharedWeight(codebook.to(weight.device), index.to(weight.device), name))
             else:
                 with torch.no_grad():
-                    table = torch.cat([codebook, codebook.new_zeros(1)])
-                    weight.copy_(table[index].to(weight.device))
+                    weight.copy_(shared_values(codebook, index).to(weight.device))
             report[name] = {"bits": bits, "clusters": len(codebook)}
         ctx.notes.setdefault("weight_share", {}).update(report)
         return gm

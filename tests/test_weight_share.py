@@ -18,7 +18,7 @@ def _net():
 
 
 @pytest.mark.parametrize("init", W.INITS)
-@pytest.mark.parametrize("n", [1000, (1 << 20) + 5000])  # exact path and histogram path
+@pytest.mark.parametrize("n", [1000, (1 << 16) + 5000])  # exact path and histogram path
 def test_k_distinct_values_are_recovered_exactly(init, n):
     values = torch.tensor([-2.5, -0.75, -0.1, 0.3, 0.3001, 1.0, 4.0, 9.5])
     x = values[torch.randint(len(values), (n,))]
@@ -92,7 +92,7 @@ def test_centroid_gradient_is_sum_over_members_and_zeros_stay_zero():
     ref(X).square().sum().backward()
     gm(X).square().sum().backward()
     idx = sw.index.long().reshape(-1)
-    member = idx >= 0
+    member = idx < len(sw.codebook)
     expect = torch.zeros(len(sw.codebook)).index_add_(0, idx[member], ref.get_submodule("0").weight.grad.reshape(-1)[member])
     assert torch.allclose(sw.codebook.grad, expect, rtol=1e-5, atol=1e-6)
     zeros = gm.get_submodule("0").weight == 0
