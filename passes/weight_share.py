@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from surgery.errors import SurgeryError
 from surgery.pipeline import Context
 from surgery.select import Selector
-from surgery.weights import INITS, WeightParametrization, cluster_tensor, finalize, shared_values, weight_tensors
+from surgery.weights import INITS, WeightParametrization, cluster_tensor, finalize, share_tensor, weight_tensors
 
 
 class SharedWeight(WeightParametrization):
@@ -80,14 +80,16 @@ class WeightShare:
                 if parametrize.is_parametrized(mod, attr):
                     raise SurgeryError(f"WeightShare: {name} carries a parametrization surgery cannot bake")
             weight = getattr(mod, attr)
-            codebook, index = cluster_tensor(weight.detach().cpu(), bits, self.init, seed=self.seed)
             if self.finetune:
+                codebook, index = cluster_tensor(weight.detach().cpu(), bits, self.init, seed=self.seed)
                 parametrize.register_parametrization(
                     mod, attr, SharedWeight(codebook.to(weight.device), index.to(weight.device), name))
+                clusters = len(codebook)
             else:
                 with torch.no_grad():
-                    weight.copy_(shared_values(codebook, index).to(weight.device))
-            report[name] = {"bits": bits, "clusters": len(codebook)}
+                    weight.copy_(share_tensor(weight.detach().cpu(), bits, self.init, seed=self.seed))
+                clusters = None  # counting distinct values would cost a sort
+            report[name] = {"bits": bits, "clusters": clusters}
         ctx.notes.setdefault("weight_share", {}).update(report)
         return gm
 

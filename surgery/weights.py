@@ -27,7 +27,8 @@ from torch.nn.utils import parametrize
 from .errors import SurgeryError
 from .select import Selector, select_modules
 
-__all__ = ["WeightParametrization", "weight_tensors", "magnitude_mask", "kmeans_1d", "cluster_tensor", "shared_values",
+__all__ = ["WeightParametrization", "weight_tensors", "magnitude_mask", "kmeans_1d", "cluster_tensor", "share_tensor",
+           "shared_values",
            "finalize", "INITS"]
 
 INITS = ("linear", "density", "kmeans++")
@@ -148,7 +149,7 @@ def _assign(v: Tensor, c: Tensor) -> Tensor:
 
 
 def kmeans_1d(values: Tensor, k: int, init: str = "linear", *, iters: int = 300, seed: int = 0,
-              skip_zeros: bool = False) -> tuple[Tensor, Tensor]:
+              skip_zeros: bool = False, values_only: bool = False) -> tuple[Tensor, Tensor]:
     """Cluster a 1-D tensor into at most `k` values: returns (centroids sorted ascending, labels).
 
     Fully vectorised and fast on tens of millions of values: up to 2^16 values Lloyd runs on
@@ -156,6 +157,7 @@ def kmeans_1d(values: Tensor, k: int, init: str = "linear", *, iters: int = 300,
     sums), every value takes the label of its bin and each centroid is set to the exact mean
     of its members. With at most `k` distinct values (in distinct bins) they are returned
     exactly. With ``skip_zeros`` zeros join no cluster: they get label ``len(centroids)``.
+    With ``values_only`` the second result is the clustered values instead of the labels.
     """
     if k < 1:
         raise SurgeryError(f"k-means needs k >= 1, got {k}")
@@ -168,6 +170,9 @@ def kmeans_1d(values: Tensor, k: int, init: str = "linear", *, iters: int = 300,
     if not (math.isfinite(lo) and math.isfinite(hi)):  # aminmax propagates NaN
         raise SurgeryError("k-means: the values contain inf or NaN")
     if v.numel() <= _EXACT_LIMIT:
+        if values_only:
+            c, lab = kmeans_1d(v, k, init, iters=iters, seed=seed, skip_zeros=skip_zeros)
+            return c, shared_values(c, lab)
         if skip_zeros:
             nz = v != 0
             c, lab = kmeans_1d(v[nz], k, init, iters=iters, seed=seed)
@@ -193,7 +198,7 @@ def kmeans_1d(values: Tensor, k: int, init: str = "linear", *, iters: int = 300,
     p, cnt_nz = sums[occupied] / cnt[occupied], cnt[occupied]
     lut = torch.zeros(_BINS + 1, dtype=torch.long)
     if len(p) == 0:  # nothing but skipped zeros
-        return v.new_zeros(0), torch.index_select(lut, 0, bins)
+        return v.new_zeros(0), (torch.zeros_like(v) if values_only else torch.index_select(lut, 0, bins))
     c = p if len(p) <= k else _lloyd(p, cnt_nz, _init_centroids(p, cnt_nz, k, init, seed), iters)
     bin_lab = _assign(p, c)
     n = torch.zeros(len(c), dtype=torch.float64).index_add_(0, bin_lab, cnt_nz)
@@ -201,7 +206,10 @@ def kmeans_1d(values: Tensor, k: int, init: str = "linear", *, iters: int = 300,
     used = n > 0
     lut[:_BINS][occupied] = (torch.cumsum(used.long(), 0) - 1)[bin_lab]
     lut[_BINS] = int(used.sum())
-    return (s[used] / n[used]).to(v.dtype), torch.index_select(lut, 0, bins)
+    c = (s[used] / n[used]).to(v.dtype)
+    if values_only:  # the shared values straight from the bins: saves a pass over the labels
+        return c, torch.index_select(torch.cat([c, c.new_zeros(1)])[lut], 0, bins)
+    return c, torch.index_select(lut, 0, bins)
 
 
 def _exact_means(v: Tensor, lab: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -228,6 +236,16 @@ def cluster_tensor(w: Tensor, bits: int, init: str = "linear", *, seed: int = 0)
         raise SurgeryError(f"weight sharing needs 1 <= bits <= 16, got {bits}")
     codebook, index = kmeans_1d(w.detach().reshape(-1), 1 << int(bits), init, seed=seed, skip_zeros=True)
     return codebook, index.reshape(w.shape)
+
+
+def share_tensor(w: Tensor, bits: int, init: str = "linear", *, seed: int = 0) -> Tensor:
+    """`w` with its non-zero entries replaced by their k-means centroid (the same clustering
+    as :func:`cluster_tensor`, without materialising the index)."""
+    if not 1 <= int(bits) <= 16:
+        raise SurgeryError(f"weight sharing needs 1 <= bits <= 16, got {bits}")
+    _, values = kmeans_1d(w.detach().reshape(-1), 1 << int(bits), init, seed=seed, skip_zeros=True,
+                          values_only=True)
+    return values.reshape(w.shape)
 
 
 def shared_values(codebook: Tensor, index: Tensor) -> Tensor:

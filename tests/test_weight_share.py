@@ -121,3 +121,11 @@ def test_bits_analysis_restores_and_writes(tmp_path):
     table.to_csv(tmp_path / "b.csv")
     table.plot(tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("n", [3000, 200_000])
+def test_share_tensor_matches_cluster_tensor(n):
+    w = torch.randn(n)
+    w[w.abs() < 0.3] = 0
+    book, idx = W.cluster_tensor(w, 4, "density")
+    assert torch.equal(W.share_tensor(w, 4, "density"), W.shared_values(book, idx))
