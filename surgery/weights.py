@@ -188,8 +188,10 @@ def kmeans_1d(values: Tensor, k: int, init: str = "linear", *, iters: int = 300,
     # exact centroid means come from per-bin float64 sums; a value lands at most one bin width
     # (range / 65536) from the boundary its exact nearest centroid would give it. Zeros that
     # must be skipped go to an extra bin that joins no cluster (no masked copies: they are slow)
-    scale = _BINS / (hi - lo) if hi > lo else 1.0
-    bins = torch.sub(v, lo).mul_(scale).to(torch.int32).clamp_(0, _BINS - 1)
+    # v - lo is >= 0 and <= hi - lo (rounding is monotone); the (1 - 1e-6) margin keeps the
+    # product below _BINS, so no clamp pass is needed
+    scale = _BINS * (1 - 1e-6) / (hi - lo) if hi > lo else 1.0
+    bins = torch.sub(v, lo).mul_(scale).to(torch.int32)
     if skip_zeros:
         bins.masked_fill_(v == 0, _BINS)
     cnt = torch.bincount(bins, minlength=_BINS + 1)[:_BINS].double()

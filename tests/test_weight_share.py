@@ -129,3 +129,10 @@ def test_share_tensor_matches_cluster_tensor(n):
     w[w.abs() < 0.3] = 0
     book, idx = W.cluster_tensor(w, 4, "density")
     assert torch.equal(W.share_tensor(w, 4, "density"), W.shared_values(book, idx))
+
+
+def test_kmeans_far_from_zero_and_extremes():
+    x = 1000.0 + torch.rand(100_000, dtype=torch.float64).float() * 1e-2
+    c, lab = kmeans_1d(x, 4)
+    assert len(c) == 4 and float((x - c[lab]).abs().max()) < 2e-3
+    assert int(lab[x.argmax()]) == 3 and int(lab[x.argmin()]) == 0
