@@ -43,9 +43,11 @@ def test_sizes_dense_and_compressed():
     dense = surgery.compressed_size(net)
     assert dense.total("dense") == 4 * (64 * 256 + 256 + 2560 + 10)
     assert dense.total("huffman") == dense.total("dense")  # nothing to gain on random floats
-    gm = surgery.finalize(surgery.compress(net, [MagnitudePrune(0.9), WeightShare(4)],
-                                           example_inputs=torch.randn(2, 64)))
+    active = surgery.compress(net, [MagnitudePrune(0.9), WeightShare(4, finetune=True)],
+                              example_inputs=torch.randn(2, 64))
+    gm = surgery.finalize(active)
     rep = surgery.compressed_size(gm)
+    assert surgery.compressed_size(active).tensors == rep.tensors  # measured as baked
     row = {t.name: t for t in rep.tensors}["0.weight"]
     assert row.nonzero == round(0.1 * 16384) and row.distinct == 16
     assert row.dense > row.sparse > row.shared >= row.huffman
