@@ -28,18 +28,18 @@ from torch.nn.utils import parametrize
 from surgery.errors import SurgeryError
 from surgery.pipeline import Context
 from surgery.select import Selector
-from surgery.weights import INITS, WeightParametrization, cluster_tensor, finalize, weight_tensors
+from surgery.weights import INITS, WeightParametrization, cluster_tensor, finalize, share_tensor, weight_tensors
 
 
 class SharedWeight(WeightParametrization):
-    """Parametrization ``cat([codebook, 0])[index]``: index -1 marks a zero (pruned) entry.
+    """Parametrization ``cat([codebook, 0])[index]``: index len(codebook) marks a zero (pruned) entry.
     Only the codebook trains; the tensor it replaces is ignored until finalize bakes it."""
 
     def __init__(self, codebook: Tensor, index: Tensor, tensor: str):
         super().__init__()
         self.tensor = tensor
         self.codebook = nn.Parameter(codebook.clone())
-        small = torch.int16 if len(codebook) < (1 << 15) else torch.int32
+        small = torch.int16 if len(codebook) < (1 << 15) - 1 else torch.int32
         self.register_buffer("index", index.to(small))
 
     def forward(self, w: Tensor) -> Tensor:
@@ -80,15 +80,16 @@ class WeightShare:
                 if parametrize.is_parametrized(mod, attr):
                     raise SurgeryError(f"WeightShare: {name} carries a parametrization surgery cannot bake")
             weight = getattr(mod, attr)
-            codebook, index = cluster_tensor(weight.detach().cpu(), bits, self.init, seed=self.seed)
             if self.finetune:
+                codebook, index = cluster_tensor(weight.detach().cpu(), bits, self.init, seed=self.seed)
                 parametrize.register_parametrization(
                     mod, attr, SharedWeight(codebook.to(weight.device), index.to(weight.device), name))
+                clusters = len(codebook)
             else:
                 with torch.no_grad():
-                    table = torch.cat([codebook, codebook.new_zeros(1)])
-                    weight.copy_(table[index].to(weight.device))
-            report[name] = {"bits": bits, "clusters": len(codebook)}
+                    weight.copy_(share_tensor(weight.detach().cpu(), bits, self.init, seed=self.seed))
+                clusters = None  # counting distinct values would cost a sort
+            report[name] = {"bits": bits, "clusters": clusters}
         ctx.notes.setdefault("weight_share", {}).update(report)
         return gm
 

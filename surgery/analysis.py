@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from .errors import SurgeryError
 from .select import Selector
-from .weights import INITS, cluster_tensor, magnitude_mask, weight_tensors
+from .weights import INITS, magnitude_mask, share_tensor, weight_tensors
 
 __all__ = ["sensitivity", "bits_analysis", "AnalysisTable"]
 
@@ -152,7 +152,6 @@ def bits_analysis(model: nn.Module, evaluate: Callable[[nn.Module], dict], bits:
         raise SurgeryError(f"bits_analysis: unknown init {init!r}; choose one of {', '.join(INITS)}")
 
     def share(w: torch.Tensor, b: int) -> torch.Tensor:
-        codebook, index = cluster_tensor(w.cpu(), b, init)
-        return torch.cat([codebook, codebook.new_zeros(1)])[index].to(w.device)
+        return share_tensor(w.cpu(), b, init).to(w.device)
 
     return _probe(model, evaluate, select, exclude, "bits", [int(b) for b in bits], share, progress)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .weights import WeightParametrization, finalize
+
 __all__ = ["compressed_size", "SizeReport", "TensorSize", "huffman_lengths", "pack_bits", "unpack_bits",
            "relative_codes", "positions_from_codes", "bit_view", "STAGES"]
 
@@ -261,6 +263,9 @@ def compressed_size(model: nn.Module | Mapping[str, Tensor]) -> SizeReport:
     """Bytes of every tensor of `model`'s state_dict (or of a dict of tensors) as dense, sparse
     (relative-index CSR), shared (indices + codebook: tensors with at most 2^16 distinct
     non-zero values) and Huffman-coded (positions and cluster indices Huffman-coded, with
-    their code-length tables), per tensor and in total."""
+    their code-length tables), per tensor and in total. Active pruning masks and codebooks are
+    measured as baked (on a finalized copy)."""
+    if isinstance(model, nn.Module) and any(isinstance(m, WeightParametrization) for m in model.modules()):
+        model = finalize(model)  # measure the weights the model computes with, not mask + original
     sd = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     return SizeReport([_analyse(n, t) for n, t in sd.items() if isinstance(t, Tensor)])

@@ -27,11 +27,12 @@ from torch.nn.utils import parametrize
 from .errors import SurgeryError
 from .select import Selector, select_modules
 
-__all__ = ["WeightParametrization", "weight_tensors", "magnitude_mask", "kmeans_1d", "cluster_tensor",
+__all__ = ["WeightParametrization", "weight_tensors", "magnitude_mask", "kmeans_1d", "cluster_tensor", "share_tensor",
+           "shared_values",
            "finalize", "INITS"]
 
 INITS = ("linear", "density", "kmeans++")
-_EXACT_LIMIT = 1 << 20      # up to this many values, k-means runs on the exact sorted unique values
+_EXACT_LIMIT = 1 << 16      # up to this many values, k-means runs on the exact sorted unique values
 _BINS = 1 << 16             # above it, on a 65536-bin histogram, then one exact pass over all values
 
 
@@ -120,7 +121,7 @@ def _lloyd(p: Tensor, cnt: Tensor, c: Tensor, iters: int) -> Tensor:
     cs = torch.cat([cnt.new_zeros(1), torch.cumsum(cnt * p, 0)])
     k = len(c)
     c = torch.sort(c).values
-    tol = 1e-9 * float(p[-1] - p[0])  # relative: far below float32 resolution of the values
+    tol = 1e-7 * float(p[-1] - p[0])  # centroid moves below this are invisible in the result
     for _ in range(iters):
         b = torch.searchsorted(p, (c[:-1] + c[1:]) / 2, right=True)
         lo = torch.cat([b.new_zeros(1), b])
@@ -147,14 +148,16 @@ def _assign(v: Tensor, c: Tensor) -> Tensor:
         torch.zeros(v.shape, dtype=torch.long)
 
 
-def kmeans_1d(values: Tensor, k: int, init: str = "linear", *, iters: int = 300,
-              seed: int = 0) -> tuple[Tensor, Tensor]:
+def kmeans_1d(values: Tensor, k: int, init: str = "linear", *, iters: int = 300, seed: int = 0,
+              skip_zeros: bool = False, values_only: bool = False) -> tuple[Tensor, Tensor]:
     """Cluster a 1-D tensor into at most `k` values: returns (centroids sorted ascending, labels).
 
-    Fully vectorised and fast on tens of millions of values: up to 2^20 values Lloyd runs on
-    the exact sorted unique values; above that on a 65536-bin histogram (counts and sums), and
-    one exact pass assigns every value to its nearest centroid and sets each centroid to the
-    exact mean of its members. With at most `k` distinct values they are returned exactly.
+    Fully vectorised and fast on tens of millions of values: up to 2^16 values Lloyd runs on
+    the exact sorted unique values; above that on a 65536-bin histogram (counts and float64
+    sums), every value takes the label of its bin and each centroid is set to the exact mean
+    of its members. With at most `k` distinct values (in distinct bins) they are returned
+    exactly. With ``skip_zeros`` zeros join no cluster: they get label ``len(centroids)``.
+    With ``values_only`` the second result is the clustered values instead of the labels.
     """
     if k < 1:
         raise SurgeryError(f"k-means needs k >= 1, got {k}")
@@ -167,31 +170,48 @@ def kmeans_1d(values: Tensor, k: int, init: str = "linear", *, iters: int = 300,
     if not (math.isfinite(lo) and math.isfinite(hi)):  # aminmax propagates NaN
         raise SurgeryError("k-means: the values contain inf or NaN")
     if v.numel() <= _EXACT_LIMIT:
+        if values_only:
+            c, lab = kmeans_1d(v, k, init, iters=iters, seed=seed, skip_zeros=skip_zeros)
+            return c, shared_values(c, lab)
+        if skip_zeros:
+            nz = v != 0
+            c, lab = kmeans_1d(v[nz], k, init, iters=iters, seed=seed)
+            full = torch.full(v.shape, len(c), dtype=torch.long)
+            full[nz] = lab
+            return c, full
         p, cnt = torch.unique(v.double(), return_counts=True)
         if len(p) <= k:
             return p.to(v.dtype), _assign(v.double(), p)
         c = _lloyd(p, cnt.double(), _init_centroids(p, cnt.double(), k, init, seed), iters)
-        lab = _assign(v.double(), c)
-        return _exact_means(v, lab, c)
-    if lo == hi:
-        return v[:1].clone(), torch.zeros(v.numel(), dtype=torch.long)
+        return _exact_means(v, _assign(v.double(), c), c)
     # every value of one bin gets the same label (the cluster nearest the bin's mean), so the
     # exact centroid means come from per-bin float64 sums; a value lands at most one bin width
-    # (range / 65536) from the boundary its exact nearest centroid would give it
-    scale = _BINS / (hi - lo)
-    bins = ((v - lo) * scale).to(torch.int32).clamp_(0, _BINS - 1)
-    cnt = torch.bincount(bins, minlength=_BINS).double()
-    sums = torch.zeros(_BINS, dtype=torch.float64).index_add_(0, bins, v.double())
+    # (range / 65536) from the boundary its exact nearest centroid would give it. Zeros that
+    # must be skipped go to an extra bin that joins no cluster (no masked copies: they are slow)
+    # v - lo is >= 0 and <= hi - lo (rounding is monotone); the (1 - 1e-6) margin keeps the
+    # product below _BINS, so no clamp pass is needed
+    scale = _BINS * (1 - 1e-6) / (hi - lo) if hi > lo else 1.0
+    bins = torch.sub(v, lo).mul_(scale).to(torch.int32)
+    if skip_zeros:
+        bins.masked_fill_(v == 0, _BINS)
+    cnt = torch.bincount(bins, minlength=_BINS + 1)[:_BINS].double()
+    sums = torch.bincount(bins, weights=v.double(), minlength=_BINS + 1)[:_BINS]
     occupied = cnt > 0
     p, cnt_nz = sums[occupied] / cnt[occupied], cnt[occupied]
+    lut = torch.zeros(_BINS + 1, dtype=torch.long)
+    if len(p) == 0:  # nothing but skipped zeros
+        return v.new_zeros(0), (torch.zeros_like(v) if values_only else torch.index_select(lut, 0, bins))
     c = p if len(p) <= k else _lloyd(p, cnt_nz, _init_centroids(p, cnt_nz, k, init, seed), iters)
     bin_lab = _assign(p, c)
     n = torch.zeros(len(c), dtype=torch.float64).index_add_(0, bin_lab, cnt_nz)
     s = torch.zeros(len(c), dtype=torch.float64).index_add_(0, bin_lab, sums[occupied])
     used = n > 0
-    lut = torch.zeros(_BINS, dtype=torch.long)
-    lut[occupied] = (torch.cumsum(used.long(), 0) - 1)[bin_lab]
-    return (s[used] / n[used]).to(v.dtype), lut[bins]
+    lut[:_BINS][occupied] = (torch.cumsum(used.long(), 0) - 1)[bin_lab]
+    lut[_BINS] = int(used.sum())
+    c = (s[used] / n[used]).to(v.dtype)
+    if values_only:  # the shared values straight from the bins: saves a pass over the labels
+        return c, torch.index_select(torch.cat([c, c.new_zeros(1)])[lut], 0, bins)
+    return c, torch.index_select(lut, 0, bins)
 
 
 def _exact_means(v: Tensor, lab: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -210,18 +230,30 @@ def _exact_means(v: Tensor, lab: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 def cluster_tensor(w: Tensor, bits: int, init: str = "linear", *, seed: int = 0) -> tuple[Tensor, Tensor]:
     """k-means share the non-zero entries of `w` among at most 2^bits values.
 
-    Returns (codebook, index): index has w's shape, int64, -1 where w is zero (zeros stay zero
-    and take no codebook entry); ``torch.cat([codebook, 0])[index]`` is the shared tensor.
+    Returns (codebook, index): index has w's shape, int64; zeros get ``len(codebook)`` (a zero
+    slot: zeros stay zero and take no codebook entry), so
+    ``torch.cat([codebook, codebook.new_zeros(1)])[index]`` is the shared tensor.
     """
     if not 1 <= int(bits) <= 16:
         raise SurgeryError(f"weight sharing needs 1 <= bits <= 16, got {bits}")
-    flat = w.detach().reshape(-1)
-    nz = flat != 0
-    idx = torch.full(flat.shape, -1, dtype=torch.long)
-    vals = flat[nz]
-    codebook, lab = kmeans_1d(vals, 1 << int(bits), init, seed=seed)
-    idx[nz] = lab
-    return codebook, idx.reshape(w.shape)
+    codebook, index = kmeans_1d(w.detach().reshape(-1), 1 << int(bits), init, seed=seed, skip_zeros=True)
+    return codebook, index.reshape(w.shape)
+
+
+def share_tensor(w: Tensor, bits: int, init: str = "linear", *, seed: int = 0) -> Tensor:
+    """`w` with its non-zero entries replaced by their k-means centroid (the same clustering
+    as :func:`cluster_tensor`, without materialising the index)."""
+    if not 1 <= int(bits) <= 16:
+        raise SurgeryError(f"weight sharing needs 1 <= bits <= 16, got {bits}")
+    _, values = kmeans_1d(w.detach().reshape(-1), 1 << int(bits), init, seed=seed, skip_zeros=True,
+                          values_only=True)
+    return values.reshape(w.shape)
+
+
+def shared_values(codebook: Tensor, index: Tensor) -> Tensor:
+    """The shared tensor ``cat([codebook, 0])[index]`` (index_select: faster than fancy indexing)."""
+    table = torch.cat([codebook, codebook.new_zeros(1)])
+    return torch.index_select(table, 0, index.reshape(-1)).reshape(index.shape)
 
 
 # ---------------------------------------------------------------- finalize
