@@ -6,8 +6,18 @@
 from . import graph
 from .capture import ShapeProp, capture
 from .errors import ExportFailure, SelectionError, ShrinkMismatch, SurgeryError, TraceFailure, UnsafeFile
+from .files import load_model_file
+from .inspect import summary
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
+from .channels import ChannelGroup, RULES, channel_groups, group_of, register_rule
+from .shrink import ShrinkReport, shrink, shrink_report
+from .export import export, load_torchscript
+from .activation_stats import activation_sparsity, harden
+from .weights import finalize
+from .analysis import bits_analysis, sensitivity
+from .storage import compressed_size
+from .archive import load, save
 
 __version__ = "0.1.0"
 
@@ -16,3 +26,6 @@ __all__ = [
     "select_modules", "select_nodes",
     "SurgeryError", "TraceFailure", "SelectionError", "ShrinkMismatch", "UnsafeFile", "ExportFailure",
 ]
+__all__ += ["harden", "activation_sparsity"]
+__all__ += ["finalize", "sensitivity", "bits_analysis", "compressed_size", "save", "load"]
+__all__ += ["summary", "load_model_file"]

@@ -1,0 +1,210 @@
+"""ChannelPrune: structured pruning by channel group, with hard masks Shrink can realise.
+
+Channels are scored per group (the coupled channels of every producer, e.g. a residual
+stream) and the lowest-scoring ones get a zero in one shared hard mask per group. Nothing is
+removed yet: ``Shrink`` does that, exactly.
+
+Example::
+
+    >>> import torch, torchvision, surgery
+    >>> from passes import ChannelPrune, Shrink
+    >>> x = torch.randn(1, 3, 64, 64)
+    >>> gm = surgery.compress(torchvision.models.resnet18(weights=None).eval(),
+    ...                       [ChannelPrune(ratio=0.5), Shrink()], example_inputs=(x,))
+    >>> gm.get_submodule("layer1.0.conv1").out_channels
+    32
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from surgery.channels import ChannelGraph, ChannelGroup, analyze
+from surgery.errors import SurgeryError
+from surgery.graph import unique_name
+from surgery.pipeline import Context, UnitMask
+from surgery.select import Selector, matches
+
+__all__ = ["ChannelPrune", "HardMask"]
+
+CRITERIA = ("l1", "l2", "bn_scale", "random")
+
+
+class HardMask(UnitMask):
+    """A fixed 0/1 mask: ``keep[j]`` says whether unit j survives."""
+
+    def __init__(self, keep: Tensor, dim: int):
+        super().__init__(len(keep), dim)
+        self.register_buffer("keep", keep.detach().clone().to(torch.float32))
+
+    def factors(self) -> Tensor:
+        return self.keep
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module | None]:
+    if node.op == "call_module":
+        return str(node.target), gm.get_submodule(str(node.target))
+    return node.name, None
+
+
+@dataclass
+class ChannelPrune:
+    """Mask the lowest-scoring `ratio` of each channel group's channels.
+
+    Args:
+        ratio: fraction of channels to mask (per group with ``scope="local"``, over all
+            eligible channels with ``scope="global"``).
+        criterion: "l1" / "l2" (norm of the producers' output weights), "bn_scale" (|gamma| of
+            the group's BatchNorms, l1 where there is none) or "random".
+        select / exclude: which producers (modules) may be pruned; a group is pruned when
+            one of its producers is selected and none is excluded.
+        scope: "local" or "global" ranking.
+        round_to: keep a multiple of this many channels per group (8 suits vector hardware).
+        seed: for criterion="random".
+
+    Frozen groups and the model's output channels are never masked; every group keeps at
+    least one channel (and at least one per group of a grouped convolution).
+    """
+
+    ratio: float = 0.5
+    criterion: str = "l1"
+    select: Selector = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                        nn.ConvTranspose3d, nn.Linear)
+    exclude: Selector = None
+    scope: str = "local"
+    round_to: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.ratio < 1:
+            raise SurgeryError(f"ChannelPrune: ratio must be in [0, 1), got {self.ratio}")
+        if self.criterion not in CRITERIA:
+            raise SurgeryError(f"ChannelPrune: criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.scope not in ("local", "global"):
+            raise SurgeryError(f"ChannelPrune: scope must be 'local' or 'global', got {self.scope!r}")
+        if self.round_to < 1:
+            raise SurgeryError(f"ChannelPrune: round_to must be >= 1, got {self.round_to}")
+
+    def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+        cg = analyze(gm)
+        chosen = [g for g in cg.groups if self._eligible(gm, g)]
+        scores = {g.id: self._scores(gm, cg, g) for g in chosen}
+        segs = {g.id: _segments(cg, g) for g in chosen}
+        if self.scope == "local":
+            keep = {g.id: self._keep_local(scores[g.id], segs[g.id]) for g in chosen}
+        else:
+            keep = self._keep_global(chosen, scores, segs)
+        for g in chosen:
+            if keep[g.id].all():
+                continue
+            points = g.mask_points()
+            mask = HardMask(torch.as_tensor(keep[g.id]), points[0][1])
+            name = unique_name(gm, f"prune_g{g.id}")
+            gm.add_submodule(name, mask)
+            for node, _ in points:
+                with gm.graph.inserting_after(node):
+                    new = gm.graph.call_module(name, (node,))
+                node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+                new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
+        gm.graph.lint()
+        gm.recompile()
+        return gm
+
+    def _eligible(self, gm: fx.GraphModule, g: ChannelGroup) -> bool:
+        if g.frozen or g.size < 2 or not g.mask_points():
+            return False
+        picked = False
+        for p in g.producers:
+            name, m = _module(gm, p.node)
+            if m is None:
+                continue
+            if self.exclude is not None and matches(name, m, None, self.exclude) is False:
+                return False
+            picked |= matches(name, m, self.select, self.exclude)
+        return picked
+
+    def _scores(self, gm: fx.GraphModule, cg: ChannelGraph, g: ChannelGroup) -> np.ndarray:
+        s = np.zeros(g.size)
+        if self.criterion == "random":
+            return np.random.default_rng(self.seed + g.id).random(g.size)
+        if self.criterion == "bn_scale":
+            for p in g.locals:
+                _, m = _module(gm, p.node)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                    w = m.weight.detach().abs().double().numpy()  # small: one value per channel
+                    ok = p.channels >= 0
+                    np.add.at(s, p.channels[ok], w[ok])
+            if s.any():
+                return s
+        for p in g.producers:
+            _, m = _module(gm, p.node)
+            w = getattr(m, "weight", None) if m is not None else None
+            if w is None:
+                continue
+            wd = 1 if getattr(m, "transposed", False) else 0
+            w = w.detach().movedim(wd, 0).reshape(w.shape[wd], -1)
+            n = (w.abs().sum(1) if self.criterion != "l2" else w.pow(2).sum(1).sqrt()).double().numpy()
+            if len(n) != len(p.channels):
+                continue
+            ok = p.channels >= 0
+            np.add.at(s, p.channels[ok], n[ok])
+        return s
+
+    def _count(self, n: int, frac_keep: float) -> int:
+        k = max(1, math.ceil(n * frac_keep - 1e-9))
+        if self.round_to > 1:
+            k = min(n, max(self.round_to, int(math.ceil(k / self.round_to)) * self.round_to))
+        return k
+
+    def _keep_local(self, s: np.ndarray, seg: np.ndarray | None) -> np.ndarray:
+        keep = np.zeros(len(s), dtype=bool)
+        if seg is None:
+            k = self._count(len(s), 1 - self.ratio)
+            keep[np.argsort(-s, kind="stable")[:k]] = True
+            return keep
+        per = seg.shape[1]
+        k = max(1, min(per, math.ceil(per * (1 - self.ratio) - 1e-9)))
+        for row in seg:
+            keep[row[np.argsort(-s[row], kind="stable")[:k]]] = True
+        return keep
+
+    def _keep_global(self, groups, scores, segs) -> dict[int, np.ndarray]:
+        norm = {gid: s / (s.mean() + 1e-12) for gid, s in scores.items()}
+        allv = np.concatenate(list(norm.values())) if norm else np.zeros(0)
+        if not len(allv):
+            return {}
+        thr = np.quantile(allv, self.ratio)
+        out = {}
+        for g in groups:
+            frac = float((norm[g.id] > thr).mean())
+            out[g.id] = _Local(self, frac).keep(norm[g.id], segs[g.id])
+        return out
+
+
+class _Local:
+    def __init__(self, cp: ChannelPrune, frac_keep: float):
+        self.cp, self.frac = cp, frac_keep
+
+    def keep(self, s, seg):
+        saved = self.cp.ratio
+        try:
+            object.__setattr__(self.cp, "ratio", 1 - self.frac)
+            return self.cp._keep_local(s, seg)
+        finally:
+            object.__setattr__(self.cp, "ratio", saved)
+
+
+def _segments(cg: ChannelGraph, g: ChannelGroup) -> np.ndarray | None:
+    """Group channels split into equal segments by a grouped convolution, if one touches them."""
+    for p in cg.places:
+        if p.groups > 1 and p.role in ("producer", "reader"):
+            chans = cg.chan_of_elem[p.ids]
+            if cg.chan_group[chans[0]] != g.id or len(chans) != g.size:
+                continue
+            return cg.local_index[chans].reshape(p.groups, -1)
+    return None

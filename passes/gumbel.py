@@ -1,0 +1,116 @@
+"""GumbelMask: per-unit binary gates learned with the Gumbel-sigmoid (binary concrete) trick.
+
+Training samples logistic noise and uses a straight-through hard gate: the forward multiplies
+by ``y > 0.5`` while the gradient is the soft ``sigmoid((logit + noise) / tau)``'s. Eval mode is
+deterministic (unit on where ``logit >= 0``). With ``freeze_weights=True`` only the gates (and
+the modules named in `trainable`, e.g. a new head) learn: subnetwork discovery inside a frozen
+pretrained model.
+
+Example::
+
+    >>> import torch, surgery
+    >>> from torch import nn
+    >>> from passes import GumbelMask
+    >>> net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
+    >>> gm = surgery.compress(net, [GumbelMask(select="0", freeze_weights=True, trainable="2")],
+    ...                       (torch.randn(2, 64),))
+    >>> sorted(n for n, p in gm.named_parameters() if p.requires_grad)
+    ['2.bias', '2.weight', 'gumbel_0.logits']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from surgery.errors import SurgeryError
+from surgery.pipeline import Context, UnitMask, masks
+from surgery.select import Selector, select_modules
+
+from ._placement import insert_site, unit_sites
+
+__all__ = ["GumbelMask", "GumbelGate"]
+
+
+class GumbelGate(UnitMask):
+    """A hard 0/1 gate per unit with learnable logits (initially `init`).
+
+    ``penalty() = weight x sum(logits)`` pushes gates closed; ``kept()`` is the eval decision
+    (``logit >= 0``; the issue's ``logit > 0`` differs only at exactly 0, where we keep the
+    unit so that kept() always agrees with what the eval forward computes).
+    """
+
+    def __init__(self, units: int, dim: int, weight: float = 1e-4, tau: float = 1.0, init: float = 2.0):
+        super().__init__(units, dim)
+        if tau <= 0:
+            raise SurgeryError(f"GumbelGate: tau must be > 0, got {tau}")
+        self.logits = nn.Parameter(torch.full((units,), float(init)))
+        self.weight = float(weight)
+        self.tau = float(tau)
+
+    def factors(self) -> Tensor:
+        return (self.logits.detach() >= 0).to(self.logits.dtype)
+
+    def gate(self) -> Tensor:
+        """One sample of the straight-through gate (training) or the eval decision."""
+        if not self.training:
+            return self.factors()
+        u = torch.rand_like(self.logits).clamp_(1e-6, 1 - 1e-6)
+        noise = torch.log(u) - torch.log1p(-u)
+        soft = torch.sigmoid((self.logits + noise) / self.tau)
+        hard = (soft > 0.5).to(soft.dtype)
+        return hard + (soft - soft.detach())  # exactly `hard` forward, the soft gradient backward
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate().to(x.dtype).reshape(self.shape_for(x))
+
+    def penalty(self) -> Tensor:
+        return self.weight * self.logits.sum()
+
+    def extra_repr(self) -> str:
+        return f"units={self.units}, dim={self.dim}, weight={self.weight:g}, tau={self.tau:g}"
+
+
+@dataclass
+class GumbelMask:
+    """Insert a :class:`GumbelGate` after each selected op, one per channel group.
+
+    Fields: `alpha` weighs the penalty (alpha x sum of logits, per gate); `tau` is the
+    temperature; `init` the initial logit (2.0: every unit starts on with high probability);
+    `freeze_weights` freezes every parameter except the gates' and those of the modules
+    `trainable` selects (same selector forms as `select`).
+    """
+
+    select: Selector = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    exclude: Selector = None
+    alpha: float = 1e-4
+    tau: float = 1.0
+    init: float = 2.0
+    freeze_weights: bool = False
+    trainable: Selector = None
+
+    def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+        if self.alpha < 0:
+            raise SurgeryError(f"GumbelMask: alpha must be >= 0, got {self.alpha}")
+        sites, skipped = unit_sites(gm, self.select, self.exclude, "gumbel")
+        ctx.notes.setdefault("gumbel", {})["unmasked"] = skipped
+        for site in sites:
+            insert_site(gm, site, GumbelGate(site.units, site.dim, self.alpha, self.tau, self.init))
+        if self.freeze_weights:
+            self._freeze(gm)
+        elif self.trainable is not None:
+            raise SurgeryError("GumbelMask: trainable= only means something with freeze_weights=True")
+        return gm
+
+    def _freeze(self, gm: fx.GraphModule) -> None:
+        keep = set()
+        owners = dict(masks(gm))
+        if self.trainable is not None:
+            owners.update(select_modules(gm, self.trainable))
+        for name, module in owners.items():
+            keep.update(id(p) for p in module.parameters())
+        for p in gm.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)

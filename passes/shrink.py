@@ -1,0 +1,26 @@
+"""Shrink as a pass: ``compress(gm, [Shrink()], example_inputs=(x,))``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from surgery.pipeline import Context
+from surgery.shrink import shrink
+
+__all__ = ["Shrink"]
+
+
+@dataclass
+class Shrink:
+    """Remove every channel the masks zero, fold kept mask values, verify against the masked
+    model (raising ShrinkMismatch beyond `tol`, relative to the output's scale). The result
+    carries a :class:`surgery.shrink.ShrinkReport` as ``.report`` (and in
+    ``gm.meta["surgery"]["shrink_report"]``)."""
+
+    tol: float = 1e-4
+
+    def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+        out = shrink(gm, ctx.example_inputs, self.tol)
+        out.report = out.meta["surgery"]["shrink_report"]
+        return out

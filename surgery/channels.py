@@ -1,0 +1,363 @@
+"""Channel groups: which channels of which tensors are coupled, found in one walk of the graph.
+
+Every tensor that carries channels gets a *layout*: an int array broadcastable to the tensor's
+shape that names, for every entry, the channel *element* it belongs to (size-1 axes are the
+axes the channels do not vary along). Producers (Conv/Linear out-channels) create fresh
+elements; channel-local ops (BN, activations, pooling, element-wise ops, masks) pass layouts on;
+``cat``/``split``/``flatten``/``view``/``transpose`` rearrange them; readers (Conv/Linear
+in-channels) consume them. Element-wise ops between two tracked tensors couple their elements
+position by position. A channel of a group is a set of coupled elements; a group is every
+channel reachable through shared producers and couplings.
+
+How each op moves channels lives in a public rule table (:data:`RULES`), extendable for custom
+ops with :func:`register_rule`. An op without a rule freezes the groups of its inputs (never
+pruned, reported by name), it never crashes the analysis.
+
+Example::
+
+    >>> import torch, surgery
+    >>> from torch import nn
+    >>> from surgery.channels import channel_groups
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> gm = surgery.capture(net, (torch.randn(1, 3, 16, 16),))
+    >>> [(g.size, g.frozen is None) for g in channel_groups(gm)]
+    [(8, True), (4, False)]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SurgeryError
+from .rulebook import (RULES, Ids, Rule, RuleContext, _RawPlace, channel_local, frozen, passthrough,  # noqa: F401
+                       register_rule, varying)
+
+__all__ = ["ChannelGroup", "Place", "RuleContext", "RULES", "register_rule", "channel_groups", "group_of",
+           "analyze", "ChannelGraph", "passthrough", "channel_local", "frozen"]
+
+
+
+@dataclass(eq=False)
+class Place:
+    """Where a group's channels live at one op.
+
+    ``role`` is "producer" (the op creates the channels on its output), "local" (the op keeps
+    them channel by channel) or "reader" (the op mixes them, reading its input ``arg``).
+    ``dim`` is the axis of that tensor, ``channels[p]`` the group channel at position ``p`` along
+    it (-1 where the position belongs to another group).
+    """
+
+    node: fx.Node
+    role: str
+    dim: int
+    channels: np.ndarray
+    arg: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Place({self.node.name}, {self.role}, dim={self.dim}, n={len(self.channels)})"
+
+
+@dataclass(eq=False)
+class ChannelGroup:
+    """A set of coupled channels: removing channel j removes it from every place listed."""
+
+    id: int
+    size: int
+    producers: list[Place] = field(default_factory=list)
+    locals: list[Place] = field(default_factory=list)
+    readers: list[Place] = field(default_factory=list)
+    frozen: str | None = None
+    masks: list[Place] = field(default_factory=list)
+
+    def mask_points(self) -> list[tuple[fx.Node, int]]:
+        """(node, dim) pairs after which one shared per-channel mask of ``size`` units realises
+        this group: after each producer and its trailing single-user BN/activation chain.
+
+        Only producers that carry every channel of the group in group order are listed (true
+        for convolutional and residual streams); a group fed by a producer that carries part
+        of it (a ``cat`` added to a tensor) or none (frozen) yields no points.
+        """
+        if self.frozen:
+            return []
+        points = []
+        for p in self.producers:
+            if len(p.channels) != self.size or not np.array_equal(p.channels, np.arange(self.size)):
+                return []
+            node = p.node
+            while len(node.users) == 1:
+                user = next(iter(node.users))
+                if not _is_trailing(user, node):
+                    break
+                node = user
+            dim = p.dim
+            shape = node.meta.get("shape")
+            if isinstance(shape, torch.Size) and dim >= 0:
+                dim = dim - len(shape)  # from the end, so one mask fits any batch shape
+            points.append((node, dim))
+        return list(dict.fromkeys(points))
+
+    def places(self) -> list[Place]:
+        return [*self.producers, *self.locals, *self.readers]
+
+    def __repr__(self) -> str:
+        names = ", ".join(p.node.name for p in self.producers[:4]) + ("..." if len(self.producers) > 4 else "")
+        fz = f", frozen={self.frozen!r}" if self.frozen else ""
+        return f"ChannelGroup(id={self.id}, size={self.size}, producers=[{names}], readers={len(self.readers)}{fz})"
+
+
+def _is_trailing(user: fx.Node, node: fx.Node) -> bool:
+    """A single-input channel-local op (BN, activation, dropout) that ends a producer's chain."""
+    if len(user.all_input_nodes) != 1:
+        return False
+    if user.op == "call_function":
+        return user.target in _TRAILING_FUNCTIONS
+    if user.op == "call_method":
+        return user.target in ("relu", "sigmoid", "tanh", "relu_", "sigmoid_")
+    if user.op != "call_module":
+        return False
+    m = user.graph.owning_module.get_submodule(str(user.target))
+    from .pipeline import UnitMask
+    return isinstance(m, _TRAILING) and not isinstance(m, UnitMask)
+
+
+_TRAILING = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
+             nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish,
+             nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+_TRAILING_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.gelu, F.silu, F.hardswish,
+                       F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.dropout}
+
+
+def group_of(groups: Iterable[ChannelGroup], node: fx.Node) -> list[ChannelGroup]:
+    """The groups that have a place at `node` (as producer, local op, reader or mask)."""
+    return [g for g in groups if any(p.node is node for p in (*g.places(), *g.masks))]
+
+
+# ----------------------------------------------------------------------------------------- analysis
+class ChannelGraph:
+    """The result of the walk: layouts per node, places, couplings, frozen elements, and the
+    groups built from them. :func:`analyze` makes one; Shrink and ChannelPrune read it."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.layouts: dict[fx.Node, Any] = {}
+        self.values: dict[fx.Node, Any] = {}
+        self.places: list[_RawPlace] = []
+        self.edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self.frozen: list[tuple[np.ndarray, str]] = []
+        self.space_start: list[int] = []
+        self.space_node: list[fx.Node] = []
+        self.n = 0
+        self.size_nodes: list[tuple[fx.Node, fx.Node]] = []   # (size/shape node, tensor node)
+        self.mask_nodes: list[fx.Node] = []
+        self.rewrite: set[fx.Node] = set()   # nodes whose literal size arguments follow channels
+
+    def new_elements(self, size: int, node: fx.Node) -> int:
+        start = self.n
+        self.space_start.append(start)
+        self.space_node.append(node)
+        self.n += size
+        return start
+
+    def run(self) -> "ChannelGraph":
+        from .pipeline import UnitMask
+        from . import rules  # noqa: F401  (registers the standard table)
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "get_attr"):
+                continue
+            if node.op == "output":
+                _freeze_output(self, node)
+                continue
+            if node.op != "placeholder" and "shape" not in node.meta:
+                raise SurgeryError(f"channel analysis needs node shapes but node {node.name!r} has none: "
+                                   "capture the model with example_inputs (surgery.capture(model, (x,)))")
+            ctx = RuleContext(self, node)
+            seen = (len(self.places), len(self.frozen))
+            if ctx.module is not None and isinstance(ctx.module, UnitMask):
+                out = rules.mask_rule(ctx)
+            else:
+                rule = find_rule(node, ctx.module)
+                if rule is None:
+                    if any(self._tracked(a) for a in node.all_input_nodes):
+                        ctx.freeze_inputs(f"{ctx.describe()} has no channel rule")
+                    continue
+                try:
+                    out = rule(ctx)
+                except SurgeryError:
+                    raise
+                except Exception as e:  # a rule that trips on an odd call must not crash the analysis
+                    ctx.freeze_inputs(f"{ctx.describe()}: channel rule failed ({type(e).__name__}: {e})")
+                    out = None
+            if isinstance(out, tuple) and len(out) == 2 and (out[0] is None or isinstance(out[0], (np.ndarray, tuple))):
+                out, vals = out
+            else:
+                vals = None
+            if out is None and node.meta.get("shape") is not None and (len(self.places), len(self.frozen)) == seen \
+                    and any(self._tracked(a) for a in node.all_input_nodes):
+                # a tensor came out untracked although tracked channels went in, and the rule
+                # recorded no reader: whatever it did with them is unknown, so they must stay
+                ctx.freeze_inputs(f"{ctx.describe()}: its channel rule lost track of the channels")
+            if out is not None:
+                self.layouts[node] = out
+                if vals is not None:
+                    self.values[node] = vals
+        self._check_sizes()
+        self._build()
+        return self
+
+    def _tracked(self, a: fx.Node) -> bool:
+        return self.layouts.get(a) is not None
+
+    def _check_sizes(self) -> None:
+        """A channel count read with size()/shape may only steer reshapes (rewritten by Shrink);
+        anything else (a scale computed from it) would change when channels go."""
+        from .rules_tensor import size_uses_ok
+        for size_node, tensor in self.size_nodes:
+            bad = size_uses_ok(self, size_node)
+            if bad is not None:
+                ids = self.layouts.get(tensor)
+                self.frozen.append((np.unique(ids), f"node {bad.name!r} uses the channel count of "
+                                    f"{tensor.name!r} (read by {size_node.name!r}) as a number"))
+
+    def _build(self) -> None:
+        n = self.n
+        # one parameter sliced at several places (a module called twice) is one decision
+        first_place: dict[tuple, np.ndarray] = {}
+        for p in self.places:
+            for owner, name, dim in p.params:
+                key = (id(owner), name, dim)
+                if key in first_place and len(first_place[key]) == len(p.ids):
+                    self.edges.append((first_place[key], p.ids))
+                first_place.setdefault(key, p.ids)
+        if self.edges:
+            a = np.concatenate([e[0] for e in self.edges])
+            b = np.concatenate([e[1] for e in self.edges])
+        else:
+            a = b = np.zeros(0, dtype=np.int64)
+        chan = _components(n, a, b)
+        # groups: channels joined also through the spaces they were produced in
+        space = np.zeros(n, dtype=np.int64)
+        starts = np.array(self.space_start, dtype=np.int64)
+        if n:
+            space[starts[1:]] = 1
+            space = np.cumsum(space)
+        first = starts[space] if n else space
+        grp = _components(n, np.concatenate([a, np.arange(n)]), np.concatenate([b, first]))
+        self.chan_of_elem = chan            # element -> global channel id
+        self.group_of_elem = grp
+        n_chan = int(chan.max()) + 1 if n else 0
+        self.group_of_chan = np.zeros(n_chan, dtype=np.int64)
+        self.group_of_chan[chan] = grp
+        frozen_chan: dict[int, str] = {}
+        for elems, reason in self.frozen:
+            for c in np.unique(chan[elems]):
+                frozen_chan.setdefault(int(c), reason)
+        self.frozen_chan = frozen_chan
+        # number the channels of each group by first appearance in its first producer
+        order: dict[int, list[int]] = {}
+        _, first_elem = np.unique(chan, return_index=True)   # channel -> its first element
+        for c in np.argsort(first_elem, kind="stable"):
+            order.setdefault(int(grp[first_elem[c]]), []).append(int(c))
+        self.local_index = np.zeros(n_chan, dtype=np.int64)
+        gid_of: dict[int, int] = {}
+        groups: list[ChannelGroup] = []
+        for gkey, chans in order.items():
+            gid_of[gkey] = len(groups)
+            self.local_index[chans] = np.arange(len(chans))
+            groups.append(ChannelGroup(id=len(groups), size=len(chans)))
+        self.chan_group = np.array([gid_of[int(k)] for k in self.group_of_chan], dtype=np.int64) \
+            if n_chan else np.zeros(0, dtype=np.int64)
+        for c, reason in frozen_chan.items():
+            g = groups[self.chan_group[c]]
+            g.frozen = g.frozen or reason
+        for p in self.places:
+            chans = chan[p.ids]
+            for gi in np.unique(self.chan_group[chans]):
+                local = np.where(self.chan_group[chans] == gi, self.local_index[chans], -1)
+                place = Place(p.node, p.role, p.dim, local, p.arg)
+                bucket = {"producer": groups[gi].producers, "local": groups[gi].locals,
+                          "reader": groups[gi].readers, "mask": groups[gi].masks}[p.role]
+                bucket.append(place)
+        self.groups = groups
+
+    def channels(self, ids: Ids) -> np.ndarray:
+        """Global channel ids of a layout."""
+        return self.chan_of_elem[ids]
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of n nodes joined by edges a[i]-b[i], labelled 0..k-1 in order of
+    their smallest node (a union-find; no scipy import needed)."""
+    parent = np.arange(n, dtype=np.int64)
+
+    def root(x: int) -> int:
+        r = x
+        while parent[r] != r:
+            r = parent[r]
+        while parent[x] != r:
+            parent[x], x = r, parent[x]
+        return r
+
+    pairs = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], 1), axis=0) if len(a) else ()
+    for x, y in pairs:
+        rx, ry = root(int(x)), root(int(y))
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    roots = np.array([root(i) for i in range(n)], dtype=np.int64) if n else parent
+    _, labels = np.unique(roots, return_inverse=True)
+    return labels.reshape(-1)
+
+
+def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
+    if node.op == "call_module":
+        for cls in type(module).__mro__:
+            if cls in RULES:
+                return RULES[cls]
+        return None
+    if node.op == "call_method":
+        return RULES.get(str(node.target))
+    if node.op == "call_function":
+        try:
+            return RULES.get(node.target)
+        except TypeError:
+            return None
+    return None
+
+
+def _freeze_output(g: ChannelGraph, node: fx.Node) -> None:
+    for a in node.all_input_nodes:
+        lay = g.layouts.get(a)
+        for part in (lay if isinstance(lay, tuple) else (lay,)):
+            if part is not None:
+                g.frozen.append((np.unique(part), f"reaches the model output through {a.name!r}"))
+
+
+def analyze(gm: fx.GraphModule) -> ChannelGraph:
+    """Walk `gm` once and return the full channel analysis (layouts, places, groups)."""
+    if not isinstance(gm, fx.GraphModule):
+        raise SurgeryError(f"channel analysis needs a captured GraphModule, got {type(gm).__name__}")
+    if not any("shape" in n.meta for n in gm.graph.nodes if n.op != "placeholder"):
+        raise SurgeryError("channel analysis needs node shapes: capture with example_inputs "
+                           "(surgery.capture(model, (x,)) or compress(..., example_inputs=(x,)))")
+    return ChannelGraph(gm).run()
+
+
+def channel_groups(gm: fx.GraphModule, rules: dict | None = None) -> list[ChannelGroup]:
+    """The channel groups of a captured GraphModule (captured with example_inputs).
+
+    `rules` adds or overrides rules for this call only (same keys as :data:`RULES`).
+    """
+    if rules:
+        saved = dict(RULES)
+        RULES.update(rules)
+        try:
+            return analyze(gm).groups
+        finally:
+            RULES.clear()
+            RULES.update(saved)
+    return analyze(gm).groups

@@ -1,0 +1,205 @@
+"""Open any model file safely: TorchScript, state_dict, surgery compact archive, pickled module.
+
+Pickles run code when they are loaded, so a pickle is only ever opened with
+``torch.load(weights_only=True)`` (tensors and plain containers, no code) unless the caller
+passes ``trust=True``. A file that needs full unpickling raises :class:`~surgery.errors.UnsafeFile`.
+
+Example::
+
+    >>> import torch, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "sd.pt")
+    >>> torch.save(torch.nn.Linear(4, 2).state_dict(), path)
+    >>> loaded = load_model_file(path)
+    >>> loaded.kind, sorted(loaded.model)
+    ('state_dict', ['bias', 'weight'])
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import SurgeryError, UnsafeFile
+
+__all__ = ["BadModelFile", "LoadedModel", "load_model_file"]
+
+# keys under which training checkpoints commonly nest their state_dict
+# a compact archive (surgery.save) starts with b"SURGERY" and a format version byte
+COMPACT_MAGIC = b"SURGERY"
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "weights", "net")
+
+
+class BadModelFile(SurgeryError):
+    """A file that is missing, empty, truncated, corrupt or holds no model."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`load_model_file` found: `kind` is one of ``torchscript``, ``state_dict``,
+    ``compact``, ``module`` or ``graphmodule``; `model` an nn.Module or a dict of tensors."""
+
+    path: str
+    kind: str
+    model: Any
+    note: str = ""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _zip_kind(path: Path) -> str:
+    """'torchscript', 'torch' (a torch.save archive) or 'zip' (something else)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise BadModelFile(path, f"truncated or corrupt zip archive ({_first_line(e)})") from None
+    tails = {n.split("/", 1)[1] if "/" in n else n for n in names}
+    if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
+        return "torchscript"
+    if "data.pkl" in tails:
+        return "torch"
+    return "zip"
+
+
+def _compact_loader():
+    """surgery.load, when this build has compact archives (surgery/archive.py)."""
+    try:
+        from .archive import load
+    except ImportError:
+        return None
+    return load
+
+
+def _state_dict_in(obj: Any) -> tuple[dict | None, str]:
+    def tensors_only(d: Any) -> bool:
+        return isinstance(d, dict) and bool(d) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+    if tensors_only(obj):
+        return dict(obj), ""
+    if isinstance(obj, dict):
+        for key in _NESTED_KEYS:
+            if tensors_only(obj.get(key)):
+                return dict(obj[key]), f"state_dict found under the checkpoint key {key!r}"
+    return None, ""
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, dict):
+        keys = ", ".join(map(repr, list(obj)[:6])) + (", ..." if len(obj) > 6 else "")
+        return f"a dict without model tensors (keys: {keys})" if obj else "an empty dict"
+    if isinstance(obj, torch.Tensor):
+        return f"a single tensor of shape {tuple(obj.shape)}"
+    return f"a {type(obj).__name__}"
+
+
+def _from_object(path: Path, obj: Any, trusted: bool) -> LoadedModel:
+    if isinstance(obj, nn.Module):
+        kind = "graphmodule" if isinstance(obj, fx.GraphModule) else "module"
+        return LoadedModel(str(path), kind, obj, "loaded with full unpickling (--trust)" if trusted else "")
+    sd, note = _state_dict_in(obj)
+    if sd is not None:
+        return LoadedModel(str(path), "state_dict", sd, note)
+    raise BadModelFile(path, f"holds {_describe(obj)}, not a model or a state_dict")
+
+
+def _unsafe_reason(e: BaseException) -> str:
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if m:
+        return f"it needs {m.group(1)}"
+    return _first_line(e)
+
+
+def _torch_load(path: Path, trust: bool) -> LoadedModel:
+    import pickle
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return _from_object(path, obj, trusted=False)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e) and "Unsupported global" not in str(e):
+            raise BadModelFile(path, f"corrupt pickle ({_first_line(e)})") from None
+        if not trust:
+            raise UnsafeFile(str(path), _unsafe_reason(e)) from None
+        reason = e
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as e:
+        raise BadModelFile(path, f"truncated or corrupt torch file ({_first_line(e)})") from None
+    # trust=True and the safe loader refused: the user vouched for this file
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise BadModelFile(path, f"cannot unpickle even with --trust ({_first_line(e)}; "
+                                 f"the safe loader said: {_unsafe_reason(reason)})") from None
+    return _from_object(path, obj, trusted=True)
+
+
+def load_model_file(path: str | os.PathLike, trust: bool = False) -> LoadedModel:
+    """Open `path` and return what it holds, never running an untrusted pickle's code.
+
+    Raises:
+        BadModelFile: missing, a directory, empty, truncated, corrupt, or not a model.
+        UnsafeFile: a pickled module (or any pickle needing code) and ``trust=False``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BadModelFile(p, "no such file")
+    if p.is_dir():
+        raise BadModelFile(p, "is a directory, not a model file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise BadModelFile(p, f"cannot read ({e.strerror or _first_line(e)})") from None
+    if not head:
+        raise BadModelFile(p, "empty file (0 bytes)")
+    if head.startswith(COMPACT_MAGIC):
+        return _load_compact(p, _compact_loader())
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        kind = _zip_kind(p)
+        if kind == "torchscript":
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return LoadedModel(str(p), "torchscript", torch.jit.load(str(p), map_location="cpu"))
+            except Exception as e:
+                raise BadModelFile(p, f"truncated or corrupt TorchScript archive ({_first_line(e)})") from None
+        if kind == "torch":
+            return _torch_load(p, trust)
+        raise BadModelFile(p, "a zip archive that is neither TorchScript nor a torch.save file")
+    if head[:1] == b"\x80":  # a pickle protocol header: torch's legacy format or a bare pickle
+        return _torch_load(p, trust)
+    raise BadModelFile(p, "not a model file: expected a TorchScript archive, a torch.save file "
+                          "(state_dict or pickled module) or a surgery compact archive")
+
+
+def _load_compact(p: Path, load) -> LoadedModel:
+    if load is None:
+        raise BadModelFile(p, "a surgery compact archive, but this build has no surgery.load")
+    try:
+        obj = load(str(p))
+    except SurgeryError as e:
+        msg = str(e).splitlines()[0]
+        msg = msg[len(str(p)) + 2:] if msg.startswith(f"{p}: ") else msg
+        raise BadModelFile(p, f"truncated or corrupt compact archive ({msg})") from None
+    except Exception as e:
+        raise BadModelFile(p, f"truncated or corrupt compact archive ({_first_line(e)})") from None
+    if isinstance(obj, nn.Module):
+        return LoadedModel(str(p), "compact", obj)
+    sd, note = _state_dict_in(obj)
+    if sd is None:
+        raise BadModelFile(p, f"compact archive holds {_describe(obj)}")
+    return LoadedModel(str(p), "compact", sd, note)

@@ -1,0 +1,315 @@
+"""The standard channel rules for modules and masks: how each op moves channels (see
+surgery.channels); tensor functions and methods are in surgery.rules_tensor.
+
+Each rule takes a :class:`~surgery.channels.RuleContext` and returns the output layout, or
+``(layout, values)`` where `values` are per-entry constants a channel is known to hold (nan =
+unknown) so Shrink can tell a removed channel's readers see zero (or a foldable constant).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .rulebook import RuleContext, channel_local, passthrough, register_rule, varying
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _nan_like(ids: np.ndarray) -> np.ndarray:
+    return np.full(ids.shape, np.nan)
+
+
+def _vals(ctx: RuleContext, a: Any, ids: np.ndarray | None) -> np.ndarray | None:
+    v = ctx.values(a)
+    if v is None and ids is not None:
+        return _nan_like(ids)
+    return v
+
+
+def _owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
+    prefix, _, name = target.rpartition(".")
+    return (gm.get_submodule(prefix) if prefix else gm), name
+
+
+def _spatial_ok(ctx: RuleContext, ids: np.ndarray, dims: list[int]) -> bool:
+    bad = [d for d in dims if d < ids.ndim and ids.shape[d] > 1]
+    if bad:
+        ctx.freeze(ids, f"{ctx.describe()} mixes entries along axis {bad[0]}, where channels vary")
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------- masks
+def mask_rule(ctx: RuleContext):
+    """A UnitMask: channel-local along ``mask.dim``; a zero factor makes the channel zero."""
+    m = ctx.module
+    ctx.g.mask_nodes.append(ctx.node)
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    dim = m.dim % ids.ndim
+    v = _vals(ctx, ctx.x, ids)
+    f = m.factors().detach().double().cpu().numpy()
+    if ids.shape[dim] != len(f):
+        if ids.shape[dim] == 1 and not any(s > 1 for s in ids.shape):
+            pass  # one channel broadcast: the mask scales positions we do not track
+        return ids, None
+    if any(s > 1 for d, s in enumerate(ids.shape) if d != dim):
+        ctx.freeze(ids, f"mask {ctx.node.target!r} sees channels along more than its axis {m.dim}")
+        return ids, None
+    shape = [1] * ids.ndim
+    shape[dim] = len(f)
+    fb = f.reshape(shape)
+    out = np.where(fb == 0, 0.0, v * fb)
+    ctx.place("mask", ids, dim)
+    return ids, out
+
+
+# ----------------------------------------------------------------------------------------- modules
+_ConvNd = nn.modules.conv._ConvNd
+
+
+def conv_rule(ctx: RuleContext):
+    m = ctx.module
+    transposed = bool(getattr(m, "transposed", False))
+    ids = ctx.ids(ctx.x)
+    if ids is not None and any(d != 1 for d in varying(ids)):
+        ctx.freeze(ids, f"{ctx.describe()} reads channels that vary along its spatial axes")
+        ids = None
+    G, cin, cout = m.groups, m.in_channels, m.out_channels
+    bias = [(m, "bias", 0)]  # always: a constant fold may add a bias later
+    if G == 1:
+        if ids is not None:
+            ctx.place("reader", ids, 1, arg=0, params=[(m, "weight", 0 if transposed else 1)],
+                      attrs=[(m, "in_channels")], kind="zero" if transposed else "conv",
+                      values=ctx.values(ctx.x))
+        return ctx.new_space(1, params=[(m, "weight", 1 if transposed else 0), *bias], attrs=[(m, "out_channels")])
+    if G == cin and not transposed:
+        k = cout // cin
+        if ids is None:
+            out = ctx.new_space(1, params=[(m, "weight", 0), *bias])
+            ctx.freeze(out, f"{ctx.describe()} is depthwise and its input channels are not tracked")
+            return out
+        out = np.repeat(ids, k, axis=1) if ids.shape[1] > 1 else ids
+
+        def edit(kept: np.ndarray, m=m, k=k):
+            n = int(kept.sum())
+            m.out_channels, m.in_channels, m.groups = n, n // k, n // k
+        ctx.place("local", out, 1, params=[(m, "weight", 0), *bias], edit=edit)
+        v = ctx.values(ctx.x)
+        vals = None
+        if v is not None:
+            b = m.bias.detach().double().numpy() if m.bias is not None else np.zeros(cout)
+            vin = np.repeat(v, k, axis=1) if v.shape[1] > 1 else v
+            vb = b.reshape([1, -1] + [1] * (ids.ndim - 2))
+            pad0 = all(p == 0 for p in m.padding) if not isinstance(m.padding, str) else m.padding == "valid"
+            if pad0:
+                wsum = m.weight.detach().double().sum(dim=tuple(range(1, m.weight.dim()))).numpy()
+                vals = vin * wsum.reshape(vb.shape) + vb
+            else:
+                vals = np.where(vin == 0, vb, np.nan)
+        return out, vals
+    if transposed:
+        ctx.freeze_inputs(f"{ctx.describe()} is a grouped transposed convolution")
+        return None
+    if ids is not None:
+        def edit_in(kept: np.ndarray, m=m, G=G):
+            w = m.weight.data
+            per = len(kept) // G
+            idx = torch.as_tensor(np.nonzero(kept.reshape(G, per))[1].reshape(G, -1))
+            wv = w.reshape(G, w.shape[0] // G, per, *w.shape[2:])
+            new = torch.stack([wv[g][:, idx[g]] for g in range(G)]).reshape(w.shape[0], idx.shape[1], *w.shape[2:])
+            m.weight = nn.Parameter(new.contiguous(), requires_grad=m.weight.requires_grad)
+            m.in_channels = int(kept.sum())
+        ctx.place("reader", ids, 1, arg=0, groups=G, edit=edit_in)
+    return ctx.new_space(1, params=[(m, "weight", 0), *bias], attrs=[(m, "out_channels")], groups=G)
+
+
+def linear_rule(ctx: RuleContext):
+    m = ctx.module
+    ids = ctx.ids(ctx.x)
+    bias = [(m, "bias", 0)]  # always: a constant fold may add a bias later
+    return _linear(ctx, ids, [(m, "weight", 1)], [(m, "in_features")],
+                   [(m, "weight", 0), *bias], [(m, "out_features")])
+
+
+def _linear(ctx, ids, rparams, rattrs, pparams, pattrs):
+    if ids is not None:
+        v = varying(ids)
+        last = ids.ndim - 1
+        if v and last not in v:
+            return ids, None  # a Linear over an axis the channels do not vary on is channel-local
+        if v and v != [last]:
+            ctx.freeze(ids, f"{ctx.describe()} reads channels that also vary along other axes")
+        else:
+            ctx.place("reader", ids, -1, arg=0, params=rparams, attrs=rattrs, kind="linear",
+                      values=ctx.values(ctx.x))
+    return ctx.new_space(-1, params=pparams, attrs=pattrs)
+
+
+def bn_values(ctx: RuleContext, v: np.ndarray):
+    m = ctx.module
+    if m.running_mean is None or m.running_var is None:
+        return None
+    a = m.running_var.detach().double().add(m.eps).rsqrt()
+    b = -m.running_mean.detach().double() * a
+    if m.weight is not None:
+        a, b = a * m.weight.detach().double(), b * m.weight.detach().double()
+    if m.bias is not None:
+        b = b + m.bias.detach().double()
+    shape = [1, -1] + [1] * (v.ndim - 2)
+    if v.shape[1] != a.numel():
+        return None
+    return v * a.numpy().reshape(shape) + b.numpy().reshape(shape)
+
+
+def instancenorm_values(ctx: RuleContext, v: np.ndarray):
+    m = ctx.module
+    if getattr(m, "track_running_stats", False):
+        return bn_values(ctx, v)
+    b = m.bias.detach().double().numpy() if getattr(m, "bias", None) is not None else np.zeros(v.shape[1])
+    if len(b) != v.shape[1]:
+        return None
+    # a constant channel normalises to zero, then the affine bias
+    return np.where(np.isnan(v), np.nan, b.reshape([1, -1] + [1] * (v.ndim - 2)))
+
+
+_BN_PARAMS = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}
+
+
+def groupnorm_rule(ctx: RuleContext):
+    m = ctx.module
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    if m.num_groups != m.num_channels:
+        ctx.freeze(ids, f"{ctx.describe()} normalises {m.num_channels // m.num_groups} channels together")
+        return ids, None
+    ps = [(m, k, 0) for k in ("weight", "bias") if getattr(m, k, None) is not None]
+    ctx.place("local", ids, 1, params=ps, attrs=[(m, "num_channels"), (m, "num_groups")])
+    return ids, instancenorm_values(ctx, _vals(ctx, ctx.x, ids))
+
+
+def layernorm_rule(ctx: RuleContext):
+    m = ctx.module
+    return _layernorm(ctx, len(m.normalized_shape))
+
+
+def _layernorm(ctx: RuleContext, k: int):
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    if any(d >= ids.ndim - k for d in varying(ids)):
+        ctx.freeze(ids, f"{ctx.describe()} counts these channels in its statistics")
+    return ids, None
+
+
+def pool_rule(ctx: RuleContext):
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    m = ctx.module
+    name = type(m).__name__ if m is not None else getattr(ctx.node.target, "__name__", str(ctx.node.target))
+    nd = int(name[-2]) if name[-2:-1].isdigit() else ids.ndim - 2
+    if not _spatial_ok(ctx, ids, list(range(ids.ndim - nd, ids.ndim))):
+        return ids, None
+    v = ctx.values(ctx.x)
+    if v is None:
+        return ids, None
+    if "max" in name.lower() or "adaptive" in name.lower():
+        return ids, v
+    if "avg" in name.lower():
+        pad = getattr(m, "padding", ctx.arg(3, "padding", 0)) if m is not None else ctx.arg(3, "padding", 0)
+        ceil = getattr(m, "ceil_mode", False) if m is not None else ctx.arg(4, "ceil_mode", False)
+        if not ceil and all(p == 0 for p in (pad if isinstance(pad, (tuple, list)) else (pad,))):
+            return ids, v
+    return ids, np.where(v == 0, 0.0, np.nan)
+
+
+def spatial_keep_rule(ctx: RuleContext):
+    """Upsampling/interpolation: a constant channel stays constant."""
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    if not _spatial_ok(ctx, ids, list(range(2, ids.ndim))):
+        return ids, None
+    return ids, ctx.values(ctx.x)
+
+
+def softmax_module_rule(ctx: RuleContext):
+    return _softmax(ctx, ctx.module.dim)
+
+
+def _softmax(ctx: RuleContext, dim):
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    if dim is None or dim % ids.ndim in varying(ids):
+        ctx.freeze(ids, f"{ctx.describe()} normalises across these channels")
+    return ids, None
+
+
+def permute_module_rule(ctx: RuleContext):
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    dims = list(ctx.module.dims)
+    v = ctx.values(ctx.x)
+    return np.transpose(ids, dims), (np.transpose(v, dims) if v is not None else None)
+
+
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_rule(_cls, conv_rule)
+register_rule(nn.Linear, linear_rule)
+register_rule(nn.modules.batchnorm._BatchNorm,
+              channel_local(_BN_PARAMS, attrs=("num_features",), values=bn_values))
+register_rule(nn.modules.instancenorm._InstanceNorm,
+              channel_local(_BN_PARAMS, attrs=("num_features",), values=instancenorm_values))
+register_rule(nn.GroupNorm, groupnorm_rule)
+register_rule(nn.LayerNorm, layernorm_rule)
+for _cls in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
+             nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+             nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink):
+    register_rule(_cls, passthrough("apply"))
+for _cls in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+             nn.FeatureAlphaDropout):
+    register_rule(_cls, passthrough("keep"))
+
+
+def prelu_rule(ctx: RuleContext):
+    m = ctx.module
+    if m.num_parameters == 1:
+        return passthrough("apply")(ctx)
+    return channel_local({"weight": 0}, attrs=("num_parameters",), values="apply")(ctx)
+
+
+register_rule(nn.PReLU, prelu_rule)
+for _cls in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+             nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+             nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d):
+    register_rule(_cls, pool_rule)
+for _cls in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
+    register_rule(_cls, spatial_keep_rule)
+for _cls in (nn.Softmax, nn.LogSoftmax, nn.Softmin):
+    register_rule(_cls, softmax_module_rule)
+try:
+    from torchvision.ops.misc import Permute as _TvPermute
+    register_rule(_TvPermute, permute_module_rule)
+except Exception:  # torchvision is optional
+    pass
+
+
+def flatten_module_rule(ctx: RuleContext):
+    from .rules_tensor import reshape_rule
+    return reshape_rule(ctx)
+
+
+register_rule(nn.Flatten, flatten_module_rule)
+
+
+
+from . import rules_tensor  # noqa: E402,F401  (registers the function and method rules)

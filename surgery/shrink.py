@@ -1,0 +1,191 @@
+"""Shrink: remove every channel its masks zero, exactly, and verify it.
+
+A channel (of a channel group) is removed only where that is exact: every reader of it sees
+zero there, or a constant it can fold into its bias (a Linear, an unpadded Conv). The masks
+themselves leave the graph: kept factors of 1 vanish, other kept factors fold into the layer
+before the mask where that is exact (BatchNorm, Conv, Linear, through ReLU for positive
+factors) and stay as a per-channel ``torch.mul`` by a buffer otherwise. The result is run
+against the masked model on the example inputs; a difference raises ShrinkMismatch.
+
+Example::
+
+    >>> import torch, surgery
+    >>> from passes import ChannelPrune, Shrink
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+    >>> x = torch.randn(1, 3, 16, 16)
+    >>> small = surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink()], example_inputs=(x,))
+    >>> small.get_submodule("0").out_channels
+    8
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import ShapeProp, as_inputs, surgery_meta
+from .channels import analyze
+from .errors import ShrinkMismatch, SurgeryError
+from .graph import finish
+from .pipeline import UnitMask
+from .shrink_edits import Editor
+from .shrink_plan import Decider
+from .verify import max_rel_diff
+
+__all__ = ["shrink", "ShrinkReport", "GroupShrink", "shrink_report"]
+
+
+@dataclass
+class GroupShrink:
+    """One group's line in the report."""
+
+    id: int
+    producers: list[str]
+    before: int
+    after: int
+    kept: dict[int, str] = field(default_factory=dict)  # channel -> why it stayed despite its mask
+    frozen: str | None = None
+
+
+@dataclass
+class ShrinkReport:
+    """What Shrink did: per group, channels before/after and every masked channel it kept, with why."""
+
+    groups: list[GroupShrink]
+    params_before: int
+    params_after: int
+    max_rel_error: float
+    masks_scaled: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"Shrink: params {self.params_before:,} -> {self.params_after:,} "
+                 f"({self.params_after / max(self.params_before, 1):.1%}), max rel. error {self.max_rel_error:.2e}"]
+        changed = [g for g in self.groups if g.after != g.before or g.kept]
+        lines.append(f"{'group':>5}  {'before':>6}  {'after':>6}  producers")
+        for g in changed:
+            lines.append(f"{g.id:>5}  {g.before:>6}  {g.after:>6}  {', '.join(g.producers[:3])}"
+                         + (" ..." if len(g.producers) > 3 else ""))
+            reasons: dict[str, list[int]] = {}
+            for c, r in g.kept.items():
+                reasons.setdefault(r, []).append(c)
+            for r, cs in reasons.items():
+                shown = ", ".join(map(str, cs[:8])) + (" ..." if len(cs) > 8 else "")
+                lines.append(f"{'':>7}kept {len(cs)} masked channel(s) [{shown}]: {r}")
+        if self.masks_scaled:
+            lines.append(f"kept as per-channel scales: {', '.join(self.masks_scaled)}")
+        lines.append(f"{len(self.groups) - len(changed)} other group(s) unchanged")
+        return "\n".join(lines)
+
+
+def shrink_report(gm: nn.Module) -> ShrinkReport | None:
+    """The ShrinkReport attached to a shrunk GraphModule (None when it was not shrunk)."""
+    return getattr(gm, "meta", {}).get("surgery", {}).get("shrink_report")
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for n, p in m.named_parameters() if not _is_mask_param(m, n))
+
+
+def _is_mask_param(m: nn.Module, name: str) -> bool:
+    prefix = name.rpartition(".")[0]
+    try:
+        return isinstance(m.get_submodule(prefix), UnitMask) if prefix else False
+    except AttributeError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------- driver
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.out: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n):
+        r = super().run_node(n)
+        if isinstance(r, torch.Tensor):
+            self.out[n.name] = r.detach()
+        return r
+
+
+@torch.no_grad()
+def _first_difference(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple, tol: float) -> str | None:
+    ra, rb = _Recorder(a), _Recorder(b)
+    for m in (a, b):
+        m.eval()
+    ra.run(*inputs)
+    rb.run(*inputs)
+    for n in b.graph.nodes:
+        x, y = ra.out.get(n.name), rb.out.get(n.name)
+        if x is not None and y is not None and x.shape == y.shape and x.is_floating_point():
+            if max_rel_diff(x, y) > tol:
+                return n.name
+    return None
+
+
+def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4) -> fx.GraphModule:
+    """A physically smaller copy of `gm` that computes what `gm` (with its masks) computes.
+
+    `gm` is never mutated. Raises :class:`ShrinkMismatch` if the shrunk model's outputs differ
+    from the masked model's on `example_inputs` by more than `tol` (relative to the output's
+    largest magnitude).
+    """
+    inputs = as_inputs(example_inputs)
+    if inputs is None:
+        raise SurgeryError("Shrink needs example_inputs: pass them to compress(..., example_inputs=(x,))")
+    if not isinstance(gm, fx.GraphModule):
+        raise SurgeryError(f"Shrink needs a captured GraphModule, got {type(gm).__name__}")
+    # copy the modules and the graph, share the tensors: every edit below makes new tensors,
+    # and whatever is still shared at the end is cloned (cheaper than deep-copying them all)
+    shared = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    work = copy.deepcopy(gm, memo=dict(shared))
+    ref = ShapeProp(work).propagate(*inputs)  # fresh shapes, and the masked model's output
+    params_before = _n_params(gm)
+    cg = analyze(work)
+    decider = Decider(cg)
+    removed = decider.run()
+    editor = Editor(cg, removed, decider)
+    with torch.no_grad():
+        editor.run()
+    work.graph.eliminate_dead_code()
+    finish(work)
+    _unshare(work, shared)
+    try:
+        out = ShapeProp(work).propagate(*inputs)
+        err = max_rel_diff(ref, out)
+    except Exception as e:
+        raise ShrinkMismatch(float("inf"), None, f"the shrunk model fails to run: {type(e).__name__}: {e}") from e
+    if not err <= tol:
+        first = _first_difference(gm, work, inputs, tol)
+        raise ShrinkMismatch(err, first, "please report this model; Shrink must be exact")
+    report = _report(cg, decider, removed, params_before, _n_params(work), err, editor.scaled)
+    surgery_meta(work)["shrink_report"] = report
+    return work
+
+
+def _unshare(work: nn.Module, shared: dict[int, torch.Tensor]) -> None:
+    """Clone the tensors the shrunk model still shares with the masked one."""
+    for m in work.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and id(p) in shared:
+                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None and id(b) in shared:
+                m._buffers[name] = b.clone()
+
+
+def _report(cg, decider, removed, before, after, err, scaled) -> ShrinkReport:
+    rows = []
+    for g in cg.groups:
+        rows.append(GroupShrink(g.id, [p.node.name for p in g.producers], g.size, g.size, {}, g.frozen))
+    chan_group = cg.chan_group
+    for c in np.nonzero(removed)[0]:
+        rows[chan_group[c]].after -= 1
+    for c, r in decider.reason.items():
+        if decider.candidate[c]:
+            rows[chan_group[c]].kept[int(cg.local_index[c])] = r
+    return ShrinkReport(rows, before, after, err, scaled)

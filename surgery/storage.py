@@ -1,0 +1,271 @@
+"""Storage sizes as in Deep Compression: dense, sparse (relative indices), shared (cluster
+indices + codebook) and Huffman-coded, per tensor and in total; plus the bit-level encodings
+the compact archive (surgery/archive.py) writes.
+
+Relative indices: each non-zero stores the gap to the previous one in `b` bits; code 2^b - 1 is
+an escape that skips 2^b - 1 positions and carries no value (Han et al. insert a zero-valued
+filler instead; the escape costs only the index bits). `b` is chosen per tensor.
+Zero means an all-zero bit pattern, so -0.0 is kept as a value and round trips bit-exactly.
+
+Example::
+
+    >>> import torch, surgery
+    >>> net = torch.nn.Linear(64, 64)
+    >>> report = surgery.compressed_size(net)
+    >>> report.total("dense")
+    16640
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .weights import WeightParametrization, finalize
+
+__all__ = ["compressed_size", "SizeReport", "TensorSize", "huffman_lengths", "pack_bits", "unpack_bits",
+           "relative_codes", "positions_from_codes", "bit_view", "STAGES"]
+
+STAGES = ("dense", "sparse", "shared", "huffman")
+_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+             torch.float64: torch.int64}
+_MAX_SHARED = 1 << 16
+_CHUNK = 1 << 22  # values per packing chunk (a multiple of 8, so chunks stay byte aligned)
+
+
+def bit_view(t: Tensor) -> Tensor | None:
+    """The tensor's bit patterns as a same-width integer tensor (flat), or None for dtypes
+    that are not floating point."""
+    iv = _INT_VIEW.get(t.dtype)
+    return None if iv is None else t.detach().contiguous().reshape(-1).view(iv)
+
+
+# ---------------------------------------------------------------- bit packing
+def pack_bits(values: Tensor, bits: int) -> bytes:
+    """Pack non-negative integers (< 2^bits) into a little-endian bit stream, `bits` each."""
+    out = []
+    arr = values.reshape(-1).to(torch.int64).numpy()
+    shifts = np.arange(bits, dtype=np.int64)
+    for i in range(0, len(arr), _CHUNK):
+        chunk = arr[i:i + _CHUNK]
+        bitmat = ((chunk[:, None] >> shifts) & 1).astype(np.uint8)
+        out.append(np.packbits(bitmat.reshape(-1), bitorder="little").tobytes())
+    return b"".join(out)
+
+
+def unpack_bits(buf: bytes, count: int, bits: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: `count` integers of `bits` bits each."""
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    weights = (1 << np.arange(bits, dtype=np.int64))
+    parts = []
+    per_chunk = _CHUNK * bits // 8
+    for i in range(0, count, _CHUNK):
+        n = min(_CHUNK, count - i)
+        start = (i // _CHUNK) * per_chunk
+        bitvec = np.unpackbits(raw[start:start + (n * bits + 7) // 8], bitorder="little")[:n * bits]
+        parts.append(bitvec.reshape(n, bits).astype(np.int64) @ weights)
+    return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
+
+
+# ---------------------------------------------------------------- relative indices
+def _gaps(positions: Tensor) -> Tensor:
+    """Gaps between sorted flat positions, the first counted from -1 (so every gap >= 1)."""
+    return torch.diff(positions.to(torch.int64), prepend=torch.tensor([-1]))
+
+
+def relative_codes(positions: Tensor, bits: int) -> Tensor:
+    """The relative-index code stream for sorted flat `positions` with `bits`-bit codes:
+    codes 0..M-1 (M = 2^bits - 1) mean "gap 1..M, then a value"; code M skips M positions."""
+    m = (1 << bits) - 1
+    d = _gaps(positions) - 1
+    esc = d // m
+    counts = esc + 1
+    stream = torch.full((int(counts.sum()),), m, dtype=torch.int64)
+    stream[torch.cumsum(counts, 0) - 1] = d - esc * m
+    return stream
+
+
+def positions_from_codes(codes: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`relative_codes`: the flat positions of the values."""
+    m = (1 << bits) - 1
+    real = codes != m
+    step = torch.where(real, codes + 1, torch.full_like(codes, m))
+    return (torch.cumsum(step, 0) - 1)[real]
+
+
+def _code_counts(gaps: Tensor, bits: int) -> tuple[int, Tensor]:
+    """(stream length, symbol histogram) of the code stream, without building it."""
+    m = (1 << bits) - 1
+    d = gaps - 1
+    esc = int((d // m).sum())
+    hist = torch.bincount(d % m, minlength=m + 1)
+    hist[m] += esc
+    return len(gaps) + esc, hist
+
+
+def best_index_bits(gaps: Tensor, max_bits: int = 16) -> int:
+    """The code width that makes the relative-index stream shortest."""
+    best, best_b = None, 1
+    for b in range(1, max_bits + 1):
+        m = (1 << b) - 1
+        total = b * (len(gaps) + int(((gaps - 1) // m).sum()))
+        if best is None or total < best:
+            best, best_b = total, b
+    return best_b
+
+
+# ---------------------------------------------------------------- Huffman
+def huffman_lengths(counts: Iterable[int]) -> list[int]:
+    """Huffman code lengths (bits) for symbols with the given counts (0 for unused symbols;
+    a lone used symbol gets 1 bit)."""
+    counts = [int(c) for c in counts]
+    heap = [(c, i) for i, c in enumerate(counts) if c > 0]
+    lengths = [0] * len(counts)
+    if len(heap) == 1:
+        lengths[heap[0][1]] = 1
+    if len(heap) <= 1:
+        return lengths
+    heapq.heapify(heap)
+    parent = list(range(len(counts)))  # leaves first, then internal nodes
+    while len(heap) > 1:
+        c1, a = heapq.heappop(heap)
+        c2, b = heapq.heappop(heap)
+        node = len(parent)
+        parent.append(node)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (c1 + c2, node))
+    depth = [0] * len(parent)
+    for node in range(len(parent) - 2, len(counts) - 1, -1):  # parents come after children
+        depth[node] = depth[parent[node]] + 1
+    for i, c in enumerate(counts):
+        if c > 0:
+            lengths[i] = depth[parent[i]] + 1
+    return lengths
+
+
+def _huffman_bits(hist: Tensor) -> int:
+    """Payload bits plus a table of one byte (the code length) per symbol."""
+    lengths = huffman_lengths(hist.tolist())
+    return sum(int(c) * l for c, l in zip(hist.tolist(), lengths)) + 8 * len(lengths)
+
+
+# ---------------------------------------------------------------- sizes
+@dataclass
+class TensorSize:
+    """Bytes of one tensor at each stage (each stage keeps the smaller of its own encoding and
+    the previous stage, as an encoder would)."""
+
+    name: str
+    shape: tuple
+    numel: int
+    nonzero: int
+    distinct: int | None  # distinct non-zero values (None: too many to share)
+    index_bits: int | None
+    dense: int
+    sparse: int
+    shared: int
+    huffman: int
+
+    def bytes(self, stage: str) -> int:
+        return getattr(self, stage)
+
+
+def _analyse(name: str, t: Tensor) -> TensorSize:
+    t = t.detach().cpu()
+    dense = t.numel() * t.element_size()
+    bits = bit_view(t)
+    if bits is None or t.numel() == 0:
+        return TensorSize(name, tuple(t.shape), t.numel(), t.numel(), None, None, dense, dense, dense, dense)
+    item = t.element_size()
+    nzmask = bits != 0
+    vals = bits[nzmask]
+    nnz = len(vals)
+    sparse = shared = huffman = dense
+    b = None
+    pos_bits = pos_huff = 0
+    if nnz < t.numel():
+        gaps = _gaps(torch.nonzero(nzmask).reshape(-1))
+        b = best_index_bits(gaps)
+        entries, _ = _code_counts(gaps, b)
+        pos_bits = entries * b
+        pos_huff = min(_huffman_bits(_code_counts(gaps, hb)[1]) for hb in range(2, 13))
+        sparse = min(dense, math.ceil(pos_bits / 8) + nnz * item)
+    distinct = _distinct(vals)
+    if distinct is not None:
+        _, counts = torch.unique(vals, return_counts=True)
+        cbits = max(1, math.ceil(math.log2(max(distinct, 1))))
+        book = distinct * item
+        candidates = [math.ceil((pos_bits + nnz * cbits) / 8) + book]
+        if nnz < t.numel():  # zero as one more codebook entry, no positions
+            candidates.append(math.ceil(t.numel() * max(1, math.ceil(math.log2(distinct + 1))) / 8) + book)
+        shared = min(sparse, *candidates)
+        huff = math.ceil((pos_huff + _huffman_bits(counts)) / 8) + book
+        huffman = min(shared, huff)
+    else:
+        shared = huffman = sparse
+    return TensorSize(name, tuple(t.shape), t.numel(), nnz, distinct, b, dense, sparse, shared, huffman)
+
+
+def _distinct(vals: Tensor) -> int | None:
+    """Number of distinct values, or None when there are more than 2^16 (checked on a sample
+    first, so a dense float tensor costs no full sort)."""
+    if len(vals) > 200_000:
+        sample = vals[torch.randint(len(vals), (100_000,), generator=torch.Generator().manual_seed(0))]
+        if len(torch.unique(sample)) > _MAX_SHARED:
+            return None
+    n = len(torch.unique(vals))
+    return n if n <= _MAX_SHARED else None
+
+
+@dataclass
+class SizeReport:
+    """Per-tensor and total storage in bytes; ``ratio(stage)`` is dense / stage."""
+
+    tensors: list[TensorSize] = field(default_factory=list)
+
+    def total(self, stage: str = "huffman") -> int:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        return sum(t.bytes(stage) for t in self.tensors)
+
+    def ratio(self, stage: str = "huffman") -> float:
+        return self.total("dense") / max(self.total(stage), 1)
+
+    def to_markdown(self, top: int | None = None) -> str:
+        rows = ["| tensor | shape | nonzero | distinct | idx bits | dense | sparse | shared | huffman |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        shown = sorted(self.tensors, key=lambda t: -t.dense)[:top] if top else self.tensors
+        for t in shown:
+            rows.append(f"| {t.name} | {'x'.join(map(str, t.shape))} | {t.nonzero / max(t.numel, 1):.1%} | "
+                        f"{t.distinct if t.distinct is not None else '-'} | {t.index_bits or '-'} | "
+                        + " | ".join(_human(t.bytes(s)) for s in STAGES) + " |")
+        rows.append("| **total** | | | | | " + " | ".join(f"**{_human(self.total(s))}**" for s in STAGES) + " |")
+        rows.append("| **ratio to dense** | | | | | " + " | ".join(f"{self.ratio(s):.1f}x" for s in STAGES) + " |")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def compressed_size(model: nn.Module | Mapping[str, Tensor]) -> SizeReport:
+    """Bytes of every tensor of `model`'s state_dict (or of a dict of tensors) as dense, sparse
+    (relative-index CSR), shared (indices + codebook: tensors with at most 2^16 distinct
+    non-zero values) and Huffman-coded (positions and cluster indices Huffman-coded, with
+    their code-length tables), per tensor and in total. Active pruning masks and codebooks are
+    measured as baked (on a finalized copy)."""
+    if isinstance(model, nn.Module) and any(isinstance(m, WeightParametrization) for m in model.modules()):
+        model = finalize(model)  # measure the weights the model computes with, not mask + original
+    sd = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    return SizeReport([_analyse(n, t) for n, t in sd.items() if isinstance(t, Tensor)])

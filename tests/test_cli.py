@@ -1,0 +1,203 @@
+"""The `surgery` command, run for real in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import surgery
+
+ROOT = Path(__file__).resolve().parents[1]
+CONSOLE_SCRIPT = Path(sys.executable).with_name("surgery")
+
+
+def run(*args: str, cwd: Path | None = None, script: bool = False) -> subprocess.CompletedProcess:
+    """Run `surgery ARGS` (this checkout's code) and capture its output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [str(CONSOLE_SCRIPT)] if script else [sys.executable, "-m", "surgery.cli"]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2), 1))
+
+
+N_PARAMS = 80 + 16 + 1290
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("surgery: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    for f in fragments:
+        assert f in lines[0]
+
+
+def test_console_script_inspects_a_state_dict(tmp_path):
+    if not CONSOLE_SCRIPT.exists():
+        pytest.skip(f"no console script at {CONSOLE_SCRIPT} (package not installed in this environment)")
+    torch.save(Net().state_dict(), tmp_path / "sd.pt")
+    proc = run("inspect", tmp_path / "sd.pt", "--json", script=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["kind"] == "state_dict" and doc["totals"]["params"] == N_PARAMS
+    assert doc["totals"]["buffers"] == 8 + 8 + 1
+
+
+def test_inspect_torchscript_json_totals_equal_parameter_count(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(Net()), str(tmp_path / "ts.pt"))
+    proc = run("inspect", tmp_path / "ts.pt", "--json", "--input-shape", "1,1,8,8")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["kind"] == "torchscript"
+    assert doc["totals"]["params"] == N_PARAMS == sum(r["params"] for r in doc["rows"])
+    assert doc["totals"]["macs"] == 8 * 64 * 9 + 10 * 128
+    assert [r["name"] for r in doc["rows"]] == ["conv", "bn", "fc"]
+
+
+def test_inspect_trusted_graphmodule_table_shows_masks(tmp_path):
+    from passes import Identity
+    gm = surgery.compress(Net(), passes=[Identity(select=nn.Conv2d)], example_inputs=(torch.randn(1, 1, 8, 8),))
+    torch.save(gm, tmp_path / "gm.pt")
+    refused = run("inspect", tmp_path / "gm.pt")
+    assert_one_line_error(refused, "--trust", "refusing to unpickle")
+    proc = run("inspect", tmp_path / "gm.pt", "--trust", "--input-shape", "1,1,8,8", "--groups")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "(graphmodule)" in out and "OnesMask" in out and "8/8" in out and f"{N_PARAMS:,}" in out
+    assert "channel groups" in out
+
+
+def test_inspect_compact_archive(tmp_path):
+    net = Net()
+    with torch.no_grad():
+        net.fc.weight[:, ::2] = 0
+    surgery.save(net, tmp_path / "net.surg", compact=True)
+    proc = run("inspect", tmp_path / "net.surg", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["kind"] == "compact" and doc["totals"]["params"] == N_PARAMS
+    assert next(r for r in doc["rows"] if r["name"] == "fc")["zeros"] == 640
+
+
+class Boom:
+    """Unpickling this creates a file: proof of whether a loader ran the pickle's code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_untrusted_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": Boom(marker)}, tmp_path / "evil.pt")
+    proc = run("inspect", tmp_path / "evil.pt")
+    assert_one_line_error(proc, "refusing to unpickle", "--trust", "evil.pt")
+    assert not marker.exists()
+    # the same file with --trust really runs its code: the test above proves something
+    trusted = run("inspect", tmp_path / "evil.pt", "--trust")
+    assert trusted.returncode == 2 and marker.exists()
+
+
+def test_missing_empty_and_truncated_files_exit_2_with_one_line(tmp_path):
+    torch.save(Net().state_dict(), tmp_path / "sd.pt")
+    data = (tmp_path / "sd.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, fragment in [("missing.pt", "no such file"), ("empty.pt", "empty file"),
+                           ("truncated.pt", "truncated or corrupt")]:
+        assert_one_line_error(run("inspect", tmp_path / name), name, fragment)
+
+
+def test_usage_errors(tmp_path):
+    (tmp_path / "r.toml").write_text('[[passes]]\npass = "Nope"\n')
+    proc = run("compress", "torch.nn:Linear(in_features=4, out_features=2)", "--recipe", tmp_path / "r.toml",
+               "--input-shape", "1,4", "-o", tmp_path / "out.pt")
+    assert_one_line_error(proc, "unknown pass 'Nope'", "valid passes:", "Identity")
+    proc = run("compress", "torch.nn:Nope", "--recipe", tmp_path / "r.toml", "--input-shape", "1,4",
+               "-o", tmp_path / "out.pt")
+    assert_one_line_error(proc, "torch.nn has no callable 'Nope'")
+
+
+needs_shrink = pytest.mark.skipif(not hasattr(surgery, "export"), reason="surgery.export / passes.Shrink not in this build")
+
+
+@needs_shrink
+@pytest.mark.slow
+def test_compress_resnet18_with_weights_is_smaller_and_exact(tmp_path):
+    import torchvision
+    model = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():  # non-default weights, so that loading --weights matters
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    torch.save(model.state_dict(), tmp_path / "r18.pt")
+    out = tmp_path / "small.pt"
+    proc = run("compress", "torchvision.models:resnet18", "--weights", tmp_path / "r18.pt",
+               "--recipe", ROOT / "examples" / "resnet18_prune_half.toml", "--input-shape", "1,3,32,32",
+               "-o", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["before"]["totals"]["params"] == sum(p.numel() for p in model.parameters())
+    assert doc["after"]["totals"]["params"] < 0.5 * doc["before"]["totals"]["params"]
+    assert doc["after"]["totals"]["macs"] < doc["before"]["totals"]["macs"]
+    assert doc["check"]["ok"] and doc["check"]["max_rel_diff"] < 1e-4
+    # the exported file is plain TorchScript, and inspect reads it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = torch.jit.load(str(out))
+    assert sum(p.numel() for p in ts.parameters()) == doc["after"]["totals"]["params"]
+    proc = run("inspect", out, "--json")
+    assert json.loads(proc.stdout)["totals"]["params"] == doc["after"]["totals"]["params"]
+
+
+@needs_shrink
+def test_compress_a_trusted_masked_graphmodule_file(tmp_path):
+    from passes import ChannelPrune
+    gm = surgery.compress(Net(), [ChannelPrune(ratio=0.5)], example_inputs=(torch.randn(1, 1, 8, 8),))
+    torch.save(gm, tmp_path / "masked.pt")
+    args = ["compress", tmp_path / "masked.pt", "--recipe", ROOT / "examples" / "shrink.toml",
+            "--input-shape", "1,1,8,8", "-o", tmp_path / "small.pt"]
+    assert_one_line_error(run(*args), "--trust")
+    proc = run(*args, "--trust")
+    assert proc.returncode == 0, proc.stderr
+    assert "(after, torchscript)" in proc.stdout and "max rel diff" in proc.stdout
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = torch.jit.load(str(tmp_path / "small.pt"))
+    # conv keeps 4 of 8 channels: conv 1*4*9+4, bn 2*4, fc 10*4*16+10
+    assert sum(p.numel() for p in ts.parameters()) == 40 + 8 + 650
+
+
+@needs_shrink
+def test_demo_end_to_end_short(tmp_path):
+    proc = run("demo", "--epochs", "3", "-o", tmp_path / "digits.pt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for fragment in ("CNN (before)", "DAM-masked", "shrunk, TorchScript", "after / before", "CPU latency",
+                     "$ surgery inspect", "(torchscript)"):
+        assert fragment in out
+    assert "train CNN" in proc.stderr and "epoch" in proc.stderr  # tqdm progress bars
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = torch.jit.load(str(tmp_path / "digits.pt"))
+    assert sum(p.numel() for p in ts.parameters()) < 19_338   # DAM closed channels; Shrink removed them
+    assert ts(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
