@@ -2,3 +2,5 @@
 from .identity import Identity, OnesMask
 
 __all__ = ["Identity", "OnesMask"]
+from .activations import CompressActivations, CompressedRegion, strip_compression  # noqa: E402
+__all__ += ["CompressActivations", "CompressedRegion", "strip_compression"]

@@ -15,3 +15,5 @@ __all__ = [
     "select_modules", "select_nodes",
     "SurgeryError", "TraceFailure", "SelectionError", "ShrinkMismatch", "UnsafeFile", "ExportFailure",
 ]
+from .memory import activation_memory  # noqa: E402
+__all__ += ["activation_memory"]
