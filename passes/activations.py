@@ -70,7 +70,10 @@ __all__ = ["CompressActivations", "CompressedRegion", "strip_compression", "METH
 def _in_checkpoint() -> bool:
     """True inside the forward of a non-reentrant torch.utils.checkpoint (its pack hook is the
     innermost one)."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    try:  # a private API: if a future torch drops it, the guard turns off rather than break
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    except (AttributeError, RuntimeError):
+        return False
     if hooks is None:
         return False
     pack = hooks[0]
@@ -207,10 +210,16 @@ class CompressActivations:
         codec = self.codec()
         groups = self.regions(gm)
         if not groups:
-            raise SurgeryError(f"CompressActivations: select={describe(self.select)} "
-                               f"(exclude={describe(self.exclude)}) matched no op in the graph of "
-                               f"{type(gm).__name__}; module names look like "
-                               f"{', '.join(n for n, _ in list(gm.named_modules())[1:6])}")
+            exclude = describe(self.exclude) if self.exclude is not None else "nothing"
+            msg = (f"CompressActivations: select={describe(self.select)} (exclude={exclude}) matched no op in "
+                   f"the graph of {type(gm).__name__}")
+            inside = [n for n, m in gm.named_modules() if isinstance(m, CompressedRegion)]
+            if inside:
+                msg += (f"; ops already inside a CompressedRegion ({', '.join(inside[:4])}) are not selected "
+                        "again: to nest, compress the inner region first (the innermost hooks win)")
+            else:
+                msg += f"; module names look like {', '.join(n for n, _ in list(gm.named_modules())[1:6])}"
+            raise SurgeryError(msg)
         for key, nodes in groups.items():
             name = "compressed_" + (key or "model")
             try:
@@ -226,8 +235,10 @@ def strip_compression(gm: fx.GraphModule) -> fx.GraphModule:
     torch.compile or scripting, none of which run Python saved-tensor hooks)."""
     import copy
     out = copy.deepcopy(gm)
-    for name, m in list(out.named_modules()):
-        if isinstance(m, CompressedRegion):
-            parent, _, leaf = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, leaf, m.inner)
+    while True:  # outermost first; names below a replaced region change, so look again
+        name = next((n for n, m in out.named_modules() if isinstance(m, CompressedRegion)), None)
+        if name is None:
+            break
+        parent, _, leaf = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, leaf, out.get_submodule(name).inner)
     return finish(out) if isinstance(out, fx.GraphModule) else out

@@ -209,6 +209,10 @@ def test_nested_regions_keep_the_innermost_codec(cnn):
     assert isinstance(outer.inner.compressed_conv2, CompressedRegion)
     assert outer.inner.compressed_conv2.codec.name == "int8" and outer.codec.name == "dct"
     _grads(both, x)  # runs: the inner region's hooks win inside it
+    plain = strip_compression(both)
+    assert not any(isinstance(m, CompressedRegion) for m in plain.modules())
+    with pytest.raises(SurgeryError, match="compress the inner region first"):
+        surgery.compress(both, [CompressActivations("int4", select="conv3")], x)
 
 
 class _CheckpointInside(nn.Module):
