@@ -34,6 +34,11 @@ Composition rules (PyTorch keeps only the innermost pair of saved-tensor hooks):
 - Under ``torch.autograd.graph.disable_saved_tensors_hooks`` (torch.compile, functorch), the
   region raises a SurgeryError naming itself.
 - With ``torch.no_grad()``/``inference_mode`` nothing is saved, so regions cost nothing.
+- Autograd does not check the version of hook-packed tensors. Lossy codecs copy at save time and
+  so keep the value backward needs; tensors kept as they are (``none``, pass-through) are
+  version-checked by the region, which raises a SurgeryError like autograd's in-place error.
+- ``torch.autograd.graph.save_on_cpu`` (or any hooks) around the model applies outside the
+  regions only. ``torch.compile``/TorchScript do not run Python hooks: ``strip_compression`` first.
 
 Example::
 
@@ -62,7 +67,7 @@ from surgery.memory import saved_tensors_hooks
 from surgery.pipeline import Context
 from surgery.select import Selector, describe, matches
 
-from .codecs import METHODS, make_codec
+from .codecs import METHODS, NoCodec, make_codec
 
 __all__ = ["CompressActivations", "CompressedRegion", "strip_compression", "METHODS"]
 
@@ -79,6 +84,15 @@ def _in_checkpoint() -> bool:
     pack = hooks[0]
     return getattr(pack, "__module__", "") == "torch.utils.checkpoint" and \
         "_checkpoint_hook" in getattr(pack, "__qualname__", "")
+
+
+@dataclass
+class _Kept:
+    """A tensor kept as it is (pass-through, or the `none` method), with the version it had when
+    saved: autograd checks that version for its own saved tensors but not for hook-packed ones."""
+
+    tensor: Tensor
+    version: int
 
 
 class CompressedRegion(nn.Module):
@@ -121,10 +135,13 @@ class CompressedRegion(nn.Module):
         # weakref guards against a freed tensor's id being reused, the version against in-place edits
         cache: dict[int, tuple[Any, int, Any]] = {}
 
+        keep_as_is = isinstance(codec, NoCodec)
+        where = type(self).__name__ + f"({codec.name})"
+
         def pack(t: Tensor) -> Any:
-            if not (t.is_floating_point() and t.requires_grad) or t.is_leaf or t.numel() == 0 \
+            if keep_as_is or not (t.is_floating_point() and t.requires_grad) or t.is_leaf or t.numel() == 0 \
                     or t.untyped_storage().data_ptr() in fixed:
-                return t
+                return _Kept(t, t._version)
             hit = cache.get(id(t))
             if hit is not None and hit[0]() is t and hit[1] == t._version:
                 return hit[2]
@@ -134,7 +151,14 @@ class CompressedRegion(nn.Module):
             return packed
 
         def unpack(p: Any) -> Tensor:
-            return p if isinstance(p, Tensor) else codec.unpack(p)
+            if isinstance(p, _Kept):
+                if p.tensor._version != p.version:
+                    raise SurgeryError(
+                        f"{where}: a tensor of shape {tuple(p.tensor.shape)} saved for backward was modified "
+                        f"in place afterwards (version {p.tensor._version}, saved at {p.version}); autograd "
+                        "would raise here too: avoid the in-place op or clone before it")
+                return p.tensor
+            return codec.unpack(p)
 
         return pack, unpack
 

@@ -157,9 +157,30 @@ def test_passthrough_of_parameters_integers_and_constants():
     view_of_weight = lin.weight.t()
     act = (torch.randn(5, 4, requires_grad=True) * 2)
     for t in (lin.weight, idx, const, view_of_weight):
-        assert pack(t) is t and unpack(pack(t)) is t
+        assert pack(t).tensor is t and unpack(pack(t)) is t
     packed = pack(act)
     assert not isinstance(packed, torch.Tensor) and unpack(packed).shape == act.shape
+
+
+class _InPlaceAfterSave(nn.Module):
+    def forward(self, a):
+        y = a.exp()  # exp saves its result
+        return y.add_(1)
+
+
+def test_inplace_change_of_a_kept_tensor_is_caught_like_autograd_does():
+    a = torch.randn(3, requires_grad=True)
+    with pytest.raises(SurgeryError, match="modified in place"):
+        CompressedRegion(_InPlaceAfterSave(), make_codec("none"))(a * 1).sum().backward()
+    # a lossy codec packs at save time, so it keeps the value autograd needs
+    CompressedRegion(_InPlaceAfterSave(), make_codec("int8"))(a * 1).sum().backward()
+
+
+def test_disabled_hooks_are_reported_with_the_region():
+    region = CompressedRegion(nn.Linear(3, 3), make_codec("int8"))
+    with torch.autograd.graph.disable_saved_tensors_hooks("hooks are off"):
+        with pytest.raises(SurgeryError, match=r"CompressedRegion\(int8\).*hooks are off"):
+            region(torch.randn(2, 3, requires_grad=True))
 
 
 def test_activation_memory_leaves_model_state_alone(cnn):
