@@ -1,13 +1,18 @@
 """Graph passes, one method each. Each pass is a dataclass with ``apply(gm, ctx) -> gm``."""
-from .identity import Identity, OnesMask
+from .activations import CompressActivations, CompressedRegion, strip_compression
 from .channel_prune import ChannelPrune, HardMask
-from .shrink import Shrink
 from .dam import DAM, DAMMask
 from .gumbel import GumbelGate, GumbelMask
-from .sparsifier import Sparsifier, SparsifierModule
-
-__all__ = ["Identity", "OnesMask", "ChannelPrune", "HardMask", "Shrink"]
-__all__ += ["DAM", "DAMMask", "GumbelMask", "GumbelGate", "Sparsifier", "SparsifierModule"]
+from .identity import Identity, OnesMask
 from .magnitude import AGP, MagnitudePrune, WeightMask
+from .shrink import Shrink
+from .sparsifier import Sparsifier, SparsifierModule
 from .weight_share import SharedWeight, WeightShare
-__all__ += ["AGP", "MagnitudePrune", "WeightMask", "SharedWeight", "WeightShare"]
+
+__all__ = [
+    "Identity", "OnesMask",
+    "ChannelPrune", "HardMask", "Shrink",
+    "DAM", "DAMMask", "GumbelMask", "GumbelGate", "Sparsifier", "SparsifierModule",
+    "CompressActivations", "CompressedRegion", "strip_compression",
+    "AGP", "MagnitudePrune", "WeightMask", "WeightShare", "SharedWeight",
+]

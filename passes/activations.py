@@ -1,0 +1,268 @@
+"""CompressActivations: cut training memory by compressing what autograd saves for backward.
+
+The pass moves each selected region of a captured model into a child module,
+:class:`CompressedRegion`, whose forward runs under ``torch.autograd.graph.saved_tensors_hooks``:
+every floating-point activation saved for backward inside the region is packed by a codec
+(:mod:`passes.codecs`) and unpacked when backward needs it. The forward pass is unchanged; only
+the gradients see the compressed activations.
+
+Which tensors are packed: floating-point tensors that require grad and are not parameters,
+buffers or views of them. Integer tensors, tensors without ``requires_grad`` (the input batch,
+BatchNorm's saved statistics) and parameters pass through untouched. A tensor saved twice in
+one forward (a ReLU output that ReLU and the next conv both save) is packed once.
+
+Regions (``select``/``exclude`` take the usual selector forms):
+
+- ``select=None``: the whole model is one region;
+- a selector matching a container (``"layer1"``, ``"BasicBlock"``): each outermost matched
+  module's whole subtree, including its functional ops (residual adds), is one region;
+- a selector matching leaf ops (``nn.Conv2d``): each matched op is its own region.
+
+Composition rules (PyTorch keeps only the innermost pair of saved-tensor hooks):
+
+- Nested compression: a region inside another region keeps its own codec; the outer codec
+  applies only to what is saved outside the inner region. Applying the pass twice over
+  overlapping selections is therefore allowed and means "the innermost method wins".
+- ``torch.utils.checkpoint`` inside a region: checkpoint's own hooks are innermost, so the
+  checkpointed ops save nothing and are recomputed as usual; the codec sees only what is saved
+  outside the checkpointed function (for the reentrant variant, its inputs).
+- A region inside a non-reentrant ``torch.utils.checkpoint`` (the default variant): the region's
+  hooks would be innermost during the checkpointed forward, so its activations would be packed
+  and kept instead of being dropped and recomputed: checkpointing would silently stop working
+  there. The region raises :class:`~surgery.errors.SurgeryError` instead. Use the reentrant
+  variant (``use_reentrant=True``, whose forward saves nothing) or checkpoint outside regions.
+- Under ``torch.autograd.graph.disable_saved_tensors_hooks`` (torch.compile, functorch), the
+  region raises a SurgeryError naming itself.
+- With ``torch.no_grad()``/``inference_mode`` nothing is saved, so regions cost nothing.
+- Autograd does not check the version of hook-packed tensors. Lossy codecs copy at save time and
+  so keep the value backward needs; tensors kept as they are (``none``, pass-through) are
+  version-checked by the region, which raises a SurgeryError like autograd's in-place error.
+- ``torch.autograd.graph.save_on_cpu`` (or any hooks) around the model applies outside the
+  regions only. ``torch.compile``/TorchScript do not run Python hooks: ``strip_compression`` first.
+
+Example::
+
+    >>> import torch, torchvision, surgery
+    >>> from passes import CompressActivations
+    >>> net = torchvision.models.resnet18(weights=None)
+    >>> x = torch.randn(2, 3, 64, 64)
+    >>> gm = surgery.compress(net, [CompressActivations("dct", select="layer*", keep=0.05)], x)
+    >>> m = surgery.activation_memory(gm, (x,))
+    >>> m.compressed_bytes < m.baseline_bytes
+    True
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from surgery.errors import SurgeryError
+from surgery.graph import extract, finish
+from surgery.memory import saved_tensors_hooks
+from surgery.pipeline import Context
+from surgery.select import Selector, describe, matches
+
+from .codecs import METHODS, NoCodec, make_codec
+
+__all__ = ["CompressActivations", "CompressedRegion", "strip_compression", "METHODS"]
+
+
+def _in_checkpoint() -> bool:
+    """True inside the forward of a non-reentrant torch.utils.checkpoint (its pack hook is the
+    innermost one)."""
+    try:  # a private API: if a future torch drops it, the guard turns off rather than break
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    except (AttributeError, RuntimeError):
+        return False
+    if hooks is None:
+        return False
+    pack = hooks[0]
+    return getattr(pack, "__module__", "") == "torch.utils.checkpoint" and \
+        "_checkpoint_hook" in getattr(pack, "__qualname__", "")
+
+
+@dataclass
+class _Kept:
+    """A tensor kept as it is (pass-through, or the `none` method), with the version it had when
+    saved: autograd checks that version for its own saved tensors but not for hook-packed ones."""
+
+    tensor: Tensor
+    version: int
+
+
+class CompressedRegion(nn.Module):
+    """Runs `inner` with its saved activations packed by `codec` (a :mod:`passes.codecs` codec).
+
+    Implements the :class:`surgery.memory.HookedRegion` protocol: set ``hooks_enabled = False``
+    to run `inner` plainly.
+    """
+
+    def __init__(self, inner: nn.Module, codec: Any):
+        super().__init__()
+        self.inner = inner
+        self.codec = codec
+        self.hooks_enabled = True
+
+    def forward(self, *args: Any) -> Any:
+        if not (self.hooks_enabled and torch.is_grad_enabled()):
+            return self.inner(*args)
+        if _in_checkpoint():
+            raise SurgeryError(
+                f"CompressedRegion({self.codec.name}) runs inside a non-reentrant torch.utils.checkpoint: "
+                "its hooks would override checkpoint's and keep the activations checkpoint is meant to drop. "
+                "Checkpoint with use_reentrant=True, or put the checkpoint outside the compressed region.")
+        pack, unpack = self._hooks()
+        try:
+            ctx = saved_tensors_hooks(pack, unpack)
+            ctx.__enter__()
+        except RuntimeError as e:  # disable_saved_tensors_hooks is active (torch.compile, functorch)
+            raise SurgeryError(f"CompressedRegion({self.codec.name}): saved-tensor hooks are disabled here "
+                               f"({e}); strip_compression(model) before compiling or transforming it") from e
+        try:
+            return self.inner(*args)
+        finally:
+            ctx.__exit__(None, None, None)
+
+    def _hooks(self):
+        codec = self.codec
+        fixed = {t.untyped_storage().data_ptr() for t in (*self.inner.parameters(), *self.inner.buffers())}
+        # id(tensor) -> (weakref, version, packed): one pack per tensor saved several times; the
+        # weakref guards against a freed tensor's id being reused, the version against in-place edits
+        cache: dict[int, tuple[Any, int, Any]] = {}
+
+        keep_as_is = isinstance(codec, NoCodec)
+        where = type(self).__name__ + f"({codec.name})"
+
+        def pack(t: Tensor) -> Any:
+            if keep_as_is or not (t.is_floating_point() and t.requires_grad) or t.is_leaf or t.numel() == 0 \
+                    or t.untyped_storage().data_ptr() in fixed:
+                return _Kept(t, t._version)
+            hit = cache.get(id(t))
+            if hit is not None and hit[0]() is t and hit[1] == t._version:
+                return hit[2]
+            with torch.no_grad():
+                packed = codec.pack(t.detach())
+            cache[id(t)] = (weakref.ref(t), t._version, packed)
+            return packed
+
+        def unpack(p: Any) -> Tensor:
+            if isinstance(p, _Kept):
+                if p.tensor._version != p.version:
+                    raise SurgeryError(
+                        f"{where}: a tensor of shape {tuple(p.tensor.shape)} saved for backward was modified "
+                        f"in place afterwards (version {p.tensor._version}, saved at {p.version}); autograd "
+                        "would raise here too: avoid the in-place op or clone before it")
+                return p.tensor
+            return codec.unpack(p)
+
+        return pack, unpack
+
+    def extra_repr(self) -> str:
+        return f"codec={self.codec!r}, hooks_enabled={self.hooks_enabled}"
+
+
+def _module_paths(node: fx.Node) -> list[str]:
+    """The module paths a node runs inside, outermost first (its own module last)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
+    if node.op == "call_module" and (not paths or paths[-1] != node.target):
+        paths.append(str(node.target))
+    return paths
+
+
+@dataclass
+class CompressActivations:
+    """Compress the activations saved for backward in the selected regions.
+
+    Args:
+        method: one of ``none``, ``random``, ``threshold``, ``dct``, ``wavelet``, ``int8``, ``int4``.
+        select: which regions (see the module docstring); None means the whole model.
+        exclude: modules left out (their ops are not put in a region).
+        keep: fraction of values (threshold) or coefficients (dct, wavelet) kept.
+        block: DCT tile size. wavelet, level: the DWT's pywavelets filter bank and depth.
+        group_size, stochastic: int8/int4 quantization groups and rounding.
+    """
+
+    method: str = "dct"
+    select: Selector = None
+    exclude: Selector = None
+    keep: float = 0.05
+    block: int = 8
+    wavelet: str = "db3"
+    level: int = 3
+    group_size: int = 256
+    stochastic: bool = False
+
+    def codec(self):
+        return make_codec(self.method, self.keep, self.block, self.wavelet, self.level, self.group_size,
+                          self.stochastic)
+
+    def regions(self, gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+        """Region name -> its nodes, in graph order."""
+        groups: dict[str, list[fx.Node]] = {}
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            paths = _module_paths(node)
+            if any(self._hit(gm, p, self.exclude) for p in paths):
+                continue
+            if self.select is None:
+                key = ""
+            else:
+                key = next((p for p in paths if self._hit(gm, p, self.select)), None)
+                if key is None:
+                    continue
+            groups.setdefault(key, []).append(node)
+        return groups
+
+    @staticmethod
+    def _hit(gm: fx.GraphModule, path: str, sel: Selector) -> bool:
+        if sel is None:
+            return False
+        try:
+            module = gm.get_submodule(path)
+        except AttributeError:
+            return False
+        return matches(path, module, sel)
+
+    def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+        codec = self.codec()
+        groups = self.regions(gm)
+        if not groups:
+            exclude = describe(self.exclude) if self.exclude is not None else "nothing"
+            msg = (f"CompressActivations: select={describe(self.select)} (exclude={exclude}) matched no op in "
+                   f"the graph of {type(gm).__name__}")
+            inside = [n for n, m in gm.named_modules() if isinstance(m, CompressedRegion)]
+            if inside:
+                msg += (f"; ops already inside a CompressedRegion ({', '.join(inside[:4])}) are not selected "
+                        "again: to nest, compress the inner region first (the innermost hooks win)")
+            else:
+                msg += f"; module names look like {', '.join(n for n, _ in list(gm.named_modules())[1:6])}"
+            raise SurgeryError(msg)
+        for key, nodes in groups.items():
+            name = "compressed_" + (key or "model")
+            try:
+                extract(gm, nodes, name, wrap=lambda child: CompressedRegion(child, codec))
+            except SurgeryError as e:
+                raise SurgeryError(f"CompressActivations: cannot make region {key or '<whole model>'!r} "
+                                   f"a child module: {e}") from e
+        return gm
+
+
+def strip_compression(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` with every CompressedRegion replaced by its plain inner module (for export,
+    torch.compile or scripting, none of which run Python saved-tensor hooks)."""
+    import copy
+    out = copy.deepcopy(gm)
+    while True:  # outermost first; names below a replaced region change, so look again
+        name = next((n for n, m in out.named_modules() if isinstance(m, CompressedRegion)), None)
+        if name is None:
+            break
+        parent, _, leaf = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, leaf, out.get_submodule(name).inner)
+    return finish(out) if isinstance(out, fx.GraphModule) else out
