@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,7 @@ class ShrinkReport:
     params_after: int
     max_rel_error: float
     masks_scaled: list[str] = field(default_factory=list)
+    verify_seconds: float = 0.0  # the two verification runs (masked and shrunk model)
 
     def __str__(self) -> str:
         lines = [f"Shrink: params {self.params_before:,} -> {self.params_after:,} "
@@ -143,7 +145,9 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4) -> fx.Gra
     # and whatever is still shared at the end is cloned (cheaper than deep-copying them all)
     shared = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
     work = copy.deepcopy(gm, memo=dict(shared))
+    t0 = time.perf_counter()
     ref = ShapeProp(work).propagate(*inputs)  # fresh shapes, and the masked model's output
+    verify_seconds = time.perf_counter() - t0
     params_before = _n_params(gm)
     cg = analyze(work)
     decider = Decider(cg)
@@ -155,7 +159,9 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4) -> fx.Gra
     finish(work)
     _unshare(work, shared)
     try:
+        t0 = time.perf_counter()
         out = ShapeProp(work).propagate(*inputs)
+        verify_seconds += time.perf_counter() - t0
         err = max_rel_diff(ref, out)
     except Exception as e:
         raise ShrinkMismatch(float("inf"), None, f"the shrunk model fails to run: {type(e).__name__}: {e}") from e
@@ -163,6 +169,7 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4) -> fx.Gra
         first = _first_difference(gm, work, inputs, tol)
         raise ShrinkMismatch(err, first, "please report this model; Shrink must be exact")
     report = _report(cg, decider, removed, params_before, _n_params(work), err, editor.scaled)
+    report.verify_seconds = verify_seconds
     surgery_meta(work)["shrink_report"] = report
     return work
 
