@@ -487,3 +487,29 @@ def test_random_dags_shrink_exactly():
         check_random_dag(data)
 
     prop()
+
+
+@pytest.mark.parametrize("kw", [dict(criterion="l2"), dict(criterion="bn_scale"), dict(criterion="random"),
+                                dict(scope="global"), dict(round_to=8), dict(exclude="layer2*")])
+def test_channel_prune_options(kw):
+    import torchvision
+    model = _randomise(torchvision.models.resnet18(weights=None, num_classes=10))
+    masked, small, x = _masked_and_shrunk(model, (1, 3, 32, 32), **kw)
+    x2 = torch.randn(1, 3, 32, 32)
+    assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-4
+    convs = {n: m for n, m in small.named_modules() if isinstance(m, nn.Conv2d)}
+    assert small.get_submodule("fc").out_features == 10  # the output is never pruned
+    if kw.get("round_to") == 8:
+        assert all(m.out_channels % 8 == 0 for m in convs.values())
+    if "exclude" in kw:
+        assert small.get_submodule("layer2.0.conv1").out_channels == 128
+        assert small.get_submodule("layer3.0.conv1").out_channels == 128
+    assert all(m.out_channels >= 1 for m in convs.values())
+    assert _params(small) < _params(model)
+
+
+def test_channel_prune_rejects_bad_config():
+    with pytest.raises(surgery.SurgeryError, match="ratio"):
+        ChannelPrune(ratio=1.0)
+    with pytest.raises(surgery.SurgeryError, match="criterion"):
+        ChannelPrune(criterion="taylor")
