@@ -513,3 +513,14 @@ def test_channel_prune_rejects_bad_config():
         ChannelPrune(ratio=1.0)
     with pytest.raises(surgery.SurgeryError, match="criterion"):
         ChannelPrune(criterion="taylor")
+
+
+def test_grouped_convolution_keeps_equal_channels_per_group():
+    net = _randomise(nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 8 * 8, 3)))
+    masked, small, x = _masked_and_shrunk(net, (1, 3, 8, 8))
+    g = small.get_submodule("3")
+    assert (small.get_submodule("0").out_channels, g.in_channels, g.out_channels, g.groups) == (8, 8, 8, 4)
+    x2 = torch.randn(2, 3, 8, 8)
+    assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
