@@ -524,3 +524,23 @@ def test_grouped_convolution_keeps_equal_channels_per_group():
     assert (small.get_submodule("0").out_channels, g.in_channels, g.out_channels, g.groups) == (8, 8, 8, 4)
     x2 = torch.randn(2, 3, 8, 8)
     assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
+
+
+def test_soft_mask_folds_into_the_next_layer():
+    """Kept non-binary factors after a GELU (not foldable backwards) go into the readers' weights,
+    depthwise and Linear alike: no multiplication is left."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.Conv2d(8, 8, 3, groups=8), nn.GELU(), nn.Flatten(),
+                        nn.Linear(8 * 8 * 8, 3))
+    x = torch.randn(2, 3, 12, 12)
+    gm = surgery.capture(net, (x,))
+    f = torch.linspace(-1, 2, 8)
+    f[2] = 0
+    for target in ("1", "3"):
+        node = gm.graph.find_nodes(op="call_module", target=target)[0]
+        surgery.graph.insert_after(gm, node, Scale(f.clone(), 1 if target == "1" else -3), f"m{target}")
+    small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
+    assert not small.report.masks_scaled
+    assert not any(n.target is torch.mul for n in small.graph.nodes)
+    assert small.get_submodule("2").groups == 7
+    x2 = torch.randn(3, 3, 12, 12)
+    assert max_rel_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5
