@@ -237,6 +237,7 @@ def main() -> None:
         return
     import torchvision
     names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
+    names = list(dict.fromkeys(n for n in names if n))
     if args.limit:
         names = names[:args.limit]
     rows_path = Path(args.rows)
