@@ -129,12 +129,14 @@ def _first_difference(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple, tol: 
     return None
 
 
-def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4) -> fx.GraphModule:
+def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplace: bool = False
+           ) -> fx.GraphModule:
     """A physically smaller copy of `gm` that computes what `gm` (with its masks) computes.
 
-    `gm` is never mutated. Raises :class:`ShrinkMismatch` if the shrunk model's outputs differ
-    from the masked model's on `example_inputs` by more than `tol` (relative to the output's
-    largest magnitude).
+    `gm` is not mutated unless ``inplace=True`` (what the Shrink pass does: compress() already
+    works on a copy). Raises :class:`ShrinkMismatch` if the shrunk model's outputs differ from
+    the masked model's on `example_inputs` by more than `tol` (relative to the output's largest
+    magnitude).
     """
     inputs = as_inputs(example_inputs)
     if inputs is None:
@@ -143,12 +145,12 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4) -> fx.Gra
         raise SurgeryError(f"Shrink needs a captured GraphModule, got {type(gm).__name__}")
     # copy the modules and the graph, share the tensors: every edit below makes new tensors,
     # and whatever is still shared at the end is cloned (cheaper than deep-copying them all)
-    shared = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
-    work = copy.deepcopy(gm, memo=dict(shared))
+    shared = {} if inplace else {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    work = gm if inplace else copy.deepcopy(gm, memo=dict(shared))
+    params_before = _n_params(gm)
     t0 = time.perf_counter()
     ref = ShapeProp(work).propagate(*inputs)  # fresh shapes, and the masked model's output
     verify_seconds = time.perf_counter() - t0
-    params_before = _n_params(gm)
     cg = analyze(work)
     decider = Decider(cg)
     removed = decider.run()
@@ -166,6 +168,9 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4) -> fx.Gra
     except Exception as e:
         raise ShrinkMismatch(float("inf"), None, f"the shrunk model fails to run: {type(e).__name__}: {e}") from e
     if not err <= tol:
+        if inplace:
+            raise ShrinkMismatch(err, None, "please report this model; Shrink must be exact. "
+                                 "surgery.shrink(masked_model, example_inputs) names the first differing node")
         first = _first_difference(gm, work, inputs, tol)
         raise ShrinkMismatch(err, first, "please report this model; Shrink must be exact")
     report = _report(cg, decider, removed, params_before, _n_params(work), err, editor.scaled)

@@ -544,3 +544,11 @@ def test_soft_mask_folds_into_the_next_layer():
     assert small.get_submodule("2").groups == 7
     x2 = torch.randn(3, 3, 12, 12)
     assert max_rel_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5
+
+
+def test_functional_shrink_leaves_its_input_alone():
+    masked, _, x = _masked_and_shrunk(_randomise(Inception()), IMG)
+    before = {k: v.clone() for k, v in masked.state_dict().items()}
+    small = surgery.shrink(masked, (x,))
+    assert all(torch.equal(before[k], v) for k, v in masked.state_dict().items())
+    assert any(isinstance(m, UnitMask) for m in masked.modules()) and _params(small) < _params(masked)
