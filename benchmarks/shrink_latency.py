@@ -4,7 +4,11 @@ speedup / MAC reduction is how much of the theoretical gain the shrunk model rea
 physical limit is 1.0). Dense and shrunk models are timed in alternation, so a change in the
 machine's load hits both alike; the figure is the median over rounds.
 
-    OMP_NUM_THREADS=2 python benchmarks/shrink_latency.py [--rounds 15] [--model resnet50]
+    OMP_NUM_THREADS=2 python benchmarks/shrink_latency.py [--rounds 15] [--model resnet50] [--threads 2,1]
+
+Both forms are timed: the captured GraphModule as Shrink returns it, and the TorchScript that
+surgery.export writes, frozen for inference (torch.jit.freeze + optimize_for_inference, which
+folds BatchNorm into the convolutions), dense and shrunk alike.
 """
 from __future__ import annotations
 
@@ -61,17 +65,22 @@ def main() -> None:
     p1 = sum(p.numel() for p in small.parameters())
     rows = []
     from _report import markdown_table, write_result
+    def deployed(m):  # what surgery.export writes, frozen for inference (BN folded into convs)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(m.eval())))
+
+    forms = {"GraphModule (eager)": (dense, small), "TorchScript, frozen": (deployed(dense), deployed(small))}
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     for nt in threads:
         torch.set_num_threads(nt)
-        for b in [int(s) for s in args.batches.split(",")]:
-            x = torch.randn(b, 3, 224, 224)
-            t0, t1 = paired_latency(dense, small, x, args.rounds if b == 1 else max(5, args.rounds // 3))
-            speed = t0 / t1
-            rows.append([nt, b, f"{t0 * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{speed:.2f}x", f"{m0 / m1:.2f}x",
-                         f"{speed / (m0 / m1):.2f}"])
-            print(rows[-1], flush=True)
-    tab = markdown_table(["threads", "batch", "dense ms", "shrunk ms", "speedup", "MAC reduction",
+        for form, (a, b_) in forms.items():
+            for b in [int(s) for s in args.batches.split(",")]:
+                x = torch.randn(b, 3, 224, 224)
+                t0, t1 = paired_latency(a, b_, x, args.rounds if b == 1 else max(5, args.rounds // 3))
+                speed = t0 / t1
+                rows.append([form, nt, b, f"{t0 * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{speed:.2f}x", f"{m0 / m1:.2f}x",
+                             f"{speed / (m0 / m1):.2f}"])
+                print(rows[-1], flush=True)
+    tab = markdown_table(["form", "threads", "batch", "dense ms", "shrunk ms", "speedup", "MAC reduction",
                           "speedup / MAC reduction"], rows)
     notes = (f"{args.model}, ChannelPrune(ratio={args.ratio}, round_to={args.round_to}) then Shrink: params "
              f"{p0 / 1e6:.1f} M -> {p1 / 1e6:.1f} M, MACs {m0 / 1e9:.2f} G -> {m1 / 1e9:.2f} G at 224x224. "
