@@ -82,6 +82,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     tab = markdown_table(["form", "threads", "batch", "dense ms", "shrunk ms", "speedup", "MAC reduction",
                           "speedup / MAC reduction"], rows)
+    torch.set_num_threads(threads[0])  # the machine line reports the first thread count
     notes = (f"{args.model}, ChannelPrune(ratio={args.ratio}, round_to={args.round_to}) then Shrink: params "
              f"{p0 / 1e6:.1f} M -> {p1 / 1e6:.1f} M, MACs {m0 / 1e9:.2f} G -> {m1 / 1e9:.2f} G at 224x224. "
              "Latency: median over alternating rounds, torch.no_grad, eval mode.")
