@@ -42,7 +42,6 @@ __all__ = ["ChannelGroup", "Place", "RuleContext", "RULES", "register_rule", "ch
            "analyze", "ChannelGraph", "passthrough", "channel_local", "frozen"]
 
 
-
 @dataclass(eq=False)
 class Place:
     """Where a group's channels live at one op.
