@@ -136,7 +136,7 @@ class ChannelPrune:
             for p in g.locals:
                 _, m = _module(gm, p.node)
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-                    w = m.weight.detach().abs().double().numpy()
+                    w = m.weight.detach().abs().double().numpy()  # small: one value per channel
                     ok = p.channels >= 0
                     np.add.at(s, p.channels[ok], w[ok])
             if s.any():
@@ -147,9 +147,8 @@ class ChannelPrune:
             if w is None:
                 continue
             wd = 1 if getattr(m, "transposed", False) else 0
-            w = w.detach().double().movedim(wd, 0).reshape(w.shape[wd], -1)
-            n = w.abs().sum(1) if self.criterion != "l2" else w.pow(2).sum(1).sqrt()
-            n = n.numpy()
+            w = w.detach().movedim(wd, 0).reshape(w.shape[wd], -1)
+            n = (w.abs().sum(1) if self.criterion != "l2" else w.pow(2).sum(1).sqrt()).double().numpy()
             if len(n) != len(p.channels):
                 continue
             ok = p.channels >= 0

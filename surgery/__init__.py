@@ -19,4 +19,5 @@ __all__ = [
     "select_modules", "select_nodes",
     "SurgeryError", "TraceFailure", "SelectionError", "ShrinkMismatch", "UnsafeFile", "ExportFailure",
 ]
+__all__ += ["ChannelGroup", "RULES", "channel_groups", "group_of", "register_rule", "ShrinkReport", "shrink", "shrink_report", "export", "load_torchscript"]
 __all__ += ["harden", "activation_sparsity"]

@@ -25,9 +25,8 @@ Example::
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -36,11 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SurgeryError
+from .rulebook import (RULES, Ids, Rule, RuleContext, _RawPlace, channel_local, frozen, passthrough,  # noqa: F401
+                       register_rule, varying)
 
 __all__ = ["ChannelGroup", "Place", "RuleContext", "RULES", "register_rule", "channel_groups", "group_of",
            "analyze", "ChannelGraph", "passthrough", "channel_local", "frozen"]
-
-Ids = np.ndarray  # int64, broadcastable to the tensor's shape
 
 
 @dataclass(eq=False)
@@ -138,247 +137,6 @@ def group_of(groups: Iterable[ChannelGroup], node: fx.Node) -> list[ChannelGroup
     return [g for g in groups if any(p.node is node for p in (*g.places(), *g.masks))]
 
 
-# ----------------------------------------------------------------------------------------- rules
-Rule = Callable[["RuleContext"], Any]
-RULES: dict[Any, Rule] = {}
-"""The rule table: module class, function, or method name (a str) -> rule. A rule receives a
-:class:`RuleContext` and returns the output layout, or ``(layout, values)``, or None (the output
-carries no tracked channels). A tuple-valued op (split) must return ``(tuple_of_layouts, values)``."""
-
-
-def register_rule(target: Any, rule: Rule) -> Rule:
-    """Teach the channel analysis how `target` moves channels.
-
-    `target` is an ``nn.Module`` subclass (matched through the class hierarchy), a function
-    (``torch.add``, ``F.relu``, your own leaf function) or a method name (``"flatten"``).
-    `rule` is usually built by a helper, e.g. a custom per-channel scale module::
-
-        register_rule(MyScale, channel_local(params={"weight": 0}))
-
-    or a function ``rule(ctx) -> layout`` using :class:`RuleContext` for anything else.
-    """
-    RULES[target] = rule
-    return rule
-
-
-@dataclass(eq=False)
-class _RawPlace:
-    node: fx.Node
-    role: str
-    dim: int
-    ids: np.ndarray            # element per position along dim
-    arg: int | None = None
-    params: list = field(default_factory=list)   # (owner module, attribute, dim)
-    attrs: list = field(default_factory=list)    # (owner module, attribute) set to the kept count
-    kind: str = "zero"         # readers: "linear" / "conv" may fold constants; "zero" needs zeros
-    groups: int = 1            # grouped convolutions: positions split into equal segments
-    edit: Callable | None = None  # custom shrink edit: edit(kept_positions: np.ndarray) -> None
-    values: np.ndarray | None = None  # readers: constant value per position (nan = unknown)
-
-
-class RuleContext:
-    """What a rule sees: the node, its module, the layouts of its inputs, and the means to
-    record places, couple elements and freeze them."""
-
-    def __init__(self, graph: "ChannelGraph", node: fx.Node):
-        self.g = graph
-        self.node = node
-        self.module: nn.Module | None = (graph.gm.get_submodule(str(node.target))
-                                         if node.op == "call_module" else None)
-
-    # --- reading
-    def ids(self, arg: Any) -> Ids | None:
-        """The layout of an argument (a node), or None when it carries no tracked channels."""
-        return self.g.layouts.get(arg) if isinstance(arg, fx.Node) else None
-
-    def values(self, arg: Any) -> np.ndarray | None:
-        """Known per-entry constant values of an argument (nan = unknown)."""
-        if not isinstance(arg, fx.Node):
-            return None
-        return self.g.values.get(arg)
-
-    def shape(self, arg: Any = None) -> torch.Size | None:
-        node = self.node if arg is None else arg
-        s = node.meta.get("shape") if isinstance(node, fx.Node) else None
-        return s if isinstance(s, torch.Size) else None
-
-    @property
-    def x(self) -> fx.Node | None:
-        """The first argument when it is a node (the tensor input of most ops)."""
-        a = self.node.args[0] if self.node.args else None
-        return a if isinstance(a, fx.Node) else None
-
-    def arg(self, i: int, name: str, default: Any = None) -> Any:
-        if len(self.node.args) > i:
-            return self.node.args[i]
-        return self.node.kwargs.get(name, default)
-
-    # --- recording
-    def new_space(self, dim: int, size: int | None = None, params=(), attrs=(), edit=None, groups=1) -> Ids:
-        """Fresh channels on axis `dim` of this node's output (a producer place)."""
-        shape = self.shape()
-        if shape is None:
-            raise SurgeryError(f"node {self.node.name!r} has no shape; capture with example_inputs")
-        dim = dim % len(shape)
-        size = shape[dim] if size is None else size
-        start = self.g.new_elements(size, self.node)
-        ids = np.arange(start, start + size, dtype=np.int64)
-        self.g.places.append(_RawPlace(self.node, "producer", dim, ids, None, list(params), list(attrs),
-                                       groups=groups, edit=edit))
-        out = [1] * len(shape)
-        out[dim] = size
-        return ids.reshape(out)
-
-    def place(self, role: str, ids: Ids, dim: int, arg: int | None = None, params=(), attrs=(),
-              kind: str = "zero", groups: int = 1, edit=None, values: np.ndarray | None = None) -> None:
-        """Record a local or reader place: the positions along `dim` of a layout `ids`."""
-        dim = dim % ids.ndim
-        if any(s > 1 for d, s in enumerate(ids.shape) if d != dim):
-            # the op treats positions along `dim` as units; channels also varying along other
-            # axes (a flattened map read by a per-channel op) cannot be cut out per position
-            self.freeze(ids, f"{self.describe()} sees channels along more than axis {dim}")
-            return
-        line = ids.reshape(-1)
-        size = self.shape_at(role, arg, dim)
-        if len(line) == 1 and size not in (None, 1):
-            line = np.repeat(line, size)
-        vline = None
-        if values is not None:
-            vline = np.broadcast_to(values, ids.shape).reshape(-1)
-            if len(vline) == 1 and len(line) > 1:
-                vline = np.repeat(vline, len(line))
-        self.g.places.append(_RawPlace(self.node, role, dim, line, arg, list(params), list(attrs), kind,
-                                       groups, edit, vline))
-
-    def shape_at(self, role: str, arg: int | None, dim: int) -> int | None:
-        node = self.node if role != "reader" or arg is None else self.node.args[arg]
-        s = self.shape(node) if isinstance(node, fx.Node) else None
-        return s[dim] if s is not None and dim < len(s) else None
-
-    def couple(self, a: Ids, b: Ids) -> Ids:
-        """Position-wise union of two layouts (broadcast); returns the broadcast layout."""
-        a, b = _align(a, b)
-        a, b = np.broadcast_arrays(a, b)
-        diff = a != b
-        if diff.any():
-            self.g.edges.append((a[diff].ravel().copy(), b[diff].ravel().copy()))
-        return np.array(a)
-
-    def freeze(self, ids: Ids | None, reason: str) -> None:
-        """Mark every element in `ids` as never removable, with a reason naming the culprit."""
-        if ids is not None:
-            self.g.frozen.append((np.unique(np.asarray(ids, dtype=np.int64)), reason))
-
-    def freeze_inputs(self, reason: str) -> None:
-        for a in self.node.all_input_nodes:
-            lay = self.g.layouts.get(a)
-            if isinstance(lay, tuple):
-                for part in lay:
-                    self.freeze(part, reason)
-            else:
-                self.freeze(lay, reason)
-
-    def describe(self) -> str:
-        n = self.node
-        if n.op == "call_module":
-            return f"{type(self.module).__name__} {n.target!r}"
-        name = getattr(n.target, "__name__", str(n.target))
-        return f"{name} at node {n.name!r}"
-
-
-def _align(a: Ids, b: Ids) -> tuple[Ids, Ids]:
-    if a.ndim < b.ndim:
-        a = a.reshape((1,) * (b.ndim - a.ndim) + a.shape)
-    elif b.ndim < a.ndim:
-        b = b.reshape((1,) * (a.ndim - b.ndim) + b.shape)
-    return a, b
-
-
-def varying(ids: Ids) -> list[int]:
-    """The axes a layout varies along."""
-    return [d for d, s in enumerate(ids.shape) if s > 1]
-
-
-# ----------------------------------------------------------------------------------------- rule helpers
-def passthrough(values: str | Callable | None = "apply") -> Rule:
-    """A channel-local op with no per-channel parameters (activation, dropout, identity).
-
-    `values` says what happens to a channel that is constant: "apply" runs the op on the
-    constants (right for element-wise ops), "keep" keeps them, "zero" keeps only zeros,
-    None forgets them; or a function (ctx, values) -> values.
-    """
-    def rule(ctx: RuleContext):
-        ids = ctx.ids(ctx.x)
-        if ids is None:
-            return None
-        return ids, _values(ctx, values)
-    rule.__name__ = "passthrough"
-    return rule
-
-
-def channel_local(params: dict[str, int] | None = None, dim: int = 1, attrs: tuple[str, ...] = (),
-                  values: str | Callable | None = None) -> Rule:
-    """A module that treats channels on axis `dim` one by one with per-channel parameters
-    (``params``: attribute name -> the parameter's channel axis). Shrink slices those
-    parameters and sets each of `attrs` to the kept count.
-
-    `values` as in :func:`passthrough`; the default (None) forgets constants, which is always
-    safe. Pass ``values="apply"`` when the op is point-wise per channel (a scale, a bias, an
-    activation): then a channel zeroed before it is known to hold ``op(0)`` after it, and Shrink
-    can remove it even where the mask sits before the op.
-    """
-    def rule(ctx: RuleContext):
-        ids = ctx.ids(ctx.x)
-        if ids is None:
-            return None
-        m = ctx.module
-        ps = [(m, k, d) for k, d in (params or {}).items() if m is not None and getattr(m, k, None) is not None]
-        ctx.place("local", ids, dim, params=ps, attrs=[(m, a) for a in attrs])
-        return ids, _values(ctx, values)
-    rule.__name__ = "channel_local"
-    return rule
-
-
-def frozen(reason: str) -> Rule:
-    """An op whose channels must never be removed (its inputs' groups are frozen)."""
-    def rule(ctx: RuleContext):
-        ctx.freeze_inputs(f"{ctx.describe()}: {reason}")
-        return None
-    rule.__name__ = "frozen"
-    return rule
-
-
-def _values(ctx: RuleContext, how) -> np.ndarray | None:
-    v = ctx.values(ctx.x)
-    if v is None or how is None:
-        return None
-    if callable(how):
-        return how(ctx, v)
-    if how == "keep":
-        return v
-    if how == "zero":
-        return np.where(v == 0, 0.0, np.nan)
-    # "apply": run the op itself on the constants (the op is element-wise)
-    try:
-        t = torch.as_tensor(v, dtype=torch.float64)
-        with torch.no_grad():
-            if ctx.node.op == "call_module":
-                out = _apply_module(ctx.module, t)
-            elif ctx.node.op == "call_function":
-                out = ctx.node.target(t, *ctx.node.args[1:], **ctx.node.kwargs)
-            else:
-                out = getattr(t, ctx.node.target)(*ctx.node.args[1:], **ctx.node.kwargs)
-        out = out.detach().double().numpy()
-        return out if out.shape == v.shape else None
-    except Exception:
-        return None
-
-
-def _apply_module(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    p = next(m.parameters(), None)
-    return m(t.to(p.dtype if p is not None else torch.float32)).double()
-
-
 # ----------------------------------------------------------------------------------------- analysis
 class ChannelGraph:
     """The result of the walk: layouts per node, places, couplings, frozen elements, and the
@@ -418,6 +176,7 @@ class ChannelGraph:
                 raise SurgeryError(f"channel analysis needs node shapes but node {node.name!r} has none: "
                                    "capture the model with example_inputs (surgery.capture(model, (x,)))")
             ctx = RuleContext(self, node)
+            seen = (len(self.places), len(self.frozen))
             if ctx.module is not None and isinstance(ctx.module, UnitMask):
                 out = rules.mask_rule(ctx)
             else:
@@ -437,6 +196,11 @@ class ChannelGraph:
                 out, vals = out
             else:
                 vals = None
+            if out is None and node.meta.get("shape") is not None and (len(self.places), len(self.frozen)) == seen \
+                    and any(self._tracked(a) for a in node.all_input_nodes):
+                # a tensor came out untracked although tracked channels went in, and the rule
+                # recorded no reader: whatever it did with them is unknown, so they must stay
+                ctx.freeze_inputs(f"{ctx.describe()}: its channel rule lost track of the channels")
             if out is not None:
                 self.layouts[node] = out
                 if vals is not None:
@@ -451,7 +215,7 @@ class ChannelGraph:
     def _check_sizes(self) -> None:
         """A channel count read with size()/shape may only steer reshapes (rewritten by Shrink);
         anything else (a scale computed from it) would change when channels go."""
-        from .rules import size_uses_ok
+        from .rules_tensor import size_uses_ok
         for size_node, tensor in self.size_nodes:
             bad = size_uses_ok(self, size_node)
             if bad is not None:
@@ -460,8 +224,6 @@ class ChannelGraph:
                                     f"{tensor.name!r} (read by {size_node.name!r}) as a number"))
 
     def _build(self) -> None:
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
         n = self.n
         # one parameter sliced at several places (a module called twice) is one decision
         first_place: dict[tuple, np.ndarray] = {}
@@ -476,32 +238,32 @@ class ChannelGraph:
             b = np.concatenate([e[1] for e in self.edges])
         else:
             a = b = np.zeros(0, dtype=np.int64)
-        _, chan = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
+        chan = _components(n, a, b)
         # groups: channels joined also through the spaces they were produced in
         space = np.zeros(n, dtype=np.int64)
-        for i, s in enumerate(self.space_start):
-            space[s:] = i
-        first = np.array(self.space_start, dtype=np.int64)[space] if n else space
-        a2, b2 = np.concatenate([a, np.arange(n)]), np.concatenate([b, first])
-        _, grp = connected_components(coo_matrix((np.ones(len(a2)), (a2, b2)), shape=(n, n)), directed=False)
+        starts = np.array(self.space_start, dtype=np.int64)
+        if n:
+            space[starts[1:]] = 1
+            space = np.cumsum(space)
+        first = starts[space] if n else space
+        grp = _components(n, np.concatenate([a, np.arange(n)]), np.concatenate([b, first]))
         self.chan_of_elem = chan            # element -> global channel id
         self.group_of_elem = grp
         n_chan = int(chan.max()) + 1 if n else 0
         self.group_of_chan = np.zeros(n_chan, dtype=np.int64)
         self.group_of_chan[chan] = grp
         frozen_chan: dict[int, str] = {}
-        for elems, reason in self.frozen:
-            for c in np.unique(chan[elems]):
-                frozen_chan.setdefault(int(c), reason)
+        if self.frozen:  # the first reason recorded for a channel is the one reported
+            elems = np.concatenate([e for e, _ in self.frozen])
+            which = np.concatenate([np.full(len(e), i) for i, (e, _) in enumerate(self.frozen)])
+            chans, first = np.unique(chan[elems], return_index=True)
+            frozen_chan = {int(c): self.frozen[which[k]][1] for c, k in zip(chans, first)}
         self.frozen_chan = frozen_chan
         # number the channels of each group by first appearance in its first producer
         order: dict[int, list[int]] = {}
-        seen = np.zeros(n_chan, dtype=bool)
-        for e in range(n):
-            c = chan[e]
-            if not seen[c]:
-                seen[c] = True
-                order.setdefault(int(grp[e]), []).append(int(c))
+        _, first_elem = np.unique(chan, return_index=True)   # channel -> its first element
+        for c in np.argsort(first_elem, kind="stable"):
+            order.setdefault(int(grp[first_elem[c]]), []).append(int(c))
         self.local_index = np.zeros(n_chan, dtype=np.int64)
         gid_of: dict[int, int] = {}
         groups: list[ChannelGroup] = []
@@ -527,6 +289,27 @@ class ChannelGraph:
     def channels(self, ids: Ids) -> np.ndarray:
         """Global channel ids of a layout."""
         return self.chan_of_elem[ids]
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of n nodes joined by edges a[i]-b[i], labelled 0..k-1 in order of
+    their smallest node: min-label propagation with pointer jumping, all in numpy."""
+    lab = np.arange(n, dtype=np.int64)
+    while len(a):
+        m = np.minimum(lab[a], lab[b])
+        new = lab.copy()
+        np.minimum.at(new, a, m)
+        np.minimum.at(new, b, m)
+        while True:  # labels are node ids no larger than the node's own: jump to the root
+            nxt = new[new]
+            if np.array_equal(nxt, new):
+                break
+            new = nxt
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    _, labels = np.unique(lab, return_inverse=True)
+    return labels.reshape(-1)
 
 
 def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
@@ -577,7 +360,3 @@ def channel_groups(gm: fx.GraphModule, rules: dict | None = None) -> list[Channe
             RULES.clear()
             RULES.update(saved)
     return analyze(gm).groups
-
-
-def prod(xs: Iterable[int]) -> int:
-    return int(math.prod(xs))

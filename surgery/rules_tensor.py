@@ -1,0 +1,409 @@
+"""Channel rules for tensor functions and methods: element-wise ops, cat/split/getitem,
+reshapes and permutes, size reads. Reductions, matmul and functional layers are in
+surgery.rules_ops. See surgery.rules.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .rulebook import RuleContext, passthrough, register_rule, varying
+from .rules import _nan_like, _owner, _vals
+
+# ----------------------------------------------------------------------------------------- functions
+def binary_rule(ctx: RuleContext):
+    """Element-wise ops between tensors and/or scalars, with broadcasting."""
+    n = ctx.node
+    a = n.args[0] if n.args else n.kwargs.get("input")
+    b = n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
+    ia, ib = ctx.ids(a), ctx.ids(b)
+    out_shape = ctx.shape()
+    if ia is None and ib is None or out_shape is None:
+        return None
+    nd = len(out_shape)
+    lift = lambda x: x.reshape((1,) * (nd - x.ndim) + x.shape) if x is not None else None  # noqa: E731
+    ia, ib = lift(ia), lift(ib)
+    name = getattr(n.target, "__name__", str(n.target))
+    if ib is not None and name in ("truediv", "div", "div_", "itruediv", "floordiv", "__truediv__"):
+        ctx.freeze(ib, f"{ctx.describe()} divides by these channels (a removed one would be 0/0)")
+    for t, tracked in ((a, ib if ia is None else None), (b, ia if ib is None else None)):
+        if tracked is None or not isinstance(t, fx.Node):
+            continue
+        ts = ctx.shape(t)
+        if ts is None:
+            continue
+        full = (1,) * (nd - len(ts)) + tuple(ts)
+        clash = [d for d in varying(tracked) if full[d] > 1]
+        if not clash:
+            continue
+        if t.op == "get_attr" and len(clash) == 1 and len(varying(tracked)) == 1:
+            owner, attr = _owner(ctx.g.gm, str(t.target))
+            ctx.place("local", tracked, clash[0], params=[(owner, attr, clash[0] - (nd - len(ts)))])
+        else:
+            ctx.freeze(tracked, f"{ctx.describe()} combines these channels with {t.name!r}, whose channels "
+                                "are not tracked")
+    out = ctx.couple(ia, ib) if ia is not None and ib is not None else (ia if ia is not None else ib)
+    return out, _binary_values(ctx, a, b, ia, ib, out, name)
+
+
+def _operand(ctx: RuleContext, t: Any, ids: np.ndarray | None, out: np.ndarray):
+    if isinstance(t, (int, float, bool)):
+        return torch.tensor(float(t), dtype=torch.float64)
+    if not isinstance(t, fx.Node):
+        return None
+    if ids is not None:
+        v = ctx.values(t)
+        v = _nan_like(ids) if v is None else v
+        return torch.as_tensor(v.reshape((1,) * (out.ndim - v.ndim) + v.shape))
+    if t.op == "get_attr":
+        owner, attr = _owner(ctx.g.gm, str(t.target))
+        p = getattr(owner, attr)
+        if isinstance(p, torch.Tensor) and p.dim() <= out.ndim:
+            q = p.detach().double().reshape((1,) * (out.ndim - p.dim()) + tuple(p.shape))
+            if all(s == 1 or s == o for s, o in zip(q.shape, out.shape)):
+                return q
+    return None  # an untracked tensor that varies: unknown
+
+
+def _binary_values(ctx, a, b, ia, ib, out, name):
+    ta, tb = _operand(ctx, a, ia, out), _operand(ctx, b, ib, out)
+    za = ta is not None and ia is not None
+    if ta is None and tb is None:
+        return None
+    zero_mul = name in ("mul", "imul", "mul_", "__mul__")
+    if ta is None or tb is None:
+        if zero_mul:
+            known = ta if ta is not None else tb
+            try:
+                return np.broadcast_to(np.where(known.numpy() == 0, 0.0, np.nan), out.shape).copy()
+            except ValueError:
+                return None
+        return None
+    try:
+        with torch.no_grad():
+            if ctx.node.op == "call_method":
+                r = getattr(ta, str(ctx.node.target).rstrip("_"))(tb, **ctx.node.kwargs)
+            else:
+                r = ctx.node.target(ta, tb, **ctx.node.kwargs)
+        r = r.numpy()
+        if zero_mul:
+            r = np.where((ta.numpy() == 0) | (tb.numpy() == 0), 0.0, r)
+        return r if r.shape == out.shape else None
+    except Exception:
+        del za
+        return None
+
+
+def cat_rule(ctx: RuleContext):
+    n = ctx.node
+    tensors = list(n.args[0] if n.args else n.kwargs["tensors"])
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    stack = getattr(n.target, "__name__", "") == "stack"
+    out_shape = ctx.shape()
+    lays = [ctx.ids(t) for t in tensors]
+    if all(x is None for x in lays) or out_shape is None:
+        return None
+    if stack:  # stack = unsqueeze then cat
+        dim = dim % len(out_shape)
+        lays = [np.expand_dims(x, dim) if x is not None else None for x in lays]
+        shapes = [tuple(ctx.shape(t))[:dim] + (1,) + tuple(ctx.shape(t))[dim:] for t in tensors]
+    else:
+        dim = dim % len(out_shape)
+        shapes = [tuple(ctx.shape(t)) for t in tensors]
+    vals = [_vals(ctx, t, x) for t, x in zip(tensors, lays)]
+    if stack:
+        vals = [np.expand_dims(v, dim) if v is not None and ctx.values(t) is not None else v
+                for t, v in zip(tensors, vals)]
+    along = any(x is not None and x.shape[dim] > 1 for x in lays)
+    if not along:
+        tracked = [x for x in lays if x is not None]
+        if len(tracked) < len(lays):
+            for x in tracked:
+                ctx.freeze(x, f"{ctx.describe()} joins these channels with an untracked tensor")
+        out = tracked[0]
+        for x in tracked[1:]:
+            out = ctx.couple(out, x)
+        return out, None
+    parts, vparts = [], []
+    other = [max((x.shape[d] for x in lays if x is not None), default=1) if d != dim else None
+             for d in range(len(out_shape))]
+    for t, x, s, v in zip(tensors, lays, shapes, vals):
+        target = tuple(s[dim] if d == dim else other[d] for d in range(len(out_shape)))
+        if x is None:
+            start = ctx.g.new_elements(s[dim], n)
+            shp = [1] * len(out_shape)
+            shp[dim] = s[dim]
+            x = np.arange(start, start + s[dim]).reshape(shp)
+            ctx.freeze(x, f"{ctx.describe()} stacks them with {getattr(t, 'name', t)!r}, whose channels "
+                          "are not tracked")
+            v = _nan_like(x)
+        parts.append(np.broadcast_to(x, target))
+        vparts.append(np.broadcast_to(v, target) if v is not None else np.full(target, np.nan))
+    ctx.g.rewrite.add(n)
+    return np.concatenate(parts, axis=dim), np.concatenate(vparts, axis=dim)
+
+
+def getitem_rule(ctx: RuleContext):
+    n = ctx.node
+    src, idx = n.args[0], n.args[1]
+    lay = ctx.ids(src)
+    if isinstance(lay, tuple):
+        v = ctx.values(src)
+        return lay[idx], (v[idx] if isinstance(v, tuple) else None)
+    if lay is None or not isinstance(src, fx.Node) or ctx.shape(src) is None:
+        return None
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    nd = lay.ndim
+    used = sum(1 for i in items if i is not None and i is not Ellipsis)
+    expanded: list[Any] = []
+    for i in items:
+        if i is Ellipsis:
+            expanded += [slice(None)] * (nd - used)
+        else:
+            expanded.append(i)
+    d = 0
+    np_idx: list[Any] = []
+    touched = False
+    for i in expanded:
+        if i is None:
+            np_idx.append(None)
+            continue
+        if d >= nd:
+            break
+        if isinstance(i, slice) and all(isinstance(s, (int, type(None))) for s in (i.start, i.stop, i.step)):
+            np_idx.append(i if lay.shape[d] > 1 else slice(None))
+            touched |= lay.shape[d] > 1 and i != slice(None)
+        elif isinstance(i, int):
+            np_idx.append(i if lay.shape[d] > 1 else 0)
+            touched |= lay.shape[d] > 1
+        else:
+            if lay.shape[d] > 1:
+                ctx.freeze(lay, f"{ctx.describe()} indexes the channels with {type(i).__name__}")
+                return None
+            np_idx.append(slice(None))  # advanced index on an axis channels do not vary along
+            if not isinstance(i, slice):
+                return None
+        d += 1
+    if touched:
+        if any(isinstance(i, slice) and i.step not in (None, 1) for i in np_idx if i is not None):
+            ctx.freeze(lay, f"{ctx.describe()} slices the channels with a step")
+        ctx.g.rewrite.add(n)
+    out = lay[tuple(np_idx)]
+    v = ctx.values(src)
+    return out, (v[tuple(np_idx)] if v is not None else None)
+
+
+def split_rule(ctx: RuleContext):
+    n = ctx.node
+    x = ctx.x
+    lay = ctx.ids(x)
+    shapes = n.meta.get("shape")
+    if lay is None or not isinstance(shapes, tuple):
+        return None
+    name = getattr(n.target, "__name__", str(n.target))
+    if name == "unbind":
+        dim = ctx.arg(1, "dim", 0) % lay.ndim
+        if lay.shape[dim] > 1:
+            ctx.g.rewrite.add(n)
+        return tuple(np.take(lay, i if lay.shape[dim] > 1 else 0, axis=dim) for i in range(len(shapes))), None
+    dim = ctx.arg(2 if name in ("split", "tensor_split") else 2, "dim", 0) % lay.ndim
+    v = ctx.values(x)
+    if lay.shape[dim] == 1:
+        return tuple(lay for _ in shapes), (tuple(v for _ in shapes) if v is not None else None)
+    sizes = [s[dim] for s in shapes]
+    cuts = np.cumsum(sizes)[:-1]
+    ctx.g.rewrite.add(n)
+    parts = tuple(np.split(lay, cuts, axis=dim))
+    return parts, (tuple(np.split(v, cuts, axis=dim)) if v is not None else None)
+
+
+def reshape_rule(ctx: RuleContext):
+    x = ctx.x
+    lay = ctx.ids(x)
+    if lay is None:
+        return None
+    a, b = tuple(ctx.shape(x)), tuple(ctx.shape())
+    out = _reshape(lay, a, b)
+    v = ctx.values(x)
+    if out is None:
+        ctx.freeze(lay, f"{ctx.describe()} reshapes the channels in a way the rules cannot follow")
+        return None
+    if varying(lay) and ctx.node.op == "call_method" and ctx.node.target in ("view", "reshape") or \
+            ctx.node.target is torch.reshape:
+        ctx.g.rewrite.add(ctx.node)
+    return out, (_reshape(v, a, b) if v is not None else None)
+
+
+def _reshape(lay: np.ndarray, a: tuple, b: tuple) -> np.ndarray | None:
+    ai = [d for d in range(len(a)) if a[d] != 1]
+    bi = [d for d in range(len(b)) if b[d] != 1]
+    groups: list[tuple[list[int], list[int]]] = []
+    p = q = 0
+    while p < len(ai) and q < len(bi):
+        ga, gb = [ai[p]], [bi[q]]
+        pa, pb = a[ai[p]], b[bi[q]]
+        p, q = p + 1, q + 1
+        while pa != pb:
+            if pa < pb:
+                if p >= len(ai):
+                    return None
+                pa *= a[ai[p]]
+                ga.append(ai[p])
+                p += 1
+            else:
+                if q >= len(bi):
+                    return None
+                pb *= b[bi[q]]
+                gb.append(bi[q])
+                q += 1
+        groups.append((ga, gb))
+    if p != len(ai) or q != len(bi):
+        return None
+    tin, tout = [1] * len(a), [1] * len(b)
+    for ga, gb in groups:
+        if any(lay.shape[d] > 1 for d in ga):
+            for d in ga:
+                tin[d] = a[d]
+            for d in gb:
+                tout[d] = b[d]
+    return np.broadcast_to(lay, tin).reshape(tout)
+
+
+def permute_rule(ctx: RuleContext):
+    n = ctx.node
+    lay = ctx.ids(ctx.x)
+    if lay is None:
+        return None
+    nd = lay.ndim
+    name = getattr(n.target, "__name__", str(n.target))
+    rest = list(n.args[1:])
+    if name == "permute":
+        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        if not dims:
+            dims = list(n.kwargs.get("dims", []))
+        perm = [d % nd for d in dims]
+    elif name in ("transpose", "swapaxes", "swapdims"):
+        d0, d1 = (rest + [n.kwargs.get("dim0"), n.kwargs.get("dim1")])[:2]
+        perm = list(range(nd))
+        perm[d0 % nd], perm[d1 % nd] = perm[d1 % nd], perm[d0 % nd]
+    elif name in ("t",):
+        perm = list(range(nd))[::-1]
+    elif name == "movedim":
+        src, dst = rest[0], rest[1]
+        order = list(range(nd))
+        order.remove(src % nd)
+        order.insert(dst % nd, src % nd)
+        perm = order
+    else:
+        return None
+    v = ctx.values(ctx.x)
+    return np.transpose(lay, perm), (np.transpose(v, perm) if v is not None else None)
+
+
+def size_rule(ctx: RuleContext):
+    """x.size() / x.shape / x.numel(): remember who reads a channel count (see size_uses_ok)."""
+    n = ctx.node
+    x = ctx.x
+    lay = ctx.ids(x)
+    if n.op == "call_function" and n.target is getattr and n.args[1] != "shape":
+        return None
+    if lay is None or not varying(lay):
+        return None
+    ctx.g.size_nodes.append((n, x))
+    return None
+
+
+def size_uses_ok(g, size_node: fx.Node) -> fx.Node | None:
+    """None when every use of a size read only steers reshapes; else the offending node."""
+    lay = g.layouts.get(size_node.args[0])
+    vary = set(varying(lay)) if lay is not None else set()
+    whole = size_node.op == "call_function" or (size_node.target == "size" and len(size_node.args) < 2
+                                                 and "dim" not in size_node.kwargs)
+    if size_node.target == "numel":
+        whole = False
+    elif not whole:
+        d = size_node.args[1] if len(size_node.args) > 1 else size_node.kwargs["dim"]
+        if d % lay.ndim not in vary:
+            return None
+    frontier = [(size_node, whole)]
+    seen = set()
+    while frontier:
+        node, is_tuple = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for u in node.users:
+            if is_tuple and u.op == "call_function" and u.target is operator.getitem:
+                k = u.args[1]
+                if isinstance(k, int) and k % lay.ndim not in vary:
+                    continue
+                frontier.append((u, False))
+            elif u.op == "call_function" and u.target in _ARITH:
+                frontier.append((u, False))
+            elif _is_shape_arg_use(u, node):
+                continue
+            else:
+                return u
+    return None
+
+
+_ARITH = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+          operator.neg, operator.pow}
+
+
+def _is_shape_arg_use(u: fx.Node, v: fx.Node) -> bool:
+    if u.op == "call_method" and u.target in ("view", "reshape", "expand", "repeat") and u.args and u.args[0] is not v:
+        return True
+    if u.op == "call_function" and u.target is torch.reshape and u.args and u.args[0] is not v:
+        return True
+    return False
+
+
+_BINARY = [operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+           operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+           "add", "sub", "mul", "div", "add_", "mul_", "sub_", "__add__", "__mul__", "__radd__", "__rmul__"]
+for _t in _BINARY:
+    register_rule(_t, binary_rule)
+_UNARY_APPLY = [torch.relu, F.relu, F.relu6, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu,
+                F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.selu, F.hardtanh, F.mish, F.softplus,
+                torch.clamp, torch.exp, operator.neg, torch.neg, F.relu_, torch.relu_,
+                "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "exp", "neg", "hardtanh",
+                "float", "double", "half", "to", "type_as"]
+for _t in _UNARY_APPLY:
+    register_rule(_t, passthrough("apply"))
+for _t in [F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, "contiguous", "clone", "detach",
+           torch.clone, torch.detach, "expand_as"]:
+    register_rule(_t, passthrough("keep"))
+
+
+def expand_rule(ctx: RuleContext):
+    lay = ctx.ids(ctx.x)
+    if lay is None:
+        return None
+    if varying(lay):
+        ctx.g.rewrite.add(ctx.node)
+    nd = len(ctx.shape())
+    return lay.reshape((1,) * (nd - lay.ndim) + lay.shape), None
+
+
+register_rule("expand", expand_rule)
+for _t in [torch.cat, torch.concat, torch.stack]:
+    register_rule(_t, cat_rule)
+register_rule(operator.getitem, getitem_rule)
+for _t in [torch.split, torch.chunk, torch.unbind, "split", "chunk", "unbind"]:
+    register_rule(_t, split_rule)
+for _t in [torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "flatten", "view", "reshape",
+           "squeeze", "unsqueeze"]:
+    register_rule(_t, reshape_rule)
+for _t in [torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.t,
+           "permute", "transpose", "swapaxes", "t", "movedim"]:
+    register_rule(_t, permute_rule)
+for _t in ["size", getattr, "numel"]:
+    register_rule(_t, size_rule)
+
+from . import rules_ops  # noqa: E402,F401  (reductions, matmul, functional layers)

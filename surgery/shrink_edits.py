@@ -1,0 +1,298 @@
+"""Shrink's edits: slice parameters, fold constants and mask values, rewrite size arguments,
+replace channel shuffles by one index_select."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .channels import ChannelGraph
+from .errors import SurgeryError
+from .graph import unique_name
+from .shrink_plan import Decider, _expand_index, _foldable, _who
+
+
+def _set_tensor(owner: nn.Module, name: str, new: torch.Tensor) -> None:
+    old = getattr(owner, name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(new.contiguous(), requires_grad=old.requires_grad))
+    elif name in owner._buffers:
+        owner._buffers[name] = new.contiguous()
+    else:
+        setattr(owner, name, new.contiguous())
+
+
+class Editor:
+    def __init__(self, cg: ChannelGraph, removed: np.ndarray, decider: Decider):
+        self.cg, self.removed, self.d = cg, removed, decider
+        self.gm = cg.gm
+        self.chan = cg.chan_of_elem
+        self.scaled: list[str] = []
+
+    def kept_line(self, ids: np.ndarray) -> np.ndarray:
+        return ~self.removed[self.chan[ids]]
+
+    def kept_axes(self, lay: np.ndarray) -> list[np.ndarray | None]:
+        kept = self.kept_line(lay)
+        return [kept.any(axis=tuple(d for d in range(lay.ndim) if d != k)) if lay.shape[k] > 1 else None
+                for k in range(lay.ndim)]
+
+    def run(self) -> None:
+        self.chains()
+        self.folds()
+        self.params()
+        self.masks()
+        self.rewrites()
+
+    def chains(self) -> None:
+        for start, end, dim in self.d.chains:
+            s_lay, e_lay = self.cg.layouts[start], self.cg.layouts[end]
+            s_line, e_line = s_lay.reshape(-1), e_lay.reshape(-1)
+            if self.kept_line(s_line).all():
+                continue
+            s_kept = s_line[self.kept_line(s_line)]
+            where = {int(e): i for i, e in enumerate(s_kept)}
+            idx = torch.tensor([where[int(e)] for e in e_line if int(e) in where], dtype=torch.long)
+            name = unique_name(self.gm, f"{end.name}_order")
+            self.gm.register_buffer(name, idx)
+            with self.gm.graph.inserting_before(end):
+                ga = self.gm.graph.get_attr(name)
+            with self.gm.graph.inserting_after(end):
+                sel = self.gm.graph.call_function(torch.index_select, (start, dim, ga))
+            end.replace_all_uses_with(sel)
+            sel.meta.update(end.meta)
+            self.cg.layouts[sel] = e_lay
+
+    def folds(self) -> None:
+        """A removed channel that holds a constant c: its reader adds W[:, c] * c to its bias."""
+        for p in self.cg.places:
+            if p.role != "reader" or p.values is None or not _foldable(p):
+                continue
+            gone = ~self.kept_line(p.ids)
+            c = np.where(gone, p.values, 0.0)
+            c = np.nan_to_num(c)
+            if not (gone.any() and (c != 0).any()):
+                continue
+            m = p.params[0][0]
+            w = m.weight.detach().double()
+            if isinstance(m, nn.Linear):
+                add = w @ torch.as_tensor(c)
+            else:
+                add = w.sum(dim=tuple(range(2, w.dim()))) @ torch.as_tensor(c)
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=m.weight.dtype), requires_grad=True)
+            _set_tensor(m, "bias", m.bias.detach() + add.to(m.bias.dtype))
+
+    def params(self) -> None:
+        done: dict[tuple, np.ndarray] = {}
+        edits = []
+        for p in self.cg.places:
+            if p.role == "mask":
+                continue
+            kept = self.kept_line(p.ids)
+            if kept.all():
+                continue
+            for owner, name, dim in p.params:
+                key = (id(owner), name, dim)
+                if key in done:
+                    if not np.array_equal(done[key], kept):
+                        raise SurgeryError(f"Shrink: places of {name!r} on {_who(p.node)} disagree on which "
+                                           "channels to keep (a shared parameter read in two layouts)")
+                    continue
+                done[key] = kept
+                t = getattr(owner, name)
+                if t is None:
+                    continue
+                idx = torch.as_tensor(np.nonzero(kept)[0], dtype=torch.long)
+                if t.shape[dim] != len(kept):
+                    raise SurgeryError(f"Shrink: {name!r} of {_who(p.node)} has {t.shape[dim]} entries on axis "
+                                       f"{dim}, the layout has {len(kept)}")
+                _set_tensor(owner, name, t.detach().index_select(dim, idx))
+            for owner, attr in p.attrs:
+                setattr(owner, attr, int(kept.sum()))
+            if p.edit is not None:
+                edits.append((p.edit, kept))
+        for edit, kept in edits:
+            edit(kept)
+
+    def masks(self) -> None:
+        g = self.gm.graph
+        for node in list(self.cg.mask_nodes):
+            m = self.gm.get_submodule(str(node.target))
+            inp = node.args[0]
+            f = m.factors().detach()
+            lay = self.cg.layouts.get(inp)
+            nd = len(node.meta["shape"])
+            dim = m.dim % nd
+            if isinstance(lay, np.ndarray) and lay.shape[dim] == len(f):
+                f = f[torch.as_tensor(self.kept_line(lay.reshape(-1)))]
+            if bool((f == 1).all()):
+                node.replace_all_uses_with(inp)
+                g.erase_node(node)
+                continue
+            if self._fold_back(inp, node, f, dim) or self._fold_forward(node, f, dim, nd):
+                node.replace_all_uses_with(inp)
+                g.erase_node(node)
+                continue
+            shape = [1] * nd
+            shape[dim] = len(f)
+            name = unique_name(self.gm, f"{node.target}_scale")
+            self.gm.register_buffer(name, f.reshape(shape).to(torch.float32).clone())
+            with g.inserting_before(node):
+                ga = g.get_attr(name)
+                mul = g.call_function(torch.mul, (inp, ga))
+            mul.meta.update(node.meta)
+            node.replace_all_uses_with(mul)
+            g.erase_node(node)
+            self.scaled.append(str(node.target))
+
+    def _fold_forward(self, node: fx.Node, f: torch.Tensor, dim: int, nd: int) -> bool:
+        """Scale the input channels of the convolutions/Linears that read the mask directly
+        (exact for any factor: those layers are linear in their input, zero padding included)."""
+        users = list(node.users)
+        if len(users) == 1 and dim == 1 and _is_flatten(users[0]) and len(users[0].users) == 1:
+            # mask -> flatten -> Linear: channel j becomes features j*HW ... (j+1)*HW - 1
+            hw = int(np.prod(node.meta["shape"][2:]))
+            node, users, f, dim, nd = users[0], list(users[0].users), f.repeat_interleave(hw), 1, 2
+        mods = []
+        for u in users:
+            if u.op != "call_module" or u.args[0] is not node or len(u.args) != 1 or u.kwargs:
+                return False
+            if sum(1 for x in self.gm.graph.nodes if x.op == "call_module" and x.target == u.target) != 1:
+                return False
+            m = self.gm.get_submodule(str(u.target))
+            if isinstance(m, nn.Linear) and dim == nd - 1 and m.in_features == len(f):
+                mods.append(m)
+            elif isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and dim == 1 and \
+                    m.in_channels == len(f):
+                mods.append(m)
+            else:
+                return False
+        if not mods:
+            return False
+        for m in mods:
+            w = m.weight.detach()
+            if isinstance(m, nn.Linear):
+                scale = f.to(w.dtype).reshape(1, -1)
+            else:  # input channel j of group g feeds the group's outputs through weight[:, j % per_group]
+                per_in, per_out = w.shape[1], w.shape[0] // m.groups
+                idx = (torch.arange(w.shape[0]) // per_out).reshape(-1, 1) * per_in + torch.arange(per_in)
+                scale = f.to(w.dtype)[idx].reshape(w.shape[0], per_in, *[1] * (w.dim() - 2))
+            _set_tensor(m, "weight", w * scale)
+        return True
+
+    def _fold_back(self, n: Any, user: fx.Node, f: torch.Tensor, dim: int) -> bool:
+        """Scale the layer that makes `n` instead of keeping the mask as a multiplication."""
+        if not isinstance(n, fx.Node) or n.op != "call_module" or len(n.users) != 1:
+            return False
+        if sum(1 for x in self.gm.graph.nodes if x.op == "call_module" and x.target == n.target) != 1:
+            return False  # a module called twice cannot be scaled for one of its calls
+        m = self.gm.get_submodule(str(n.target))
+        nd = len(n.meta["shape"])
+        if isinstance(m, (nn.ReLU, nn.LeakyReLU)) and bool((f > 0).all()):
+            return self._fold_back(n.args[0], n, f, dim)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and dim == 1 and m.affine and len(f) == m.num_features:
+            _set_tensor(m, "weight", m.weight.detach() * f.to(m.weight.dtype))
+            _set_tensor(m, "bias", m.bias.detach() * f.to(m.bias.dtype))
+            return True
+        if isinstance(m, nn.Linear) and dim == nd - 1 and len(f) == m.out_features or \
+                isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and dim == 1 and len(f) == m.out_channels:
+            shape = [-1] + [1] * (m.weight.dim() - 1)
+            _set_tensor(m, "weight", m.weight.detach() * f.to(m.weight.dtype).reshape(shape))
+            if m.bias is not None:
+                _set_tensor(m, "bias", m.bias.detach() * f.to(m.bias.dtype))
+            return True
+        return False
+
+    def rewrites(self) -> None:
+        for node in list(self.cg.rewrite):
+            if node.graph is not self.gm.graph or node not in self.cg.layouts and node.op != "call_function":
+                continue
+            try:
+                self._rewrite(node)
+            except _Skip:
+                pass
+
+    def _new_shape(self, node: fx.Node) -> list[int] | None:
+        lay = self.cg.layouts.get(node)
+        shape = node.meta.get("shape")
+        if not isinstance(lay, np.ndarray) or not isinstance(shape, torch.Size):
+            return None
+        axes = self.kept_axes(lay)
+        return [int(a.sum()) if a is not None else s for a, s in zip(axes, shape)]
+
+    def _rewrite(self, node: fx.Node) -> None:
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name in ("view", "reshape", "expand"):
+            new = self._new_shape(node)
+            old = list(node.meta["shape"])
+            if new is None or new == old:
+                return
+            packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+            sizes = list(node.args[1] if packed else node.args[1:])
+            if len(sizes) != len(new):
+                raise SurgeryError(f"Shrink: cannot rewrite the sizes of {node.name!r}")
+            for d, (o, n_) in enumerate(zip(old, new)):
+                if o != n_ and sizes[d] != -1:
+                    sizes[d] = n_
+            node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+        elif name == "getitem":
+            src = self.cg.layouts.get(node.args[0])
+            if not isinstance(src, np.ndarray):
+                return
+            axes = self.kept_axes(src)
+            items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            out, d = [], 0
+            for i in _expand_index(items, src.ndim) if any(x is Ellipsis for x in items) else items:
+                if i is None:
+                    out.append(i)
+                    continue
+                a = axes[d] if d < len(axes) else None
+                if a is not None and isinstance(i, slice):
+                    start, stop, _ = i.indices(len(a))
+                    ns = int(a[:start].sum())
+                    out.append(slice(ns, ns + int(a[start:stop].sum())))
+                elif a is not None and isinstance(i, int):
+                    out.append(int(a[:i % len(a)].sum()))
+                else:
+                    out.append(i)
+                d += 1
+            node.args = (node.args[0], tuple(out) if isinstance(node.args[1], tuple) else out[0])
+        elif name in ("split", "chunk"):
+            lay = self.cg.layouts.get(node.args[0])
+            parts = self.cg.layouts.get(node)
+            if not isinstance(lay, np.ndarray) or not isinstance(parts, tuple):
+                return
+            dim = [d for d in range(lay.ndim) if parts[0].shape[d] != lay.shape[d] or lay.shape[d] > 1]
+            shapes = node.meta["shape"]
+            dimk = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % lay.ndim
+            axes = self.kept_axes(lay)
+            a = axes[dimk]
+            if a is None:
+                return
+            cuts = np.cumsum([0] + [s[dimk] for s in shapes])
+            sizes = [int(a[cuts[i]:cuts[i + 1]].sum()) for i in range(len(shapes))]
+            node.op, node.target = "call_function", torch.split
+            node.args, node.kwargs = (node.args[0], sizes, dimk), {}
+            del dim
+        elif name in ("cat", "concat", "stack", "flatten", "unbind"):
+            return
+
+
+def _is_flatten(n: fx.Node) -> bool:
+    if n.op == "call_module":
+        m = n.graph.owning_module.get_submodule(str(n.target))
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    if n.op in ("call_function", "call_method") and getattr(n.target, "__name__", n.target) == "flatten":
+        rest = list(n.args[1:]) + [n.kwargs.get("start_dim", 0 if n.op == "call_function" else 0)]
+        return rest[0] == 1 and len(n.args) <= 2 and "end_dim" not in n.kwargs
+    return False
+
+
+class _Skip(Exception):
+    pass
+
+
