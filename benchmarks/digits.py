@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["Digits", "load_digits_split", "make_mlp", "make_cnn", "train", "accuracy",
-           "balanced_accuracy", "seed_all"]
+           "balanced_accuracy"]
 
 
 @dataclass
@@ -39,10 +39,6 @@ class Digits:
     @property
     def img_test(self) -> Tensor:
         return self.x_test.reshape(-1, 1, 8, 8)
-
-
-def seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
 
 
 def load_digits_split(seed: int = 0, test_size: float = 0.2) -> Digits:

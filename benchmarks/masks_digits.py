@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ def shrink_and_export(gm, example, tmp: Path, name: str):
     return small, small.report.max_rel_error
 
 
-def dam_mlp(d, seed: int, base_acc: float | None = None) -> dict:
+def dam_mlp(d, seed: int) -> dict:
     base = train(make_mlp(seed=seed), d.x_train, d.y_train, epochs=MLP_EPOCHS, seed=seed, penalty=False)
     gm = surgery.compress(make_mlp(seed=seed), [DAM(select=nn.Linear, exclude="4", **DAM_MLP)], (d.x_train[:2],))
     train(gm, d.x_train, d.y_train, epochs=MLP_EPOCHS, seed=seed)
