@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["Digits", "load_digits_split", "make_mlp", "make_cnn", "train", "accuracy",
-           "balanced_accuracy", "seed_all"]
+           "balanced_accuracy"]
 
 
 @dataclass
@@ -39,10 +39,6 @@ class Digits:
     @property
     def img_test(self) -> Tensor:
         return self.x_test.reshape(-1, 1, 8, 8)
-
-
-def seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
 
 
 def load_digits_split(seed: int = 0, test_size: float = 0.2) -> Digits:
@@ -90,16 +86,19 @@ def make_cnn(width: int = 32, classes: int = 10, seed: int = 0) -> DigitsCNN:
 def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 60, lr: float = 1e-2,
           batch_size: int = 64, seed: int = 0, penalty: bool = True,
           params: Optional[list] = None, loss_fn: Callable = F.cross_entropy,
-          progress: bool = False) -> nn.Module:
+          cosine: bool = False, progress: bool = False) -> nn.Module:
     """Train in place with Adam on (x, y) for `epochs` shuffled epochs (fixed `seed`). With
     `penalty`, ``surgery.penalty(model)`` joins the loss and ``surgery.step(model)`` follows
-    every optimizer step. Trains only parameters with requires_grad (or `params`)."""
+    every optimizer step. Trains only parameters with requires_grad (or `params`). `cosine`
+    decays the learning rate to 0 over the run (per step)."""
     import surgery
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # stochastic masks draw from the global generator
     opt = torch.optim.Adam(params if params is not None else [p for p in model.parameters() if p.requires_grad],
                            lr=lr)
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if cosine else None
     model.train()
     epochs_iter = range(epochs)
     if progress:
@@ -115,6 +114,8 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 60, lr: float
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             if penalty:
                 surgery.step(model)
     model.eval()

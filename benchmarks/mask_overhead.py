@@ -8,6 +8,7 @@ step in alternation so that machine load hits both alike; the ratio is of median
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -37,13 +38,14 @@ def step_time(model, opt, x, y) -> float:
 
 def main(argv=None) -> float:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
 
+    load = os.getloadavg()[0]
     torch.manual_seed(0)
     net = torchvision.models.resnet18(weights=None, num_classes=10)
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -78,10 +80,10 @@ def main(argv=None) -> float:
                      notes=f"ResNet-18 (torchvision, weights=None, 10 classes), batch {args.batch}, "
                            f"{args.size}x{args.size} inputs, SGD; {n_masks} DAM masks (one per channel group) "
                            f"called at {n_calls} places; {args.steps} timed steps after {args.warmup} warm-up, "
-                           "alternating the two models. Goal: ratio <= 1.10. The 2-core machine was shared with other jobs "
-                           "(load average ~7): with 2 threads per process, every op of either model waits on "
-                           "thread barriers and small element-wise ops look many times dearer than their work; "
-                           "one thread measures the work.")
+                           "alternating the two models. Goal: ratio <= 1.10. Load average at the start: "
+                           f"{load:.1f} on {os.cpu_count()} cores. On a shared machine run it with one thread: with "
+                           "two, every op waits on thread barriers whenever another job holds a core, and small "
+                           "element-wise ops then look many times dearer than their work.")
     return ratio
 
 

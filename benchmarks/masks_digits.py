@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from passes import DAM, GumbelMask, Shrink, Sparsifier  # noqa: E402
 
 MLP_EPOCHS, CNN_EPOCHS = 60, 30
 DAM_MLP = dict(lam=0.1, cold_start=300)       # ~13 epochs of 23 steps with every unit open
-DAM_CNN = dict(lam=0.1, cold_start=150)
+DAM_CNN = dict(lam=0.3, cold_start=0)         # with a cosine learning rate (see notes)
 GUMBEL = dict(alpha=1e-3, epochs=30)
 SPARSE = dict(eps=0.1, weight=1.0, double_every=46, a_max=256.0, epochs=10, lr=1e-3)
 
@@ -43,7 +42,7 @@ def shrink_and_export(gm, example, tmp: Path, name: str):
     return small, small.report.max_rel_error
 
 
-def dam_mlp(d, seed: int, base_acc: float | None = None) -> dict:
+def dam_mlp(d, seed: int) -> dict:
     base = train(make_mlp(seed=seed), d.x_train, d.y_train, epochs=MLP_EPOCHS, seed=seed, penalty=False)
     gm = surgery.compress(make_mlp(seed=seed), [DAM(select=nn.Linear, exclude="4", **DAM_MLP)], (d.x_train[:2],))
     train(gm, d.x_train, d.y_train, epochs=MLP_EPOCHS, seed=seed)
@@ -55,9 +54,10 @@ def dam_mlp(d, seed: int, base_acc: float | None = None) -> dict:
 
 
 def dam_cnn(d, seed: int) -> dict:
-    base = train(make_cnn(seed=seed), d.img_train, d.y_train, epochs=CNN_EPOCHS, seed=seed, penalty=False)
+    base = train(make_cnn(seed=seed), d.img_train, d.y_train, epochs=CNN_EPOCHS, seed=seed, penalty=False,
+                 cosine=True)
     gm = surgery.compress(make_cnn(seed=seed), [DAM(select=nn.Conv2d, **DAM_CNN)], (d.img_train[:2],))
-    train(gm, d.img_train, d.y_train, epochs=CNN_EPOCHS, seed=seed)
+    train(gm, d.img_train, d.y_train, epochs=CNN_EPOCHS, seed=seed, cosine=True)
     with tempfile.TemporaryDirectory() as tmp:
         small, err = shrink_and_export(gm, d.img_test, Path(tmp), "dam_cnn")
     kept = hidden_units(small, nn.Conv2d, ["conv1", "conv2", "conv3"])
@@ -142,8 +142,11 @@ def main(argv=None) -> None:
     print(table)
     notes = [
         f"Data: sklearn load_digits, stratified 80/20 split (random_state=0): {len(d.y_train)} train, "
-        f"{len(d.y_test)} test. Seed {args.seed}. Adam, batch 64; MLP {MLP_EPOCHS} epochs at lr 1e-2, CNN "
-        f"{CNN_EPOCHS} epochs at lr 1e-2; the unmasked baselines ('acc. before') train the same way.",
+        f"{len(d.y_test)} test. Seed {args.seed}. Adam, batch 64; MLP {MLP_EPOCHS} epochs at a constant lr 1e-2 "
+        f"(the issue's reference recipe), CNN {CNN_EPOCHS} epochs at lr 1e-2 decayed to 0 (cosine, per step); the "
+        "unmasked baselines ('acc. before') train the same way. At a constant lr the CNN's BatchNorm running "
+        "statistics can lag the closing masks at the end of training (seed 2: 79% in eval mode, 98% with batch "
+        "statistics); the cosine decay removes that.",
         f"DAM MLP {DAM_MLP}, DAM CNN {DAM_CNN} (cold_start in optimizer steps); GumbelMask {GUMBEL} on the frozen "
         f"baseline MLP with only the new head trainable; Sparsifier {SPARSE} fine-tuning the baseline CNN, then "
         "surgery.harden().",

@@ -4,7 +4,11 @@ speedup / MAC reduction is how much of the theoretical gain the shrunk model rea
 physical limit is 1.0). Dense and shrunk models are timed in alternation, so a change in the
 machine's load hits both alike; the figure is the median over rounds.
 
-    OMP_NUM_THREADS=2 python benchmarks/shrink_latency.py [--rounds 15] [--model resnet50]
+    OMP_NUM_THREADS=2 python benchmarks/shrink_latency.py [--rounds 15] [--model resnet50] [--threads 2,1]
+
+Both forms are timed: the captured GraphModule as Shrink returns it, and the TorchScript that
+surgery.export writes, frozen for inference (torch.jit.freeze + optimize_for_inference, which
+folds BatchNorm into the convolutions), dense and shrunk alike.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--threads", default="", help="comma-separated torch thread counts (default: as set)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -60,15 +65,24 @@ def main() -> None:
     p1 = sum(p.numel() for p in small.parameters())
     rows = []
     from _report import markdown_table, write_result
-    for b in [int(s) for s in args.batches.split(",")]:
-        x = torch.randn(b, 3, 224, 224)
-        t0, t1 = paired_latency(dense, small, x, args.rounds if b == 1 else max(5, args.rounds // 3))
-        speed = t0 / t1
-        rows.append([b, f"{t0 * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{speed:.2f}x", f"{m0 / m1:.2f}x",
-                     f"{speed / (m0 / m1):.2f}"])
-        print(rows[-1], flush=True)
-    tab = markdown_table(["batch", "dense ms", "shrunk ms", "speedup", "MAC reduction", "speedup / MAC reduction"],
-                         rows)
+    def deployed(m):  # what surgery.export writes, frozen for inference (BN folded into convs)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(m.eval())))
+
+    forms = {"GraphModule (eager)": (dense, small), "TorchScript, frozen": (deployed(dense), deployed(small))}
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    for nt in threads:
+        torch.set_num_threads(nt)
+        for form, (a, b_) in forms.items():
+            for b in [int(s) for s in args.batches.split(",")]:
+                x = torch.randn(b, 3, 224, 224)
+                t0, t1 = paired_latency(a, b_, x, args.rounds if b == 1 else max(5, args.rounds // 3))
+                speed = t0 / t1
+                rows.append([form, nt, b, f"{t0 * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{speed:.2f}x", f"{m0 / m1:.2f}x",
+                             f"{speed / (m0 / m1):.2f}"])
+                print(rows[-1], flush=True)
+    tab = markdown_table(["form", "threads", "batch", "dense ms", "shrunk ms", "speedup", "MAC reduction",
+                          "speedup / MAC reduction"], rows)
+    torch.set_num_threads(threads[0])  # the machine line reports the first thread count
     notes = (f"{args.model}, ChannelPrune(ratio={args.ratio}, round_to={args.round_to}) then Shrink: params "
              f"{p0 / 1e6:.1f} M -> {p1 / 1e6:.1f} M, MACs {m0 / 1e9:.2f} G -> {m1 / 1e9:.2f} G at 224x224. "
              "Latency: median over alternating rounds, torch.no_grad, eval mode.")

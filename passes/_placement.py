@@ -1,16 +1,13 @@
 """Where per-unit masks go: one shared decision per set of coupled units.
 
-All three mask passes place their modules through :func:`unit_sites` and :func:`insert_site`,
-so switching from per-node placement to channel-group placement happens here only.
-
-A *site* is one mask decision: the number of units, and the (node, dim) points after which the
-same mask module is called. Per-node placement (used when ``surgery.channels`` is absent or a
-node is in no group) puts the point after the selected op's channel-local tail (BatchNorm,
-activation), because that is where its channels leave it: a zero there stays zero downstream.
+All three mask passes place their modules through this module. A *site* is one decision: the
+number of units and the (node, dim) points after which the same module is called. Per-unit
+masks (DAM, GumbelMask) get one site per channel group (:mod:`surgery.channels`), so coupled
+layers share a mask; per-tensor modules (the Sparsifier) get one site per selected op, after
+its channel-local tail (BatchNorm, activation): that is where its values leave the op.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -18,14 +15,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from surgery import channels
 from surgery.errors import SurgeryError
 from surgery.graph import unique_name
 from surgery.pipeline import UnitMask
 from surgery.select import Selector, select_nodes
 
-__all__ = ["Site", "unit_sites", "tensor_sites", "insert_site", "unit_dim", "tail"]
+__all__ = ["Site", "unit_sites", "tensor_sites", "insert_site", "tail"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # ops that keep each channel in place and map 0 -> 0 (so a mask may move past them)
 _LOCAL_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU,
                   nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU, nn.Mish, nn.Tanh, nn.Identity)
@@ -87,41 +84,16 @@ def tail(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return cur
 
 
-def unit_dim(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:
-    """(units, dim) of `node`'s output: dim 1 for conv feature maps, the last dim for Linear
-    outputs and any tensor of rank < 3."""
-    shape = node.meta.get("shape")
-    if not isinstance(shape, torch.Size):
-        raise SurgeryError(f"node {node.name!r} ({node.target}) has no known tensor shape; "
-                           "pass example_inputs to compress()")
-    module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-    dim = 1 if isinstance(module, _CONV) and len(shape) >= 3 else -1
-    if module is None and len(shape) >= 3:
-        dim = 1
-    return int(shape[dim]), dim
-
-
-def _groups(gm: fx.GraphModule):
-    try:
-        from surgery import channels
-    except ImportError:  # channel groups not available: one mask per selected op
-        return None
-    return channels
-
-
 def unit_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner: str
                ) -> tuple[list[Site], dict[str, str]]:
     """The mask sites for the selected ops, and the selected ops left unmasked (name -> why).
 
-    With ``surgery.channels``: one site per channel group that a selected op produces, placed
-    at the group's mask points (every producer of the group, after its BN/activation), so a
-    selected op masks its whole group. Frozen groups (and groups whose producers do not carry
-    all their channels) get no mask. Without it: one site per selected op.
+    One site per channel group that a selected op produces, placed at the group's mask points
+    (every producer of the group, after its BN/activation), so a selected op masks its whole
+    group. Frozen groups (the model output, ops the channel rules cannot follow) and groups
+    whose producers do not carry all their channels get no mask.
     """
     nodes = select_nodes(gm, select, exclude, skip=(UnitMask,))
-    channels = _groups(gm)
-    if channels is None:
-        return [_node_site(gm, n, owner) for n in nodes], {}
     groups = channels.channel_groups(gm)
     sites: list[Site] = []
     skipped: dict[str, str] = {}
@@ -145,26 +117,18 @@ def unit_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner: s
             site = Site(f"{owner}_{str(node.target)}", group.size, points, [node])
             seen[id(group)] = site
             sites.append(site)
+    if not sites:
+        why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        raise SurgeryError(f"{owner}: no mask could be placed for the selected ops ({why})")
     return sites, skipped
 
 
-def _units_at(point: tuple[fx.Node, int]) -> int:
-    node, dim = point
-    shape = node.meta.get("shape")
-    if not isinstance(shape, torch.Size):
-        raise SurgeryError(f"node {node.name!r} has no known tensor shape; pass example_inputs to compress()")
-    return int(shape[dim])
-
-
-def _node_site(gm: fx.GraphModule, node: fx.Node, owner: str) -> Site:
-    units, dim = unit_dim(gm, node)
-    return Site(f"{owner}_{str(node.target)}", units, [(tail(gm, node), dim)], [node])
-
-
-def tensor_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner: str) -> list[Site]:
+def tensor_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner: str,
+                 skip: tuple[type, ...] = ()) -> list[Site]:
     """One site per selected op (after its channel-local tail), for per-tensor modules that
-    need no channel coupling (the activation sparsifier)."""
-    return [_node_site(gm, n, owner) for n in select_nodes(gm, select, exclude, skip=(UnitMask,))]
+    need no channel coupling (the activation sparsifier; `units` is 0: not per unit)."""
+    nodes = select_nodes(gm, select, exclude, skip=(UnitMask, *skip))
+    return [Site(f"{owner}_{str(n.target)}", 0, [(tail(gm, n), -1)], [n]) for n in nodes]
 
 
 def insert_site(gm: fx.GraphModule, site: Site, module: nn.Module) -> list[fx.Node]:

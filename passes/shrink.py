@@ -21,6 +21,6 @@ class Shrink:
     tol: float = 1e-4
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
-        out = shrink(gm, ctx.example_inputs, self.tol)
+        out = shrink(gm, ctx.example_inputs, self.tol, inplace=True)  # compress() hands us its own copy
         out.report = out.meta["surgery"]["shrink_report"]
         return out

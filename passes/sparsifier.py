@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from surgery.channels import passthrough, register_rule
 from surgery.errors import SurgeryError
 from surgery.pipeline import Context
 from surgery.select import Selector
@@ -137,7 +138,12 @@ class Sparsifier:
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         if self.penalty not in PENALTIES:
             raise SurgeryError(f"Sparsifier: penalty must be one of {PENALTIES}, got {self.penalty!r}")
-        for site in tensor_sites(gm, self.select, self.exclude, "sparsify"):
+        for site in tensor_sites(gm, self.select, self.exclude, "sparsify", skip=(SparsifierModule,)):
             insert_site(gm, site, SparsifierModule(self.eps, self.a, self.penalty, self.weight, self.normalize,
                                                    self.b, self.double_every, self.a_max, self.hard))
         return gm
+
+
+# element-wise and 0 -> 0: channels pass through unchanged, so Shrink can still remove
+# channels that a mask zeroes on either side of a sparsifier
+register_rule(SparsifierModule, passthrough())

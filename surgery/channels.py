@@ -42,7 +42,6 @@ __all__ = ["ChannelGroup", "Place", "RuleContext", "RULES", "register_rule", "ch
            "analyze", "ChannelGraph", "passthrough", "channel_local", "frozen"]
 
 
-
 @dataclass(eq=False)
 class Place:
     """Where a group's channels live at one op.
@@ -254,9 +253,11 @@ class ChannelGraph:
         self.group_of_chan = np.zeros(n_chan, dtype=np.int64)
         self.group_of_chan[chan] = grp
         frozen_chan: dict[int, str] = {}
-        for elems, reason in self.frozen:
-            for c in np.unique(chan[elems]):
-                frozen_chan.setdefault(int(c), reason)
+        if self.frozen:  # the first reason recorded for a channel is the one reported
+            elems = np.concatenate([e for e, _ in self.frozen])
+            which = np.concatenate([np.full(len(e), i) for i, (e, _) in enumerate(self.frozen)])
+            chans, first = np.unique(chan[elems], return_index=True)
+            frozen_chan = {int(c): self.frozen[which[k]][1] for c, k in zip(chans, first)}
         self.frozen_chan = frozen_chan
         # number the channels of each group by first appearance in its first producer
         order: dict[int, list[int]] = {}
@@ -292,24 +293,22 @@ class ChannelGraph:
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Connected components of n nodes joined by edges a[i]-b[i], labelled 0..k-1 in order of
-    their smallest node (a union-find; no scipy import needed)."""
-    parent = np.arange(n, dtype=np.int64)
-
-    def root(x: int) -> int:
-        r = x
-        while parent[r] != r:
-            r = parent[r]
-        while parent[x] != r:
-            parent[x], x = r, parent[x]
-        return r
-
-    pairs = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], 1), axis=0) if len(a) else ()
-    for x, y in pairs:
-        rx, ry = root(int(x)), root(int(y))
-        if rx != ry:
-            parent[max(rx, ry)] = min(rx, ry)
-    roots = np.array([root(i) for i in range(n)], dtype=np.int64) if n else parent
-    _, labels = np.unique(roots, return_inverse=True)
+    their smallest node: min-label propagation with pointer jumping, all in numpy."""
+    lab = np.arange(n, dtype=np.int64)
+    while len(a):
+        m = np.minimum(lab[a], lab[b])
+        new = lab.copy()
+        np.minimum.at(new, a, m)
+        np.minimum.at(new, b, m)
+        while True:  # labels are node ids no larger than the node's own: jump to the root
+            nxt = new[new]
+            if np.array_equal(nxt, new):
+                break
+            new = nxt
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    _, labels = np.unique(lab, return_inverse=True)
     return labels.reshape(-1)
 
 

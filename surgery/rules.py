@@ -125,7 +125,7 @@ def conv_rule(ctx: RuleContext):
             new = torch.stack([wv[g][:, idx[g]] for g in range(G)]).reshape(w.shape[0], idx.shape[1], *w.shape[2:])
             m.weight = nn.Parameter(new.contiguous(), requires_grad=m.weight.requires_grad)
             m.in_channels = int(kept.sum())
-        ctx.place("reader", ids, 1, arg=0, groups=G, edit=edit_in)
+        ctx.place("reader", ids, 1, arg=0, groups=G, edit=edit_in, values=ctx.values(ctx.x))
     return ctx.new_space(1, params=[(m, "weight", 0), *bias], attrs=[(m, "out_channels")], groups=G)
 
 

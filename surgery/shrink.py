@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,7 @@ class ShrinkReport:
     params_after: int
     max_rel_error: float
     masks_scaled: list[str] = field(default_factory=list)
+    verify_seconds: float = 0.0  # the two verification runs (masked and shrunk model)
 
     def __str__(self) -> str:
         lines = [f"Shrink: params {self.params_before:,} -> {self.params_after:,} "
@@ -127,12 +129,14 @@ def _first_difference(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple, tol: 
     return None
 
 
-def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4) -> fx.GraphModule:
+def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplace: bool = False
+           ) -> fx.GraphModule:
     """A physically smaller copy of `gm` that computes what `gm` (with its masks) computes.
 
-    `gm` is never mutated. Raises :class:`ShrinkMismatch` if the shrunk model's outputs differ
-    from the masked model's on `example_inputs` by more than `tol` (relative to the output's
-    largest magnitude).
+    `gm` is not mutated unless ``inplace=True`` (what the Shrink pass does: compress() already
+    works on a copy). Raises :class:`ShrinkMismatch` if the shrunk model's outputs differ from
+    the masked model's on `example_inputs` by more than `tol` (relative to the output's largest
+    magnitude).
     """
     inputs = as_inputs(example_inputs)
     if inputs is None:
@@ -141,10 +145,12 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4) -> fx.Gra
         raise SurgeryError(f"Shrink needs a captured GraphModule, got {type(gm).__name__}")
     # copy the modules and the graph, share the tensors: every edit below makes new tensors,
     # and whatever is still shared at the end is cloned (cheaper than deep-copying them all)
-    shared = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
-    work = copy.deepcopy(gm, memo=dict(shared))
-    ref = ShapeProp(work).propagate(*inputs)  # fresh shapes, and the masked model's output
+    shared = {} if inplace else {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    work = gm if inplace else copy.deepcopy(gm, memo=dict(shared))
     params_before = _n_params(gm)
+    t0 = time.perf_counter()
+    ref = ShapeProp(work).propagate(*inputs)  # fresh shapes, and the masked model's output
+    verify_seconds = time.perf_counter() - t0
     cg = analyze(work)
     decider = Decider(cg)
     removed = decider.run()
@@ -155,14 +161,20 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4) -> fx.Gra
     finish(work)
     _unshare(work, shared)
     try:
+        t0 = time.perf_counter()
         out = ShapeProp(work).propagate(*inputs)
+        verify_seconds += time.perf_counter() - t0
         err = max_rel_diff(ref, out)
     except Exception as e:
         raise ShrinkMismatch(float("inf"), None, f"the shrunk model fails to run: {type(e).__name__}: {e}") from e
     if not err <= tol:
+        if inplace:
+            raise ShrinkMismatch(err, None, "please report this model; Shrink must be exact. "
+                                 "surgery.shrink(masked_model, example_inputs) names the first differing node")
         first = _first_difference(gm, work, inputs, tol)
         raise ShrinkMismatch(err, first, "please report this model; Shrink must be exact")
     report = _report(cg, decider, removed, params_before, _n_params(work), err, editor.scaled)
+    report.verify_seconds = verify_seconds
     surgery_meta(work)["shrink_report"] = report
     return work
 

@@ -133,7 +133,7 @@ class Editor:
                 node.replace_all_uses_with(inp)
                 g.erase_node(node)
                 continue
-            if self._fold_back(inp, node, f, dim):
+            if self._fold_back(inp, node, f, dim) or self._fold_forward(node, f, dim, nd):
                 node.replace_all_uses_with(inp)
                 g.erase_node(node)
                 continue
@@ -148,6 +148,41 @@ class Editor:
             node.replace_all_uses_with(mul)
             g.erase_node(node)
             self.scaled.append(str(node.target))
+
+    def _fold_forward(self, node: fx.Node, f: torch.Tensor, dim: int, nd: int) -> bool:
+        """Scale the input channels of the convolutions/Linears that read the mask directly
+        (exact for any factor: those layers are linear in their input, zero padding included)."""
+        users = list(node.users)
+        if len(users) == 1 and dim == 1 and _is_flatten(users[0]) and len(users[0].users) == 1:
+            # mask -> flatten -> Linear: channel j becomes features j*HW ... (j+1)*HW - 1
+            hw = int(np.prod(node.meta["shape"][2:]))
+            node, users, f, dim, nd = users[0], list(users[0].users), f.repeat_interleave(hw), 1, 2
+        mods = []
+        for u in users:
+            if u.op != "call_module" or u.args[0] is not node or len(u.args) != 1 or u.kwargs:
+                return False
+            if sum(1 for x in self.gm.graph.nodes if x.op == "call_module" and x.target == u.target) != 1:
+                return False
+            m = self.gm.get_submodule(str(u.target))
+            if isinstance(m, nn.Linear) and dim == nd - 1 and m.in_features == len(f):
+                mods.append(m)
+            elif isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and dim == 1 and \
+                    m.in_channels == len(f):
+                mods.append(m)
+            else:
+                return False
+        if not mods:
+            return False
+        for m in mods:
+            w = m.weight.detach()
+            if isinstance(m, nn.Linear):
+                scale = f.to(w.dtype).reshape(1, -1)
+            else:  # input channel j of group g feeds the group's outputs through weight[:, j % per_group]
+                per_in, per_out = w.shape[1], w.shape[0] // m.groups
+                idx = (torch.arange(w.shape[0]) // per_out).reshape(-1, 1) * per_in + torch.arange(per_in)
+                scale = f.to(w.dtype)[idx].reshape(w.shape[0], per_in, *[1] * (w.dim() - 2))
+            _set_tensor(m, "weight", w * scale)
+        return True
 
     def _fold_back(self, n: Any, user: fx.Node, f: torch.Tensor, dim: int) -> bool:
         """Scale the layer that makes `n` instead of keeping the mask as a multiplication."""
@@ -245,6 +280,16 @@ class Editor:
             del dim
         elif name in ("cat", "concat", "stack", "flatten", "unbind"):
             return
+
+
+def _is_flatten(n: fx.Node) -> bool:
+    if n.op == "call_module":
+        m = n.graph.owning_module.get_submodule(str(n.target))
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    if n.op in ("call_function", "call_method") and getattr(n.target, "__name__", n.target) == "flatten":
+        rest = list(n.args[1:]) + [n.kwargs.get("start_dim", 0 if n.op == "call_function" else 0)]
+        return rest[0] == 1 and len(n.args) <= 2 and "end_dim" not in n.kwargs
+    return False
 
 
 class _Skip(Exception):

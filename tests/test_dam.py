@@ -128,3 +128,18 @@ def test_cnn_masks_shrink_exactly():
     small = surgery.compress(gm, [Shrink()], (x,))
     assert sum(small.get_submodule(f"conv{i}").out_channels for i in (1, 2, 3)) == kept < 40
     assert torch.allclose(small.eval()(x), gm.eval()(x), atol=1e-5)
+
+
+def test_nothing_placeable_is_an_error_naming_why():
+    net = _mlp()
+    with pytest.raises(surgery.SurgeryError, match="frozen"):
+        surgery.compress(net, [DAM(select="4")], (torch.randn(2, 8),))  # the head feeds the output
+
+
+@pytest.mark.parametrize("module", ["passes.dam", "passes.gumbel", "passes.sparsifier",
+                                    "surgery.activation_stats", "benchmarks.digits"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

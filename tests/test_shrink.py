@@ -487,3 +487,68 @@ def test_random_dags_shrink_exactly():
         check_random_dag(data)
 
     prop()
+
+
+@pytest.mark.parametrize("kw", [dict(criterion="l2"), dict(criterion="bn_scale"), dict(criterion="random"),
+                                dict(scope="global"), dict(round_to=8), dict(exclude="layer2*")])
+def test_channel_prune_options(kw):
+    import torchvision
+    model = _randomise(torchvision.models.resnet18(weights=None, num_classes=10))
+    masked, small, x = _masked_and_shrunk(model, (1, 3, 32, 32), **kw)
+    x2 = torch.randn(1, 3, 32, 32)
+    assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-4
+    convs = {n: m for n, m in small.named_modules() if isinstance(m, nn.Conv2d)}
+    assert small.get_submodule("fc").out_features == 10  # the output is never pruned
+    if kw.get("round_to") == 8:
+        assert all(m.out_channels % 8 == 0 for m in convs.values())
+    if "exclude" in kw:
+        assert small.get_submodule("layer2.0.conv1").out_channels == 128
+        assert small.get_submodule("layer3.0.conv1").out_channels == 128
+    assert all(m.out_channels >= 1 for m in convs.values())
+    assert _params(small) < _params(model)
+
+
+def test_channel_prune_rejects_bad_config():
+    with pytest.raises(surgery.SurgeryError, match="ratio"):
+        ChannelPrune(ratio=1.0)
+    with pytest.raises(surgery.SurgeryError, match="criterion"):
+        ChannelPrune(criterion="taylor")
+
+
+def test_grouped_convolution_keeps_equal_channels_per_group():
+    net = _randomise(nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 8 * 8, 3)))
+    masked, small, x = _masked_and_shrunk(net, (1, 3, 8, 8))
+    g = small.get_submodule("3")
+    assert (small.get_submodule("0").out_channels, g.in_channels, g.out_channels, g.groups) == (8, 8, 8, 4)
+    x2 = torch.randn(2, 3, 8, 8)
+    assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
+
+
+def test_soft_mask_folds_into_the_next_layer():
+    """Kept non-binary factors after a GELU (not foldable backwards) go into the readers' weights,
+    depthwise and Linear alike: no multiplication is left."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.Conv2d(8, 8, 3, groups=8), nn.GELU(), nn.Flatten(),
+                        nn.Linear(8 * 8 * 8, 3))
+    x = torch.randn(2, 3, 12, 12)
+    gm = surgery.capture(net, (x,))
+    f = torch.linspace(-1, 2, 8)
+    f[2] = 0
+    for target in ("1", "3"):
+        node = gm.graph.find_nodes(op="call_module", target=target)[0]
+        surgery.graph.insert_after(gm, node, Scale(f.clone(), 1 if target == "1" else -3), f"m{target}")
+    small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
+    assert not small.report.masks_scaled
+    assert not any(n.target is torch.mul for n in small.graph.nodes)
+    assert small.get_submodule("2").groups == 7
+    x2 = torch.randn(3, 3, 12, 12)
+    assert max_rel_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5
+
+
+def test_functional_shrink_leaves_its_input_alone():
+    masked, _, x = _masked_and_shrunk(_randomise(Inception()), IMG)
+    before = {k: v.clone() for k, v in masked.state_dict().items()}
+    small = surgery.shrink(masked, (x,))
+    assert all(torch.equal(before[k], v) for k, v in masked.state_dict().items())
+    assert any(isinstance(m, UnitMask) for m in masked.modules()) and _params(small) < _params(masked)

@@ -97,3 +97,17 @@ def test_short_digits_run_raises_sparsity():
     hard = surgery.harden(gm)
     assert surgery.activation_sparsity(hard, x, total=True) > natural + 0.1
     assert accuracy(hard, x, d.y_test) > accuracy(base, x, d.y_test) - 0.05
+
+
+def test_sparsifier_does_not_block_shrink():
+    from passes import DAM, Shrink
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    x = torch.randn(4, 1, 4, 4)
+    gm = surgery.compress(net, [DAM(select="0"), Sparsifier(select="0", eps=0.05, hard=True)], (x,))
+    with torch.no_grad():
+        gm.dam_0.beta.fill_(-2.6)  # closes units 0..3 of 6
+    small = surgery.compress(gm, [Shrink()], (x,))
+    assert small.get_submodule("0").out_channels == 2
+    assert torch.allclose(small.eval()(x), gm.eval()(x), atol=1e-5)
