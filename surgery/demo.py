@@ -114,7 +114,7 @@ def train(model: nn.Module, data: Digits, epochs: int, desc: str, *, lr: float =
             if penalty:
                 surgery.step(model)
         sched.step()
-        post = {"loss": f"{float(loss):.3f}", "test acc": f"{accuracy(model, data.x_test, data.y_test):.3f}"}
+        post = {"loss": f"{loss.item():.3f}", "test acc": f"{accuracy(model, data.x_test, data.y_test):.3f}"}
         if penalty:
             kept = [m.kept() for m in surgery.masks(model).values()]
             post["channels kept"] = f"{sum(int(k.sum()) for k in kept)}/{sum(k.numel() for k in kept)}"
