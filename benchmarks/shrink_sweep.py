@@ -252,6 +252,7 @@ def main() -> None:
     ap.add_argument("--redo", action="store_true", help="rerun models already in the rows file")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even when installed")
     ap.add_argument("--rows", default=str(ROWS))
+    ap.add_argument("--table-only", action="store_true", help="write the table from the rows file, run nothing")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -272,7 +273,7 @@ def main() -> None:
                 r = json.loads(line)
                 done[r["model"]] = r
     from tqdm import tqdm
-    for name in tqdm(names, desc="shrink sweep"):
+    for name in tqdm([] if args.table_only else names, desc="shrink sweep"):
         if name in done and not args.redo:
             continue
         cmd = [sys.executable, __file__, "--one", name, "--ratio", str(args.ratio), "--size", str(args.size),
