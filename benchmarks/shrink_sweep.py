@@ -105,6 +105,21 @@ def run_tp(name: str, ratio: float, x) -> dict:
             "tp_error": None if ok else f"output shape {tuple(out.shape)} != {tuple(ref_shape)}"}
 
 
+TP_MEMORY_GB = 6  # Torch-Pruning needs > 16 GB on swin: keep it from taking the machine down
+
+
+def _limit_memory(extra_gb: float) -> None:
+    """Cap this process's address space at its current size plus `extra_gb`."""
+    try:
+        import resource
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        cap = vm + int(extra_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    except (ImportError, OSError, StopIteration, ValueError):
+        pass
+
+
 def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool) -> dict:
     import torch
     import torchvision
@@ -154,8 +169,11 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool) -> 
             return row
         row["tp_ok"], row["tp_error"] = False, "did not finish"
         print("ROW " + json.dumps(row), flush=True)
+        _limit_memory(TP_MEMORY_GB)
         try:
             row.update(run_tp(name, ratio, x))
+        except MemoryError:
+            row.update(tp_ok=False, tp_error=f"out of memory (limit {TP_MEMORY_GB} GB more)")
         except Exception as e:
             row.update(tp_ok=False, tp_error=f"{type(e).__name__}: {str(e)[:200]}")
     return row
@@ -234,6 +252,7 @@ def main() -> None:
     ap.add_argument("--redo", action="store_true", help="rerun models already in the rows file")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even when installed")
     ap.add_argument("--rows", default=str(ROWS))
+    ap.add_argument("--table-only", action="store_true", help="write the table from the rows file, run nothing")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -254,7 +273,7 @@ def main() -> None:
                 r = json.loads(line)
                 done[r["model"]] = r
     from tqdm import tqdm
-    for name in tqdm(names, desc="shrink sweep"):
+    for name in tqdm([] if args.table_only else names, desc="shrink sweep"):
         if name in done and not args.redo:
             continue
         cmd = [sys.executable, __file__, "--one", name, "--ratio", str(args.ratio), "--size", str(args.size),
