@@ -26,7 +26,7 @@ def main() -> None:
     from hypothesis import HealthCheck, given, seed, settings
     from hypothesis import strategies as st
 
-    import test_shrink
+    import test_shrink_property as test_shrink
     count = {"n": 0}
 
     @seed(args.seed)

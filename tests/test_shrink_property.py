@@ -1,0 +1,137 @@
+"""Property test: Shrink is exact on random small DAGs of conv/BN/ReLU/add/cat/flatten/linear
+with random masks (few examples here; benchmarks/shrink_property.py runs hundreds)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import surgery
+from passes import Shrink
+from surgery.channels import channel_groups
+from surgery.pipeline import UnitMask
+from surgery.verify import max_rel_diff, run_eval
+from test_shrink import Scale, _insert_shared, _params, _randomise
+
+
+class RandomDag(nn.Module):
+    """A random DAG of conv/BN/ReLU/add/cat ending in flatten+linear (or pool+linear), built
+    from a spec so that fx traces it into a plain graph."""
+
+    def __init__(self, spec: list[tuple], head: str, hw: int):
+        super().__init__()
+        self.spec, self.head_kind = spec, head
+        self.layers = nn.ModuleDict()
+        chans = [3]
+        for i, (op, a, b, arg) in enumerate(spec):
+            if op == "conv":
+                k, out, groups = arg
+                self.layers[str(i)] = nn.Conv2d(chans[a], out, k, padding=k // 2, groups=groups)
+                chans.append(out)
+            elif op == "bn":
+                self.layers[str(i)] = nn.BatchNorm2d(chans[a])
+                chans.append(chans[a])
+            elif op == "relu":
+                chans.append(chans[a])
+            elif op == "add":
+                chans.append(chans[a])
+            elif op == "cat":
+                chans.append(chans[a] + chans[b])
+        self.last = len(chans) - 1
+        feat = chans[-1] * (hw * hw if head == "flatten" else 1)
+        self.fc = nn.Linear(feat, 3)
+
+    def forward(self, x):
+        ts = [x]
+        for i, (op, a, b, arg) in enumerate(self.spec):
+            if op in ("conv", "bn"):
+                ts.append(self.layers[str(i)](ts[a]))
+            elif op == "relu":
+                ts.append(torch.relu(ts[a]))
+            elif op == "add":
+                ts.append(ts[a] + ts[b])
+            elif op == "cat":
+                ts.append(torch.cat([ts[a], ts[b]], 1))
+        y = ts[-1]
+        y = torch.flatten(y, 1) if self.head_kind == "flatten" else y.mean((2, 3))
+        return self.fc(y)
+
+
+def draw_dag(data, hw: int = 4) -> RandomDag:
+    from hypothesis import strategies as st
+    chans = [3]
+    spec = []
+    n = data.draw(st.integers(2, 9), label="n_ops")
+    for _ in range(n):
+        op = data.draw(st.sampled_from(["conv", "conv", "bn", "relu", "add", "cat"]))
+        a = data.draw(st.integers(0, len(chans) - 1))
+        if op == "conv":
+            k = data.draw(st.sampled_from([1, 3]))
+            dw = chans[a] > 3 and data.draw(st.booleans())
+            out = chans[a] if dw else data.draw(st.sampled_from([2, 4, 6, 8]))
+            spec.append(("conv", a, None, (k, out, chans[a] if dw else 1)))
+            chans.append(out)
+        elif op == "add":
+            same = [i for i, c in enumerate(chans) if c == chans[a] and i != a]
+            if not same:
+                continue
+            spec.append(("add", a, data.draw(st.sampled_from(same)), None))
+            chans.append(chans[a])
+        elif op == "cat":
+            b = data.draw(st.integers(0, len(chans) - 1))
+            spec.append(("cat", a, b, None))
+            chans.append(chans[a] + chans[b])
+        elif op == "bn" and a > 0:
+            spec.append(("bn", a, None, None))
+            chans.append(chans[a])
+        elif op == "relu":
+            spec.append(("relu", a, None, None))
+            chans.append(chans[a])
+    if not spec or spec[-1][0] != "conv":
+        spec.append(("conv", len(chans) - 1, None, (1, 4, 1)))
+    head = data.draw(st.sampled_from(["flatten", "mean"]))
+    return _randomise(RandomDag(spec, head, hw), seed=data.draw(st.integers(0, 99)))
+
+
+def random_masks(gm, data) -> None:
+    """Shared masks on random groups, plus masks at random conv/BN outputs (before BNs too)."""
+    from hypothesis import strategies as st
+    for g in channel_groups(gm):
+        if not g.mask_points() or not data.draw(st.booleans()):
+            continue
+        zero = data.draw(st.lists(st.booleans(), min_size=g.size, max_size=g.size))
+        soft = data.draw(st.booleans())
+        f = torch.tensor([0.0 if z else 1.0 for z in zero])
+        if soft:
+            f = f * (torch.rand(g.size) * 2 - 0.3)
+        _insert_shared(gm, g, Scale(f, g.mask_points()[0][1]), f"hm_{g.id}")
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and len(n.meta.get("shape", ())) == 4
+             and not isinstance(gm.get_submodule(str(n.target)), UnitMask)]
+    for n in data.draw(st.lists(st.sampled_from(nodes), max_size=2, unique=True)) if nodes else []:
+        c = n.meta["shape"][1]
+        zero = data.draw(st.lists(st.booleans(), min_size=c, max_size=c))
+        surgery.graph.insert_after(gm, n, Scale(torch.tensor([0.0 if z else 1.0 for z in zero]), 1), "rm")
+
+
+def check_random_dag(data) -> None:
+    model = draw_dag(data)
+    x = torch.randn(2, 3, 4, 4)
+    gm = surgery.capture(model, (x,))
+    random_masks(gm, data)
+    from surgery.capture import ShapeProp
+    ShapeProp(gm).propagate(x)
+    small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
+    x2 = torch.randn(3, 3, 4, 4)
+    assert max_rel_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-4
+    assert _params(small) <= _params(gm)
+
+
+def test_random_dags_shrink_exactly():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.data())
+    def prop(data):
+        check_random_dag(data)
+
+    prop()
