@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from surgery.verify import eval_mode
+
 __all__ = ["Digits", "load_digits_split", "make_mlp", "make_cnn", "train", "accuracy",
            "balanced_accuracy"]
 
@@ -125,24 +127,14 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 60, lr: float
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     """Top-1 accuracy in eval mode (training flags restored)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         return float((model(x).argmax(-1) == y).float().mean())
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 @torch.no_grad()
 def balanced_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     """Mean per-class recall in eval mode (for imbalanced tasks such as 'is it a 0')."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         pred = model(x).argmax(-1)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     recalls = [float((pred[y == c] == c).float().mean()) for c in torch.unique(y)]
     return sum(recalls) / len(recalls)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .capture import as_inputs
 from .errors import SurgeryError
+from .verify import eval_mode
 
 __all__ = ["harden", "activation_sparsity", "sparsifiers"]
 
@@ -55,15 +56,12 @@ def activation_sparsity(gm: nn.Module, inputs: Any, *, total: bool = False) -> d
             counts[name][0] += int((out == 0).sum())
             counts[name][1] += out.numel()
         hooks.append(m.register_forward_hook(hook))
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
     try:
-        gm(*as_inputs(inputs))
+        with eval_mode(gm):
+            gm(*as_inputs(inputs))
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     if total:
         elems = sum(c[1] for c in counts.values())
         return sum(c[0] for c in counts.values()) / max(elems, 1)

@@ -23,7 +23,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import SurgeryError, TraceFailure
+from .errors import SurgeryError, TraceFailure, first_line
+from .verify import eval_mode
 
 __all__ = ["capture", "ShapeProp", "surgery_meta", "as_inputs"]
 
@@ -96,11 +97,6 @@ def _split_leaves(leaf_modules: Iterable[LeafSpec]) -> tuple[tuple[type, ...], s
     return tuple(types), names
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
 def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], concrete_args) -> tuple[fx.Graph, dict[str, str]]:
     leaf_types, leaf_names = _split_leaves(leaf_modules)
     opaque: dict[str, str] = {}
@@ -115,7 +111,7 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], concrete_args) -> 
                 raise TraceFailure(type(root).__name__ if not culprit else culprit, e) from e
             # an opaque module hides its descendants: drop any of them recorded earlier
             opaque = {k: v for k, v in opaque.items() if not k.startswith(culprit + ".")}
-            opaque[culprit] = _first_line(e)
+            opaque[culprit] = first_line(e)
     raise TraceFailure(type(root).__name__, "gave up after marking every submodule opaque")
 
 
@@ -164,7 +160,7 @@ def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict
                 continue
             except TraceFailure as e:
                 if not any(True for _ in child.children()):
-                    opaque[qual] = _first_line(e.fx_error) if isinstance(e.fx_error, BaseException) else str(e)
+                    opaque[qual] = first_line(e.fx_error) if isinstance(e.fx_error, BaseException) else str(e)
                     continue
         _capture_children(child, qual + ".", leaf_modules, opaque)
 
@@ -221,7 +217,7 @@ def capture(
     try:
         root = copy.deepcopy(model)
     except Exception as e:
-        raise SurgeryError(f"cannot copy {type(model).__name__} before tracing ({_first_line(e)}); "
+        raise SurgeryError(f"cannot copy {type(model).__name__} before tracing ({first_line(e)}); "
                            "surgery never traces the caller's model in place") from e
     shell = False
     try:
@@ -234,7 +230,7 @@ def capture(
         if not any(isinstance(m, fx.GraphModule) for m in root.modules()):
             raise failure
         gm, shell = _shell(root), True
-        opaque = {"model": _first_line(failure.fx_error) if isinstance(failure.fx_error, BaseException)
+        opaque = {"model": first_line(failure.fx_error) if isinstance(failure.fx_error, BaseException)
                   else str(failure.fx_error), **{f"model.{k}": v for k, v in opaque.items()}}
     meta = surgery_meta(gm)
     meta.update(opaque=dict(opaque), class_name=type(model).__name__, shell=shell)
@@ -292,11 +288,5 @@ class ShapeProp(fx.Interpreter):
         return result
 
     def propagate(self, *args: Any) -> Any:
-        modes = {m: m.training for m in self.module.modules()}
-        self.module.eval()
-        try:
-            with torch.no_grad():
-                return self.run(*args)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        with eval_mode(self.module), torch.no_grad():
+            return self.run(*args)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SurgeryError
+from .verify import eval_mode
 
 __all__ = ["DigitsCNN", "digits_data", "run_demo", "latency_ms"]
 
@@ -77,12 +78,8 @@ def digits_data(seed: int = 0) -> Digits:
 
 @torch.no_grad()
 def accuracy(model: Any, x: Tensor, y: Tensor) -> float:
-    was = getattr(model, "training", False)
-    model.eval()
-    try:
+    with eval_mode(model):
         return float((model(x).argmax(1) == y).float().mean())
-    finally:
-        model.train(was)
 
 
 def train(model: nn.Module, data: Digits, epochs: int, desc: str, *, lr: float = 1e-2,

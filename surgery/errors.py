@@ -4,6 +4,13 @@ from __future__ import annotations
 from typing import Sequence
 
 
+def first_line(e: BaseException) -> str:
+    """``"TypeName: first non-blank line of the message"``: how errors from other libraries are
+    quoted inside ours."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 class SurgeryError(Exception):
     """Root of every error surgery raises on purpose."""
 

@@ -20,21 +20,10 @@ import torch
 from torch import nn
 
 from .capture import as_inputs
-from .errors import ExportFailure
-from .verify import max_rel_diff, run_eval
+from .errors import ExportFailure, first_line
+from .verify import eval_mode, max_rel_diff, run_eval
 
 __all__ = ["export", "load_torchscript"]
-
-
-def _eval_copyless(model: nn.Module):
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    return modes
-
-
-def _restore(modes) -> None:
-    for m, mode in modes.items():
-        m.training = mode
 
 
 def _close(ref: Any, out: Any, tol: float) -> tuple[bool, float]:
@@ -60,9 +49,8 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, me
     if method not in ("auto", "script", "trace"):
         raise ExportFailure(f"{path}: method must be 'auto', 'script' or 'trace', got {method!r}")
     path = Path(path)
-    modes = _eval_copyless(model)
     errors: list[str] = []
-    try:
+    with eval_mode(model):
         ref = run_eval(model, inputs)
         for how in (["script", "trace"] if method == "auto" else [method]):
             try:
@@ -76,7 +64,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, me
                 path.parent.mkdir(parents=True, exist_ok=True)
                 sm.save(str(path))
             except Exception as e:  # scripting fails on many Python constructs: try the next way
-                errors.append(f"{how}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+                errors.append(f"{how}: {first_line(e)}")
                 continue
             loaded = torch.jit.load(str(path), map_location="cpu")
             with torch.no_grad():
@@ -85,8 +73,6 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, me
             if ok:
                 return path
             errors.append(f"{how}: the reloaded file differs from the model (max rel. error {err:.3g})")
-    finally:
-        _restore(modes)
     if path.exists():
         path.unlink()
     raise ExportFailure(f"{path}: could not export {type(model).__name__} to TorchScript: " + "; ".join(errors))

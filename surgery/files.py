@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import SurgeryError, UnsafeFile
+from .errors import SurgeryError, UnsafeFile, first_line
 
 __all__ = ["BadModelFile", "LoadedModel", "load_model_file"]
 
@@ -56,18 +56,13 @@ class LoadedModel:
     note: str = ""
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
-
-
 def _zip_kind(path: Path) -> str:
     """'torchscript', 'torch' (a torch.save archive) or 'zip' (something else)."""
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise BadModelFile(path, f"truncated or corrupt zip archive ({_first_line(e)})") from None
+        raise BadModelFile(path, f"truncated or corrupt zip archive ({first_line(e)})") from None
     tails = {n.split("/", 1)[1] if "/" in n else n for n in names}
     if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
         return "torchscript"
@@ -122,7 +117,7 @@ def _unsafe_reason(e: BaseException) -> str:
     m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
     if m:
         return f"it needs {m.group(1)}"
-    return _first_line(e)
+    return first_line(e)
 
 
 def _torch_load(path: Path, trust: bool) -> LoadedModel:
@@ -132,17 +127,17 @@ def _torch_load(path: Path, trust: bool) -> LoadedModel:
         return _from_object(path, obj, trusted=False)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e) and "Unsupported global" not in str(e):
-            raise BadModelFile(path, f"corrupt pickle ({_first_line(e)})") from None
+            raise BadModelFile(path, f"corrupt pickle ({first_line(e)})") from None
         if not trust:
             raise UnsafeFile(str(path), _unsafe_reason(e)) from None
         reason = e
     except (RuntimeError, EOFError, ValueError, OSError, KeyError) as e:
-        raise BadModelFile(path, f"truncated or corrupt torch file ({_first_line(e)})") from None
+        raise BadModelFile(path, f"truncated or corrupt torch file ({first_line(e)})") from None
     # trust=True and the safe loader refused: the user vouched for this file
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise BadModelFile(path, f"cannot unpickle even with --trust ({_first_line(e)}; "
+        raise BadModelFile(path, f"cannot unpickle even with --trust ({first_line(e)}; "
                                  f"the safe loader said: {_unsafe_reason(reason)})") from None
     return _from_object(path, obj, trusted=True)
 
@@ -163,7 +158,7 @@ def load_model_file(path: str | os.PathLike, trust: bool = False) -> LoadedModel
         with open(p, "rb") as f:
             head = f.read(8)
     except OSError as e:
-        raise BadModelFile(p, f"cannot read ({e.strerror or _first_line(e)})") from None
+        raise BadModelFile(p, f"cannot read ({e.strerror or first_line(e)})") from None
     if not head:
         raise BadModelFile(p, "empty file (0 bytes)")
     if head.startswith(COMPACT_MAGIC):
@@ -176,7 +171,7 @@ def load_model_file(path: str | os.PathLike, trust: bool = False) -> LoadedModel
                     warnings.simplefilter("ignore")
                     return LoadedModel(str(p), "torchscript", torch.jit.load(str(p), map_location="cpu"))
             except Exception as e:
-                raise BadModelFile(p, f"truncated or corrupt TorchScript archive ({_first_line(e)})") from None
+                raise BadModelFile(p, f"truncated or corrupt TorchScript archive ({first_line(e)})") from None
         if kind == "torch":
             return _torch_load(p, trust)
         raise BadModelFile(p, "a zip archive that is neither TorchScript nor a torch.save file")
@@ -196,7 +191,7 @@ def _load_compact(p: Path, load) -> LoadedModel:
         msg = msg[len(str(p)) + 2:] if msg.startswith(f"{p}: ") else msg
         raise BadModelFile(p, f"truncated or corrupt compact archive ({msg})") from None
     except Exception as e:
-        raise BadModelFile(p, f"truncated or corrupt compact archive ({_first_line(e)})") from None
+        raise BadModelFile(p, f"truncated or corrupt compact archive ({first_line(e)})") from None
     if isinstance(obj, nn.Module):
         return LoadedModel(str(p), "compact", obj)
     sd, note = _state_dict_in(obj)

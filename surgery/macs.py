@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
+from .verify import eval_mode
 
 __all__ = ["count_macs", "OTHER", "ROOT"]
 
@@ -77,20 +78,15 @@ def count_macs(model: nn.Module, inputs: tuple, layer_names: Iterable[str] = ())
             if mname in names:
                 handles.append(m.register_forward_pre_hook(lambda _m, _a, n=mname: stack.append(n)))
                 handles.append(m.register_forward_hook(lambda _m, _a, _o: stack.pop() and None))
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad(), _MacCounter(owners, stack) as counter:
+        with eval_mode(model), torch.no_grad(), _MacCounter(owners, stack) as counter:
             model(*inputs)
     except SurgeryError:
         raise
     except Exception as e:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, Tensor))
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise SurgeryError(f"running the model on input shape {shapes} failed: {type(e).__name__}: {first}") from e
+        raise SurgeryError(f"running the model on input shape {shapes} failed: {first_line(e)}") from e
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return counter.macs

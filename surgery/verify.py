@@ -1,12 +1,13 @@
 """Output comparison shared by capture checks, Shrink verification, export and benchmarks."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["max_abs_diff", "max_rel_diff", "run_eval"]
+__all__ = ["max_abs_diff", "max_rel_diff", "run_eval", "eval_mode"]
 
 
 def _pairs(a: Any, b: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -57,13 +58,21 @@ def max_rel_diff(a: Any, b: Any) -> float:
     return worst
 
 
-@torch.no_grad()
-def run_eval(model: torch.nn.Module, inputs: tuple) -> Any:
-    """Run `model` on `inputs` in eval mode without gradients, restoring its training flags."""
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put every submodule of `model` in eval mode for the block, then restore each one's own
+    training flag (a model may mix train and eval submodules)."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        return model(*inputs)
+        yield model
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+@torch.no_grad()
+def run_eval(model: torch.nn.Module, inputs: tuple) -> Any:
+    """Run `model` on `inputs` in eval mode without gradients, restoring its training flags."""
+    with eval_mode(model):
+        return model(*inputs)
