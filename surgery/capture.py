@@ -14,7 +14,6 @@ opaque: they stay as single `call_module` nodes that run their eager forward.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import warnings
 from typing import Any, Iterable, Sequence
@@ -24,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import SurgeryError, TraceFailure, first_line
+from .graph import copy_module, copy_sharing_tensors, gc_paused
 from .verify import eval_mode
 
 __all__ = ["capture", "ShapeProp", "surgery_meta", "as_inputs"]
@@ -185,6 +185,7 @@ def _shell(root: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(holder, graph, class_name=type(root).__name__)
 
 
+@gc_paused()
 def capture(
     model: nn.Module,
     example_inputs: Any = None,
@@ -192,6 +193,7 @@ def capture(
     leaf_modules: Sequence[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
     descend: bool = True,
+    _share_parameters: bool = False,
 ) -> fx.GraphModule:
     """Trace a copy of `model` into a GraphModule that keeps its qualified module names.
 
@@ -211,11 +213,15 @@ def capture(
     ``gm.meta["surgery"]["opaque"]`` (name -> reason) and reported in one warning. A top-level
     forward that cannot be traced raises :class:`TraceFailure` when ``descend=False`` or when
     nothing beneath it can be traced either.
+
+    ``_share_parameters`` is for :func:`surgery.compress` alone: the copy keeps the caller's
+    parameter objects (buffers are still cloned), and compress clones whatever is still shared
+    before it returns.
     """
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"capture expects an nn.Module, got {type(model).__name__}")
     try:
-        root = copy.deepcopy(model)
+        root = copy_sharing_tensors(model, buffers=False)[0] if _share_parameters else copy_module(model)
     except Exception as e:
         raise SurgeryError(f"cannot copy {type(model).__name__} before tracing ({first_line(e)}); "
                            "surgery never traces the caller's model in place") from e

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SurgeryError
+from .graph import gc_paused
 from .rulebook import (RULES, Ids, Rule, RuleContext, _RawPlace, channel_local, frozen, passthrough,  # noqa: F401
                        register_rule, varying)
 
@@ -259,27 +260,28 @@ class ChannelGraph:
             chans, first = np.unique(chan[elems], return_index=True)
             frozen_chan = {int(c): self.frozen[which[k]][1] for c, k in zip(chans, first)}
         self.frozen_chan = frozen_chan
-        # number the channels of each group by first appearance in its first producer
-        order: dict[int, list[int]] = {}
-        _, first_elem = np.unique(chan, return_index=True)   # channel -> its first element
-        for c in np.argsort(first_elem, kind="stable"):
-            order.setdefault(int(grp[first_elem[c]]), []).append(int(c))
+        # groups are numbered by first appearance, and so are the channels within each group
+        _, first_elem = np.unique(chan, return_index=True)    # channel -> its first element
+        by_first = np.argsort(first_elem, kind="stable")      # channels in order of appearance
+        keys, key_first = np.unique(grp[first_elem[by_first]], return_index=True)
+        gid = np.empty(len(keys), dtype=np.int64)
+        gid[np.argsort(key_first, kind="stable")] = np.arange(len(keys))
+        g_sorted = gid[np.searchsorted(keys, grp[first_elem[by_first]])]
+        sizes = np.bincount(g_sorted, minlength=len(keys))
+        in_group = np.argsort(g_sorted, kind="stable")        # grouped, appearance order kept
         self.local_index = np.zeros(n_chan, dtype=np.int64)
-        gid_of: dict[int, int] = {}
-        groups: list[ChannelGroup] = []
-        for gkey, chans in order.items():
-            gid_of[gkey] = len(groups)
-            self.local_index[chans] = np.arange(len(chans))
-            groups.append(ChannelGroup(id=len(groups), size=len(chans)))
-        self.chan_group = np.array([gid_of[int(k)] for k in self.group_of_chan], dtype=np.int64) \
-            if n_chan else np.zeros(0, dtype=np.int64)
+        self.local_index[by_first[in_group]] = np.arange(n_chan) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        self.chan_group = np.zeros(n_chan, dtype=np.int64)
+        self.chan_group[by_first] = g_sorted
+        groups = [ChannelGroup(id=i, size=int(s)) for i, s in enumerate(sizes)]
         for c, reason in frozen_chan.items():
             g = groups[self.chan_group[c]]
             g.frozen = g.frozen or reason
         for p in self.places:
             chans = chan[p.ids]
-            for gi in np.unique(self.chan_group[chans]):
-                local = np.where(self.chan_group[chans] == gi, self.local_index[chans], -1)
+            cg = self.chan_group[chans]
+            for gi in (cg[:1] if len(cg) and (cg == cg[0]).all() else np.unique(cg)):
+                local = np.where(cg == gi, self.local_index[chans], -1)
                 place = Place(p.node, p.role, p.dim, local, p.arg)
                 bucket = {"producer": groups[gi].producers, "local": groups[gi].locals,
                           "reader": groups[gi].readers, "mask": groups[gi].masks}[p.role]
@@ -336,6 +338,7 @@ def _freeze_output(g: ChannelGraph, node: fx.Node) -> None:
                 g.frozen.append((np.unique(part), f"reaches the model output through {a.name!r}"))
 
 
+@gc_paused()
 def analyze(gm: fx.GraphModule) -> ChannelGraph:
     """Walk `gm` once and return the full channel analysis (layouts, places, groups)."""
     if not isinstance(gm, fx.GraphModule):

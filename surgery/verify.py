@@ -63,7 +63,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Put every submodule of `model` in eval mode for the block, then restore each one's own
     training flag (a model may mix train and eval submodules)."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    if any(modes.values()):
+        model.eval()
     try:
         yield model
     finally:
