@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -79,6 +80,8 @@ class ChannelPrune:
     scope: str = "local"
     round_to: int = 1
     seed: int = 0
+    keeps_shapes: ClassVar[bool] = True     # mask nodes get their input's shape
+    writes_tensors: ClassVar[bool] = False  # reads weights to score them, adds masks
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.fx as fx
 
@@ -19,6 +20,8 @@ class Shrink:
     ``gm.meta["surgery"]["shrink_report"]``)."""
 
     tol: float = 1e-4
+    keeps_shapes: ClassVar[bool] = True     # its verification run annotates the shrunk graph
+    writes_tensors: ClassVar[bool] = False  # every edit makes new tensors
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         out = shrink(gm, ctx.example_inputs, self.tol, inplace=True)  # compress() hands us its own copy

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .capture import ShapeProp, as_inputs, capture, surgery_meta
 from .errors import SurgeryError
+from .graph import copy_sharing_tensors, gc_paused, unshare
 
 __all__ = ["Pass", "Mask", "UnitMask", "Context", "compress", "masks", "penalty", "step"]
 
@@ -47,7 +48,14 @@ class Context:
 
 @runtime_checkable
 class Pass(Protocol):
-    """A graph pass: a dataclass whose fields are its configuration."""
+    """A graph pass: a dataclass whose fields are its configuration.
+
+    Two optional class attributes (``ClassVar[bool]``) let :func:`compress` skip work:
+    ``keeps_shapes = True`` says every node's ``meta["shape"]`` is right after the pass (no
+    re-annotation run needed); ``writes_tensors = False`` says the pass never writes into an
+    existing parameter or buffer (it may replace them), so compress need not clone the model's
+    weights up front. Leaving them out is always safe.
+    """
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule: ...
 
@@ -116,6 +124,7 @@ def step(gm: nn.Module) -> None:
         m.step()
 
 
+@gc_paused()
 def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = None, *,
              inplace: bool = False, leaf_modules: Sequence = (), concrete_args: dict | None = None,
              ) -> fx.GraphModule:
@@ -123,31 +132,45 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
 
     `model` may be any nn.Module or a GraphModule from an earlier compress(); it is never
     mutated unless ``inplace=True`` (GraphModules only). With `example_inputs`, node shapes are
-    (re)annotated before the passes run and after each one.
+    (re)annotated before the passes run and after each pass that does not declare
+    ``keeps_shapes = True``.
+
+    When every pass declares ``writes_tensors = False``, the working copy starts out sharing the
+    caller's parameter tensors instead of cloning them (Shrink replaces most of them anyway);
+    whatever is still shared at the end is cloned, so the result never aliases the caller's
+    model, and a pass that writes into a shared tensor after all is named in an error.
     """
     inputs = as_inputs(example_inputs)
     for p in passes:
         if not callable(getattr(p, "apply", None)):
             raise SurgeryError(f"{p!r} is not a pass: it has no apply(gm, ctx) method")
+    share = not inplace and all(getattr(p, "writes_tensors", True) is False for p in passes)
     if isinstance(model, fx.GraphModule):
-        gm = model if inplace else copy.deepcopy(model)
+        gm = model if inplace else copy_sharing_tensors(model, buffers=False)[0] if share else copy.deepcopy(model)
         if inputs is not None:
             ShapeProp(gm).propagate(*inputs)
     elif isinstance(model, nn.Module):
         if inplace:
             raise SurgeryError("inplace=True needs a GraphModule; an nn.Module is always captured as a copy")
-        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _share_parameters=share)
     else:
         raise SurgeryError(f"compress expects an nn.Module, got {type(model).__name__}")
+    shared = {id(t): (t, t._version) for t in model.parameters()} if share else {}
     ctx = Context(example_inputs=inputs)
     for p in passes:
         out = p.apply(gm, ctx)
         if not isinstance(out, fx.GraphModule):
             raise SurgeryError(f"{type(p).__name__}.apply returned {type(out).__name__}, not a GraphModule")
         gm = out
+        written = [t for t, version in shared.values() if t._version != version]
+        if written:
+            raise SurgeryError(f"{type(p).__name__} declares writes_tensors = False but wrote into {len(written)} "
+                               "parameter(s) of the model being compressed; please report this pass")
         gm.graph.lint()
         gm.recompile()
         surgery_meta(gm)["passes"].append(repr(p))
-        if inputs is not None:
+        if inputs is not None and not getattr(p, "keeps_shapes", False):
             ShapeProp(gm).propagate(*inputs)
+    if shared:
+        unshare(gm, {k: t for k, (t, _) in shared.items()})
     return gm

@@ -19,7 +19,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,11 +31,11 @@ from torch import nn
 from .capture import ShapeProp, as_inputs, surgery_meta
 from .channels import analyze
 from .errors import ShrinkMismatch, SurgeryError
-from .graph import finish
+from .graph import copy_sharing_tensors, finish, gc_paused, unshare
 from .pipeline import UnitMask
 from .shrink_edits import Editor
 from .shrink_plan import Decider
-from .verify import max_rel_diff
+from .verify import max_rel_diff, run_eval
 
 __all__ = ["shrink", "ShrinkReport", "GroupShrink", "shrink_report"]
 
@@ -129,6 +128,7 @@ def _first_difference(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple, tol: 
     return None
 
 
+@gc_paused()
 def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplace: bool = False
            ) -> fx.GraphModule:
     """A physically smaller copy of `gm` that computes what `gm` (with its masks) computes.
@@ -145,11 +145,15 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
         raise SurgeryError(f"Shrink needs a captured GraphModule, got {type(gm).__name__}")
     # copy the modules and the graph, share the tensors: every edit below makes new tensors,
     # and whatever is still shared at the end is cloned (cheaper than deep-copying them all)
-    shared = {} if inplace else {id(t): t for t in (*gm.parameters(), *gm.buffers())}
-    work = gm if inplace else copy.deepcopy(gm, memo=dict(shared))
+    work, shared = (gm, {}) if inplace else copy_sharing_tensors(gm)
     params_before = _n_params(gm)
     t0 = time.perf_counter()
-    ref = ShapeProp(work).propagate(*inputs)  # fresh shapes, and the masked model's output
+    # the masked model's output; a graph whose nodes all carry shapes (what capture, compress
+    # and the mask passes leave) runs as plain code, otherwise through ShapeProp for fresh shapes
+    if all("shape" in n.meta for n in work.graph.nodes if n.op not in ("placeholder", "output")):
+        ref = run_eval(work, inputs)
+    else:
+        ref = ShapeProp(work).propagate(*inputs)
     verify_seconds = time.perf_counter() - t0
     cg = analyze(work)
     decider = Decider(cg)
@@ -159,7 +163,7 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
         editor.run()
     work.graph.eliminate_dead_code()
     finish(work)
-    _unshare(work, shared)
+    unshare(work, shared)
     try:
         t0 = time.perf_counter()
         out = ShapeProp(work).propagate(*inputs)
@@ -177,17 +181,6 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
     report.verify_seconds = verify_seconds
     surgery_meta(work)["shrink_report"] = report
     return work
-
-
-def _unshare(work: nn.Module, shared: dict[int, torch.Tensor]) -> None:
-    """Clone the tensors the shrunk model still shares with the masked one."""
-    for m in work.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and id(p) in shared:
-                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        for name, b in list(m._buffers.items()):
-            if b is not None and id(b) in shared:
-                m._buffers[name] = b.clone()
 
 
 def _report(cg, decider, removed, before, after, err, scaled) -> ShrinkReport:

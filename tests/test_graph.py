@@ -120,3 +120,35 @@ def test_extract_rejects_non_convex_sets():
     nodes = [n for n in gm.graph.nodes if n.target in ("a", "b")]
     with pytest.raises(SurgeryError, match="not convex.*relu"):
         extract(gm, nodes, "ab")
+
+
+def test_copy_module_is_a_deep_copy():
+    from surgery.graph import copy_module
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 3)
+            self.b.weight = self.a.weight            # tied
+            self.bn = nn.BatchNorm1d(3)
+            self.sizes = [1, 2]                      # mutable attribute: must not be shared
+            self.traced = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU()))  # own __deepcopy__
+            self.again = self.a                      # one module under two names
+
+        def forward(self, x):
+            return self.traced(self.bn(self.b(self.a(x)))) + self.again(x)
+
+    net = Net().eval()
+    net.a.register_forward_hook(lambda m, i, o: o * 2)
+    c = copy_module(net)
+    x = torch.randn(4, 3)
+    assert torch.equal(c(x), net(x))
+    assert c.b.weight is c.a.weight and c.again is c.a and c.a is not net.a
+    assert c.sizes == [1, 2] and c.sizes is not net.sizes
+    ours = {t.data_ptr() for t in (*c.parameters(), *c.buffers())}
+    assert not ours & {t.data_ptr() for t in (*net.parameters(), *net.buffers())}
+    assert len(c.a._forward_hooks) == 1 and c.a._forward_hooks is not net.a._forward_hooks
+    shared = {id(p): p for p in net.parameters()}
+    s = copy_module(net, memo=dict(shared))
+    assert s.a.weight is net.a.weight and s.bn.running_mean is not net.bn.running_mean

@@ -73,6 +73,58 @@ def test_compress_never_mutates_callers_model():
     assert not any(isinstance(m, OnesMask) for m in model.modules())
 
 
+@pytest.mark.parametrize("as_graph", [False, True])
+def test_compress_sharing_weights_still_returns_its_own_tensors(as_graph):
+    # ChannelPrune and Shrink declare writes_tensors = False: compress works on the caller's
+    # parameter objects and clones what is left of them at the end
+    from passes import ChannelPrune, Shrink
+    torch.manual_seed(0)
+    model = tvm.resnet18(weights=None).eval()
+    x = torch.rand(1, 3, 32, 32)
+    src = surgery.capture(model, (x,)) if as_graph else model
+    before = {k: (v.clone(), v._version) for k, v in src.state_dict().items()}
+    small = surgery.compress(src, passes=[ChannelPrune(ratio=0.5), Shrink()], example_inputs=(x,))
+    theirs = {t.untyped_storage().data_ptr() for t in (*src.parameters(), *src.buffers())}
+    ours = [t for t in (*small.parameters(), *small.buffers()) if t.numel()]
+    assert not any(t.untyped_storage().data_ptr() in theirs for t in ours)
+    assert all(torch.equal(before[k][0], v) and before[k][1] == v._version for k, v in src.state_dict().items())
+    masked = surgery.compress(src, passes=[ChannelPrune(ratio=0.5)], example_inputs=(x,))
+    assert surgery.verify.max_rel_diff(surgery.verify.run_eval(masked, (x,)), surgery.verify.run_eval(small, (x,))) < 1e-5
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_a_pass_that_breaks_its_no_write_promise_is_named():
+    from typing import ClassVar
+
+    @dataclass
+    class Sneaky:
+        writes_tensors: ClassVar[bool] = False
+
+        def apply(self, gm, ctx):
+            with torch.no_grad():
+                next(gm.parameters()).add_(1.0)
+            return gm
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(SurgeryError, match="Sneaky declares writes_tensors = False but wrote into 1 parameter"):
+        surgery.compress(net, passes=[Sneaky()], example_inputs=(torch.randn(2, 4),))
+
+
+def test_shape_runs_only_where_shapes_change(monkeypatch):
+    # capture annotates once; ChannelPrune keeps shapes; Shrink's verification run re-annotates
+    from passes import ChannelPrune, Shrink
+    runs = []
+    real = surgery.ShapeProp.propagate
+    monkeypatch.setattr(surgery.ShapeProp, "propagate", lambda self, *a: runs.append(1) or real(self, *a))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(1, 3, 8, 8)
+    small = surgery.compress(net, passes=[ChannelPrune(ratio=0.5), Shrink()], example_inputs=(x,))
+    assert len(runs) == 2
+    assert [n.meta["shape"][1] for n in small.graph.nodes if n.op == "call_module"] == [4, 4, 4]
+    surgery.compress(net, passes=[Identity()], example_inputs=(x,))
+    assert len(runs) == 4  # Identity declares nothing: one more run after it
+
+
 def test_result_is_a_normal_module_trainable_picklable_scriptable(tmp_path):
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     x = torch.randn(5, 4)
