@@ -27,29 +27,61 @@ from torch import Tensor
 from surgery.errors import SurgeryError
 
 __all__ = ["NoCodec", "RandomCodec", "ThresholdCodec", "DCTCodec", "WaveletCodec", "QuantCodec",
-           "Sparse", "make_codec", "METHODS"]
+           "Sparse", "keep_largest", "index_bytes", "CHUNK", "make_codec", "METHODS"]
 
 
 # ---------------------------------------------------------------- sparse storage of kept values
+CHUNK = 255
+"""Positions per chunk of the chunk-local index: a position within a chunk and a chunk's count of
+kept positions (at most 255) each fit one uint8 (a 256-position chunk would need int16 counts for
+the full chunk, twice the count bytes, to gain one position per chunk)."""
+
+
+def index_bytes(n: int, k: int) -> dict[str, int]:
+    """Bytes of each way of storing k sorted positions among n, smallest first on ties in this order:
+    a bitmask (one bit per position), chunk-local (a uint8 position within its chunk of
+    :data:`CHUNK` per kept value plus a uint8 count per chunk) and int32 positions."""
+    return {"bitmask": (n + 7) // 8, "chunk": k + -(-n // CHUNK), "int32": 4 * k}
+
+
 @dataclass
 class Sparse:
     """The `keep` fraction of a flat vector with the largest magnitude: `values` in ascending
-    position order plus `index`, either a uint8 bitmask (ceil(numel/8) bytes) or int32
-    positions, whichever is smaller; `index` is None when every value is kept."""
+    position order plus their positions in the cheapest form of :func:`index_bytes`: `index` a
+    uint8 bitmask (`counts` None), uint8 positions within chunks of :data:`CHUNK` with `counts`
+    the uint8 number kept per chunk, or int32 positions (`counts` None). `index` is None when
+    every value is kept."""
 
     values: Tensor
     index: Tensor | None
     numel: int
+    counts: Tensor | None = None
+
+    def _is_bitmask(self) -> bool:
+        return self.index is not None and self.index.dtype == torch.uint8 and self.counts is None
+
+    def positions(self) -> Tensor:
+        """The kept positions, ascending (int64, transient: only during backward). No host sync,
+        except for a bitmask (``nonzero``), which :meth:`dense` decodes without positions."""
+        if self.index is None:
+            return torch.arange(self.numel, device=self.values.device)
+        if self._is_bitmask():
+            return _unpack_bits(self.index, self.numel).nonzero().squeeze(1)
+        if self.counts is not None:
+            chunk = torch.repeat_interleave(torch.arange(self.counts.numel(), device=self.index.device),
+                                            self.counts.long(), output_size=self.values.numel())
+            return chunk * CHUNK + self.index.long()
+        return self.index.long()
 
     def dense(self, dtype: torch.dtype) -> Tensor:
         v = self.values.to(dtype)
         if self.index is None:
             return v
         out = torch.zeros(self.numel, dtype=dtype, device=v.device)
-        if self.index.dtype == torch.uint8:
+        if self._is_bitmask():
             out.masked_scatter_(_unpack_bits(self.index, self.numel), v)
         else:
-            out[self.index.long()] = v  # transient int64, only during backward
+            out[self.positions()] = v
         return out
 
 
@@ -76,18 +108,25 @@ def _unpack_bits(bits: Tensor, numel: int) -> Tensor:
 def keep_largest(flat: Tensor, keep: float, store: torch.dtype, numel: int | None = None) -> Sparse:
     """Keep the ceil(keep * numel) entries of `flat` with the largest magnitude (every entry when
     keep >= 1). `numel` is the size of the tensor `flat` was computed from: a transform that pads
-    has more coefficients than the tensor has values, and the budget follows the tensor."""
+    has more coefficients than the tensor has values, and the budget follows the tensor. The index
+    form is the smallest of :func:`index_bytes` (a choice made from n and k alone: no host sync)."""
     n = flat.numel()
     k = n if keep >= 1.0 else min(n, max(1, math.ceil(keep * (numel or n))))
     if k == n:
         return Sparse(flat.to(store).clone(), None, n)
     idx = torch.topk(flat.abs(), k, sorted=False).indices
-    idx = torch.sort(idx).values  # position order: what the bitmask decode needs
+    idx = torch.sort(idx).values  # position order: what the bitmask and chunk decodes need
     values = flat[idx].to(store)
-    if (n + 7) // 8 <= 4 * k:
+    costs = index_bytes(n, k)
+    kind = min(costs, key=costs.get)
+    if kind == "bitmask":
         mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
         mask[idx] = True
         return Sparse(values, _pack_bits(mask), n)
+    if kind == "chunk":
+        counts = torch.zeros(-(-n // CHUNK), dtype=torch.int32, device=flat.device)
+        counts.index_add_(0, idx // CHUNK, torch.ones_like(idx, dtype=torch.int32))
+        return Sparse(values, (idx % CHUNK).to(torch.uint8), n, counts.to(torch.uint8))
     return Sparse(values, idx.to(torch.int32), n)
 
 
