@@ -3,8 +3,10 @@ back, on the tensor's own device and in its own dtype (transforms run in float32
 inputs). Nothing is copied to the CPU and no index is stored as int64.
 
 Every codec is a small frozen dataclass with ``pack(x) -> packed`` and ``unpack(packed) -> Tensor``.
-``pack`` never returns a bare Tensor except for :class:`NoCodec` (whose unpack is the identity),
-so a caller can tell a pass-through tensor from a packed one.
+``pack`` never returns a bare Tensor except for :class:`NoCodec` (whose unpack is the identity)
+and :class:`IntegerCodec` where no narrower form holds the tensor, so a caller can tell a
+pass-through tensor from a packed one. The float codecs are lossy (but at ``keep=1.0``);
+:class:`IntegerCodec`, for the integer and bool tensors saved beside them, is exact.
 
 Example::
 
@@ -26,8 +28,8 @@ from torch import Tensor
 
 from surgery.errors import SurgeryError
 
-__all__ = ["NoCodec", "RandomCodec", "ThresholdCodec", "DCTCodec", "WaveletCodec", "QuantCodec",
-           "Sparse", "keep_largest", "index_bytes", "CHUNK", "make_codec", "METHODS"]
+__all__ = ["NoCodec", "RandomCodec", "ThresholdCodec", "DCTCodec", "WaveletCodec", "QuantCodec", "IntegerCodec",
+           "IntPacked", "Sparse", "keep_largest", "index_bytes", "CHUNK", "make_codec", "METHODS"]
 
 
 # ---------------------------------------------------------------- sparse storage of kept values
@@ -133,6 +135,85 @@ def keep_largest(flat: Tensor, keep: float, store: torch.dtype, numel: int | Non
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     # transforms of 16-bit tensors run in float32; float64 stays float64
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+# ---------------------------------------------------------------- lossless integer storage
+_NARROW = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _narrowest(low: int, high: int) -> torch.dtype:
+    """The narrowest of int8, uint8, int16, int32, int64 that holds every integer in [low, high]."""
+    return next(d for d in _NARROW if torch.iinfo(d).min <= low and high <= torch.iinfo(d).max)
+
+
+@dataclass
+class IntPacked:
+    """An integer tensor stored exactly: ``head`` None and ``body`` the values, or ``head`` the
+    first value of each row along the last dim and ``body`` the differences of neighbours along
+    it; each in the narrowest dtype that holds it. A bool tensor: ``body`` its bitmask."""
+
+    head: Tensor | None
+    body: Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class IntegerCodec:
+    """Lossless storage for integer and bool tensors saved for backward (max-pool's int64 indices):
+    the smallest of the values narrowed to the narrowest dtype that holds their range, or row-wise
+    deltas along the last dim (first value of a row, then neighbour differences: max-pool indices
+    step by about the stride) likewise narrowed. Bool tensors are bit-packed. Unpacking restores
+    dtype, shape, values and device bit for bit.
+
+    ``pack`` returns the tensor itself when no form is smaller (an empty tensor, a single bool, a
+    wide-ranging int64 tensor) and for the unsigned dtypes torch has no min/max for (uint16 and
+    wider), so the caller can keep it as it is and check its version. One host sync per integer
+    tensor (none for bool): the storage dtype depends on the values.
+    """
+
+    name = "integer"
+
+    def pack(self, x: Tensor) -> Tensor | IntPacked:
+        if x.numel() == 0 or (x.dtype == torch.bool and x.numel() == 1):  # nothing narrower
+            return x
+        if x.dtype == torch.bool:
+            return IntPacked(None, _pack_bits(x.reshape(-1)), x.shape, x.dtype)
+        if x.dtype not in _NARROW:
+            if x.is_floating_point() or x.is_complex():
+                raise SurgeryError(f"IntegerCodec: got a {x.dtype} tensor of shape {tuple(x.shape)}; "
+                                   "it stores integer and bool tensors only")
+            return x
+        rows = x.reshape(-1, x.shape[-1] if x.dim() else 1).long()  # int64: no overflow for narrower types
+        head, diff = rows[:, 0], rows[:, 1:] - rows[:, :-1]
+        stats = [rows.amin(), rows.amax(), head.amin(), head.amax()]
+        if diff.numel():
+            stats += [diff.amin(), diff.amax()]
+        low, high, *ranges = torch.stack(stats).tolist()
+        as_is = x.numel() * x.element_size()
+        raw = _narrowest(low, high)
+        cost = {"raw": x.numel() * raw.itemsize}
+        # deltas only where no difference can overflow int64 (else `diff` may have wrapped)
+        if diff.numel() and high - low <= torch.iinfo(torch.int64).max:
+            first, step = _narrowest(*ranges[:2]), _narrowest(*ranges[2:])
+            cost["delta"] = head.numel() * first.itemsize + diff.numel() * step.itemsize
+        best = min(cost, key=cost.get)
+        if cost[best] >= as_is:
+            return x
+        if best == "raw":
+            return IntPacked(None, rows.reshape(-1).to(raw), x.shape, x.dtype)  # narrower: a copy
+        # copy=True: `head` is a view of x, and a narrowing might not be needed for it
+        return IntPacked(head.to(first, copy=True), diff.to(step), x.shape, x.dtype)
+
+    def unpack(self, p: Tensor | IntPacked) -> Tensor:
+        if isinstance(p, Tensor):
+            return p
+        if p.dtype == torch.bool:
+            return _unpack_bits(p.body, math.prod(p.shape)).view(p.shape)
+        values = p.body.long()
+        if p.head is not None:  # the partial sums are the original values: no overflow
+            values = torch.cat([p.head.long().unsqueeze(1), values], 1).cumsum(1)
+        return values.to(p.dtype).view(p.shape)
 
 
 # ---------------------------------------------------------------- the codecs

@@ -1,10 +1,13 @@
-"""The storage formats under the codecs: the sparse index of kept coefficients."""
+"""The storage formats under the codecs: the sparse index of kept coefficients and the lossless
+integer storage."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from passes.codecs import CHUNK, index_bytes, keep_largest
+from passes.codecs import CHUNK, IntegerCodec, index_bytes, keep_largest
+from surgery.errors import SurgeryError
 from surgery.memory import packed_tensors
 
 
@@ -67,3 +70,73 @@ def test_every_value_kept_stores_no_index():
 @pytest.mark.parametrize("n, k", [(100, 1), (10_000, 500), (10_000, 1_400), (256, 256), (1 << 20, 50_000)])
 def test_index_bytes_are_the_three_analytic_costs(n, k):
     assert index_bytes(n, k) == {"bitmask": -(-n // 8), "chunk": k + -(-n // CHUNK), "int32": 4 * k}
+
+
+# ---------------------------------------------------------------- lossless integer storage
+_I64 = torch.iinfo(torch.int64)
+
+
+def _int_cases() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randint(_I64.min, _I64.max, (6, 9), generator=g, dtype=torch.int64)
+    wide[0, :3] = torch.tensor([_I64.min, _I64.max, _I64.min])  # differences that overflow int64
+    return {
+        "int64 random": wide,
+        "int64 extremes": torch.tensor([[_I64.max, _I64.min], [0, _I64.max]]),
+        "int64 small range": torch.randint(-5, 300, (3, 4, 5), generator=g),
+        "int64 large steady rows": 10**12 + torch.arange(40).view(4, 10) * 3,
+        "int32 random": torch.randint(-2**31, 2**31 - 1, (5, 7), generator=g, dtype=torch.int32),
+        "int32 extremes": torch.tensor([-2**31, 2**31 - 1, -2**31], dtype=torch.int32),
+        "int16": torch.randint(-2**15, 2**15 - 1, (4, 4), generator=g, dtype=torch.int16),
+        "int8": torch.randint(-128, 127, (3, 5), generator=g, dtype=torch.int8),
+        "uint8": torch.randint(0, 255, (2, 33), generator=g, dtype=torch.uint8),
+        "0-d": torch.tensor(-7),
+        "0-d int64 max": torch.tensor(_I64.max),
+        "empty": torch.zeros(0, 3, dtype=torch.int64),
+        "1-d": torch.arange(1000) * 7 - 3,
+        "one column": torch.randint(0, 1000, (50, 1), generator=g),
+        "non-contiguous": (torch.arange(60).view(3, 4, 5) * 11).transpose(0, 2)[:, ::2],
+        "bool": torch.rand(3, 7, generator=g) > 0.5,
+        "bool 0-d": torch.tensor(True),
+    }
+
+
+@pytest.mark.parametrize("name", list(_int_cases()))
+def test_integer_codec_round_trip_is_bit_exact(name):
+    x = _int_cases()[name]
+    codec = IntegerCodec()
+    packed = codec.pack(x)
+    y = codec.unpack(packed)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.device == x.device and torch.equal(y, x)
+    if isinstance(packed, torch.Tensor):
+        assert packed is x  # nothing narrower holds it: kept as it is
+        return
+    stored = [t.untyped_storage() for t in packed_tensors(packed)]
+    assert all(s.data_ptr() != x.untyped_storage().data_ptr() for s in stored)  # copies, never views of x
+    assert sum(s.nbytes() for s in stored) < x.numel() * x.element_size()
+
+
+def test_integer_codec_picks_the_smallest_exact_form():
+    codec = IntegerCodec()
+    steady = codec.pack(10**12 + torch.arange(40).view(4, 10) * 3)
+    assert steady.head.dtype == torch.int64 and steady.body.dtype == torch.int8  # deltas: 4 x 8 + 36 bytes
+    small = codec.pack(torch.randint(-5, 100, (64,)))
+    assert small.head is None and small.body.dtype == torch.int8  # the values fit int8 outright
+    bits = codec.pack(torch.ones(100, dtype=torch.bool))
+    assert bits.body.dtype == torch.uint8 and bits.body.numel() == 13
+    x = torch.randint(_I64.min, _I64.max, (8, 8))
+    assert codec.pack(x) is x
+    wide_unsigned = torch.tensor([1, 2], dtype=torch.uint16)  # torch has no min/max for it: kept
+    assert codec.pack(wide_unsigned) is wide_unsigned
+    with pytest.raises(SurgeryError, match="IntegerCodec: got a torch.float32 tensor of shape \\(2,\\)"):
+        codec.pack(torch.zeros(2))
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding", [(56, 3, 2, 1), (112, 3, 2, 1), (13, 2, 2, 0)])
+def test_max_pool_indices_take_at_most_a_quarter_of_their_bytes(size, kernel, stride, padding):
+    torch.manual_seed(0)
+    _, idx = F.max_pool2d(torch.randn(2, 16, size, size), kernel, stride, padding, return_indices=True)
+    packed = IntegerCodec().pack(idx)
+    stored = sum(t.untyped_storage().nbytes() for t in packed_tensors(packed))
+    assert stored <= idx.numel() * idx.element_size() / 4
+    assert torch.equal(IntegerCodec().unpack(packed), idx)
