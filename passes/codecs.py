@@ -5,8 +5,9 @@ inputs). Nothing is copied to the CPU and no index is stored as int64.
 Every codec is a small frozen dataclass with ``pack(x) -> packed`` and ``unpack(packed) -> Tensor``.
 ``pack`` never returns a bare Tensor except for :class:`NoCodec` (whose unpack is the identity)
 and :class:`IntegerCodec` where no narrower form holds the tensor, so a caller can tell a
-pass-through tensor from a packed one. The float codecs are lossy (but at ``keep=1.0``);
-:class:`IntegerCodec`, for the integer and bool tensors saved beside them, is exact.
+pass-through tensor from a packed one. The float codecs but :class:`NoCodec` are lossy
+(threshold, dct and wavelet give the tensor back to float rounding at ``keep=1.0``);
+:class:`IntegerCodec`, for the integer and bool tensors saved beside the floats, is exact.
 
 Example::
 
@@ -40,8 +41,8 @@ the full chunk, twice the count bytes, to gain one position per chunk)."""
 
 
 def index_bytes(n: int, k: int) -> dict[str, int]:
-    """Bytes of each way of storing k sorted positions among n, smallest first on ties in this order:
-    a bitmask (one bit per position), chunk-local (a uint8 position within its chunk of
+    """Bytes of each way of storing k sorted positions among n, in the order that breaks ties: a
+    bitmask (one bit per position), chunk-local (a uint8 position within its chunk of
     :data:`CHUNK` per kept value plus a uint8 count per chunk) and int32 positions."""
     return {"bitmask": (n + 7) // 8, "chunk": k + -(-n // CHUNK), "int32": 4 * k}
 
