@@ -7,9 +7,13 @@ every floating-point activation saved for backward inside the region is packed b
 the gradients see the compressed activations.
 
 Which tensors are packed: floating-point tensors that require grad and are not parameters,
-buffers or views of them. Integer tensors, tensors without ``requires_grad`` (the input batch,
-BatchNorm's saved statistics) and parameters pass through untouched. A tensor saved twice in
-one forward (a ReLU output that ReLU and the next conv both save) is packed once.
+buffers or views of them go through the codec. Integer and bool tensors made inside the region
+(max-pool's int64 indices) are packed losslessly by :class:`~passes.codecs.IntegerCodec` under
+every method but ``none``: narrowed, delta-coded or bit-packed, they come back bit for bit.
+Tensors without ``requires_grad`` (the input batch, BatchNorm's saved statistics), parameters,
+buffers and constants of the region, and integer tensors the region was given (token ids,
+targets: the caller holds them anyway) pass through untouched. A tensor saved twice in one
+forward (a ReLU output that ReLU and the next conv both save) is packed once.
 
 Regions (``select``/``exclude`` take the usual selector forms):
 
@@ -34,9 +38,10 @@ Composition rules (PyTorch keeps only the innermost pair of saved-tensor hooks):
 - Under ``torch.autograd.graph.disable_saved_tensors_hooks`` (torch.compile, functorch), the
   region raises a SurgeryError naming itself.
 - With ``torch.no_grad()``/``inference_mode`` nothing is saved, so regions cost nothing.
-- Autograd does not check the version of hook-packed tensors. Lossy codecs copy at save time and
-  so keep the value backward needs; tensors kept as they are (``none``, pass-through) are
-  version-checked by the region, which raises a SurgeryError like autograd's in-place error.
+- Autograd does not check the version of hook-packed tensors. Codecs copy at save time and so
+  keep the value backward needs; tensors kept as they are (``none``, pass-through, an integer
+  tensor nothing narrower holds) are version-checked by the region, which raises a SurgeryError
+  like autograd's in-place error.
 - ``torch.autograd.graph.save_on_cpu`` (or any hooks) around the model applies outside the
   regions only. ``torch.compile``/TorchScript do not run Python hooks: ``strip_compression`` first.
 
@@ -60,6 +65,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from surgery.errors import SurgeryError
 from surgery.graph import extract, finish
@@ -67,7 +73,7 @@ from surgery.memory import saved_tensors_hooks
 from surgery.pipeline import Context
 from surgery.select import Selector, describe, matches
 
-from .codecs import METHODS, NoCodec, make_codec
+from .codecs import METHODS, IntegerCodec, IntPacked, NoCodec, make_codec
 
 __all__ = ["CompressActivations", "CompressedRegion", "strip_compression", "METHODS"]
 
@@ -84,6 +90,14 @@ def _in_checkpoint() -> bool:
     pack = hooks[0]
     return getattr(pack, "__module__", "") == "torch.utils.checkpoint" and \
         "_checkpoint_hook" in getattr(pack, "__qualname__", "")
+
+
+def _tensors_outside(module: nn.Module) -> list[Tensor]:
+    """The tensors `module` holds: parameters, buffers and plain tensor attributes (a captured
+    graph's constants). They live through the step whatever autograd saves."""
+    held = [*module.parameters(), *module.buffers()]
+    held += [v for m in module.modules() for v in vars(m).values() if isinstance(v, Tensor)]
+    return held
 
 
 @dataclass
@@ -116,7 +130,7 @@ class CompressedRegion(nn.Module):
                 f"CompressedRegion({self.codec.name}) runs inside a non-reentrant torch.utils.checkpoint: "
                 "its hooks would override checkpoint's and keep the activations checkpoint is meant to drop. "
                 "Checkpoint with use_reentrant=True, or put the checkpoint outside the compressed region.")
-        pack, unpack = self._hooks()
+        pack, unpack = self._hooks(args)
         try:
             ctx = saved_tensors_hooks(pack, unpack)
             ctx.__enter__()
@@ -128,9 +142,11 @@ class CompressedRegion(nn.Module):
         finally:
             ctx.__exit__(None, None, None)
 
-    def _hooks(self):
-        codec = self.codec
-        fixed = {t.untyped_storage().data_ptr() for t in (*self.inner.parameters(), *self.inner.buffers())}
+    def _hooks(self, inputs: tuple = ()):
+        codec, exact = self.codec, IntegerCodec()
+        fixed = {t.untyped_storage().data_ptr() for t in _tensors_outside(self.inner)}
+        # integer tensors the caller holds anyway (ids, targets): a packed copy would only add bytes
+        given = {t.untyped_storage().data_ptr() for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)}
         # id(tensor) -> (weakref, version, packed): one pack per tensor saved several times; the
         # weakref guards against a freed tensor's id being reused, the version against in-place edits
         cache: dict[int, tuple[Any, int, Any]] = {}
@@ -138,15 +154,25 @@ class CompressedRegion(nn.Module):
         keep_as_is = isinstance(codec, NoCodec)
         where = type(self).__name__ + f"({codec.name})"
 
+        def kept(t: Tensor, integer: bool) -> bool:
+            ptr = t.untyped_storage().data_ptr()
+            if keep_as_is or t.numel() == 0 or ptr in fixed:
+                return True
+            if integer:
+                return ptr in given
+            return not (t.is_floating_point() and t.requires_grad) or t.is_leaf
+
         def pack(t: Tensor) -> Any:
-            if keep_as_is or not (t.is_floating_point() and t.requires_grad) or t.is_leaf or t.numel() == 0 \
-                    or t.untyped_storage().data_ptr() in fixed:
+            integer = not (t.is_floating_point() or t.is_complex())  # integer or bool
+            if kept(t, integer):
                 return _Kept(t, t._version)
             hit = cache.get(id(t))
             if hit is not None and hit[0]() is t and hit[1] == t._version:
                 return hit[2]
             with torch.no_grad():
-                packed = codec.pack(t.detach())
+                packed = (exact if integer else codec).pack(t.detach())
+            if isinstance(packed, Tensor):  # an integer tensor nothing narrower holds
+                packed = _Kept(t, t._version)
             cache[id(t)] = (weakref.ref(t), t._version, packed)
             return packed
 
@@ -158,7 +184,7 @@ class CompressedRegion(nn.Module):
                         f"in place afterwards (version {p.tensor._version}, saved at {p.version}); autograd "
                         "would raise here too: avoid the in-place op or clone before it")
                 return p.tensor
-            return codec.unpack(p)
+            return exact.unpack(p) if isinstance(p, IntPacked) else codec.unpack(p)
 
         return pack, unpack
 

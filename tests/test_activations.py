@@ -14,7 +14,8 @@ from torch.utils.checkpoint import checkpoint
 
 import surgery
 from passes import CompressActivations, CompressedRegion, strip_compression
-from passes.codecs import DCTCodec, QuantCodec, RandomCodec, ThresholdCodec, WaveletCodec, make_codec
+from passes.codecs import (DCTCodec, IntegerCodec, IntPacked, QuantCodec, RandomCodec, ThresholdCodec, WaveletCodec,
+                           index_bytes, make_codec)
 from surgery.errors import SurgeryError
 from surgery.memory import hooks_disabled, packed_tensors
 
@@ -122,12 +123,12 @@ def test_storage_is_packed_on_device_and_dtype_preserved(codec, dtype):
     stored = sum(t.untyped_storage().nbytes() for t in tensors)
     dense = x.numel() * x.element_size()
     budget = {"int8": 1 / x.element_size() + 0.04, "int4": 0.5 / x.element_size() + 0.04, "random": 0.0}
-    # sparse: values (keep * numel in x's dtype) + min(bitmask, int32 positions)
+    # sparse: values (keep * numel in x's dtype) + the cheapest of bitmask, chunk-local, int32 positions
+    # (no transform here pads: 24 is a multiple of the DCT block and halves evenly for the DWT)
     limit = budget.get(codec.name, None)
     if limit is None:
-        keep = codec.keep
-        limit = (math.ceil(keep * x.numel()) * (x.element_size() + 4 if keep < 1 / 32 else x.element_size())
-                 + (0 if keep < 1 / 32 else x.numel() / 8)) / dense
+        k = math.ceil(codec.keep * x.numel())
+        limit = (k * x.element_size() + min(index_bytes(x.numel(), k).values())) / dense
     assert stored <= limit * dense + 64, (stored, dense)
     y = codec.unpack(packed)
     assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
@@ -148,18 +149,52 @@ def test_exact_bytes_counted_and_relu_output_packed_once():
                                      ).compressed_bytes == 0
 
 
-def test_passthrough_of_parameters_integers_and_constants():
+def test_passthrough_of_parameters_given_integers_and_constants():
     lin = nn.Linear(4, 4)
+    lin.table = torch.arange(6) * 5  # a plain tensor attribute, like a captured graph's constant
+    given = torch.arange(10)  # e.g. token ids: the caller holds them anyway
     region = CompressedRegion(lin, make_codec("dct", keep=0.1))
-    pack, unpack = region._hooks()
-    idx = torch.arange(10)
+    pack, unpack = region._hooks((torch.randn(2, 4), given))
     const = torch.randn(3, 3)
     view_of_weight = lin.weight.t()
     act = (torch.randn(5, 4, requires_grad=True) * 2)
-    for t in (lin.weight, idx, const, view_of_weight):
+    for t in (lin.weight, given, given[2:], lin.table, const, view_of_weight):
         assert pack(t).tensor is t and unpack(pack(t)) is t
     packed = pack(act)
     assert not isinstance(packed, torch.Tensor) and unpack(packed).shape == act.shape
+
+
+@pytest.mark.parametrize("method", ["dct", "random", "int4"])
+def test_integers_made_inside_a_region_are_packed_losslessly(method):
+    pack, unpack = CompressedRegion(nn.Identity(), make_codec(method))._hooks()
+    idx = torch.arange(600).view(3, 200) * 3 - 7  # made inside: packed, whatever the float codec
+    mask = torch.arange(50) % 3 == 0
+    for t in (idx, idx.int(), mask):
+        packed = pack(t)
+        assert isinstance(packed, IntPacked) and sum(p.untyped_storage().nbytes() for p in packed_tensors(packed)) \
+            < t.numel() * t.element_size() / 2
+        back = unpack(packed)
+        assert back.dtype == t.dtype and torch.equal(back, t)
+    wide = torch.tensor([torch.iinfo(torch.int64).min, 0, torch.iinfo(torch.int64).max])
+    assert pack(wide).tensor is wide  # nothing narrower holds it: kept and version-checked
+    none_pack, _ = CompressedRegion(nn.Identity(), make_codec("none"))._hooks()
+    assert none_pack(idx).tensor is idx  # `none` stays bit-identical to no hooks: the tensor itself
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, ceil_mode=True)], ids=["3s2p1", "2ceil"])
+def test_gradients_through_max_pool_under_dct_keep_one(pool, monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), pool, nn.Conv2d(8, 4, 3), nn.Flatten(),
+                        nn.LazyLinear(5))
+    x = torch.randn(2, 3, 23, 19)
+    net(x)
+    gm = surgery.compress(net, [CompressActivations("dct", keep=1.0)], x)
+    unpacked = []
+    unpack = IntegerCodec.unpack
+    monkeypatch.setattr(IntegerCodec, "unpack", lambda self, p: unpacked.append(p) or unpack(self, p))
+    g, ref = _grads(gm, x), _grads(net, x)
+    assert (g - ref).abs().max() <= 1e-5
+    assert len(unpacked) == 1 and unpacked[0].dtype == torch.int64  # max-pool's indices, packed
 
 
 class _InPlaceAfterSave(nn.Module):
@@ -292,3 +327,9 @@ def test_cuda_roundtrip_stays_on_device():
         packed = codec.pack(x)
         assert all(t.is_cuda for t in packed_tensors(packed))
         assert codec.unpack(packed).is_cuda
+    _, idx = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    packed = IntegerCodec().pack(idx)
+    assert all(t.is_cuda for t in packed_tensors(packed)) and torch.equal(IntegerCodec().unpack(packed), idx)
+    sparse = make_codec("dct", keep=0.05).pack(x).coeffs  # the chunk-local index, decoded on the device
+    assert sparse.counts is not None and sparse.counts.is_cuda and sparse.index.is_cuda
+    assert torch.equal(sparse.positions(), (sparse.dense(x.dtype) != 0).nonzero().squeeze(1))

@@ -1,0 +1,142 @@
+"""The storage formats under the codecs: the sparse index of kept coefficients and the lossless
+integer storage."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from passes.codecs import CHUNK, IntegerCodec, index_bytes, keep_largest
+from surgery.errors import SurgeryError
+from surgery.memory import packed_tensors
+
+
+def _distinct(n: int, seed: int = 0) -> torch.Tensor:
+    """n values with distinct magnitudes (so the kept set is unique), random signs and order."""
+    g = torch.Generator().manual_seed(seed)
+    mags = torch.randperm(n, generator=g).double() + 1
+    return mags * (torch.randint(0, 2, (n,), generator=g).double() * 2 - 1)
+
+
+def _kind(s) -> str:
+    if s.counts is not None:
+        return "chunk"
+    return "bitmask" if s.index.dtype == torch.uint8 else "int32"
+
+
+@pytest.mark.parametrize("n, keep, kind", [(1000, 0.5, "bitmask"), (1000, 0.05, "chunk"), (10201, 0.05, "chunk"),
+                                           (10000, 0.001, "int32"), (7, 0.3, "bitmask")])
+def test_each_index_kind_round_trips_exactly(n, keep, kind):
+    x = _distinct(n)
+    s = keep_largest(x, keep, torch.float64)
+    k = s.values.numel()
+    assert _kind(s) == kind
+    costs = index_bytes(n, k)
+    assert costs[kind] == min(costs.values())
+    # bytes as computed: the values in the stored dtype plus the index the analytic cost names
+    stored = sum(t.untyped_storage().nbytes() for t in packed_tensors(s))
+    assert stored == 8 * k + costs[kind]
+    positions = x.abs().topk(k).indices.sort().values
+    assert torch.equal(s.values, x[positions])  # ascending position order
+    assert torch.equal(s.positions(), positions)
+    expected = torch.zeros_like(x)
+    expected[positions] = x[positions]
+    assert torch.equal(s.dense(torch.float64), expected)
+
+
+def test_chunk_index_with_a_full_chunk_empty_chunks_and_a_partial_last_chunk():
+    n = CHUNK * 40 + 17
+    x = torch.full((n,), 0.5, dtype=torch.float64)
+    x[3 * CHUNK:4 * CHUNK] = torch.arange(CHUNK, dtype=torch.float64) + 10  # every position of chunk 3
+    x[[0, 5, 254]] = -100.0 - torch.arange(3, dtype=torch.float64)
+    x[-17:] = 1000.0 + torch.arange(17, dtype=torch.float64)  # the partial last chunk, all kept
+    k = CHUNK + 3 + 17
+    s = keep_largest(x, k / n, torch.float64)
+    assert _kind(s) == "chunk" and s.values.numel() == k
+    counts = s.counts.long()
+    assert counts[3] == CHUNK and counts[0] == 3 and counts[-1] == 17 and counts.sum() == k
+    assert int((counts == 0).sum()) == counts.numel() - 3
+    expected = torch.where(x.abs() > 1, x, torch.zeros_like(x))
+    assert torch.equal(s.dense(torch.float64), expected)
+
+
+def test_every_value_kept_stores_no_index():
+    x = _distinct(50)
+    s = keep_largest(x, 1.0, torch.float32)
+    assert s.index is None and s.counts is None and torch.equal(s.dense(torch.float64), x.float().double())
+    assert torch.equal(s.positions(), torch.arange(50))
+
+
+@pytest.mark.parametrize("n, k", [(100, 1), (10_000, 500), (10_000, 1_400), (256, 256), (1 << 20, 50_000)])
+def test_index_bytes_are_the_three_analytic_costs(n, k):
+    assert index_bytes(n, k) == {"bitmask": -(-n // 8), "chunk": k + -(-n // CHUNK), "int32": 4 * k}
+
+
+# ---------------------------------------------------------------- lossless integer storage
+_I64 = torch.iinfo(torch.int64)
+
+
+def _int_cases() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randint(_I64.min, _I64.max, (6, 9), generator=g, dtype=torch.int64)
+    wide[0, :3] = torch.tensor([_I64.min, _I64.max, _I64.min])  # differences that overflow int64
+    return {
+        "int64 random": wide,
+        "int64 extremes": torch.tensor([[_I64.max, _I64.min], [0, _I64.max]]),
+        "int64 small range": torch.randint(-5, 300, (3, 4, 5), generator=g),
+        "int64 large steady rows": 10**12 + torch.arange(40).view(4, 10) * 3,
+        "int32 random": torch.randint(-2**31, 2**31 - 1, (5, 7), generator=g, dtype=torch.int32),
+        "int32 extremes": torch.tensor([-2**31, 2**31 - 1, -2**31], dtype=torch.int32),
+        "int16": torch.randint(-2**15, 2**15 - 1, (4, 4), generator=g, dtype=torch.int16),
+        "int8": torch.randint(-128, 127, (3, 5), generator=g, dtype=torch.int8),
+        "uint8": torch.randint(0, 255, (2, 33), generator=g, dtype=torch.uint8),
+        "0-d": torch.tensor(-7),
+        "0-d int64 max": torch.tensor(_I64.max),
+        "empty": torch.zeros(0, 3, dtype=torch.int64),
+        "1-d": torch.arange(1000) * 7 - 3,
+        "one column": torch.randint(0, 1000, (50, 1), generator=g),
+        "non-contiguous": (torch.arange(60).view(3, 4, 5) * 11).transpose(0, 2)[:, ::2],
+        "bool": torch.rand(3, 7, generator=g) > 0.5,
+        "bool 0-d": torch.tensor(True),
+    }
+
+
+@pytest.mark.parametrize("name", list(_int_cases()))
+def test_integer_codec_round_trip_is_bit_exact(name):
+    x = _int_cases()[name]
+    codec = IntegerCodec()
+    packed = codec.pack(x)
+    y = codec.unpack(packed)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.device == x.device and torch.equal(y, x)
+    if isinstance(packed, torch.Tensor):
+        assert packed is x  # nothing narrower holds it: kept as it is
+        return
+    stored = [t.untyped_storage() for t in packed_tensors(packed)]
+    assert all(s.data_ptr() != x.untyped_storage().data_ptr() for s in stored)  # copies, never views of x
+    assert sum(s.nbytes() for s in stored) < x.numel() * x.element_size()
+
+
+def test_integer_codec_picks_the_smallest_exact_form():
+    codec = IntegerCodec()
+    steady = codec.pack(10**12 + torch.arange(40).view(4, 10) * 3)
+    assert steady.head.dtype == torch.int64 and steady.body.dtype == torch.int8  # deltas: 4 x 8 + 36 bytes
+    small = codec.pack(torch.randint(-5, 100, (64,)))
+    assert small.head is None and small.body.dtype == torch.int8  # the values fit int8 outright
+    bits = codec.pack(torch.ones(100, dtype=torch.bool))
+    assert bits.body.dtype == torch.uint8 and bits.body.numel() == 13
+    x = torch.randint(_I64.min, _I64.max, (8, 8))
+    assert codec.pack(x) is x
+    wide_unsigned = torch.tensor([1, 2], dtype=torch.uint16)  # torch has no min/max for it: kept
+    assert codec.pack(wide_unsigned) is wide_unsigned
+    with pytest.raises(SurgeryError, match="IntegerCodec: got a torch.float32 tensor of shape \\(2,\\)"):
+        codec.pack(torch.zeros(2))
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding", [(56, 3, 2, 1), (112, 3, 2, 1), (13, 2, 2, 0)])
+def test_max_pool_indices_take_at_most_a_quarter_of_their_bytes(size, kernel, stride, padding):
+    torch.manual_seed(0)
+    _, idx = F.max_pool2d(torch.randn(2, 16, size, size), kernel, stride, padding, return_indices=True)
+    packed = IntegerCodec().pack(idx)
+    stored = sum(t.untyped_storage().nbytes() for t in packed_tensors(packed))
+    assert stored <= idx.numel() * idx.element_size() / 4
+    assert torch.equal(IntegerCodec().unpack(packed), idx)
