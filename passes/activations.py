@@ -8,7 +8,7 @@ the gradients see the compressed activations.
 
 Which tensors are packed: floating-point tensors that require grad and are not parameters,
 buffers or views of them go through the codec. Integer and bool tensors made inside the region
-(max-pool's int64 indices) are packed losslessly by :class:`~passes.codecs.IntegerCodec` under
+(max-pool's int64 indices) are packed losslessly by :class:`~passes.packing.IntegerCodec` under
 every method but ``none``: narrowed, delta-coded or bit-packed, they come back bit for bit.
 Tensors without ``requires_grad`` (the input batch, BatchNorm's saved statistics), parameters,
 buffers and constants of the region, and integer tensors the region was given (token ids,
@@ -73,7 +73,8 @@ from surgery.memory import saved_tensors_hooks
 from surgery.pipeline import Context
 from surgery.select import Selector, describe, matches
 
-from .codecs import METHODS, IntegerCodec, IntPacked, NoCodec, make_codec
+from .codecs import METHODS, NoCodec, make_codec
+from .packing import IntegerCodec, IntPacked
 
 __all__ = ["CompressActivations", "CompressedRegion", "strip_compression", "METHODS"]
 

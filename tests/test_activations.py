@@ -14,8 +14,8 @@ from torch.utils.checkpoint import checkpoint
 
 import surgery
 from passes import CompressActivations, CompressedRegion, strip_compression
-from passes.codecs import (DCTCodec, IntegerCodec, IntPacked, QuantCodec, RandomCodec, ThresholdCodec, WaveletCodec,
-                           index_bytes, make_codec)
+from passes.codecs import DCTCodec, QuantCodec, RandomCodec, ThresholdCodec, WaveletCodec, make_codec
+from passes.packing import IntegerCodec, IntPacked, index_bytes
 from surgery.errors import SurgeryError
 from surgery.memory import hooks_disabled, packed_tensors
 

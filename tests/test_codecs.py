@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from passes.codecs import CHUNK, IntegerCodec, index_bytes, keep_largest
+from passes.packing import CHUNK, IntegerCodec, index_bytes, keep_largest
 from surgery.errors import SurgeryError
 from surgery.memory import packed_tensors
 

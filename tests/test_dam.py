@@ -137,7 +137,8 @@ def test_nothing_placeable_is_an_error_naming_why():
 
 
 @pytest.mark.parametrize("module", ["passes.dam", "passes.gumbel", "passes.sparsifier",
-                                    "surgery.activation_stats", "benchmarks.digits"])
+                                    "surgery.activation_stats", "benchmarks.digits", "passes.codecs",
+                                    "passes.packing", "surgery.graph"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib
