@@ -71,7 +71,8 @@ def _atomic(v: Any) -> bool:
 
 
 def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
-    """``copy.deepcopy(module, memo)``, several times faster on ordinary module trees.
+    """``copy.deepcopy(module, memo)``, faster on ordinary module trees (1.3-1.8x on torchvision
+    models, more when `memo` shares the tensors).
 
     Modules whose class keeps nn.Module's own pickling hooks are rebuilt directly: children
     recursively, tensors through deepcopy (so `memo` can share them), immutable attributes
