@@ -261,6 +261,8 @@ def _describe(value: Any) -> tuple[Any, Any]:
 def _plain(value: Any) -> Any:
     """fx's immutable containers -> ordinary lists/dicts (recursively)."""
     if isinstance(value, tuple):
+        if not any(isinstance(v, (tuple, list, dict)) for v in value):
+            return value  # the common case: a node's args are tensors and numbers
         return tuple(_plain(v) for v in value)
     if isinstance(value, list):
         return [_plain(v) for v in value]

@@ -158,6 +158,7 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
     shared = {id(t): (t, t._version) for t in model.parameters()} if share else {}
     ctx = Context(example_inputs=inputs)
     for p in passes:
+        code_before = gm._code
         out = p.apply(gm, ctx)
         if not isinstance(out, fx.GraphModule):
             raise SurgeryError(f"{type(p).__name__}.apply returned {type(out).__name__}, not a GraphModule")
@@ -167,7 +168,8 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
             raise SurgeryError(f"{type(p).__name__} declares writes_tensors = False but wrote into {len(written)} "
                                "parameter(s) of the model being compressed; please report this pass")
         gm.graph.lint()
-        gm.recompile()
+        if gm._code is code_before:  # the pass left recompiling to us (a pass that recompiled is current)
+            gm.recompile()
         surgery_meta(gm)["passes"].append(repr(p))
         if inputs is not None and not getattr(p, "keeps_shapes", False):
             ShapeProp(gm).propagate(*inputs)

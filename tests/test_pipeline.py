@@ -163,3 +163,19 @@ def test_unit_mask_checks_its_axis():
     m = OnesMask(4, 1)
     with pytest.raises(SurgeryError, match="expected 4 units on dim 1"):
         m(torch.zeros(2, 3, 5, 5))
+
+
+def test_compress_recompiles_after_a_pass_that_edits_without_recompiling():
+    @dataclass
+    class Negate:  # edits the graph and leaves recompiling to compress
+        def apply(self, gm, ctx):
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            with gm.graph.inserting_before(out):
+                neg = gm.graph.call_function(torch.neg, (out.args[0],))
+            out.args = (neg,)
+            return gm
+
+    net = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    gm = surgery.compress(net, passes=[Negate()], example_inputs=(x,))
+    assert torch.equal(gm(x), -net(x))
