@@ -11,7 +11,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from .capture import ShapeProp, as_inputs, capture, surgery_meta
 from .errors import SurgeryError
-from .graph import copy_sharing_tensors, gc_paused, unshare
+from .graph import copy_module, copy_sharing_tensors, gc_paused, unshare
 
 __all__ = ["Pass", "Mask", "UnitMask", "Context", "compress", "masks", "penalty", "step"]
 
@@ -146,7 +145,10 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
             raise SurgeryError(f"{p!r} is not a pass: it has no apply(gm, ctx) method")
     share = not inplace and all(getattr(p, "writes_tensors", True) is False for p in passes)
     if isinstance(model, fx.GraphModule):
-        gm = model if inplace else copy_sharing_tensors(model, buffers=False)[0] if share else copy.deepcopy(model)
+        if inplace:
+            gm = model
+        else:
+            gm = copy_sharing_tensors(model, buffers=False)[0] if share else copy_module(model)
         if inputs is not None:
             ShapeProp(gm).propagate(*inputs)
     elif isinstance(model, nn.Module):
