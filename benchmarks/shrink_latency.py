@@ -6,15 +6,18 @@ machine's load hits both alike; the figure is the median over rounds.
 
     OMP_NUM_THREADS=2 python benchmarks/shrink_latency.py [--rounds 15] [--model resnet50] [--threads 2,1]
 
-Both forms are timed: the captured GraphModule as Shrink returns it, and the TorchScript that
-surgery.export writes, frozen for inference (torch.jit.freeze + optimize_for_inference, which
-folds BatchNorm into the convolutions), dense and shrunk alike.
+Three forms are timed, dense and shrunk alike: the captured GraphModule as Shrink returns it;
+TorchScript frozen for inference (torch.jit.freeze + optimize_for_inference, which folds
+BatchNorm into the convolutions); and the file `surgery.export(..., freeze=True)` writes, loaded
+with plain torch.jit.load and run with `torch.jit.enable_onednn_fusion(True)` (oneDNN Graph
+fuses conv/BN/ReLU/add, which removes most of the fixed per-op cost that small layers pay).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -65,14 +68,24 @@ def main() -> None:
     p1 = sum(p.numel() for p in small.parameters())
     rows = []
     from _report import markdown_table, write_result
-    def deployed(m):  # what surgery.export writes, frozen for inference (BN folded into convs)
+    tmp = Path(tempfile.mkdtemp())
+
+    def deployed(m):  # frozen for inference (torch.jit.freeze + optimize_for_inference: BN folded into convs)
         return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(m.eval())))
 
-    forms = {"GraphModule (eager)": (dense, small), "TorchScript, frozen": (deployed(dense), deployed(small))}
+    for name, m in (("dense", dense), ("small", small)):  # what a user deploys: verified frozen files
+        surgery.export(m, tmp / f"{name}.pt", (x1,), freeze=True)
+    forms = {"GraphModule (eager)": lambda: (dense, small),
+             "TorchScript, frozen": lambda: (deployed(dense), deployed(small)),
+             # loaded fresh per thread count: the oneDNN Graph partitions are compiled on first runs
+             "export(freeze=True), oneDNN fusion": lambda: (torch.jit.load(str(tmp / "dense.pt")),
+                                                            torch.jit.load(str(tmp / "small.pt")))}
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     for nt in threads:
         torch.set_num_threads(nt)
-        for form, (a, b_) in forms.items():
+        for form, build in forms.items():
+            a, b_ = build()
+            torch.jit.enable_onednn_fusion("oneDNN" in form)
             for b in [int(s) for s in args.batches.split(",")]:
                 x = torch.randn(b, 3, 224, 224)
                 t0, t1 = paired_latency(a, b_, x, args.rounds if b == 1 else max(5, args.rounds // 3))
@@ -80,6 +93,7 @@ def main() -> None:
                 rows.append([form, nt, b, f"{t0 * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{speed:.2f}x", f"{m0 / m1:.2f}x",
                              f"{speed / (m0 / m1):.2f}"])
                 print(rows[-1], flush=True)
+            torch.jit.enable_onednn_fusion(False)
     tab = markdown_table(["form", "threads", "batch", "dense ms", "shrunk ms", "speedup", "MAC reduction",
                           "speedup / MAC reduction"], rows)
     torch.set_num_threads(threads[0])  # the machine line reports the first thread count

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="where to write the TorchScript file")
     c.add_argument("--weights", help="state_dict file to load into the model before compressing")
     c.add_argument("--trust", action="store_true", help="allow full unpickling of MODEL/--weights files")
+    c.add_argument("--freeze", action="store_true", help="write a frozen, inference-only TorchScript file "
+                   "(what to deploy; see surgery.export)")
     c.add_argument("--json", action="store_true", help="print one JSON document (before, after, check)")
     c.add_argument("--quiet", action="store_true", help="print only the before/after comparison")
 
@@ -159,15 +161,8 @@ def _split_at_shrink(passes: Sequence[Any]) -> tuple[list, list]:
     return list(passes), []
 
 
-def _export(model: Any, path: str, inputs: tuple) -> None:
-    import surgery
-    export = getattr(surgery, "export", None)
-    if export is None:
-        raise SurgeryError("this build has no surgery.export (TorchScript export); cannot write " + path)
-    export(model, path, inputs)
-
-
-def compress_command(model: Any, recipe: str, input_shape: str, output: str, label: str = "") -> dict[str, Any]:
+def compress_command(model: Any, recipe: str, input_shape: str, output: str, label: str = "", *,
+                     freeze: bool = False) -> dict[str, Any]:
     """Run a recipe on `model` and export it; return the before/after summaries and the check."""
     import torch
 
@@ -184,7 +179,7 @@ def compress_command(model: Any, recipe: str, input_shape: str, output: str, lab
     pre, post = _split_at_shrink(passes)
     masked = surgery.compress(model, passes=pre, example_inputs=inputs)
     small = surgery.compress(masked, passes=post, example_inputs=inputs) if post else masked
-    _export(small, output, inputs)
+    surgery.export(small, output, inputs, freeze=freeze)
     exported = load_model_file(output)
     after = summary(exported.model, inputs=inputs, source=output, kind=f"after, {exported.kind}")
     ref, got = run_eval(masked, inputs), run_eval(exported.model, inputs)
@@ -215,7 +210,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model = model_from_spec(args.model, trust=args.trust)
     if args.weights:
         load_weights(model, args.weights, trust=args.trust)
-    out = compress_command(model, args.recipe, args.input_shape, args.output, label=args.model)
+    out = compress_command(model, args.recipe, args.input_shape, args.output, label=args.model, freeze=args.freeze)
     ok = out["check"]["max_rel_diff"] <= 1e-4
     if args.json:
         print(json.dumps({"before": out["before"].as_dict(), "after": out["after"].as_dict(),

@@ -35,12 +35,19 @@ def _close(ref: Any, out: Any, tol: float) -> tuple[bool, float]:
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, method: str = "auto",
-           tol: float = 1e-5) -> Path:
+           freeze: bool = False, tol: float = 1e-5) -> Path:
     """Write `model` (in eval mode) as TorchScript to `path`, reload it with plain
     ``torch.jit.load``, check it reproduces `model` on `example_inputs`, return the path.
 
     `method`: "script", "trace", or "auto" (script, and trace where scripting fails or does not
     reproduce the model). The file needs only torch to load: no surgery, no model classes.
+
+    ``freeze=True`` writes an inference-only file (``torch.jit.freeze``: parameters become
+    constants, training branches and attributes are gone), which is what to deploy. On CPU,
+    a process that calls ``torch.jit.enable_onednn_fusion(True)`` before running the loaded
+    file gets conv/BatchNorm/ReLU/add fused into oneDNN Graph kernels; for a shrunk ResNet-50
+    that is what turns the MAC reduction into latency (see benchmarks/results/shrink_latency.md).
+
     Raises :class:`ExportFailure` naming the file and the reason.
     """
     inputs = as_inputs(example_inputs)
@@ -60,7 +67,9 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, me
                         sm = torch.jit.script(model)
                     else:
                         sm = torch.jit.trace(model, inputs, check_trace=False)
-                sm.eval()
+                    sm.eval()
+                    if freeze:
+                        sm = torch.jit.freeze(sm)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 sm.save(str(path))
             except Exception as e:  # scripting fails on many Python constructs: try the next way

@@ -241,7 +241,23 @@ def _own_tensors(m: nn.Module, seen: set[int]) -> tuple[list[Tensor], list[Tenso
     return own, used, weight
 
 
+def _frozen_constants(model: nn.Module) -> list[Tensor]:
+    """The tensors a frozen TorchScript module (``torch.jit.freeze``) holds as graph constants;
+    [] for anything else."""
+    if not isinstance(model, torch.jit.ScriptModule) or next(model.parameters(), None) is not None:
+        return []
+    try:
+        nodes = model.graph.findAllNodes("prim::Constant")
+    except (AttributeError, RuntimeError):
+        return []
+    return [n.output().toIValue() for n in nodes if isinstance(n.output().type(), torch._C.TensorType)]
+
+
 def _module_rows(model: nn.Module) -> tuple[list[LayerRow], int]:
+    frozen = _frozen_constants(model)
+    if frozen:
+        return [LayerRow(ROOT, "frozen constants", None, None, sum(t.numel() for t in frozen),
+                         sum(int((t == 0).sum()) for t in frozen))], 0
     rows, seen, buffers = [], set(), 0
     for name, m in model.named_modules():
         own, used, weight = _own_tensors(m, seen)
@@ -358,6 +374,9 @@ def summary(model: nn.Module | dict, input_shape: Any = None, *, inputs: tuple |
     elif isinstance(model, nn.Module):
         rows, buffers = _module_rows(model)
         kind = kind or ("torchscript" if isinstance(model, torch.jit.ScriptModule) else "module")
+        if rows and rows[0].type == "frozen constants":
+            notes.append("frozen TorchScript: the weights (BatchNorm folded into them by the freeze) are graph constants, "
+                         "counted together as parameters; there are no layers to list")
         macs = None
         if inputs is not None:
             macs, counted = count_macs(model, inputs, [r.name for r in rows]), True

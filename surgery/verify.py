@@ -62,7 +62,7 @@ def max_rel_diff(a: Any, b: Any) -> float:
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Put every submodule of `model` in eval mode for the block, then restore each one's own
     training flag (a model may mix train and eval submodules)."""
-    modes = {m: m.training for m in model.modules()}
+    modes = {m: m.training for m in model.modules() if hasattr(m, "training")}  # frozen TorchScript has none
     if any(modes.values()):
         model.eval()
     try:

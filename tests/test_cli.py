@@ -185,6 +185,14 @@ def test_compress_a_trusted_masked_graphmodule_file(tmp_path):
         ts = torch.jit.load(str(tmp_path / "small.pt"))
     # conv keeps 4 of 8 channels: conv 1*4*9+4, bn 2*4, fc 10*4*16+10
     assert sum(p.numel() for p in ts.parameters()) == 40 + 8 + 650
+    proc = run(*args, "--trust", "--freeze", "-o", tmp_path / "frozen.pt")  # the last -o wins
+    assert proc.returncode == 0, proc.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = torch.jit.load(str(tmp_path / "frozen.pt"))
+    x = torch.randn(2, 1, 8, 8)
+    assert list(frozen.parameters()) == []  # inference-only: weights are constants, BatchNorm folded
+    torch.testing.assert_close(frozen(x), ts(x), rtol=1e-5, atol=1e-6)
 
 
 @needs_shrink

@@ -79,6 +79,20 @@ def test_torchscript_matches_eager_and_ops_outside_layers_are_kept():
         assert s.totals["macs"] == 5 * 8 * 8 + 5 * 5 * 8
 
 
+def test_frozen_torchscript_counts_its_constants_and_macs(tmp_path):
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        net[0].weight[:3] = 0
+    path = surgery.export(net, tmp_path / "frozen.pt", example_inputs=(torch.randn(2, 8),), freeze=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = summary(load_model_file(path).model, input_shape=(2, 8))
+    assert s.totals["params"] == n_params(net) == 8 * 16 + 16 + 16 * 4 + 4
+    assert s.totals["zeros"] == 3 * 8
+    assert s.totals["macs"] == 2 * (8 * 16 + 16 * 4)
+    assert any("frozen TorchScript" in n for n in s.notes)
+
+
 def test_mask_rows_show_kept_over_total():
     from passes import Identity
     gm = surgery.compress(Small(), passes=[Identity(select=nn.Conv2d)], example_inputs=(torch.randn(1, 1, 8, 8),))
