@@ -17,7 +17,7 @@ from torch import nn
 
 from surgery import channels
 from surgery.errors import SurgeryError
-from surgery.graph import unique_name
+from surgery.graph import submodule, unique_name
 from surgery.pipeline import UnitMask
 from surgery.select import Selector, select_nodes
 
@@ -64,7 +64,7 @@ class Site:
 
 def _is_local(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "call_module":
-        return isinstance(gm.get_submodule(str(n.target)), _LOCAL_MODULES)
+        return isinstance(submodule(gm, str(n.target)), _LOCAL_MODULES)
     if n.op == "call_function":
         return n.target in _LOCAL_FUNCTIONS
     if n.op == "call_method":

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from surgery.channels import ChannelGraph, ChannelGroup, analyze
 from surgery.errors import SurgeryError
-from surgery.graph import unique_name
+from surgery.graph import submodule, unique_name
 from surgery.pipeline import Context, UnitMask
 from surgery.select import Selector, matches
 
@@ -49,7 +49,7 @@ class HardMask(UnitMask):
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module | None]:
     if node.op == "call_module":
-        return str(node.target), gm.get_submodule(str(node.target))
+        return str(node.target), submodule(gm, str(node.target))
     return node.name, None
 
 
@@ -82,6 +82,7 @@ class ChannelPrune:
     seed: int = 0
     keeps_shapes: ClassVar[bool] = True     # mask nodes get their input's shape
     writes_tensors: ClassVar[bool] = False  # reads weights to score them, adds masks
+    needs_code: ClassVar[bool] = False      # reads the graph and the weights only
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
@@ -114,9 +115,7 @@ class ChannelPrune:
                     new = gm.graph.call_module(name, (node,))
                 node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
                 new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
-        gm.graph.lint()
-        gm.recompile()
-        return gm
+        return gm  # compress lints and recompiles (when the next pass or the caller needs the code)
 
     def _eligible(self, gm: fx.GraphModule, g: ChannelGroup) -> bool:
         if g.frozen or g.size < 2 or not g.mask_points():

@@ -22,6 +22,7 @@ class Shrink:
     tol: float = 1e-4
     keeps_shapes: ClassVar[bool] = True     # its verification run annotates the shrunk graph
     writes_tensors: ClassVar[bool] = False  # every edit makes new tensors
+    needs_code: ClassVar[bool] = False      # runs the masked graph through ShapeProp, recompiles at the end
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         out = shrink(gm, ctx.example_inputs, self.tol, inplace=True)  # compress() hands us its own copy

@@ -271,6 +271,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_MISSING = object()
+
+
 class ShapeProp(fx.Interpreter):
     """Run a GraphModule once and record every node's output shape and dtype.
 
@@ -294,6 +297,58 @@ class ShapeProp(fx.Interpreter):
         result = super().run_node(n)
         n.meta["shape"], n.meta["dtype"] = _describe(result)
         return result
+
+    def run(self, *args: Any, initial_env: dict | None = None, enable_io_processing: bool = True) -> Any:
+        """fx.Interpreter.run without its per-node bookkeeping (progress bar, traceback-meta
+        context managers), which costs more than the forward itself on small models. A subclass
+        that overrides run_node, or a call with `initial_env`, gets fx's own loop."""
+        if initial_env is not None or type(self).run_node is not ShapeProp.run_node:
+            return super().run(*args, initial_env=initial_env, enable_io_processing=enable_io_processing)
+        if enable_io_processing:
+            args = self.graph.process_inputs(*args)
+        env: dict[fx.Node, Any] = {}
+        self.env = env
+        arg_iter = iter(args)
+        mods, last_uses, get = self.submodules, self.user_to_last_uses, env.__getitem__
+        for n in self.graph.nodes:
+            op = n.op
+            try:
+                if op == "placeholder":
+                    if n.target.startswith("*"):
+                        value = list(arg_iter)
+                    else:
+                        value = next(arg_iter, _MISSING)
+                        if value is _MISSING:
+                            if not n.args:
+                                raise RuntimeError(f"expected positional argument for parameter {n.target}, "
+                                                   "but one was not passed in")
+                            value = n.args[0]
+                elif op == "output":
+                    out = fx.node.map_arg(n.args[0], get)
+                    n.meta["shape"], n.meta["dtype"] = _describe(out)
+                    return self.graph.process_outputs(out) if enable_io_processing else out
+                else:
+                    a = _plain(fx.node.map_arg(n.args, get))
+                    k = _plain(fx.node.map_arg(n.kwargs, get)) if n.kwargs else {}
+                    if op == "call_module":
+                        value = mods[n.target](*a, **k)
+                    elif op == "call_function":
+                        value = n.target(*a, **k)
+                    elif op == "call_method":
+                        value = getattr(a[0], n.target)(*a[1:], **k)
+                    else:  # get_attr
+                        value = self.fetch_attr(n.target)
+            except Exception as e:
+                msg = f"While executing {n.format_node()}"
+                e.args = (f"{e.args[0]}\n\n{msg}" if e.args else msg,) + e.args[1:]
+                if isinstance(e, KeyError):
+                    raise RuntimeError(*e.args) from e
+                raise
+            n.meta["shape"], n.meta["dtype"] = _describe(value)
+            env[n] = value
+            for dead in last_uses.get(n, ()):
+                del env[dead]
+        return None
 
     def propagate(self, *args: Any) -> Any:
         with eval_mode(self.module), torch.no_grad():

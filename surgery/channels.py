@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SurgeryError
-from .graph import gc_paused
+from .graph import gc_paused, submodule
 from .rulebook import (RULES, Ids, Rule, RuleContext, _RawPlace, channel_local, frozen, passthrough,  # noqa: F401
                        register_rule, varying)
 
@@ -121,7 +121,7 @@ def _is_trailing(user: fx.Node, node: fx.Node) -> bool:
         return user.target in ("relu", "sigmoid", "tanh", "relu_", "sigmoid_")
     if user.op != "call_module":
         return False
-    m = user.graph.owning_module.get_submodule(str(user.target))
+    m = submodule(user.graph.owning_module, str(user.target))
     from .pipeline import UnitMask
     return isinstance(m, _TRAILING) and not isinstance(m, UnitMask)
 

@@ -49,11 +49,16 @@ class Context:
 class Pass(Protocol):
     """A graph pass: a dataclass whose fields are its configuration.
 
-    Two optional class attributes (``ClassVar[bool]``) let :func:`compress` skip work:
+    A pass may edit the graph without recompiling: compress recompiles after it, before the
+    next pass that runs the module's code, and before returning.
+
+    Optional class attributes (``ClassVar[bool]``) let :func:`compress` skip work:
     ``keeps_shapes = True`` says every node's ``meta["shape"]`` is right after the pass (no
     re-annotation run needed); ``writes_tensors = False`` says the pass never writes into an
     existing parameter or buffer (it may replace them), so compress need not clone the model's
-    weights up front. Leaving them out is always safe.
+    weights up front; ``needs_code = False`` says the pass never calls the GraphModule's
+    generated code (it reads the graph, runs it through an interpreter such as
+    :class:`ShapeProp`), so compress need not recompile before it. Leaving them out is always safe.
     """
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule: ...
@@ -159,7 +164,10 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
         raise SurgeryError(f"compress expects an nn.Module, got {type(model).__name__}")
     shared = {id(t): (t, t._version) for t in model.parameters()} if share else {}
     ctx = Context(example_inputs=inputs)
+    stale = False  # the graph was edited since the code was last generated
     for p in passes:
+        if stale and getattr(p, "needs_code", True):
+            gm.recompile()
         code_before = gm._code
         out = p.apply(gm, ctx)
         if not isinstance(out, fx.GraphModule):
@@ -170,11 +178,12 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
             raise SurgeryError(f"{type(p).__name__} declares writes_tensors = False but wrote into {len(written)} "
                                "parameter(s) of the model being compressed; please report this pass")
         gm.graph.lint()
-        if gm._code is code_before:  # the pass left recompiling to us (a pass that recompiled is current)
-            gm.recompile()
+        stale = gm._code is code_before  # the pass left recompiling to us (one that recompiled is current)
         surgery_meta(gm)["passes"].append(repr(p))
         if inputs is not None and not getattr(p, "keeps_shapes", False):
-            ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(*inputs)  # interprets the graph: fresh code not needed
+    if stale:
+        gm.recompile()
     if shared:
         unshare(gm, {k: t for k, (t, _) in shared.items()})
     return gm

@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import SurgeryError
+from .graph import submodule
 
 if TYPE_CHECKING:
     from .channels import ChannelGraph
@@ -76,7 +77,7 @@ class RuleContext:
     def __init__(self, graph: "ChannelGraph", node: fx.Node):
         self.g = graph
         self.node = node
-        self.module: nn.Module | None = (graph.gm.get_submodule(str(node.target))
+        self.module: nn.Module | None = (submodule(graph.gm, str(node.target))
                                          if node.op == "call_module" else None)
 
     # --- reading

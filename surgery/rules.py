@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .graph import submodule
 from .rulebook import RuleContext, channel_local, passthrough, register_rule, varying
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -32,7 +33,7 @@ def _vals(ctx: RuleContext, a: Any, ids: np.ndarray | None) -> np.ndarray | None
 
 def _owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
     prefix, _, name = target.rpartition(".")
-    return (gm.get_submodule(prefix) if prefix else gm), name
+    return submodule(gm, prefix), name
 
 
 def _spatial_ok(ctx: RuleContext, ids: np.ndarray, dims: list[int]) -> bool:

@@ -31,11 +31,11 @@ from torch import nn
 from .capture import ShapeProp, as_inputs, surgery_meta
 from .channels import analyze
 from .errors import ShrinkMismatch, SurgeryError
-from .graph import copy_sharing_tensors, finish, gc_paused, unshare
+from .graph import copy_sharing_tensors, finish, gc_paused, submodule, unshare
 from .pipeline import UnitMask
 from .shrink_edits import Editor
 from .shrink_plan import Decider
-from .verify import max_rel_diff, run_eval
+from .verify import max_rel_diff
 
 __all__ = ["shrink", "ShrinkReport", "GroupShrink", "shrink_report"]
 
@@ -95,7 +95,7 @@ def _n_params(m: nn.Module) -> int:
 def _is_mask_param(m: nn.Module, name: str) -> bool:
     prefix = name.rpartition(".")[0]
     try:
-        return isinstance(m.get_submodule(prefix), UnitMask) if prefix else False
+        return isinstance(submodule(m, prefix), UnitMask) if prefix else False
     except AttributeError:
         return False
 
@@ -148,12 +148,9 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
     work, shared = (gm, {}) if inplace else copy_sharing_tensors(gm)
     params_before = _n_params(gm)
     t0 = time.perf_counter()
-    # the masked model's output; a graph whose nodes all carry shapes (what capture, compress
-    # and the mask passes leave) runs as plain code, otherwise through ShapeProp for fresh shapes
-    if all("shape" in n.meta for n in work.graph.nodes if n.op not in ("placeholder", "output")):
-        ref = run_eval(work, inputs)
-    else:
-        ref = ShapeProp(work).propagate(*inputs)
+    # the masked model's output, and fresh shapes for the analysis; through the graph, not the
+    # generated code, which compress may not have regenerated after the mask pass
+    ref = ShapeProp(work).propagate(*inputs)
     verify_seconds = time.perf_counter() - t0
     cg = analyze(work)
     decider = Decider(cg)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .channels import ChannelGraph
 from .errors import SurgeryError
-from .graph import unique_name
+from .graph import submodule, unique_name
 from .shrink_plan import Decider, _expand_index, _foldable, _who
 
 
@@ -121,7 +121,7 @@ class Editor:
     def masks(self) -> None:
         g = self.gm.graph
         for node in list(self.cg.mask_nodes):
-            m = self.gm.get_submodule(str(node.target))
+            m = submodule(self.gm, str(node.target))
             inp = node.args[0]
             f = m.factors().detach()
             lay = self.cg.layouts.get(inp)
@@ -163,7 +163,7 @@ class Editor:
                 return False
             if sum(1 for x in self.gm.graph.nodes if x.op == "call_module" and x.target == u.target) != 1:
                 return False
-            m = self.gm.get_submodule(str(u.target))
+            m = submodule(self.gm, str(u.target))
             if isinstance(m, nn.Linear) and dim == nd - 1 and m.in_features == len(f):
                 mods.append(m)
             elif isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and dim == 1 and \
@@ -190,7 +190,7 @@ class Editor:
             return False
         if sum(1 for x in self.gm.graph.nodes if x.op == "call_module" and x.target == n.target) != 1:
             return False  # a module called twice cannot be scaled for one of its calls
-        m = self.gm.get_submodule(str(n.target))
+        m = submodule(self.gm, str(n.target))
         nd = len(n.meta["shape"])
         if isinstance(m, (nn.ReLU, nn.LeakyReLU)) and bool((f > 0).all()):
             return self._fold_back(n.args[0], n, f, dim)
@@ -284,7 +284,7 @@ class Editor:
 
 def _is_flatten(n: fx.Node) -> bool:
     if n.op == "call_module":
-        m = n.graph.owning_module.get_submodule(str(n.target))
+        m = submodule(n.graph.owning_module, str(n.target))
         return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
     if n.op in ("call_function", "call_method") and getattr(n.target, "__name__", n.target) == "flatten":
         rest = list(n.args[1:]) + [n.kwargs.get("start_dim", 0 if n.op == "call_function" else 0)]

@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from .channels import ChannelGraph, _RawPlace, varying
+from .graph import submodule
 
 _RESHAPES = {"view", "reshape", "transpose", "permute", "contiguous", "flatten"}
 
@@ -49,7 +50,7 @@ class Decider:
         gm = cg.gm
         for p in cg.places:
             if p.role == "mask":
-                f = gm.get_submodule(str(p.node.target)).factors().detach().cpu().numpy()
+                f = submodule(gm, str(p.node.target)).factors().detach().cpu().numpy()
                 self.candidate[self.chan[p.ids[f == 0]]] = True
         for c, r in cg.frozen_chan.items():
             self.mark(np.array([c]), f"group frozen: {r}")

@@ -69,7 +69,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
     finally:
         for m, mode in modes.items():
-            m.training = mode
+            if m.training != mode:  # setting it goes through nn.Module.__setattr__: only where needed
+                m.training = mode
 
 
 @torch.no_grad()

@@ -152,3 +152,19 @@ def test_copy_module_is_a_deep_copy():
     shared = {id(p): p for p in net.parameters()}
     s = copy_module(net, memo=dict(shared))
     assert s.a.weight is net.a.weight and s.bn.running_mean is not net.bn.running_mean
+
+
+def test_copy_module_of_classes_with_their_own_setstate():
+    from surgery.graph import copy_module
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+    lstm = nn.LSTM(4, 5, batch_first=True)
+    for m, x in ((conv, torch.randn(1, 2, 6, 6)), (lstm, torch.randn(2, 3, 4))):
+        c = copy_module(m)
+        assert type(c) is type(m) and torch.equal(c(x)[0], m(x)[0])
+        assert all(p is not q for p, q in zip(c.parameters(), m.parameters()))
+    c = copy_module(lstm)
+    assert all(w is p for w, p in zip(c._flat_weights, c.parameters()))  # the copy computes with its own
+    with torch.no_grad():
+        c.weight_ih_l0.zero_()
+    x = torch.randn(2, 3, 4)
+    assert not torch.equal(c(x)[0], lstm(x)[0])

@@ -111,7 +111,8 @@ def test_a_pass_that_breaks_its_no_write_promise_is_named():
 
 
 def test_shape_runs_only_where_shapes_change(monkeypatch):
-    # capture annotates once; ChannelPrune keeps shapes; Shrink's verification run re-annotates
+    # capture annotates once; ChannelPrune keeps shapes (no run after it); Shrink runs the masked
+    # graph (its reference) and the shrunk one (its check), both through ShapeProp
     from passes import ChannelPrune, Shrink
     runs = []
     real = surgery.ShapeProp.propagate
@@ -119,10 +120,10 @@ def test_shape_runs_only_where_shapes_change(monkeypatch):
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
     x = torch.randn(1, 3, 8, 8)
     small = surgery.compress(net, passes=[ChannelPrune(ratio=0.5), Shrink()], example_inputs=(x,))
-    assert len(runs) == 2
+    assert len(runs) == 3
     assert [n.meta["shape"][1] for n in small.graph.nodes if n.op == "call_module"] == [4, 4, 4]
     surgery.compress(net, passes=[Identity()], example_inputs=(x,))
-    assert len(runs) == 4  # Identity declares nothing: one more run after it
+    assert len(runs) == 5  # capture, and Identity declares nothing: one more run after it
 
 
 def test_result_is_a_normal_module_trainable_picklable_scriptable(tmp_path):
