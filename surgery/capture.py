@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import SurgeryError, TraceFailure, first_line
-from .graph import copy_module, copy_sharing_tensors, gc_paused
+from .graph import copy_module, copy_sharing_tensors, gc_paused, submodule
 from .verify import eval_mode
 
 __all__ = ["capture", "ShapeProp", "surgery_meta", "as_inputs"]
@@ -122,6 +122,14 @@ def _graph_module(module: nn.Module, leaf_modules, concrete_args) -> tuple[fx.Gr
     for k, v in vars(module).items():
         if not k.startswith("_") and k != "training" and not hasattr(gm, k):
             setattr(gm, k, v)
+    # fx makes the GraphModule and the containers on dotted paths anew, in training mode: give
+    # each the flag of the module it stands for (an eval-mode model captures as eval mode)
+    for name, m in gm.named_modules():
+        if type(m) is nn.Module or m is gm:
+            try:
+                m.training = submodule(module, name).training
+            except AttributeError:
+                pass
     return gm, opaque
 
 

@@ -177,8 +177,9 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
         if written:
             raise SurgeryError(f"{type(p).__name__} declares writes_tensors = False but wrote into {len(written)} "
                                "parameter(s) of the model being compressed; please report this pass")
-        gm.graph.lint()
         stale = gm._code is code_before  # the pass left recompiling to us (one that recompiled is current)
+        if stale:
+            gm.graph.lint()  # a pass that recompiled has had its graph checked by codegen (graph.finish lints)
         surgery_meta(gm)["passes"].append(repr(p))
         if inputs is not None and not getattr(p, "keeps_shapes", False):
             ShapeProp(gm).propagate(*inputs)  # interprets the graph: fresh code not needed

@@ -31,7 +31,7 @@ from torch import nn
 from .capture import ShapeProp, as_inputs, surgery_meta
 from .channels import analyze
 from .errors import ShrinkMismatch, SurgeryError
-from .graph import copy_sharing_tensors, finish, gc_paused, submodule, unshare
+from .graph import copy_sharing_tensors, finish, gc_paused, unshare
 from .pipeline import UnitMask
 from .shrink_edits import Editor
 from .shrink_plan import Decider
@@ -89,15 +89,17 @@ def shrink_report(gm: nn.Module) -> ShrinkReport | None:
 
 
 def _n_params(m: nn.Module) -> int:
-    return sum(p.numel() for n, p in m.named_parameters() if not _is_mask_param(m, n))
-
-
-def _is_mask_param(m: nn.Module, name: str) -> bool:
-    prefix = name.rpartition(".")[0]
-    try:
-        return isinstance(submodule(m, prefix), UnitMask) if prefix else False
-    except AttributeError:
-        return False
+    """Parameters of `m`, each counted once, those of masks left out."""
+    seen: set[int] = set()
+    total = 0
+    for mod in m.modules():
+        if isinstance(mod, UnitMask):
+            continue
+        for p in mod._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
 
 
 # ----------------------------------------------------------------------------------------- driver

@@ -9,7 +9,7 @@ tensor may lose every channel.
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch.fx as fx
@@ -32,12 +32,16 @@ class Decider:
         self.chain_inner: set[fx.Node] = set()
         self.chains: list[tuple[fx.Node, fx.Node, int]] = []
 
-    def mark(self, chans: np.ndarray, reason: str) -> bool:
-        chans = np.unique(chans)
-        new = chans[self.candidate[chans] & ~self.keep[chans]]
-        if len(new) == 0:
+    def mark(self, chans: np.ndarray, reason: str | Callable[[], str]) -> bool:
+        """Keep `chans` (those that a mask would remove) for `reason` (a string, or a function
+        that makes it: only called when some channel is newly kept)."""
+        open_ = self.candidate[chans] & ~self.keep[chans]
+        if not open_.any():  # the common case: nothing to do, and no sort
             return False
+        new = np.unique(chans[open_])
         self.keep[new] = True
+        if callable(reason):
+            reason = reason()
         for c in new:
             self.reason.setdefault(int(c), reason)
         return True
@@ -52,8 +56,11 @@ class Decider:
             if p.role == "mask":
                 f = submodule(gm, str(p.node.target)).factors().detach().cpu().numpy()
                 self.candidate[self.chan[p.ids[f == 0]]] = True
+        frozen: dict[str, list[int]] = {}
         for c, r in cg.frozen_chan.items():
-            self.mark(np.array([c]), f"group frozen: {r}")
+            frozen.setdefault(r, []).append(c)
+        for r, chans in frozen.items():
+            self.mark(np.array(chans), f"group frozen: {r}")
         for p in cg.places:
             if p.role == "reader":
                 self._reader(p)
@@ -70,7 +77,7 @@ class Decider:
         if bad.any():
             what = "a constant it cannot fold (zero padding)" if fold is False and np.isfinite(v[bad]).any() \
                 else "a nonzero value"
-            self.mark(chans[bad], f"{_who(p.node)} reads {what} in it")
+            self.mark(chans[bad], lambda: f"{_who(p.node)} reads {what} in it")
 
     def _find_chains(self) -> None:
         """view -> transpose -> view channel shuffles: replaced by one index_select, so their
@@ -125,8 +132,8 @@ class Decider:
                     if short > 0:
                         pos = np.nonzero(~seg[g])[0][:short] + g * seg.shape[1]
                         changed |= self.mark(self.chan[p.ids[pos]],
-                                             f"{_who(p.node)} needs the same number of channels in each of "
-                                             f"its {p.groups} groups")
+                                             lambda p=p: f"{_who(p.node)} needs the same number of channels in "
+                                             f"each of its {p.groups} groups")
         for node in self.cg.rewrite:
             if node.op == "call_function" and node.target is operator.getitem:
                 changed |= self._int_index(node, removed)
@@ -193,7 +200,7 @@ def _is_reshape(n: Any) -> bool:
 
 def _who(node: fx.Node) -> str:
     if node.op == "call_module":
-        return f"{type(node.graph.owning_module.get_submodule(str(node.target))).__name__} {node.target!r}"
+        return f"{type(submodule(node.graph.owning_module, str(node.target))).__name__} {node.target!r}"
     return f"{getattr(node.target, '__name__', node.target)} {node.name!r}"
 
 

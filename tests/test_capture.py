@@ -180,3 +180,14 @@ def test_shape_propagation_passes_plain_lists_to_callees():
     gm = surgery.capture(Net(), (x,))
     assert gm.graph.find_nodes(op="call_function", target=_mutates_its_list)[0].meta["shape"] == (3,)
     assert torch.equal(gm(x), 2 * x)
+
+
+def test_captured_module_keeps_the_models_training_flags():
+    net = tvm.resnet18(weights=None).eval()
+    net.layer1.train()  # a mix: the copy keeps each module's own flag
+    gm = surgery.capture(net, (torch.rand(1, 3, 32, 32),))
+    assert gm.training is False
+    flags = {n: m.training for n, m in gm.named_modules()}
+    assert flags["layer1"] is True and flags["layer1.0.conv1"] is True and flags["layer2"] is False
+    assert flags["layer2.0.conv1"] is False
+    assert net.layer1.training is True and net.training is False  # the caller's model is untouched
