@@ -5,7 +5,8 @@ and MACs before/after, surgery wall time (compress(model, [ChannelPrune, Shrink]
 included), CPU latency at batch 1 before/after, export ok. With torch-pruning importable (the
 `bench` extra), Torch-Pruning runs at the same ratio on the same model beside ours. Each tool
 is timed after one untimed warm-up run of its own on a small model (resnet18 at 64 px), so
-neither pays one-time costs (imports, first calls) in its figure.
+neither pays one-time costs (imports, first calls) in its figure, and after a gc.collect(), so
+neither pays for garbage the other left.
 
 Each model runs in its own subprocess (a crash, a timeout or running out of memory costs one
 row, never the sweep); rows are appended to a JSON-lines file as they finish, so the sweep is
@@ -18,6 +19,7 @@ resumable (models already there are skipped unless --redo).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -100,6 +102,7 @@ def _ours(model, x, ratio: float, round_to: int):
     itself. Returns (shrunk model, seconds)."""
     import surgery
     from passes import ChannelPrune, Shrink
+    gc.collect()  # both tools start with no garbage pending (see run_tp)
     t = time.perf_counter()
     small = surgery.compress(model, [ChannelPrune(ratio=ratio, round_to=round_to), Shrink()], (x,))
     return small, time.perf_counter() - t
@@ -124,6 +127,9 @@ def run_tp(name: str, ratio: float, x) -> dict:
     warm_up("tp", ratio)
     model = _prepare(torchvision.models.get_model(name, weights=None))
     ref_shape = model(x).shape
+    # a full collection in a process holding torch and torchvision scans ~340k objects (~0.15 s
+    # here): start both tools' timed runs from a clean collector, so neither pays for the other
+    gc.collect()
     t = time.perf_counter()
     _tp_prune(model, x, ratio)
     wall = time.perf_counter() - t

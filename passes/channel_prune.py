@@ -150,7 +150,8 @@ class ChannelPrune:
                 continue
             wd = 1 if getattr(m, "transposed", False) else 0
             w = w.detach().movedim(wd, 0).reshape(w.shape[wd], -1)
-            n = (w.abs().sum(1) if self.criterion != "l2" else w.pow(2).sum(1).sqrt()).double().numpy()
+            # one pass over the weight, no |w| or w**2 temporary (weights are the big tensors here)
+            n = torch.linalg.vector_norm(w, 2 if self.criterion == "l2" else 1, dim=1).double().numpy()
             if len(n) != len(p.channels):
                 continue
             ok = p.channels >= 0
