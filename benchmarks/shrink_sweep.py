@@ -2,7 +2,7 @@
 
 One row per model: exact (max rel. error < 1e-4 on a fresh input, masked vs shrunk), params
 and MACs before/after, surgery wall time (compress(model, [ChannelPrune, Shrink]), verification
-included), CPU latency at batch 1 before/after, export ok. With torch-pruning importable (the
+included; the median of --repeats runs, as is Torch-Pruning's), CPU latency at batch 1 before/after, export ok. With torch-pruning importable (the
 `bench` extra), Torch-Pruning runs at the same ratio on the same model beside ours. Each tool
 is timed after one untimed warm-up run of its own on a small model (resnet18 at 64 px), so
 neither pays one-time costs (imports, first calls) in its figure, and after a gc.collect(), so
@@ -121,22 +121,26 @@ def warm_up(tool: str, ratio: float) -> None:
         _ours(model, x, ratio, 1)
 
 
-def run_tp(name: str, ratio: float, x) -> dict:
+def run_tp(name: str, ratio: float, x, repeats: int = 1) -> dict:
     import torch
     import torchvision
     warm_up("tp", ratio)
-    model = _prepare(torchvision.models.get_model(name, weights=None))
-    ref_shape = model(x).shape
-    # a full collection in a process holding torch and torchvision scans ~340k objects (~0.15 s
-    # here): start both tools' timed runs from a clean collector, so neither pays for the other
-    gc.collect()
-    t = time.perf_counter()
-    _tp_prune(model, x, ratio)
-    wall = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):  # Torch-Pruning prunes in place: a fresh model for every run
+        model = None
+        model = _prepare(torchvision.models.get_model(name, weights=None))
+        ref_shape = model(x).shape
+        # a full collection in a process holding torch and torchvision scans ~340k objects (~0.15 s
+        # here): start both tools' timed runs from a clean collector, so neither pays for the other
+        gc.collect()
+        t = time.perf_counter()
+        _tp_prune(model, x, ratio)
+        times.append(time.perf_counter() - t)
     with torch.no_grad():
         out = model(x)
     ok = out.shape == ref_shape
-    return {"tp_time": wall, "tp_params": sum(p.numel() for p in model.parameters()), "tp_macs": macs(model, x),
+    return {"tp_time": statistics.median(times), "tp_times": times,
+            "tp_params": sum(p.numel() for p in model.parameters()), "tp_macs": macs(model, x),
             "tp_latency": latency(model, x), "tp_ok": ok,
             "tp_error": None if ok else f"output shape {tuple(out.shape)} != {tuple(ref_shape)}"}
 
@@ -156,7 +160,7 @@ def _limit_memory(extra_gb: float) -> None:
         pass
 
 
-def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool) -> dict:
+def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, repeats: int = 1) -> dict:
     import torch
     import torchvision
     import surgery
@@ -172,7 +176,12 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool) -> 
     row["macs_before"] = macs(model, x)
     row["latency_before"] = latency(model, x)
     warm_up("ours", ratio)
-    small, row["surgery_time"] = _ours(model, x, ratio, round_to)
+    times = []
+    for _ in range(repeats):
+        small = None
+        small, t = _ours(model, x, ratio, round_to)
+        times.append(t)
+    row["surgery_time"], row["surgery_times"] = statistics.median(times), times
     masked = surgery.compress(model, [ChannelPrune(ratio=ratio, round_to=round_to)], (x,))  # the same masks
     row["verify_time"] = surgery.shrink_report(small).verify_seconds
     row["rel_error"] = max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,)))
@@ -198,7 +207,7 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool) -> 
         print("ROW " + json.dumps(row), flush=True)
         _limit_memory(TP_MEMORY_GB)
         try:
-            row.update(run_tp(name, ratio, x))
+            row.update(run_tp(name, ratio, x, repeats))
         except MemoryError:
             row.update(tp_ok=False, tp_error=f"out of memory (limit {TP_MEMORY_GB} GB more)")
         except Exception as e:
@@ -278,12 +287,13 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model")
     ap.add_argument("--redo", action="store_true", help="rerun models already in the rows file")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even when installed")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per tool and model (the median is reported)")
     ap.add_argument("--rows", default=str(ROWS))
     ap.add_argument("--table-only", action="store_true", help="write the table from the rows file, run nothing")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        row = run_one(args.one, args.ratio, args.size, args.round_to, not args.no_tp)
+        row = run_one(args.one, args.ratio, args.size, args.round_to, not args.no_tp, args.repeats)
         print("ROW " + json.dumps(row), flush=True)
         return
     import torchvision
@@ -304,7 +314,7 @@ def main() -> None:
         if name in done and not args.redo:
             continue
         cmd = [sys.executable, __file__, "--one", name, "--ratio", str(args.ratio), "--size", str(args.size),
-               "--round-to", str(args.round_to)] + (["--no-tp"] if args.no_tp else [])
+               "--round-to", str(args.round_to), "--repeats", str(args.repeats)] + (["--no-tp"] if args.no_tp else [])
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             out, err, code = p.stdout, p.stderr, p.returncode
