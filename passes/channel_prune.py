@@ -172,8 +172,8 @@ class ChannelPrune:
             return keep
         per = seg.shape[1]
         k = max(1, min(per, math.ceil(per * (1 - self.ratio) - 1e-9)))
-        for row in seg:
-            keep[row[np.argsort(-s[row], kind="stable")[:k]]] = True
+        best = np.argsort(-s[seg], axis=1, kind="stable")[:, :k]  # every segment at once
+        keep[np.take_along_axis(seg, best, axis=1)] = True
         return keep
 
     def _keep_global(self, groups, scores, segs) -> dict[int, np.ndarray]:

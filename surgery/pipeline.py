@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .capture import ShapeProp, as_inputs, capture, surgery_meta
+from .capture import annotate_shapes, as_inputs, capture, surgery_meta
 from .errors import SurgeryError
 from .graph import copy_module, copy_sharing_tensors, gc_paused, unshare
 
@@ -155,7 +155,7 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
         else:
             gm = copy_sharing_tensors(model, buffers=False)[0] if share else copy_module(model)
         if inputs is not None:
-            ShapeProp(gm).propagate(*inputs)
+            annotate_shapes(gm, inputs)
     elif isinstance(model, nn.Module):
         if inplace:
             raise SurgeryError("inplace=True needs a GraphModule; an nn.Module is always captured as a copy")
@@ -182,7 +182,7 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
             gm.graph.lint()  # a pass that recompiled has had its graph checked by codegen (graph.finish lints)
         surgery_meta(gm)["passes"].append(repr(p))
         if inputs is not None and not getattr(p, "keeps_shapes", False):
-            ShapeProp(gm).propagate(*inputs)  # interprets the graph: fresh code not needed
+            annotate_shapes(gm, inputs)  # interprets the graph: fresh code not needed
     if stale:
         gm.recompile()
     if shared:

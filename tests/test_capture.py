@@ -191,3 +191,59 @@ def test_captured_module_keeps_the_models_training_flags():
     assert flags["layer1"] is True and flags["layer1.0.conv1"] is True and flags["layer2"] is False
     assert flags["layer2.0.conv1"] is False
     assert net.layer1.training is True and net.training is False  # the caller's model is untouched
+
+
+def _runs_on(monkeypatch):
+    """Record the device of the first tensor of every ShapeProp run."""
+    devices = []
+    real = surgery.ShapeProp.propagate
+
+    def spy(self, *args):
+        devices.append(next(a.device.type for a in args if isinstance(a, torch.Tensor)))
+        return real(self, *args)
+
+    monkeypatch.setattr(surgery.ShapeProp, "propagate", spy)
+    return devices
+
+
+@pytest.mark.parametrize("name,inputs", [("resnet18", x64), ("mobilenet_v3_small", x64), ("vit_b_16", x224),
+                                         ("swin_t", x64), ("r3d_18", (torch.rand(1, 3, 4, 32, 32),))])
+def test_annotate_shapes_on_meta_equals_the_real_run(name, inputs, monkeypatch):
+    from surgery.capture import annotate_shapes
+    model = _build(name)
+    gm = surgery.capture(model)
+    devices = _runs_on(monkeypatch)
+    params = {n: (p, p.detach().clone()) for n, p in gm.named_parameters()}
+    annotate_shapes(gm, inputs)
+    assert devices == ["meta"]  # torch.nn layers only: no values computed
+    got = {n.name: (n.meta["shape"], n.meta["dtype"]) for n in gm.graph.nodes if n.op != "output"}
+    surgery.ShapeProp(gm).propagate(*inputs)
+    assert got == {n.name: (n.meta["shape"], n.meta["dtype"]) for n in gm.graph.nodes if n.op != "output"}
+    for n, (p, before) in params.items():  # the real tensors are back, unchanged
+        assert gm.get_parameter(n) is p and torch.equal(p, before)
+    assert all(b.device.type == "cpu" for b in gm.buffers())
+
+
+def test_annotate_shapes_runs_for_real_where_meta_cannot(monkeypatch):
+    class DataDependent(nn.Module):  # torch.nn layers only, but an output shape depends on values
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x), torch.nonzero(x > 0)
+
+    class Caches(nn.Module):  # user code (kept opaque): may keep what it sees
+        def forward(self, x):
+            self.seen = x * 1
+            return x
+
+    x = torch.tensor([[1.0, -1.0, 2.0, 3.0], [-1.0, -2.0, 0.5, -3.0]])
+    devices = _runs_on(monkeypatch)
+    gm = surgery.capture(DataDependent(), (x,))
+    assert devices == ["meta", "cpu"]  # the meta run cannot know nonzero's size: the real run redid it
+    nz = next(n for n in gm.graph.nodes if n.target is torch.nonzero)
+    assert nz.meta["shape"] == torch.Size([4, 2])
+    devices.clear()
+    gm = surgery.capture(nn.Sequential(Caches(), nn.Linear(4, 3)), (x,), leaf_modules=[Caches])
+    assert devices == ["cpu"] and gm.get_submodule("0").seen.device.type == "cpu"
