@@ -296,7 +296,8 @@ def _same(x: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _meta_eligible(gm: fx.GraphModule) -> bool:
     """Every module the graph calls is a torch.nn layer (no user code that could keep a meta
-    tensor in its state or branch on values) and no call needs keyword arguments."""
+    tensor in its state or branch on values), and none is an RNN (whose flat weight list would
+    still hold the real tensors)."""
     mods = dict(gm.named_modules())
     for n in gm.graph.nodes:
         if n.op == "call_module":
