@@ -294,11 +294,10 @@ def _same(x: Any, *args: Any, **kwargs: Any) -> Any:
     return x
 
 
-def _meta_eligible(gm: fx.GraphModule) -> bool:
-    """Every module the graph calls is a torch.nn layer (no user code that could keep a meta
-    tensor in its state or branch on values), and none is an RNN (whose flat weight list would
-    still hold the real tensors)."""
-    mods = dict(gm.named_modules())
+def _meta_eligible(gm: fx.GraphModule, mods: dict[str, nn.Module]) -> bool:
+    """Every module the graph calls (`mods`: by qualified name) is a torch.nn layer (no user
+    code that could keep a meta tensor in its state or branch on values), and none is an RNN
+    (whose flat weight list would still hold the real tensors)."""
     for n in gm.graph.nodes:
         if n.op == "call_module":
             m = mods.get(str(n.target))
@@ -319,7 +318,9 @@ def annotate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
     (an op without a meta kernel, a tensor made on the CPU inside forward, a value read back
     into Python) gets the ordinary run instead, which also raises the model's own errors.
     """
-    if _meta_eligible(gm):
+    prop = ShapeProp(gm)
+    real_modules = prop.submodules
+    if _meta_eligible(gm, real_modules):
         saved: list[tuple[dict, str, torch.Tensor]] = []
         try:
             for m in gm.modules():
@@ -330,20 +331,17 @@ def annotate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
                             store[k] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
             meta_inputs = tuple(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
                                 if isinstance(x, torch.Tensor) else x for x in inputs)
-            prop = ShapeProp(gm)
-            for k, m in prop.submodules.items():
-                if type(m) in _SHAPE_KEEPING:
-                    prop.submodules[k] = _same
+            prop.submodules = {k: _same if type(m) in _SHAPE_KEEPING else m for k, m in real_modules.items()}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 prop.propagate(*meta_inputs)
             return
         except Exception:
-            pass  # the real run below redoes every node
+            prop.submodules = real_modules  # the real run below redoes every node
         finally:
             for store, k, t in saved:
                 store[k] = t
-    ShapeProp(gm).propagate(*inputs)
+    prop.propagate(*inputs)
 
 
 _MISSING = object()
