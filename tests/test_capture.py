@@ -247,3 +247,54 @@ def test_annotate_shapes_runs_for_real_where_meta_cannot(monkeypatch):
     devices.clear()
     gm = surgery.capture(nn.Sequential(Caches(), nn.Linear(4, 3)), (x,), leaf_modules=[Caches])
     assert devices == ["cpu"] and gm.get_submodule("0").seen.device.type == "cpu"
+
+
+class _Shortcuts(nn.Module):
+    """Every layer and function the meta run computes shapes for directly, in their odd forms."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 3, stride=2, padding=2, dilation=2)
+        self.same = nn.Conv1d(8, 8, 4, padding="same", padding_mode="reflect")
+        self.valid = nn.Conv1d(8, 6, 3, padding="valid", bias=False)
+        self.c2 = nn.Conv2d(6, 4, (3, 1), stride=(2, 1), padding=(1, 0), groups=2)
+        self.c3 = nn.Conv3d(4, 2, 2)
+        self.pool1 = nn.AdaptiveAvgPool1d(5)
+        self.pool2 = nn.AdaptiveAvgPool2d((None, 3))
+        self.pool3 = nn.AdaptiveAvgPool3d(1)
+        self.lin = nn.Linear(5, 7)
+
+    def forward(self, x):
+        y = self.valid(self.same(self.c1(x)))                     # (2, 6, L)
+        z = self.c2(y.unsqueeze(-1))                               # (2, 4, L', 1)
+        v = self.c3(z.unsqueeze(-1).expand(-1, -1, -1, 2, 2))      # (2, 2, L'-1, 1, 1)
+        k = (x[:, 0, :3] * 10).long()                              # int64 (2, 3)
+        s = k * 0.5 + k[:1]                                        # int * float -> float; (2, 3) + (1, 3)
+        return (self.lin(self.pool1(y)) * 2, self.pool2(z) - 1, torch.mul(self.pool3(v), 3), torch.add(s, k),
+                k - 1, y.shape[0] + 1)
+
+
+def test_meta_shape_shortcuts_equal_the_real_run(monkeypatch):
+    from surgery.capture import annotate_shapes
+    x = torch.rand(2, 3, 40)
+    gm = surgery.capture(_Shortcuts())
+    devices = _runs_on(monkeypatch)
+    annotate_shapes(gm, (x,))
+    assert devices == ["meta"]
+    got = {n.name: (n.meta["shape"], n.meta["dtype"]) for n in gm.graph.nodes}
+    surgery.ShapeProp(gm).propagate(x)
+    assert got == {n.name: (n.meta["shape"], n.meta["dtype"]) for n in gm.graph.nodes}
+    add = next(n for n in gm.graph.nodes if n.target is torch.add)
+    assert got[add.name] == (torch.Size([2, 3]), torch.float32)
+
+
+@pytest.mark.parametrize("model,x,message", [
+    (nn.Sequential(nn.Conv2d(3, 4, 3)), torch.rand(1, 5, 8, 8), "expected input.*to have 3 channels"),
+    (nn.Sequential(nn.Conv2d(3, 4, 5)), torch.rand(1, 3, 4, 4), "Kernel size can't be greater"),
+    (nn.Sequential(nn.Linear(4, 2)), torch.rand(3, 5), "cannot be multiplied"),
+])
+def test_meta_shape_shortcuts_leave_bad_input_to_the_layer(model, x, message, monkeypatch):
+    devices = _runs_on(monkeypatch)
+    with pytest.raises(RuntimeError, match=message):
+        surgery.capture(model, (x,))
+    assert devices == ["meta", "cpu"]  # the shortcut declined, the layer failed on meta, the real run raised
