@@ -27,7 +27,7 @@ from torch import nn
 from .errors import SurgeryError
 
 __all__ = ["insert_after", "replace_node", "extract", "unique_name", "finish", "gc_paused",
-           "copy_module", "copy_sharing_tensors", "unshare"]
+           "copy_module", "copy_sharing_tensors", "shareable_tensors", "unshare", "drop_dead_nodes", "drop_unused_submodules"]
 
 
 @contextmanager
@@ -106,17 +106,29 @@ def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
     return new
 
 
-def copy_sharing_tensors(module: nn.Module, buffers: bool = True) -> tuple[nn.Module, dict[int, torch.Tensor]]:
-    """A deep copy of `module` whose parameters (and buffers, unless ``buffers=False``) are the
-    original tensor objects.
+def shareable_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
+    """The tensors a working copy of `module` may share with it, by ``id``: every parameter, and
+    the buffers of torch.nn layers. Those layers write their buffers only in training mode
+    (BatchNorm's running statistics), and surgery runs models in eval mode; a buffer of any
+    other class may be written by its forward even then, so it is never shared."""
+    out = {id(t): t for t in module.parameters()}
+    for m in module.modules():
+        if m._buffers and type(m).__module__.startswith("torch.nn."):
+            out.update((id(b), b) for b in m._buffers.values() if b is not None)
+    return out
+
+
+def copy_sharing_tensors(module: nn.Module) -> tuple[nn.Module, dict[int, torch.Tensor]]:
+    """A deep copy of `module` that keeps the original objects of its :func:`shareable_tensors`.
 
     Returns ``(copy, shared)`` with `shared` mapping ``id(tensor)`` to each shared tensor. The
-    module tree, the graph and every other attribute are copied; the tensors are not, which
+    module tree, the graph and every other attribute are copied; those tensors are not, which
     saves the time (and fresh memory) of cloning every weight of a model whose weights are about
-    to be replaced anyway (Shrink). Whoever holds the copy must never write into a shared tensor
-    and must call :func:`unshare` before handing the copy to a user.
+    to be replaced anyway (Shrink), and BatchNorm statistics are the costliest tensors to copy
+    one by one. Whoever holds the copy must never write into a shared tensor and must call
+    :func:`unshare` before handing the copy to a user.
     """
-    shared = {id(t): t for t in (*module.parameters(), *(module.buffers() if buffers else ()))}
+    shared = shareable_tensors(module)
     return copy_module(module, memo=dict(shared)), shared
 
 
@@ -150,9 +162,40 @@ def submodule(root: nn.Module, target: str) -> nn.Module:
 def finish(gm: fx.GraphModule) -> fx.GraphModule:
     """Lint, drop submodules no node uses any more, recompile."""
     gm.graph.lint()
-    gm.delete_all_unused_submodules()
+    drop_unused_submodules(gm)
     gm.recompile()
     return gm
+
+
+def drop_dead_nodes(graph: fx.Graph) -> None:
+    """``graph.eliminate_dead_code()`` without its lint (whoever edits the graph lints it once at
+    the end, see :func:`finish`), and asking ``Node.is_impure`` only of nodes without users:
+    the question looks up the module of every call_module node, which was most of the cost."""
+    for node in reversed(graph.nodes):
+        if not node.users and node.op not in ("placeholder", "output") and not node.is_impure():
+            graph.erase_node(node)
+
+
+def drop_unused_submodules(gm: fx.GraphModule) -> None:
+    """``gm.delete_all_unused_submodules()`` in one walk of the module tree: a submodule stays
+    when a node calls it or one of its ancestors, or reads it or an attribute beneath it."""
+    called: set[str] = set()
+    used: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr") and isinstance(n.target, str):
+            parts = n.target.split(".")
+            used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            if n.op == "call_module":
+                called.add(n.target)
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in list(module._modules.items()):
+            qual = prefix + name
+            if qual not in used:
+                delattr(module, name)
+            elif child is not None and qual not in called:
+                walk(child, qual + ".")
+    walk(gm, "")
 
 
 def unique_name(gm: nn.Module, base: str) -> str:

@@ -31,7 +31,7 @@ from torch import nn
 from .capture import ShapeProp, as_inputs, surgery_meta
 from .channels import analyze
 from .errors import ShrinkMismatch, SurgeryError
-from .graph import copy_sharing_tensors, finish, gc_paused, unshare
+from .graph import copy_sharing_tensors, drop_dead_nodes, finish, gc_paused, unshare
 from .pipeline import UnitMask
 from .shrink_edits import Editor
 from .shrink_plan import Decider
@@ -160,7 +160,7 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
     editor = Editor(cg, removed, decider)
     with torch.no_grad():
         editor.run()
-    work.graph.eliminate_dead_code()
+    drop_dead_nodes(work.graph)
     finish(work)
     unshare(work, shared)
     try:

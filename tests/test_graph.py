@@ -168,3 +168,36 @@ def test_copy_module_of_classes_with_their_own_setstate():
         c.weight_ih_l0.zero_()
     x = torch.randn(2, 3, 4)
     assert not torch.equal(c(x)[0], lstm(x)[0])
+
+
+def _with_leftovers():
+    """A captured ResNet-18 with dead nodes (one of them impure) and unused submodules."""
+    gm = surgery.capture(tvm.resnet18(weights=None).eval(), (torch.rand(1, 3, 32, 32),))
+    g = gm.graph
+    x = next(iter(g.nodes))
+    with g.inserting_before(x.next):  # in order, after the input
+        dead = g.call_module("layer1.0.conv1", (x,))                  # pure, unused
+        g.call_function(operator.add, (g.call_method("size", (dead,)), 1))  # unused too, after it
+        g.call_function(torch._assert, (True, "kept"))               # impure: stays
+        g.get_attr("layer4.1.bn2.weight")                             # an unused read
+    gm.add_submodule("extra.deep", nn.Linear(2, 2))                   # nothing calls it
+    gm.add_submodule("layer4.spare", nn.Linear(2, 2))                 # only its parent is called
+    fc = next(n for n in g.nodes if n.target == "fc")
+    fc.target = "layer4"  # layer4 is now called whole: its descendants stay, fc goes
+    fc.args = (fc.args[0].args[0],)
+    return gm
+
+
+def test_drop_dead_nodes_and_unused_submodules_match_fx():
+    from surgery.graph import drop_dead_nodes, drop_unused_submodules
+    ours, theirs = _with_leftovers(), _with_leftovers()
+    drop_dead_nodes(ours.graph)
+    theirs.graph.eliminate_dead_code()
+    assert [(n.op, n.target) for n in ours.graph.nodes] == [(n.op, n.target) for n in theirs.graph.nodes]
+    assert any(n.target is torch._assert for n in ours.graph.nodes)
+    assert not any(n.op == "get_attr" for n in ours.graph.nodes)
+    drop_unused_submodules(ours)
+    theirs.delete_all_unused_submodules()
+    names = [n for n, _ in ours.named_modules()]
+    assert names == [n for n, _ in theirs.named_modules()]
+    assert "fc" not in names and "extra" not in names and "layer4.spare" in names
