@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .capture import annotate_shapes, as_inputs, capture, surgery_meta
 from .errors import SurgeryError
-from .graph import copy_module, copy_sharing_tensors, gc_paused, unshare
+from .graph import copy_module, copy_sharing_tensors, gc_paused, shareable_tensors, unshare
 
 __all__ = ["Pass", "Mask", "UnitMask", "Context", "compress", "masks", "penalty", "step"]
 
@@ -140,7 +140,8 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
     ``keeps_shapes = True``.
 
     When every pass declares ``writes_tensors = False``, the working copy starts out sharing the
-    caller's parameter tensors instead of cloning them (Shrink replaces most of them anyway);
+    caller's parameters and its torch.nn layers' buffers instead of cloning them (Shrink replaces
+    most of them anyway; see :func:`surgery.graph.shareable_tensors`);
     whatever is still shared at the end is cloned, so the result never aliases the caller's
     model, and a pass that writes into a shared tensor after all is named in an error.
     """
@@ -153,16 +154,16 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
         if inplace:
             gm = model
         else:
-            gm = copy_sharing_tensors(model, buffers=False)[0] if share else copy_module(model)
+            gm = copy_sharing_tensors(model)[0] if share else copy_module(model)
         if inputs is not None:
             annotate_shapes(gm, inputs)
     elif isinstance(model, nn.Module):
         if inplace:
             raise SurgeryError("inplace=True needs a GraphModule; an nn.Module is always captured as a copy")
-        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _share_parameters=share)
+        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _share_tensors=share)
     else:
         raise SurgeryError(f"compress expects an nn.Module, got {type(model).__name__}")
-    shared = {id(t): (t, t._version) for t in model.parameters()} if share else {}
+    shared = {k: (t, t._version) for k, t in shareable_tensors(model).items()} if share else {}
     ctx = Context(example_inputs=inputs)
     stale = False  # the graph was edited since the code was last generated
     for p in passes:
@@ -176,7 +177,7 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
         written = [t for t, version in shared.values() if t._version != version]
         if written:
             raise SurgeryError(f"{type(p).__name__} declares writes_tensors = False but wrote into {len(written)} "
-                               "parameter(s) of the model being compressed; please report this pass")
+                               "parameter(s) or buffer(s) of the model being compressed; please report this pass")
         stale = gm._code is code_before  # the pass left recompiling to us (one that recompiled is current)
         if stale:
             gm.graph.lint()  # a pass that recompiled has had its graph checked by codegen (graph.finish lints)

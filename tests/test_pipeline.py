@@ -109,6 +109,41 @@ def test_a_pass_that_breaks_its_no_write_promise_is_named():
     with pytest.raises(SurgeryError, match="Sneaky declares writes_tensors = False but wrote into 1 parameter"):
         surgery.compress(net, passes=[Sneaky()], example_inputs=(torch.randn(2, 4),))
 
+    @dataclass
+    class SneakyStats:  # BatchNorm's statistics are shared too
+        writes_tensors: ClassVar[bool] = False
+
+        def apply(self, gm, ctx):
+            gm.get_submodule("1").running_mean.add_(1.0)
+            return gm
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
+    with pytest.raises(SurgeryError, match="SneakyStats declares .* wrote into 1 parameter.s. or buffer"):
+        surgery.compress(net, passes=[SneakyStats()], example_inputs=(torch.randn(2, 4),))
+    assert torch.equal(net[1].running_mean, torch.ones(8))  # the error came; the write was the pass's
+
+
+def test_buffers_of_user_classes_are_never_shared():
+    # a forward may write its own buffer even in eval mode: compress's copy must own it
+    from passes import ChannelPrune, Shrink
+    from surgery.graph import shareable_tensors
+
+    class Counts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return x
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), Counts(), nn.Conv2d(8, 4, 3)).eval()
+    shared = shareable_tensors(net)
+    assert id(net[1].running_var) in shared and id(net[2].calls) not in shared and id(net[0].weight) in shared
+    small = surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink()], (torch.randn(1, 3, 8, 8),),
+                             leaf_modules=[Counts])
+    assert net[2].calls.item() == 0 and small.get_submodule("2").calls.item() > 0
+
 
 def test_shape_runs_only_where_shapes_change(monkeypatch):
     # capture annotates once; ChannelPrune keeps shapes (no run after it); Shrink runs the masked
