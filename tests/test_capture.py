@@ -298,3 +298,17 @@ def test_meta_shape_shortcuts_leave_bad_input_to_the_layer(model, x, message, mo
     with pytest.raises(RuntimeError, match=message):
         surgery.capture(model, (x,))
     assert devices == ["meta", "cpu"]  # the shortcut declined, the layer failed on meta, the real run raised
+
+
+@pytest.mark.parametrize("name", ["resnet18", "swin_t", "vit_b_16", "googlenet", "shufflenet_v2_x0_5"])
+def test_tracer_argument_fast_path_traces_what_fx_traces(name):
+    from surgery.capture import _Tracer
+
+    class FxArgs(_Tracer):
+        def create_arg(self, a):
+            return torch.fx.Tracer.create_arg(self, a)
+
+    model = _build(name)
+    ours, theirs = _Tracer().trace(model), FxArgs().trace(model)
+    assert ours.python_code("self").src == theirs.python_code("self").src
+    assert [n.format_node() for n in ours.nodes] == [n.format_node() for n in theirs.nodes]
