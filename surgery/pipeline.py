@@ -160,12 +160,13 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
     elif isinstance(model, nn.Module):
         if inplace:
             raise SurgeryError("inplace=True needs a GraphModule; an nn.Module is always captured as a copy")
-        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _share_tensors=share)
+        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _share_tensors=share,
+                     _code=False)
     else:
         raise SurgeryError(f"compress expects an nn.Module, got {type(model).__name__}")
     shared = {k: (t, t._version) for k, t in shareable_tensors(model).items()} if share else {}
     ctx = Context(example_inputs=inputs)
-    stale = False  # the graph was edited since the code was last generated
+    stale = not isinstance(model, fx.GraphModule)  # the code is older than the graph (capture left it out)
     for p in passes:
         if stale and getattr(p, "needs_code", True):
             gm.recompile()

@@ -312,3 +312,24 @@ def test_tracer_argument_fast_path_traces_what_fx_traces(name):
     ours, theirs = _Tracer().trace(model), FxArgs().trace(model)
     assert ours.python_code("self").src == theirs.python_code("self").src
     assert [n.format_node() for n in ours.nodes] == [n.format_node() for n in theirs.nodes]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_b_16", "mobilenet_v3_small"])
+def test_graph_module_without_code_is_fx_graph_module_once_compiled(name):
+    from surgery.capture import _graph_module
+    model = _build(name)
+    ours, _ = _graph_module(model, (), None, code=False)
+    with pytest.raises(surgery.SurgeryError, match="code was never generated"):
+        ours(torch.rand(1, 3, 64, 64))
+    ours.recompile()
+    theirs, _ = _graph_module(model, (), None)
+    assert ours.code == theirs.code and type(ours).__name__ == type(theirs).__name__
+    assert [(n, m if type(m) is not nn.Module else None, m.training) for n, m in ours.named_modules()][1:] == \
+        [(n, m if type(m) is not nn.Module else None, m.training) for n, m in theirs.named_modules()][1:]
+    assert ours.training is theirs.training is False
+    for a, b in ((ours.named_parameters(), theirs.named_parameters()), (ours.named_buffers(), theirs.named_buffers())):
+        assert [(n, id(t)) for n, t in a] == [(n, id(t)) for n, t in b]
+    assert ours._tracer_cls is theirs._tracer_cls and ours.graph.owning_module is ours
+    x = x224[0] if name == "vit_b_16" else x64[0]
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x)) and torch.equal(torch.jit.script(ours)(x), theirs(x))
