@@ -122,8 +122,10 @@ def conv_rule(ctx: RuleContext):
             w = m.weight.data
             per = len(kept) // G
             idx = torch.as_tensor(np.nonzero(kept.reshape(G, per))[1].reshape(G, -1))
-            wv = w.reshape(G, w.shape[0] // G, per, *w.shape[2:])
-            new = torch.stack([wv[g][:, idx[g]] for g in range(G)]).reshape(w.shape[0], idx.shape[1], *w.shape[2:])
+            # output channel o belongs to group o // (out/G) and keeps that group's inputs: one gather
+            rows = idx.repeat_interleave(w.shape[0] // G, dim=0)
+            rows = rows.reshape(*rows.shape, *[1] * (w.dim() - 2)).expand(-1, -1, *w.shape[2:])
+            new = w.gather(1, rows)
             m.weight = nn.Parameter(new.contiguous(), requires_grad=m.weight.requires_grad)
             m.in_channels = int(kept.sum())
         ctx.place("reader", ids, 1, arg=0, groups=G, edit=edit_in, values=ctx.values(ctx.x))
