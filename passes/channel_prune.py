@@ -96,9 +96,11 @@ class ChannelPrune:
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         cg = analyze(gm)
-        chosen = [g for g in cg.groups if self._eligible(gm, g)]
+        points = {g.id: g.mask_points() for g in cg.groups}
+        chosen = [g for g in cg.groups if points[g.id] and self._eligible(gm, g)]
         scores = {g.id: self._scores(gm, cg, g) for g in chosen}
-        segs = {g.id: _segments(cg, g) for g in chosen}
+        segs = _segments(cg)
+        segs = {g.id: segs.get(g.id) for g in chosen}
         if self.scope == "local":
             keep = {g.id: self._keep_local(scores[g.id], segs[g.id]) for g in chosen}
         else:
@@ -106,11 +108,10 @@ class ChannelPrune:
         for g in chosen:
             if keep[g.id].all():
                 continue
-            points = g.mask_points()
-            mask = HardMask(torch.as_tensor(keep[g.id]), points[0][1])
+            mask = HardMask(torch.as_tensor(keep[g.id]), points[g.id][0][1])
             name = unique_name(gm, f"prune_g{g.id}")
             gm.add_submodule(name, mask)
-            for node, _ in points:
+            for node, _ in points[g.id]:
                 with gm.graph.inserting_after(node):
                     new = gm.graph.call_module(name, (node,))
                 node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
@@ -118,7 +119,8 @@ class ChannelPrune:
         return gm  # compress lints and recompiles (when the next pass or the caller needs the code)
 
     def _eligible(self, gm: fx.GraphModule, g: ChannelGroup) -> bool:
-        if g.frozen or g.size < 2 or not g.mask_points():
+        """Whether `g` (which has mask points) may be pruned."""
+        if g.frozen or g.size < 2:
             return False
         picked = False
         for p in g.producers:
@@ -202,12 +204,14 @@ class _Local:
             object.__setattr__(self.cp, "ratio", saved)
 
 
-def _segments(cg: ChannelGraph, g: ChannelGroup) -> np.ndarray | None:
-    """Group channels split into equal segments by a grouped convolution, if one touches them."""
+def _segments(cg: ChannelGraph) -> dict[int, np.ndarray]:
+    """Per group id: its channels split into equal segments by the first grouped convolution
+    that carries all of them (as producer or reader), if one does."""
+    out: dict[int, np.ndarray] = {}
     for p in cg.places:
         if p.groups > 1 and p.role in ("producer", "reader"):
             chans = cg.chan_of_elem[p.ids]
-            if cg.chan_group[chans[0]] != g.id or len(chans) != g.size:
-                continue
-            return cg.local_index[chans].reshape(p.groups, -1)
-    return None
+            gid = int(cg.chan_group[chans[0]])
+            if gid not in out and len(chans) == cg.groups[gid].size:
+                out[gid] = cg.local_index[chans].reshape(p.groups, -1)
+    return out
