@@ -258,7 +258,8 @@ class ChannelGraph:
             elems = np.concatenate([e for e, _ in self.frozen])
             which = np.concatenate([np.full(len(e), i) for i, (e, _) in enumerate(self.frozen)])
             chans, first = np.unique(chan[elems], return_index=True)
-            frozen_chan = {int(c): self.frozen[which[k]][1] for c, k in zip(chans, first)}
+            reasons = [r for _, r in self.frozen]
+            frozen_chan = dict(zip(chans.tolist(), [reasons[i] for i in which[first].tolist()]))
         self.frozen_chan = frozen_chan
         # groups are numbered by first appearance, and so are the channels within each group
         _, first_elem = np.unique(chan, return_index=True)    # channel -> its first element
@@ -274,9 +275,11 @@ class ChannelGraph:
         self.chan_group = np.zeros(n_chan, dtype=np.int64)
         self.chan_group[by_first] = g_sorted
         groups = [ChannelGroup(id=i, size=int(s)) for i, s in enumerate(sizes)]
-        for c, reason in frozen_chan.items():
-            g = groups[self.chan_group[c]]
-            g.frozen = g.frozen or reason
+        if frozen_chan:  # a group's reason: its lowest frozen channel's (a classifier has 1000)
+            chans = np.fromiter(frozen_chan, dtype=np.int64, count=len(frozen_chan))
+            gids, first = np.unique(self.chan_group[chans], return_index=True)
+            for gi, k in zip(gids.tolist(), first.tolist()):
+                groups[gi].frozen = frozen_chan[int(chans[k])]
         for p in self.places:
             chans = chan[p.ids]
             cg = self.chan_group[chans]
