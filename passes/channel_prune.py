@@ -108,7 +108,7 @@ class ChannelPrune:
         for g in chosen:
             if keep[g.id].all():
                 continue
-            mask = HardMask(torch.as_tensor(keep[g.id]), points[g.id][0][1])
+            mask = HardMask(torch.as_tensor(keep[g.id]), points[g.id][0][1]).train(gm.training)
             name = unique_name(gm, f"prune_g{g.id}")
             gm.add_submodule(name, mask)
             for node, _ in points[g.id]:

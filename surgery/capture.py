@@ -115,12 +115,13 @@ def _split_leaves(leaf_modules: Iterable[LeafSpec]) -> tuple[tuple[type, ...], s
 def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], concrete_args) -> tuple[fx.Graph, dict[str, str]]:
     leaf_types, leaf_names = _split_leaves(leaf_modules)
     opaque: dict[str, str] = {}
-    n_modules = sum(1 for _ in root.modules())
-    for _ in range(n_modules + 1):
+    retries_left = None  # one retry per submodule at most (counted at the first failure)
+    while retries_left is None or retries_left >= 0:
         tracer = _Tracer(leaf_types, leaf_names | set(opaque))
         try:
             return tracer.trace(root, concrete_args), opaque
         except Exception as e:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
+            retries_left = (sum(1 for _ in root.modules()) if retries_left is None else retries_left) - 1
             culprit = (tracer.failure_stack or [""])[-1]
             if not culprit or culprit in opaque:
                 raise TraceFailure(type(root).__name__ if not culprit else culprit, e) from e

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import surgery
 from passes import ChannelPrune, Shrink
+from passes.channel_prune import HardMask
 from surgery.channels import channel_groups
 from surgery.errors import ShrinkMismatch
 from surgery.pipeline import UnitMask
@@ -381,6 +382,14 @@ def test_channel_prune_options(kw):
         assert small.get_submodule("layer3.0.conv1").out_channels == 128
     assert all(m.out_channels >= 1 for m in convs.values())
     assert _params(small) < _params(model)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_channel_prune_masks_take_the_models_mode(training):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).train(training)
+    masked = surgery.compress(net, [ChannelPrune(ratio=0.5)], (torch.randn(1, 3, 8, 8),))
+    masks = [m for m in masked.modules() if isinstance(m, HardMask)]
+    assert len(masks) == 1 and masks[0].training is training and masked.training is training
 
 
 def test_channel_prune_rejects_bad_config():
