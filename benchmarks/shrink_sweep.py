@@ -2,8 +2,10 @@
 
 One row per model: exact (max rel. error < 1e-4 on a fresh input, masked vs shrunk), params
 and MACs before/after, surgery wall time (compress(model, [ChannelPrune, Shrink]), verification
-included; the median of --repeats runs, as is Torch-Pruning's), CPU latency at batch 1 before/after, export ok. With torch-pruning importable (the
-`bench` extra), Torch-Pruning runs at the same ratio on the same model beside ours. Each tool
+included; the median of --repeats runs, more for runs under ~0.3 s, see runs_for(); the same
+for Torch-Pruning), CPU latency at batch 1 before/after, export ok. With torch-pruning
+importable (the `bench` extra), Torch-Pruning runs at the same ratio on the same model beside
+ours. Each tool
 is timed after one untimed warm-up run of its own on a small model (resnet18 at 64 px), so
 neither pays one-time costs (imports, first calls) in its figure, and after a gc.collect(), so
 neither pays for garbage the other left.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -121,12 +124,20 @@ def warm_up(tool: str, ratio: float) -> None:
         _ours(model, x, ratio, 1)
 
 
+def runs_for(first_seconds: float, repeats: int) -> int:
+    """Timed runs for a tool whose first timed run took `first_seconds`: `repeats`, and more
+    for fast runs, whose medians a stray slowdown of this shared machine moves most (runs of
+    0.1 s vary by 20-30%): enough to cover about a second, at most 3 x `repeats`. The same
+    rule for both tools, each by its own first run."""
+    return max(repeats, min(3 * repeats, math.ceil(1.0 / max(first_seconds, 1e-3))))
+
+
 def run_tp(name: str, ratio: float, x, repeats: int = 1) -> dict:
     import torch
     import torchvision
     warm_up("tp", ratio)
     times = []
-    for _ in range(repeats):  # Torch-Pruning prunes in place: a fresh model for every run
+    while len(times) < (runs_for(times[0], repeats) if times else 1):  # a fresh model every run (TP prunes in place)
         model = None
         model = _prepare(torchvision.models.get_model(name, weights=None))
         ref_shape = model(x).shape
@@ -177,7 +188,7 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
     row["latency_before"] = latency(model, x)
     warm_up("ours", ratio)
     times = []
-    for _ in range(repeats):
+    while len(times) < (runs_for(times[0], repeats) if times else 1):
         small = None
         small, t = _ours(model, x, ratio, round_to)
         times.append(t)
@@ -287,7 +298,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model")
     ap.add_argument("--redo", action="store_true", help="rerun models already in the rows file")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even when installed")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per tool and model (the median is reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per tool and model, more for fast ones (the median is reported)")
     ap.add_argument("--rows", default=str(ROWS))
     ap.add_argument("--table-only", action="store_true", help="write the table from the rows file, run nothing")
     ap.add_argument("--one", help=argparse.SUPPRESS)
