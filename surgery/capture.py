@@ -265,7 +265,7 @@ def capture(
     leaf_modules: Sequence[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
     descend: bool = True,
-    _share_tensors: bool = False,
+    _share_tensors: dict[int, torch.Tensor] | None = None,
     _code: bool = True,
 ) -> fx.GraphModule:
     """Trace a copy of `model` into a GraphModule that keeps its qualified module names.
@@ -287,16 +287,15 @@ def capture(
     forward that cannot be traced raises :class:`TraceFailure` when ``descend=False`` or when
     nothing beneath it can be traced either.
 
-    ``_share_tensors`` is for :func:`surgery.compress` alone: the copy keeps the caller's
-    parameter objects and its torch.nn layers' buffers (see
-    :func:`surgery.graph.shareable_tensors`), and compress clones whatever is still shared
-    before it returns. So is ``_code=False``: the GraphModule's code is not generated (compress
+    ``_share_tensors`` is for :func:`surgery.compress` alone: the copy keeps these tensors of
+    the caller's (its :func:`surgery.graph.shareable_tensors`), and compress clones whatever is
+    still shared before it returns. So is ``_code=False``: the GraphModule's code is not generated (compress
     edits the graph first and recompiles before anything calls it).
     """
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"capture expects an nn.Module, got {type(model).__name__}")
     try:
-        root = copy_sharing_tensors(model)[0] if _share_tensors else copy_module(model)
+        root = copy_sharing_tensors(model, _share_tensors)[0] if _share_tensors is not None else copy_module(model)
     except Exception as e:
         raise SurgeryError(f"cannot copy {type(model).__name__} before tracing ({first_line(e)}); "
                            "surgery never traces the caller's model in place") from e

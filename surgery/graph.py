@@ -118,8 +118,10 @@ def shareable_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
     return out
 
 
-def copy_sharing_tensors(module: nn.Module) -> tuple[nn.Module, dict[int, torch.Tensor]]:
-    """A deep copy of `module` that keeps the original objects of its :func:`shareable_tensors`.
+def copy_sharing_tensors(module: nn.Module, shared: dict[int, torch.Tensor] | None = None
+                         ) -> tuple[nn.Module, dict[int, torch.Tensor]]:
+    """A deep copy of `module` that keeps the original objects of its :func:`shareable_tensors`
+    (or of `shared`, when the caller has them already).
 
     Returns ``(copy, shared)`` with `shared` mapping ``id(tensor)`` to each shared tensor. The
     module tree, the graph and every other attribute are copied; those tensors are not, which
@@ -128,7 +130,7 @@ def copy_sharing_tensors(module: nn.Module) -> tuple[nn.Module, dict[int, torch.
     one by one. Whoever holds the copy must never write into a shared tensor and must call
     :func:`unshare` before handing the copy to a user.
     """
-    shared = shareable_tensors(module)
+    shared = shareable_tensors(module) if shared is None else shared
     return copy_module(module, memo=dict(shared)), shared
 
 

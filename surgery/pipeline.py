@@ -150,21 +150,22 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
         if not callable(getattr(p, "apply", None)):
             raise SurgeryError(f"{p!r} is not a pass: it has no apply(gm, ctx) method")
     share = not inplace and all(getattr(p, "writes_tensors", True) is False for p in passes)
+    tensors = shareable_tensors(model) if share and isinstance(model, nn.Module) else None
     if isinstance(model, fx.GraphModule):
         if inplace:
             gm = model
         else:
-            gm = copy_sharing_tensors(model)[0] if share else copy_module(model)
+            gm = copy_sharing_tensors(model, tensors)[0] if share else copy_module(model)
         if inputs is not None:
             annotate_shapes(gm, inputs)
     elif isinstance(model, nn.Module):
         if inplace:
             raise SurgeryError("inplace=True needs a GraphModule; an nn.Module is always captured as a copy")
-        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _share_tensors=share,
+        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _share_tensors=tensors,
                      _code=False)
     else:
         raise SurgeryError(f"compress expects an nn.Module, got {type(model).__name__}")
-    shared = {k: (t, t._version) for k, t in shareable_tensors(model).items()} if share else {}
+    shared = {k: (t, t._version) for k, t in tensors.items()} if tensors is not None else {}
     ctx = Context(example_inputs=inputs)
     stale = not isinstance(model, fx.GraphModule)  # the code is older than the graph (capture left it out)
     for p in passes:

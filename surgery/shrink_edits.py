@@ -16,13 +16,14 @@ from .shrink_plan import Decider, _expand_index, _foldable, _who
 
 
 def _set_tensor(owner: nn.Module, name: str, new: torch.Tensor) -> None:
-    old = getattr(owner, name)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, name, nn.Parameter(new.contiguous(), requires_grad=old.requires_grad))
+    new = new.contiguous()
+    old = owner._parameters.get(name)
+    if old is not None:  # straight into the tables: nn.Module.__setattr__'s checks cost more than the slice
+        owner._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
     elif name in owner._buffers:
-        owner._buffers[name] = new.contiguous()
+        owner._buffers[name] = new
     else:
-        setattr(owner, name, new.contiguous())
+        setattr(owner, name, new)
 
 
 class Editor:
@@ -95,6 +96,7 @@ class Editor:
             kept = self.kept_line(p.ids)
             if kept.all():
                 continue
+            idx = None
             for owner, name, dim in p.params:
                 key = (id(owner), name, dim)
                 if key in done:
@@ -106,7 +108,8 @@ class Editor:
                 t = getattr(owner, name)
                 if t is None:
                     continue
-                idx = torch.as_tensor(np.nonzero(kept)[0], dtype=torch.long)
+                if idx is None:
+                    idx = torch.as_tensor(np.nonzero(kept)[0], dtype=torch.long)
                 if t.shape[dim] != len(kept):
                     raise SurgeryError(f"Shrink: {name!r} of {_who(p.node)} has {t.shape[dim]} entries on axis "
                                        f"{dim}, the layout has {len(kept)}")
