@@ -280,15 +280,17 @@ class ChannelGraph:
             gids, first = np.unique(self.chan_group[chans], return_index=True)
             for gi, k in zip(gids.tolist(), first.tolist()):
                 groups[gi].frozen = frozen_chan[int(chans[k])]
+        buckets = {"producer": "producers", "local": "locals", "reader": "readers", "mask": "masks"}
         for p in self.places:
             chans = chan[p.ids]
             cg = self.chan_group[chans]
-            for gi in (cg[:1] if len(cg) and (cg == cg[0]).all() else np.unique(cg)):
-                local = np.where(cg == gi, self.local_index[chans], -1)
-                place = Place(p.node, p.role, p.dim, local, p.arg)
-                bucket = {"producer": groups[gi].producers, "local": groups[gi].locals,
-                          "reader": groups[gi].readers, "mask": groups[gi].masks}[p.role]
-                bucket.append(place)
+            local = self.local_index[chans]
+            if len(cg) and cg.min() == cg.max():  # the usual case: the place lies in one group
+                getattr(groups[cg[0]], buckets[p.role]).append(Place(p.node, p.role, p.dim, local, p.arg))
+                continue
+            for gi in np.unique(cg):
+                place = Place(p.node, p.role, p.dim, np.where(cg == gi, local, -1), p.arg)
+                getattr(groups[gi], buckets[p.role]).append(place)
         self.groups = groups
 
     def channels(self, ids: Ids) -> np.ndarray:

@@ -78,11 +78,10 @@ class Editor:
             if not (gone.any() and (c != 0).any()):
                 continue
             m = p.params[0][0]
-            w = m.weight.detach().double()
-            if isinstance(m, nn.Linear):
-                add = w @ torch.as_tensor(c)
-            else:
-                add = w.sum(dim=tuple(range(2, w.dim()))) @ torch.as_tensor(c)
+            cols = np.nonzero(c)[0]  # only the removed channels that hold a nonzero constant add to the bias
+            w = m.weight.detach()[:, torch.as_tensor(cols)].double()
+            c = torch.as_tensor(c[cols])
+            add = w @ c if isinstance(m, nn.Linear) else w.sum(dim=tuple(range(2, w.dim()))) @ c
             if m.bias is None:
                 m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=m.weight.dtype), requires_grad=True)
             _set_tensor(m, "bias", m.bias.detach() + add.to(m.bias.dtype))
