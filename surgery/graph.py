@@ -136,6 +136,8 @@ def copy_sharing_tensors(module: nn.Module, shared: dict[int, torch.Tensor] | No
 
 def unshare(module: nn.Module, shared: dict[int, torch.Tensor]) -> None:
     """Clone, in place in `module`'s tree, every parameter and buffer still listed in `shared`."""
+    if not shared:
+        return
     for m in module.modules():
         for name, p in list(m._parameters.items()):
             if p is not None and id(p) in shared:
