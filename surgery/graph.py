@@ -27,7 +27,8 @@ from torch import nn
 from .errors import SurgeryError
 
 __all__ = ["insert_after", "replace_node", "extract", "unique_name", "finish", "gc_paused",
-           "copy_module", "copy_sharing_tensors", "shareable_tensors", "unshare", "drop_dead_nodes", "drop_unused_submodules"]
+           "copy_module", "copy_sharing_tensors", "shareable_tensors", "unshare", "drop_dead_nodes",
+           "drop_unused_submodules"]
 
 
 @contextmanager
