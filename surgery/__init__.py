@@ -7,7 +7,7 @@ from . import graph
 from .activation_stats import activation_sparsity, harden
 from .analysis import bits_analysis, sensitivity
 from .archive import load, save
-from .capture import ShapeProp, capture
+from .capture import capture
 from .channels import RULES, ChannelGroup, channel_groups, group_of, register_rule
 from .errors import ExportFailure, SelectionError, ShrinkMismatch, SurgeryError, TraceFailure, UnsafeFile
 from .export import export, load_torchscript
@@ -16,6 +16,7 @@ from .inspect import summary
 from .memory import activation_memory
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
+from .shapes import ShapeProp
 from .shrink import ShrinkReport, shrink, shrink_report
 from .storage import compressed_size
 from .weights import finalize

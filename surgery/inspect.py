@@ -333,7 +333,8 @@ def channel_groups_of(model: nn.Module, inputs: tuple | None) -> tuple[list[dict
 
     import torch.fx as fx
 
-    from .capture import ShapeProp, capture
+    from .capture import capture
+    from .shapes import ShapeProp
     try:
         if isinstance(model, fx.GraphModule):
             gm = copy.deepcopy(model)  # ShapeProp writes node metadata: leave the caller's graph alone

@@ -18,7 +18,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .capture import annotate_shapes, as_inputs, capture, surgery_meta
+from .capture import as_inputs, capture, surgery_meta
+from .shapes import annotate_shapes
 from .errors import SurgeryError
 from .graph import copy_module, copy_sharing_tensors, gc_paused, shareable_tensors, unshare
 

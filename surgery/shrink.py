@@ -28,7 +28,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import ShapeProp, as_inputs, surgery_meta
+from .capture import as_inputs, surgery_meta
+from .shapes import ShapeProp
 from .channels import analyze
 from .errors import ShrinkMismatch, SurgeryError
 from .graph import copy_sharing_tensors, drop_dead_nodes, finish, gc_paused, unshare

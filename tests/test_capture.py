@@ -209,7 +209,7 @@ def _runs_on(monkeypatch):
 @pytest.mark.parametrize("name,inputs", [("resnet18", x64), ("mobilenet_v3_small", x64), ("vit_b_16", x224),
                                          ("swin_t", x64), ("r3d_18", (torch.rand(1, 3, 4, 32, 32),))])
 def test_annotate_shapes_on_meta_equals_the_real_run(name, inputs, monkeypatch):
-    from surgery.capture import annotate_shapes
+    from surgery.shapes import annotate_shapes
     model = _build(name)
     gm = surgery.capture(model)
     devices = _runs_on(monkeypatch)
@@ -275,7 +275,7 @@ class _Shortcuts(nn.Module):
 
 
 def test_meta_shape_shortcuts_equal_the_real_run(monkeypatch):
-    from surgery.capture import annotate_shapes
+    from surgery.shapes import annotate_shapes
     x = torch.rand(2, 3, 40)
     gm = surgery.capture(_Shortcuts())
     devices = _runs_on(monkeypatch)

@@ -117,7 +117,7 @@ def check_random_dag(data) -> None:
     x = torch.randn(2, 3, 4, 4)
     gm = surgery.capture(model, (x,))
     random_masks(gm, data)
-    from surgery.capture import ShapeProp
+    from surgery.shapes import ShapeProp
     ShapeProp(gm).propagate(x)
     small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
     x2 = torch.randn(3, 3, 4, 4)
