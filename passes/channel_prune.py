@@ -99,8 +99,8 @@ class ChannelPrune:
         points = {g.id: g.mask_points() for g in cg.groups}
         chosen = [g for g in cg.groups if points[g.id] and self._eligible(gm, g)]
         scores = {g.id: self._scores(gm, cg, g) for g in chosen}
-        segs = _segments(cg)
-        segs = {g.id: segs.get(g.id) for g in chosen}
+        by_group = _segments(cg)
+        segs = {g.id: by_group.get(g.id) for g in chosen}
         if self.scope == "local":
             keep = {g.id: self._keep_local(scores[g.id], segs[g.id]) for g in chosen}
         else:

@@ -282,20 +282,20 @@ class ChannelGraph:
                 groups[gi].frozen = frozen_chan[int(chans[k])]
         buckets = {"producer": "producers", "local": "locals", "reader": "readers", "mask": "masks"}
         # every place's channels at once (numpy calls on small arrays cost microseconds each)
-        sizes = np.fromiter((p.ids.size for p in self.places), dtype=np.int64, count=len(self.places))
-        ends = np.cumsum(sizes)
+        place_sizes = np.fromiter((p.ids.size for p in self.places), dtype=np.int64, count=len(self.places))
+        ends = np.cumsum(place_sizes)
         flat = (np.concatenate([p.ids.reshape(-1) for p in self.places]) if self.places
                 else np.zeros(0, dtype=np.int64))
         chans_flat = chan[flat]
         group_flat = self.chan_group[chans_flat]
         local_flat = self.local_index[chans_flat]
         one_group = np.zeros(len(self.places), dtype=bool)
-        full = sizes > 0
+        full = place_sizes > 0
         if full.any():
-            starts = (ends - sizes)[full]
+            starts = (ends - place_sizes)[full]
             one_group[full] = np.minimum.reduceat(group_flat, starts) == np.maximum.reduceat(group_flat, starts)
         for i, p in enumerate(self.places):
-            lo, hi = ends[i] - sizes[i], ends[i]
+            lo, hi = ends[i] - place_sizes[i], ends[i]
             local = local_flat[lo:hi].reshape(p.ids.shape)
             if one_group[i]:  # the usual case: the place lies in one group
                 gi = group_flat[lo]
