@@ -19,9 +19,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .capture import as_inputs, capture, surgery_meta
-from .shapes import annotate_shapes
 from .errors import SurgeryError
 from .graph import copy_module, copy_sharing_tensors, gc_paused, shareable_tensors, unshare
+from .shapes import annotate_shapes
 
 __all__ = ["Pass", "Mask", "UnitMask", "Context", "compress", "masks", "penalty", "step"]
 

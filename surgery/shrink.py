@@ -29,11 +29,11 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import as_inputs, surgery_meta
-from .shapes import ShapeProp
 from .channels import analyze
 from .errors import ShrinkMismatch, SurgeryError
 from .graph import copy_sharing_tensors, drop_dead_nodes, finish, gc_paused, unshare
 from .pipeline import UnitMask
+from .shapes import ShapeProp
 from .shrink_edits import Editor
 from .shrink_plan import Decider
 from .verify import max_rel_diff
