@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import surgery  # noqa: E402
 from _report import markdown_table, write_result  # noqa: E402
+
+import surgery  # noqa: E402
 from passes import CompressActivations  # noqa: E402
 
 METHODS = [("random", 0.05), ("threshold", 0.05), ("dct", 0.05), ("wavelet", 0.05), ("dct", 0.1),

@@ -28,10 +28,10 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from shrink_sweep import _prepare, macs  # noqa: E402
 
 import surgery  # noqa: E402
 from passes import ChannelPrune, Shrink  # noqa: E402
-from shrink_sweep import _prepare, macs  # noqa: E402
 
 
 def paired_latency(a, b, x, rounds: int) -> tuple[float, float]:

@@ -23,10 +23,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    import test_shrink_property as test_shrink
     from hypothesis import HealthCheck, given, seed, settings
     from hypothesis import strategies as st
-
-    import test_shrink_property as test_shrink
     count = {"n": 0}
 
     @seed(args.seed)

@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -174,6 +173,7 @@ def _limit_memory(extra_gb: float) -> None:
 def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, repeats: int = 1) -> dict:
     import torch
     import torchvision
+
     import surgery
     from passes import ChannelPrune
     from surgery.verify import max_rel_diff, run_eval

@@ -67,9 +67,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from surgery.activations.memory import saved_tensors_hooks
 from surgery.errors import SurgeryError
 from surgery.graph import extract, finish
-from surgery.memory import saved_tensors_hooks
 from surgery.pipeline import Context
 from surgery.select import Selector, describe, matches
 
@@ -113,7 +113,7 @@ class _Kept:
 class CompressedRegion(nn.Module):
     """Runs `inner` with its saved activations packed by `codec` (a :mod:`passes.codecs` codec).
 
-    Implements the :class:`surgery.memory.HookedRegion` protocol: set ``hooks_enabled = False``
+    Implements the :class:`surgery.activations.memory.HookedRegion` protocol: set ``hooks_enabled = False``
     to run `inner` plainly.
     """
 

@@ -1,25 +1,24 @@
 """surgery: model surgery for PyTorch.
 
+The core (capture, shapes, graph, copying, select, verify, errors, pipeline) sits at the top of
+the package; the layers above it are subpackages: ``channels`` (the channel analysis),
+``shrink``, ``io`` (files, export, archive, inspect, MACs), ``weights``, ``activations`` and
+``app`` (cli, demo, recipe). See the README's "Layout" section.
+
     >>> import surgery
     >>> gm = surgery.compress(model, passes=[...], example_inputs=(x,))
 """
 from . import graph
-from .activation_stats import activation_sparsity, harden
-from .analysis import bits_analysis, sensitivity
-from .archive import load, save
+from .activations import activation_memory, activation_sparsity, harden
 from .capture import capture
 from .channels import RULES, ChannelGroup, channel_groups, group_of, register_rule
 from .errors import ExportFailure, SelectionError, ShrinkMismatch, SurgeryError, TraceFailure, UnsafeFile
-from .export import export, load_torchscript
-from .files import load_model_file
-from .inspect import summary
-from .memory import activation_memory
+from .io import export, load, load_model_file, load_torchscript, save, summary
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
 from .shapes import ShapeProp
 from .shrink import ShrinkReport, shrink, shrink_report
-from .storage import compressed_size
-from .weights import finalize
+from .weights import bits_analysis, compressed_size, finalize, sensitivity
 
 __version__ = "0.1.0"
 

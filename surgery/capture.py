@@ -22,8 +22,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .copying import copy_module, copy_sharing_tensors, gc_paused
 from .errors import SurgeryError, TraceFailure, first_line
-from .graph import copy_module, copy_sharing_tensors, gc_paused, submodule
+from .graph import submodule
 from .shapes import annotate_shapes
 
 __all__ = ["capture", "surgery_meta", "as_inputs"]
@@ -287,7 +288,7 @@ def capture(
     nothing beneath it can be traced either.
 
     ``_share_tensors`` is for :func:`surgery.compress` alone: the copy keeps these tensors of
-    the caller's (its :func:`surgery.graph.shareable_tensors`), and compress clones whatever is
+    the caller's (its :func:`surgery.copying.shareable_tensors`), and compress clones whatever is
     still shared before it returns. So is ``_code=False``: the GraphModule's code is not
     generated (compress edits the graph first and recompiles before anything calls it).
     """

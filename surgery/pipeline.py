@@ -19,8 +19,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .capture import as_inputs, capture, surgery_meta
+from .copying import copy_module, copy_sharing_tensors, gc_paused, shareable_tensors, unshare
 from .errors import SurgeryError
-from .graph import copy_module, copy_sharing_tensors, gc_paused, shareable_tensors, unshare
 from .shapes import annotate_shapes
 
 __all__ = ["Pass", "Mask", "UnitMask", "Context", "compress", "masks", "penalty", "step"]
@@ -142,7 +142,7 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
 
     When every pass declares ``writes_tensors = False``, the working copy starts out sharing the
     caller's parameters and its torch.nn layers' buffers instead of cloning them (Shrink replaces
-    most of them anyway; see :func:`surgery.graph.shareable_tensors`);
+    most of them anyway; see :func:`surgery.copying.shareable_tensors`);
     whatever is still shared at the end is cloned, so the result never aliases the caller's
     model, and a pass that writes into a shared tensor after all is named in an error.
     """

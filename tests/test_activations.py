@@ -16,8 +16,8 @@ import surgery
 from passes import CompressActivations, CompressedRegion, strip_compression
 from passes.codecs import DCTCodec, QuantCodec, RandomCodec, ThresholdCodec, WaveletCodec, make_codec
 from passes.packing import IntegerCodec, IntPacked, index_bytes
+from surgery.activations.memory import packed_tensors
 from surgery.errors import SurgeryError
-from surgery.memory import hooks_disabled, packed_tensors
 
 
 class SmallCNN(nn.Module):

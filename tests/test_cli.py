@@ -21,7 +21,7 @@ CONSOLE_SCRIPT = Path(sys.executable).with_name("surgery")
 def run(*args: str, cwd: Path | None = None, script: bool = False) -> subprocess.CompletedProcess:
     """Run `surgery ARGS` (this checkout's code) and capture its output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [str(CONSOLE_SCRIPT)] if script else [sys.executable, "-m", "surgery.cli"]
+    cmd = [str(CONSOLE_SCRIPT)] if script else [sys.executable, "-m", "surgery"]
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 

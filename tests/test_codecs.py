@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from passes.packing import CHUNK, IntegerCodec, index_bytes, keep_largest
+from surgery.activations.memory import packed_tensors
 from surgery.errors import SurgeryError
-from surgery.memory import packed_tensors
 
 
 def _distinct(n: int, seed: int = 0) -> torch.Tensor:

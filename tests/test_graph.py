@@ -123,7 +123,7 @@ def test_extract_rejects_non_convex_sets():
 
 
 def test_copy_module_is_a_deep_copy():
-    from surgery.graph import copy_module
+    from surgery.copying import copy_module
 
     class Net(nn.Module):
         def __init__(self):
@@ -155,7 +155,7 @@ def test_copy_module_is_a_deep_copy():
 
 
 def test_copy_module_of_classes_with_their_own_setstate():
-    from surgery.graph import copy_module
+    from surgery.copying import copy_module
     conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
     lstm = nn.LSTM(4, 5, batch_first=True)
     for m, x in ((conv, torch.randn(1, 2, 6, 6)), (lstm, torch.randn(2, 3, 4))):

@@ -1,4 +1,4 @@
-"""surgery.inspect.summary and surgery.files.load_model_file, in process."""
+"""surgery.io.inspect.summary and surgery.io.files.load_model_file, in process."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ from torch import nn
 
 import surgery
 from surgery.errors import SurgeryError, UnsafeFile
-from surgery.files import BadModelFile, load_model_file
-from surgery.inspect import parse_shapes, summary
+from surgery.io.files import BadModelFile, load_model_file
+from surgery.io.inspect import parse_shapes, summary
 
 
 class Small(nn.Module):

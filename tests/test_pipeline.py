@@ -126,7 +126,7 @@ def test_a_pass_that_breaks_its_no_write_promise_is_named():
 def test_buffers_of_user_classes_are_never_shared():
     # a forward may write its own buffer even in eval mode: compress's copy must own it
     from passes import ChannelPrune, Shrink
-    from surgery.graph import shareable_tensors
+    from surgery.copying import shareable_tensors
 
     class Counts(nn.Module):
         def __init__(self):

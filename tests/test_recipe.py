@@ -10,8 +10,8 @@ from torch import nn
 
 import passes
 import surgery
+from surgery.app.recipe import available_passes, load_recipe, parse_recipe
 from surgery.errors import SurgeryError
-from surgery.recipe import available_passes, load_recipe, parse_recipe
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))
 

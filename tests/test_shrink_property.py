@@ -3,6 +3,7 @@ with random masks (few examples here; benchmarks/shrink_property.py runs hundred
 from __future__ import annotations
 
 import torch
+from test_shrink import Scale, _insert_shared, _params, _randomise
 from torch import nn
 
 import surgery
@@ -10,7 +11,6 @@ from passes import Shrink
 from surgery.channels import channel_groups
 from surgery.pipeline import UnitMask
 from surgery.verify import max_rel_diff, run_eval
-from test_shrink import Scale, _insert_shared, _params, _randomise
 
 
 class RandomDag(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 import surgery
 from passes import MagnitudePrune, WeightShare
 from surgery.errors import SurgeryError
-from surgery.storage import huffman_lengths, pack_bits, positions_from_codes, relative_codes, unpack_bits
+from surgery.weights.storage import huffman_lengths, pack_bits, positions_from_codes, relative_codes, unpack_bits
 
 
 @pytest.mark.parametrize("bits", [1, 3, 5, 8, 13])

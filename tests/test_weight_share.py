@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import surgery
-import surgery.weights as W
-from passes import AGP, MagnitudePrune, SharedWeight, WeightShare
+import surgery.weights.kmeans as W
+from passes import MagnitudePrune, SharedWeight, WeightShare
 from surgery.errors import SurgeryError
 from surgery.weights import cluster_tensor, kmeans_1d
 

@@ -6,7 +6,7 @@ state_dict (layer types are then guessed from tensor shapes, and MACs need a mod
 Example::
 
     >>> import torch
-    >>> from surgery.inspect import summary
+    >>> from surgery.io.inspect import summary
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
     ...                           torch.nn.Linear(4 * 6 * 6, 10))
     >>> s = summary(net, input_shape=(1, 1, 8, 8))
@@ -15,7 +15,7 @@ Example::
     >>> [r.name for r in s.rows]
     ['0', '1', '2', '3']
 
-MACs are counted by :func:`surgery.macs.count_macs` on a random input of the given shape.
+MACs are counted by :func:`surgery.io.macs.count_macs` on a random input of the given shape.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
+from .group_table import channel_groups_of, format_groups
 from .macs import OTHER, ROOT, count_macs
 
 __all__ = ["LayerRow", "Summary", "summary", "parse_shapes", "count_macs"]
@@ -135,18 +136,6 @@ def human(n: int | float | None) -> str:
     return str(int(n))
 
 
-def format_groups(groups: list[dict[str, Any]]) -> list[str]:
-    frozen = [g for g in groups if g.get("frozen")]
-    lines = [f"channel groups: {len(groups)} ({len(frozen)} frozen)"]
-    for g in groups:
-        state = f"FROZEN: {g['frozen']}" if g.get("frozen") else "prunable"
-        lines.append(f"  group {g['id']}: {g['size']} channels, {state}")
-        for key in ("producers", "locals", "readers"):
-            if g.get(key):
-                lines.append(f"    {key}: {', '.join(g[key])}")
-    return lines
-
-
 def parse_shapes(spec: str | Sequence[int] | Sequence[Sequence[int]] | None) -> list[tuple[int, ...]] | None:
     """'1,3,224,224' -> [(1, 3, 224, 224)]; 'a;b' gives one shape per positional input.
     Also accepts a tuple of ints or a list of them."""
@@ -206,7 +195,7 @@ def _shape_in_out(w: Tensor, groups: int = 1) -> tuple[int | None, int | None]:
 
 
 def _mask_counts(m: nn.Module) -> tuple[int | None, int | None]:
-    from .pipeline import Mask
+    from ..pipeline import Mask
     if isinstance(m, torch.jit.ScriptModule) or not isinstance(m, Mask):
         return None, None
     try:
@@ -300,50 +289,6 @@ def _state_dict_rows(sd: dict[str, Tensor]) -> tuple[list[LayerRow], int]:
 def is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
-
-
-def _group_dicts(groups: Sequence[Any]) -> list[dict[str, Any]]:
-    """ChannelGroup objects -> plain dicts of names (for JSON and the table)."""
-    def names(items: Any) -> list[str]:
-        out = []
-        for it in items or ():
-            node = getattr(it, "node", it[0] if isinstance(it, tuple) and it else it)
-            # a module call is named by its module's qualified name, anything else by the node
-            out.append(str(node.target) if getattr(node, "op", None) == "call_module" else
-                       str(getattr(node, "name", node)))
-        return list(dict.fromkeys(out))
-
-    return [{"id": getattr(g, "id", k), "size": getattr(g, "size", None),
-             "producers": names(getattr(g, "producers", ())), "locals": names(getattr(g, "locals", ())),
-             "readers": names(getattr(g, "readers", ())), "frozen": getattr(g, "frozen", None) or None}
-            for k, g in enumerate(groups)]
-
-
-def channel_groups_of(model: nn.Module, inputs: tuple | None) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """The channel groups of `model` as dicts, or (None, reason) when they cannot be computed."""
-    try:
-        from .channels import channel_groups
-    except ImportError:
-        return None, "channel groups: not available in this build (surgery.channels is missing)"
-    if isinstance(model, torch.jit.ScriptModule):
-        return None, "channel groups: not available for TorchScript (it carries no torch.fx graph)"
-    if inputs is None:
-        return None, "channel groups: need an input shape (--input-shape) to follow tensor shapes"
-    import copy
-
-    import torch.fx as fx
-
-    from .capture import capture
-    from .shapes import ShapeProp
-    try:
-        if isinstance(model, fx.GraphModule):
-            gm = copy.deepcopy(model)  # ShapeProp writes node metadata: leave the caller's graph alone
-            ShapeProp(gm).propagate(*inputs)
-        else:
-            gm = capture(model, inputs)
-        return _group_dicts(channel_groups(gm)), None
-    except SurgeryError as e:
-        return None, f"channel groups: not available for this model ({str(e).splitlines()[0]})"
 
 
 def summary(model: nn.Module | dict, input_shape: Any = None, *, inputs: tuple | None = None,

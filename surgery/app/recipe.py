@@ -17,7 +17,7 @@ A TOML list given for a field becomes a tuple (selectors, shapes) unless the fie
 annotated as a list; a table ``{type = "AGP", ...}`` whose ``type`` names a dataclass exported
 by ``passes`` becomes that object (nested configuration such as a schedule).
 
-    >>> from surgery.recipe import parse_recipe
+    >>> from surgery.app.recipe import parse_recipe
     >>> parse_recipe('[[passes]]\\npass = "Identity"\\nselect = ["Linear"]\\n')
     [Identity(select=('Linear',), exclude=None)]
 """
@@ -30,7 +30,7 @@ import sys
 import typing
 from typing import Any
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,5 +1,6 @@
 """The standard channel rules for modules and masks: how each op moves channels (see
-surgery.channels); tensor functions and methods are in surgery.rules_tensor.
+surgery.channels). Tensor functions and methods are in :mod:`.tensor`, reductions, matmul and
+functional layers in :mod:`.functional`, shared pieces in :mod:`.common`.
 
 Each rule takes a :class:`~surgery.channels.RuleContext` and returns the output layout, or
 ``(layout, values)`` where `values` are per-entry constants a channel is known to hold (nan =
@@ -7,41 +8,12 @@ unknown) so Shrink can tell a removed channel's readers see zero (or a foldable 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
-import torch.fx as fx
 from torch import nn
 
-from .graph import submodule
-from .rulebook import RuleContext, channel_local, passthrough, register_rule, varying
-
-# ----------------------------------------------------------------------------------------- helpers
-
-
-def _nan_like(ids: np.ndarray) -> np.ndarray:
-    return np.full(ids.shape, np.nan)
-
-
-def _vals(ctx: RuleContext, a: Any, ids: np.ndarray | None) -> np.ndarray | None:
-    v = ctx.values(a)
-    if v is None and ids is not None:
-        return _nan_like(ids)
-    return v
-
-
-def _owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
-    prefix, _, name = target.rpartition(".")
-    return submodule(gm, prefix), name
-
-
-def _spatial_ok(ctx: RuleContext, ids: np.ndarray, dims: list[int]) -> bool:
-    bad = [d for d in dims if d < ids.ndim and ids.shape[d] > 1]
-    if bad:
-        ctx.freeze(ids, f"{ctx.describe()} mixes entries along axis {bad[0]}, where channels vary")
-        return False
-    return True
+from ..rulebook import RuleContext, channel_local, passthrough, register_rule, varying
+from .common import _layernorm, _linear, _softmax, _vals, pool_rule, reshape_rule, spatial_keep_rule
 
 
 # ----------------------------------------------------------------------------------------- masks
@@ -140,20 +112,6 @@ def linear_rule(ctx: RuleContext):
                    [(m, "weight", 0), *bias], [(m, "out_features")])
 
 
-def _linear(ctx, ids, rparams, rattrs, pparams, pattrs):
-    if ids is not None:
-        v = varying(ids)
-        last = ids.ndim - 1
-        if v and last not in v:
-            return ids, None  # a Linear over an axis the channels do not vary on is channel-local
-        if v and v != [last]:
-            ctx.freeze(ids, f"{ctx.describe()} reads channels that also vary along other axes")
-        else:
-            ctx.place("reader", ids, -1, arg=0, params=rparams, attrs=rattrs, kind="linear",
-                      values=ctx.values(ctx.x))
-    return ctx.new_space(-1, params=pparams, attrs=pattrs)
-
-
 def bn_values(ctx: RuleContext, v: np.ndarray):
     m = ctx.module
     if m.running_mean is None or m.running_var is None:
@@ -202,58 +160,8 @@ def layernorm_rule(ctx: RuleContext):
     return _layernorm(ctx, len(m.normalized_shape))
 
 
-def _layernorm(ctx: RuleContext, k: int):
-    ids = ctx.ids(ctx.x)
-    if ids is None:
-        return None
-    if any(d >= ids.ndim - k for d in varying(ids)):
-        ctx.freeze(ids, f"{ctx.describe()} counts these channels in its statistics")
-    return ids, None
-
-
-def pool_rule(ctx: RuleContext):
-    ids = ctx.ids(ctx.x)
-    if ids is None:
-        return None
-    m = ctx.module
-    name = type(m).__name__ if m is not None else getattr(ctx.node.target, "__name__", str(ctx.node.target))
-    nd = int(name[-2]) if name[-2:-1].isdigit() else ids.ndim - 2
-    if not _spatial_ok(ctx, ids, list(range(ids.ndim - nd, ids.ndim))):
-        return ids, None
-    v = ctx.values(ctx.x)
-    if v is None:
-        return ids, None
-    if "max" in name.lower() or "adaptive" in name.lower():
-        return ids, v
-    if "avg" in name.lower():
-        pad = getattr(m, "padding", ctx.arg(3, "padding", 0)) if m is not None else ctx.arg(3, "padding", 0)
-        ceil = getattr(m, "ceil_mode", False) if m is not None else ctx.arg(4, "ceil_mode", False)
-        if not ceil and all(p == 0 for p in (pad if isinstance(pad, (tuple, list)) else (pad,))):
-            return ids, v
-    return ids, np.where(v == 0, 0.0, np.nan)
-
-
-def spatial_keep_rule(ctx: RuleContext):
-    """Upsampling/interpolation: a constant channel stays constant."""
-    ids = ctx.ids(ctx.x)
-    if ids is None:
-        return None
-    if not _spatial_ok(ctx, ids, list(range(2, ids.ndim))):
-        return ids, None
-    return ids, ctx.values(ctx.x)
-
-
 def softmax_module_rule(ctx: RuleContext):
     return _softmax(ctx, ctx.module.dim)
-
-
-def _softmax(ctx: RuleContext, dim):
-    ids = ctx.ids(ctx.x)
-    if ids is None:
-        return None
-    if dim is None or dim % ids.ndim in varying(ids):
-        ctx.freeze(ids, f"{ctx.describe()} normalises across these channels")
-    return ids, None
 
 
 def permute_module_rule(ctx: RuleContext):
@@ -304,15 +212,5 @@ try:
     register_rule(_TvPermute, permute_module_rule)
 except Exception:  # torchvision is optional
     pass
+register_rule(nn.Flatten, reshape_rule)
 
-
-def flatten_module_rule(ctx: RuleContext):
-    from .rules_tensor import reshape_rule
-    return reshape_rule(ctx)
-
-
-register_rule(nn.Flatten, flatten_module_rule)
-
-
-
-from . import rules_tensor  # noqa: E402,F401  (registers the function and method rules)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 __all__ = ["HookedRegion", "saved_tensors_hooks", "hooks_disabled", "SavedBytes", "ActivationMemory",
            "activation_memory", "packed_tensors"]

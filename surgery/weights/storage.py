@@ -1,6 +1,6 @@
 """Storage sizes as in Deep Compression: dense, sparse (relative indices), shared (cluster
 indices + codebook) and Huffman-coded, per tensor and in total; plus the bit-level encodings
-the compact archive (surgery/archive.py) writes.
+the compact archive (surgery/io/archive.py) writes.
 
 Relative indices: each non-zero stores the gap to the previous one in `b` bits; code 2^b - 1 is
 an escape that skips 2^b - 1 positions and carries no value (Han et al. insert a zero-valued
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .weights import WeightParametrization, finalize
+from .tensors import WeightParametrization, finalize
 
 __all__ = ["compressed_size", "SizeReport", "TensorSize", "huffman_lengths", "pack_bits", "unpack_bits",
            "relative_codes", "positions_from_codes", "bit_view", "STAGES"]

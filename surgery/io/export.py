@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import as_inputs
-from .errors import ExportFailure, first_line
-from .verify import eval_mode, max_rel_diff, run_eval
+from ..capture import as_inputs
+from ..errors import ExportFailure, first_line
+from ..verify import eval_mode, max_rel_diff, run_eval
 
 __all__ = ["export", "load_torchscript"]
 

@@ -28,15 +28,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import as_inputs, surgery_meta
-from .channels import analyze
-from .errors import ShrinkMismatch, SurgeryError
-from .graph import copy_sharing_tensors, drop_dead_nodes, finish, gc_paused, unshare
-from .pipeline import UnitMask
-from .shapes import ShapeProp
-from .shrink_edits import Editor
-from .shrink_plan import Decider
-from .verify import max_rel_diff
+from ..capture import as_inputs, surgery_meta
+from ..channels.groups import analyze
+from ..copying import copy_sharing_tensors, gc_paused, unshare
+from ..errors import ShrinkMismatch, SurgeryError
+from ..graph import drop_dead_nodes, finish
+from ..pipeline import UnitMask
+from ..shapes import ShapeProp
+from ..verify import max_rel_diff
+from .edits import Editor
+from .plan import Decider
 
 __all__ = ["shrink", "ShrinkReport", "GroupShrink", "shrink_report"]
 

@@ -9,10 +9,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .channels import ChannelGraph
-from .errors import SurgeryError
-from .graph import submodule, unique_name
-from .shrink_plan import Decider, _expand_index, _foldable, _who
+from ..channels.groups import ChannelGraph
+from ..errors import SurgeryError
+from ..graph import submodule, unique_name
+from .plan import Decider, _expand_index, _foldable, _who
 
 
 def _set_tensor(owner: nn.Module, name: str, new: torch.Tensor) -> None:

@@ -34,13 +34,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SurgeryError
-from .graph import gc_paused, submodule
-from .rulebook import (RULES, Ids, Rule, RuleContext, _RawPlace, channel_local, frozen, passthrough,  # noqa: F401
-                       register_rule, varying)
+from ..copying import gc_paused
+from ..errors import SurgeryError
+from ..graph import submodule
+from ..pipeline import UnitMask
+from .rulebook import RULES, Ids, Rule, RuleContext, _RawPlace
+from .rules.modules import mask_rule  # importing .rules registers the standard table
+from .rules.tensor import size_uses_ok
 
-__all__ = ["ChannelGroup", "Place", "RuleContext", "RULES", "register_rule", "channel_groups", "group_of",
-           "analyze", "ChannelGraph", "passthrough", "channel_local", "frozen"]
+__all__ = ["ChannelGroup", "Place", "ChannelGraph", "channel_groups", "group_of", "analyze"]
 
 
 @dataclass(eq=False)
@@ -122,7 +124,6 @@ def _is_trailing(user: fx.Node, node: fx.Node) -> bool:
     if user.op != "call_module":
         return False
     m = submodule(user.graph.owning_module, str(user.target))
-    from .pipeline import UnitMask
     return isinstance(m, _TRAILING) and not isinstance(m, UnitMask)
 
 
@@ -165,8 +166,6 @@ class ChannelGraph:
         return start
 
     def run(self) -> "ChannelGraph":
-        from .pipeline import UnitMask
-        from . import rules  # noqa: F401  (registers the standard table)
         for node in self.gm.graph.nodes:
             if node.op in ("placeholder", "get_attr"):
                 continue
@@ -179,7 +178,7 @@ class ChannelGraph:
             ctx = RuleContext(self, node)
             seen = (len(self.places), len(self.frozen))
             if ctx.module is not None and isinstance(ctx.module, UnitMask):
-                out = rules.mask_rule(ctx)
+                out = mask_rule(ctx)
             else:
                 rule = find_rule(node, ctx.module)
                 if rule is None:
@@ -216,7 +215,6 @@ class ChannelGraph:
     def _check_sizes(self) -> None:
         """A channel count read with size()/shape may only steer reshapes (rewritten by Shrink);
         anything else (a scale computed from it) would change when channels go."""
-        from .rules_tensor import size_uses_ok
         for size_node, tensor in self.size_nodes:
             bad = size_uses_ok(self, size_node)
             if bad is not None:

@@ -15,8 +15,9 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from .channels import ChannelGraph, _RawPlace, varying
-from .graph import submodule
+from ..channels.groups import ChannelGraph
+from ..channels.rulebook import _RawPlace, varying
+from ..graph import submodule
 
 _RESHAPES = {"view", "reshape", "transpose", "permute", "contiguous", "flatten"}
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import as_inputs
-from .errors import SurgeryError
-from .verify import eval_mode
+from ..capture import as_inputs
+from ..errors import SurgeryError
+from ..verify import eval_mode
 
 __all__ = ["harden", "activation_sparsity", "sparsifiers"]
 

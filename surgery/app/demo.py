@@ -5,7 +5,7 @@ CNN, insert DAM channel masks, train with their penalty so that channels switch 
 the masked model into a physically smaller one, export it to TorchScript, then print accuracy,
 parameters, MACs and CPU latency before and after, and the inspect table of the exported file.
 
-    >>> from surgery.demo import run_demo
+    >>> from surgery.app.demo import run_demo
     >>> result = run_demo(output="/tmp/digits_small.pt", epochs=2)  # doctest: +SKIP
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import SurgeryError
-from .verify import eval_mode
+from ..errors import SurgeryError
+from ..verify import eval_mode
 
 __all__ = ["DigitsCNN", "digits_data", "run_demo", "latency_ms"]
 
@@ -166,8 +166,8 @@ def _run(output: str, epochs: int | None, seed: int, lam: float, out) -> dict[st
     import surgery
     from passes import DAM, Shrink
 
-    from .files import load_model_file
-    from .inspect import human, summary
+    from ..io.files import load_model_file
+    from ..io.inspect import human, summary
     base_epochs = epochs if epochs is not None else BASE_EPOCHS
     dam_epochs = epochs if epochs is not None else DAM_EPOCHS
     torch.manual_seed(seed)

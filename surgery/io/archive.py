@@ -36,9 +36,9 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from .errors import SurgeryError
-from .storage import (_gaps, _INT_VIEW, best_index_bits, bit_view, pack_bits, positions_from_codes,
-                      relative_codes, unpack_bits)
+from ..errors import SurgeryError
+from ..weights.storage import (_gaps, _INT_VIEW, best_index_bits, bit_view, pack_bits, positions_from_codes,
+                               relative_codes, unpack_bits)
 
 __all__ = ["save", "load"]
 

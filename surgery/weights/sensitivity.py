@@ -23,9 +23,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import SurgeryError
-from .select import Selector
-from .weights import INITS, magnitude_mask, share_tensor, weight_tensors
+from ..errors import SurgeryError
+from ..select import Selector
+from .kmeans import INITS, share_tensor
+from .tensors import magnitude_mask, weight_tensors
 
 __all__ = ["sensitivity", "bits_analysis", "AnalysisTable"]
 

@@ -19,7 +19,7 @@ import sys
 import warnings
 from typing import Any, Sequence
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 __all__ = ["main", "build_parser", "model_from_spec"]
 
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- inspect
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .files import load_model_file
-    from .inspect import summary
+    from ..io.files import load_model_file
+    from ..io.inspect import summary
     loaded = load_model_file(args.file, trust=args.trust)
     s = summary(loaded.model, args.input_shape, groups=args.groups, source=args.file, kind=loaded.kind)
     if loaded.note:
@@ -104,7 +104,7 @@ def model_from_spec(spec: str, trust: bool = False) -> Any:
     argument, as no weights are downloaded) or from a pickled module file (``trust=True``)."""
     from torch import nn
     if os.path.exists(spec) or ":" not in spec:
-        from .files import load_model_file
+        from ..io.files import load_model_file
         loaded = load_model_file(spec, trust=trust)
         if loaded.kind in ("module", "graphmodule") and isinstance(loaded.model, nn.Module):
             return loaded.model
@@ -141,7 +141,7 @@ def model_from_spec(spec: str, trust: bool = False) -> Any:
 
 def load_weights(model: Any, path: str, trust: bool = False) -> None:
     """Load a state_dict file into `model` (strict: every key must match)."""
-    from .files import load_model_file
+    from ..io.files import load_model_file
     loaded = load_model_file(path, trust=trust)
     sd = loaded.model
     if not isinstance(sd, dict):
@@ -167,10 +167,11 @@ def compress_command(model: Any, recipe: str, input_shape: str, output: str, lab
     import torch
 
     import surgery
-    from .files import load_model_file
-    from .inspect import parse_shapes, summary
+
+    from ..io.files import load_model_file
+    from ..io.inspect import parse_shapes, summary
+    from ..verify import max_abs_diff, max_rel_diff, run_eval
     from .recipe import load_recipe
-    from .verify import max_abs_diff, max_rel_diff, run_eval
     passes = load_recipe(recipe)
     gen = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(s, generator=gen) for s in parse_shapes(input_shape))
@@ -193,7 +194,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def comparison(before: Any, after: Any, check: dict[str, Any]) -> str:
-    from .inspect import human
+    from ..io.inspect import human
     tb, ta = before.totals, after.totals
     rows = [("parameters", f"{tb['params']:,}", f"{ta['params']:,}", _ratio(tb["params"], ta["params"])),
             ("MACs", human(tb["macs"]), human(ta["macs"]), _ratio(tb["macs"], ta["macs"]))]

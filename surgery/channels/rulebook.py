@@ -22,11 +22,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import SurgeryError
-from .graph import submodule
+from ..errors import SurgeryError
+from ..graph import submodule
 
 if TYPE_CHECKING:
-    from .channels import ChannelGraph
+    from .groups import ChannelGraph
 
 __all__ = ["RULES", "Rule", "register_rule", "RuleContext", "passthrough", "channel_local", "frozen", "varying",
            "Ids"]

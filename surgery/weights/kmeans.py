@@ -1,95 +1,30 @@
-"""Weight-level tools shared by the weight passes and the analyses: magnitude masks, 1-D k-means,
-weight parametrizations and ``finalize()``.
-
-One implementation of each: ``passes.MagnitudePrune`` and ``passes.WeightShare`` import these,
-and so do ``surgery.sensitivity`` / ``surgery.bits_analysis``.
+"""1-D k-means weight sharing (Deep Compression): cluster a tensor's values into ``2**bits``
+shared values, zeros kept apart so pruned weights stay exactly zero.
 
 Example::
 
     >>> import torch
-    >>> from surgery.weights import magnitude_mask, kmeans_1d
-    >>> w = torch.tensor([0.1, -2.0, 0.3, 4.0])
-    >>> magnitude_mask(w, 0.5).tolist()
-    [False, True, False, True]
+    >>> from surgery.weights import kmeans_1d
     >>> centroids, labels = kmeans_1d(torch.tensor([1.0, 1.0, 5.0, 5.0, 9.0]), 3)
     >>> centroids.tolist(), labels.tolist()
     ([1.0, 5.0, 9.0], [0, 0, 1, 1, 2])
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
-from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch import Tensor
 
-from .errors import SurgeryError
-from .select import Selector, select_modules
+from ..errors import SurgeryError
 
-__all__ = ["WeightParametrization", "weight_tensors", "magnitude_mask", "kmeans_1d", "cluster_tensor", "share_tensor",
-           "shared_values",
-           "finalize", "INITS"]
+__all__ = ["INITS", "kmeans_1d", "cluster_tensor", "share_tensor", "shared_values"]
 
 INITS = ("linear", "density", "kmeans++")
 _EXACT_LIMIT = 1 << 16      # up to this many values, k-means runs on the exact sorted unique values
 _BINS = 1 << 16             # above it, on a 65536-bin histogram, then one exact pass over all values
 
 
-class WeightParametrization(nn.Module):
-    """Base class of surgery's weight parametrizations (a pruning mask, a shared-weight codebook).
-
-    ``finalize()`` recognises them by this class, bakes the value they compute into an ordinary
-    parameter and removes them; parametrizations of other origins (weight_norm, orthogonal) are
-    left alone.
-    """
-
-    tensor: str = ""  # qualified name of the tensor it parametrizes, for messages
-
-
-def weight_tensors(model: nn.Module, select: Selector = None, exclude: Selector = None,
-                   param: str = "weight") -> dict[str, tuple[nn.Module, str]]:
-    """The ``param`` tensors of the selected modules: ``{"features.0.weight": (module, "weight")}``.
-
-    Modules without a tensor of that name are skipped; SelectionError when none is left.
-    """
-    out: dict[str, tuple[nn.Module, str]] = {}
-    for name, mod in select_modules(model, select, exclude).items():
-        if "." in param or not isinstance(getattr(mod, param, None), Tensor):
-            continue
-        if parametrize.is_parametrized(mod) and name.split(".")[-1] == "parametrizations":
-            continue
-        out[f"{name}.{param}"] = (mod, param)
-    if not out:
-        raise SurgeryError(f"no selected module has a tensor named {param!r}")
-    return out
-
-
-def magnitude_mask(w: Tensor, sparsity: float, keep: Tensor | None = None) -> Tensor:
-    """The boolean mask (True = kept) that zeroes exactly ``round(sparsity * numel)`` entries of
-    `w`, the smallest in magnitude. Entries already dropped by `keep` are dropped first, so masks
-    from a rising sparsity are nested. Ties are broken by position, so the count is exact."""
-    if not 0.0 <= float(sparsity) <= 1.0:
-        raise SurgeryError(f"sparsity must lie in [0, 1], got {sparsity}")
-    n = w.numel()
-    k = int(round(float(sparsity) * n))
-    if k == 0:
-        return torch.ones_like(w, dtype=torch.bool)
-    if k >= n:
-        return torch.zeros_like(w, dtype=torch.bool)
-    score = w.detach().abs().float().reshape(-1)
-    if keep is not None:
-        score = torch.where(keep.reshape(-1), score, score.new_full((), -1.0))
-    thr = torch.kthvalue(score, k).values
-    drop = score < thr
-    need = k - int(drop.sum())
-    if need > 0:  # ties at the threshold: drop the first `need` of them
-        ties = torch.nonzero(score == thr).reshape(-1)[:need]
-        drop[ties] = True
-    return (~drop).reshape(w.shape)
-
-
-# ---------------------------------------------------------------- 1-D k-means
 def _init_centroids(p: Tensor, cnt: Tensor, k: int, init: str, seed: int) -> Tensor:
     """Initial centroids over weighted sorted points p (float64) with counts cnt."""
     if init == "linear":  # Han et al.: evenly spaced between min and max
@@ -254,38 +189,3 @@ def shared_values(codebook: Tensor, index: Tensor) -> Tensor:
     """The shared tensor ``cat([codebook, 0])[index]`` (index_select: faster than fancy indexing)."""
     table = torch.cat([codebook, codebook.new_zeros(1)])
     return torch.index_select(table, 0, index.reshape(-1)).reshape(index.shape)
-
-
-# ---------------------------------------------------------------- finalize
-def finalize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Bake every surgery weight parametrization (pruning masks, shared-weight codebooks) into
-    ordinary parameters and remove it, so the model is a plain model again (a plain
-    GraphModule stays a GraphModule; it pickles and scripts). Other parametrizations stay.
-
-    Returns a copy unless ``inplace=True``.
-    """
-    out = model if inplace else copy.deepcopy(model)
-    for name, mod in list(out.named_modules()):
-        if not parametrize.is_parametrized(mod):
-            continue
-        for tensor in list(mod.parametrizations.keys()):
-            plist = mod.parametrizations[tensor]
-            ours = [isinstance(p, WeightParametrization) for p in plist]
-            if not any(ours):
-                continue
-            if not all(ours):
-                raise SurgeryError(f"finalize: {name}.{tensor} mixes surgery and other parametrizations "
-                                   f"({', '.join(type(p).__name__ for p in plist)}); remove the others first")
-            _own_class(mod)
-            with torch.no_grad():
-                parametrize.remove_parametrizations(mod, tensor, leave_parametrized=True)
-    return out
-
-
-def _own_class(mod: nn.Module) -> None:
-    """Give a parametrized module a class of its own. torch's parametrize keeps the generated
-    class when a module is deep-copied, and removing a parametrization deletes its property from
-    that class, which would break every other copy (the caller's model among them)."""
-    cls = type(mod)
-    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    mod.__class__ = type(cls.__name__, cls.__bases__, body)

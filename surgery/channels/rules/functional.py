@@ -1,5 +1,5 @@
 """Channel rules for reductions, softmax, matmul, functional layers (F.linear, F.layer_norm,
-F.pad, pooling, interpolation) and torchvision's stochastic depth. See surgery.rules.
+F.pad, pooling, interpolation) and torchvision's stochastic depth. See :mod:`surgery.channels.rules`.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .rulebook import RuleContext, register_rule, varying
-from .rules import _layernorm, _linear, _owner, _softmax, _spatial_ok, pool_rule, spatial_keep_rule
+from ..rulebook import RuleContext, register_rule, varying
+from .common import _layernorm, _linear, _owner, _softmax, _spatial_ok, pool_rule, spatial_keep_rule
 
 
 def reduce_rule(ctx: RuleContext):

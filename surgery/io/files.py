@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import SurgeryError, UnsafeFile, first_line
+from ..errors import SurgeryError, UnsafeFile, first_line
 
 __all__ = ["BadModelFile", "LoadedModel", "load_model_file"]
 
@@ -72,7 +72,7 @@ def _zip_kind(path: Path) -> str:
 
 
 def _compact_loader():
-    """surgery.load, when this build has compact archives (surgery/archive.py)."""
+    """surgery.load, when this build has compact archives (surgery/io/archive.py)."""
     try:
         from .archive import load
     except ImportError:

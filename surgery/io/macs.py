@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import SurgeryError, first_line
-from .verify import eval_mode
+from ..errors import SurgeryError, first_line
+from ..verify import eval_mode
 
 __all__ = ["count_macs", "OTHER", "ROOT"]
 

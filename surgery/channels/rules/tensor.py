@@ -1,6 +1,5 @@
 """Channel rules for tensor functions and methods: element-wise ops, cat/split/getitem,
-reshapes and permutes, size reads. Reductions, matmul and functional layers are in
-surgery.rules_ops. See surgery.rules.
+reshapes and permutes, size reads. See :mod:`surgery.channels.rules`.
 """
 from __future__ import annotations
 
@@ -12,8 +11,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .rulebook import RuleContext, passthrough, register_rule, varying
-from .rules import _nan_like, _owner, _vals
+from ..rulebook import RuleContext, passthrough, register_rule, varying
+from .common import _nan_like, _owner, _vals, reshape_rule
+
 
 # ----------------------------------------------------------------------------------------- functions
 def binary_rule(ctx: RuleContext):
@@ -222,58 +222,6 @@ def split_rule(ctx: RuleContext):
     return parts, (tuple(np.split(v, cuts, axis=dim)) if v is not None else None)
 
 
-def reshape_rule(ctx: RuleContext):
-    x = ctx.x
-    lay = ctx.ids(x)
-    if lay is None:
-        return None
-    a, b = tuple(ctx.shape(x)), tuple(ctx.shape())
-    out = _reshape(lay, a, b)
-    v = ctx.values(x)
-    if out is None:
-        ctx.freeze(lay, f"{ctx.describe()} reshapes the channels in a way the rules cannot follow")
-        return None
-    if varying(lay) and ctx.node.op == "call_method" and ctx.node.target in ("view", "reshape") or \
-            ctx.node.target is torch.reshape:
-        ctx.g.rewrite.add(ctx.node)
-    return out, (_reshape(v, a, b) if v is not None else None)
-
-
-def _reshape(lay: np.ndarray, a: tuple, b: tuple) -> np.ndarray | None:
-    ai = [d for d in range(len(a)) if a[d] != 1]
-    bi = [d for d in range(len(b)) if b[d] != 1]
-    groups: list[tuple[list[int], list[int]]] = []
-    p = q = 0
-    while p < len(ai) and q < len(bi):
-        ga, gb = [ai[p]], [bi[q]]
-        pa, pb = a[ai[p]], b[bi[q]]
-        p, q = p + 1, q + 1
-        while pa != pb:
-            if pa < pb:
-                if p >= len(ai):
-                    return None
-                pa *= a[ai[p]]
-                ga.append(ai[p])
-                p += 1
-            else:
-                if q >= len(bi):
-                    return None
-                pb *= b[bi[q]]
-                gb.append(bi[q])
-                q += 1
-        groups.append((ga, gb))
-    if p != len(ai) or q != len(bi):
-        return None
-    tin, tout = [1] * len(a), [1] * len(b)
-    for ga, gb in groups:
-        if any(lay.shape[d] > 1 for d in ga):
-            for d in ga:
-                tin[d] = a[d]
-            for d in gb:
-                tout[d] = b[d]
-    return np.broadcast_to(lay, tin).reshape(tout)
-
-
 def permute_rule(ctx: RuleContext):
     n = ctx.node
     lay = ctx.ids(ctx.x)
@@ -405,5 +353,3 @@ for _t in [torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.
     register_rule(_t, permute_rule)
 for _t in ["size", getattr, "numel"]:
     register_rule(_t, size_rule)
-
-from . import rules_ops  # noqa: E402,F401  (reductions, matmul, functional layers)

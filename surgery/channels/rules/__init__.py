@@ -1,0 +1,9 @@
+"""The standard channel rules, one file per family; importing this package registers them all
+in the rule book (:data:`surgery.channels.RULES`).
+
+- :mod:`.modules`: torch.nn layers and surgery's masks (conv, linear, norms, activations, pooling)
+- :mod:`.tensor`: element-wise ops, cat/split/getitem, reshapes and permutes, size reads
+- :mod:`.functional`: reductions, softmax, matmul, functional layers, stochastic depth
+- :mod:`.common`: the pieces several families share (rule files import it, never each other)
+"""
+from . import functional, modules, tensor  # noqa: F401  (each registers its rules)

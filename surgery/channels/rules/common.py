@@ -1,0 +1,156 @@
+"""Helpers that several rule files share: per-entry constant values, the owner of a get_attr
+target, the spatial check of pooling, and the rule bodies that a module and its functional form
+have in common (linear, layer norm, softmax, pooling, reshape). Rule files import this one and
+never each other.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ...graph import submodule
+from ..rulebook import RuleContext, varying
+
+
+def _nan_like(ids: np.ndarray) -> np.ndarray:
+    return np.full(ids.shape, np.nan)
+
+
+def _vals(ctx: RuleContext, a: Any, ids: np.ndarray | None) -> np.ndarray | None:
+    v = ctx.values(a)
+    if v is None and ids is not None:
+        return _nan_like(ids)
+    return v
+
+
+def _owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
+    prefix, _, name = target.rpartition(".")
+    return submodule(gm, prefix), name
+
+
+def _spatial_ok(ctx: RuleContext, ids: np.ndarray, dims: list[int]) -> bool:
+    bad = [d for d in dims if d < ids.ndim and ids.shape[d] > 1]
+    if bad:
+        ctx.freeze(ids, f"{ctx.describe()} mixes entries along axis {bad[0]}, where channels vary")
+        return False
+    return True
+
+
+def _linear(ctx, ids, rparams, rattrs, pparams, pattrs):
+    if ids is not None:
+        v = varying(ids)
+        last = ids.ndim - 1
+        if v and last not in v:
+            return ids, None  # a Linear over an axis the channels do not vary on is channel-local
+        if v and v != [last]:
+            ctx.freeze(ids, f"{ctx.describe()} reads channels that also vary along other axes")
+        else:
+            ctx.place("reader", ids, -1, arg=0, params=rparams, attrs=rattrs, kind="linear",
+                      values=ctx.values(ctx.x))
+    return ctx.new_space(-1, params=pparams, attrs=pattrs)
+
+
+def _layernorm(ctx: RuleContext, k: int):
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    if any(d >= ids.ndim - k for d in varying(ids)):
+        ctx.freeze(ids, f"{ctx.describe()} counts these channels in its statistics")
+    return ids, None
+
+
+def pool_rule(ctx: RuleContext):
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    m = ctx.module
+    name = type(m).__name__ if m is not None else getattr(ctx.node.target, "__name__", str(ctx.node.target))
+    nd = int(name[-2]) if name[-2:-1].isdigit() else ids.ndim - 2
+    if not _spatial_ok(ctx, ids, list(range(ids.ndim - nd, ids.ndim))):
+        return ids, None
+    v = ctx.values(ctx.x)
+    if v is None:
+        return ids, None
+    if "max" in name.lower() or "adaptive" in name.lower():
+        return ids, v
+    if "avg" in name.lower():
+        pad = getattr(m, "padding", ctx.arg(3, "padding", 0)) if m is not None else ctx.arg(3, "padding", 0)
+        ceil = getattr(m, "ceil_mode", False) if m is not None else ctx.arg(4, "ceil_mode", False)
+        if not ceil and all(p == 0 for p in (pad if isinstance(pad, (tuple, list)) else (pad,))):
+            return ids, v
+    return ids, np.where(v == 0, 0.0, np.nan)
+
+
+def spatial_keep_rule(ctx: RuleContext):
+    """Upsampling/interpolation: a constant channel stays constant."""
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    if not _spatial_ok(ctx, ids, list(range(2, ids.ndim))):
+        return ids, None
+    return ids, ctx.values(ctx.x)
+
+
+def _softmax(ctx: RuleContext, dim):
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    if dim is None or dim % ids.ndim in varying(ids):
+        ctx.freeze(ids, f"{ctx.describe()} normalises across these channels")
+    return ids, None
+
+
+def reshape_rule(ctx: RuleContext):
+    x = ctx.x
+    lay = ctx.ids(x)
+    if lay is None:
+        return None
+    a, b = tuple(ctx.shape(x)), tuple(ctx.shape())
+    out = _reshape(lay, a, b)
+    v = ctx.values(x)
+    if out is None:
+        ctx.freeze(lay, f"{ctx.describe()} reshapes the channels in a way the rules cannot follow")
+        return None
+    if varying(lay) and ctx.node.op == "call_method" and ctx.node.target in ("view", "reshape") or \
+            ctx.node.target is torch.reshape:
+        ctx.g.rewrite.add(ctx.node)
+    return out, (_reshape(v, a, b) if v is not None else None)
+
+
+def _reshape(lay: np.ndarray, a: tuple, b: tuple) -> np.ndarray | None:
+    ai = [d for d in range(len(a)) if a[d] != 1]
+    bi = [d for d in range(len(b)) if b[d] != 1]
+    groups: list[tuple[list[int], list[int]]] = []
+    p = q = 0
+    while p < len(ai) and q < len(bi):
+        ga, gb = [ai[p]], [bi[q]]
+        pa, pb = a[ai[p]], b[bi[q]]
+        p, q = p + 1, q + 1
+        while pa != pb:
+            if pa < pb:
+                if p >= len(ai):
+                    return None
+                pa *= a[ai[p]]
+                ga.append(ai[p])
+                p += 1
+            else:
+                if q >= len(bi):
+                    return None
+                pb *= b[bi[q]]
+                gb.append(bi[q])
+                q += 1
+        groups.append((ga, gb))
+    if p != len(ai) or q != len(bi):
+        return None
+    tin, tout = [1] * len(a), [1] * len(b)
+    for ga, gb in groups:
+        if any(lay.shape[d] > 1 for d in ga):
+            for d in ga:
+                tin[d] = a[d]
+            for d in gb:
+                tout[d] = b[d]
+    return np.broadcast_to(lay, tin).reshape(tout)
