@@ -1,7 +1,7 @@
 """Errors raised by surgery. Every error names its culprit: a module path, a node, a file."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def first_line(e: BaseException) -> str:
@@ -39,6 +39,21 @@ class SelectionError(SurgeryError):
         if self.nearest:
             message += "; nearest names: " + ", ".join(self.nearest)
         super().__init__(message)
+
+
+class ConfigError(SurgeryError):
+    """A configuration value is invalid: a pass field, a recipe key, a function argument.
+
+    Names the owner (``ChannelPrune``, or ``recipe.toml [[passes]] #2 (ChannelPrune)``), the
+    field, the value given and what is allowed.
+    """
+
+    def __init__(self, owner: str, field: str, value: Any, allowed: str):
+        self.owner, self.field, self.value, self.allowed = owner, field, value, allowed
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{owner}: {field} = {shown}: {allowed}")
 
 
 class ShrinkMismatch(SurgeryError):
