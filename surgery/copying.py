@@ -17,7 +17,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["gc_paused", "copy_module", "copy_sharing_tensors", "shareable_tensors", "unshare"]
+__all__ = ["gc_paused", "copy_module", "copy_sharing_tensors", "shareable_tensors", "unshare", "held_tensor",
+           "tensor_key", "tied_tensors"]
 
 
 @contextmanager
@@ -125,13 +126,49 @@ def copy_sharing_tensors(module: nn.Module, shared: dict[int, torch.Tensor] | No
 
 
 def unshare(module: nn.Module, shared: dict[int, torch.Tensor]) -> None:
-    """Clone, in place in `module`'s tree, every parameter and buffer still listed in `shared`."""
+    """Clone, in place in `module`'s tree, every parameter and buffer still listed in `shared`.
+    A tensor held by several modules (tied weights) gets one clone that all of them hold."""
     if not shared:
         return
+    clones: dict[int, torch.Tensor] = {}
     for m in module.modules():
         for name, p in list(m._parameters.items()):
             if p is not None and id(p) in shared:
-                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                if id(p) not in clones:
+                    clones[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                m._parameters[name] = clones[id(p)]
         for name, b in list(m._buffers.items()):
             if b is not None and id(b) in shared:
-                m._buffers[name] = b.clone()
+                m._buffers[name] = clones.setdefault(id(b), b.clone())
+
+
+def held_tensor(owner: nn.Module, name: str) -> torch.Tensor | None:
+    """The parameter or buffer `owner` holds as `name` (None for anything else: a plain
+    attribute, or a parametrized tensor, which is computed afresh at every access and so has
+    no identity to compare)."""
+    t = owner._parameters.get(name)
+    return t if t is not None else owner._buffers.get(name)
+
+
+def tensor_key(owner: nn.Module, name: str) -> Any:
+    """What identifies the tensor `owner.name` across modules: the tensor itself where the
+    module holds it (tied weights share the key), else the (module, attribute) pair."""
+    t = held_tensor(owner, name)
+    return id(t) if t is not None else (id(owner), name)
+
+
+def tied_tensors(module: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """The tensors that several places of `module`'s tree hold (tied weights: a language
+    model's output head holding its embedding's weight), by ``id``: each with every
+    ``(qualified name, owner module, attribute)`` that holds it. Tensors held once are left out."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    seen: set[int] = set()
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        if id(m) in seen:  # a module reachable under two names holds its tensors once
+            continue
+        seen.add(id(m))
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    holders.setdefault(id(t), []).append((f"{prefix}.{name}" if prefix else name, m, name))
+    return {k: v for k, v in holders.items() if len(v) > 1}

@@ -34,13 +34,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..copying import gc_paused
+from ..copying import gc_paused, tensor_key
 from ..errors import SurgeryError
 from ..graph import submodule
 from ..pipeline import UnitMask
+from .checks import check_sizes, check_tensor_uses
 from .rulebook import RULES, Ids, Rule, RuleContext, _RawPlace
 from .rules.modules import mask_rule  # importing .rules registers the standard table
-from .rules.tensor import size_uses_ok
 
 __all__ = ["ChannelGroup", "Place", "ChannelGraph", "channel_groups", "group_of", "analyze"]
 
@@ -176,6 +176,9 @@ class ChannelGraph:
                 raise SurgeryError(f"channel analysis needs node shapes but node {node.name!r} has none: "
                                    "capture the model with example_inputs (surgery.capture(model, (x,)))")
             ctx = RuleContext(self, node)
+            if "inplace" in node.meta:  # an in-place op capture could not rewrite exactly
+                ctx.freeze_inputs(node.meta["inplace"])
+                continue
             seen = (len(self.places), len(self.frozen))
             if ctx.module is not None and isinstance(ctx.module, UnitMask):
                 out = mask_rule(ctx)
@@ -205,30 +208,22 @@ class ChannelGraph:
                 self.layouts[node] = out
                 if vals is not None:
                     self.values[node] = vals
-        self._check_sizes()
+        check_sizes(self)
+        check_tensor_uses(self)
         self._build()
         return self
 
     def _tracked(self, a: fx.Node) -> bool:
         return self.layouts.get(a) is not None
 
-    def _check_sizes(self) -> None:
-        """A channel count read with size()/shape may only steer reshapes (rewritten by Shrink);
-        anything else (a scale computed from it) would change when channels go."""
-        for size_node, tensor in self.size_nodes:
-            bad = size_uses_ok(self, size_node)
-            if bad is not None:
-                ids = self.layouts.get(tensor)
-                self.frozen.append((np.unique(ids), f"node {bad.name!r} uses the channel count of "
-                                    f"{tensor.name!r} (read by {size_node.name!r}) as a number"))
-
     def _build(self) -> None:
         n = self.n
-        # one parameter sliced at several places (a module called twice) is one decision
+        # one parameter sliced at several places (a module called twice, a weight tied to
+        # another module's) is one decision
         first_place: dict[tuple, np.ndarray] = {}
         for p in self.places:
             for owner, name, dim in p.params:
-                key = (id(owner), name, dim)
+                key = (tensor_key(owner, name), dim)
                 if key in first_place and len(first_place[key]) == len(p.ids):
                     self.edges.append((first_place[key], p.ids))
                 first_place.setdefault(key, p.ids)

@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..channels.groups import ChannelGraph
+from ..copying import held_tensor, tensor_key, tied_tensors
 from ..errors import SurgeryError
 from ..graph import submodule, unique_name
 from .plan import Decider, _expand_index, _foldable, _who
@@ -32,6 +33,26 @@ class Editor:
         self.gm = cg.gm
         self.chan = cg.chan_of_elem
         self.scaled: list[str] = []
+        # tied tensors: every holder gets the one new tensor; keys fixed before any edit
+        self.tied = tied_tensors(self.gm)
+        self.keys = {(id(o), n): tensor_key(o, n) for p in cg.places for o, n, _ in p.params}
+
+    def set_tensor(self, owner: nn.Module, name: str, new: torch.Tensor) -> None:
+        """Replace `owner.name` by `new`, in every module that holds the same tensor."""
+        old = held_tensor(owner, name)
+        holders = self.tied.pop(id(old), None) if old is not None else None
+        if not holders:
+            _set_tensor(owner, name, new)
+            return
+        _set_tensor(owner, name, new)
+        t = held_tensor(owner, name)
+        for _, m, n in holders:
+            (m._parameters if n in m._parameters else m._buffers)[n] = t
+        self.tied[id(t)] = holders
+
+    def is_tied(self, owner: nn.Module, name: str) -> bool:
+        t = held_tensor(owner, name)
+        return t is not None and id(t) in self.tied
 
     def kept_line(self, ids: np.ndarray) -> np.ndarray:
         return ~self.removed[self.chan[ids]]
@@ -84,7 +105,7 @@ class Editor:
             add = w @ c if isinstance(m, nn.Linear) else w.sum(dim=tuple(range(2, w.dim()))) @ c
             if m.bias is None:
                 m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=m.weight.dtype), requires_grad=True)
-            _set_tensor(m, "bias", m.bias.detach() + add.to(m.bias.dtype))
+            self.set_tensor(m, "bias", m.bias.detach() + add.to(m.bias.dtype))
 
     def params(self) -> None:
         done: dict[tuple, np.ndarray] = {}
@@ -97,7 +118,7 @@ class Editor:
                 continue
             idx = None
             for owner, name, dim in p.params:
-                key = (id(owner), name, dim)
+                key = (self.keys[(id(owner), name)], dim)
                 if key in done:
                     if not np.array_equal(done[key], kept):
                         raise SurgeryError(f"Shrink: places of {name!r} on {_who(p.node)} disagree on which "
@@ -112,7 +133,7 @@ class Editor:
                 if t.shape[dim] != len(kept):
                     raise SurgeryError(f"Shrink: {name!r} of {_who(p.node)} has {t.shape[dim]} entries on axis "
                                        f"{dim}, the layout has {len(kept)}")
-                _set_tensor(owner, name, t.detach().index_select(dim, idx))
+                self.set_tensor(owner, name, t.detach().index_select(dim, idx))
             for owner, attr in p.attrs:
                 setattr(owner, attr, int(kept.sum()))
             if p.edit is not None:
@@ -166,6 +187,8 @@ class Editor:
             if sum(1 for x in self.gm.graph.nodes if x.op == "call_module" and x.target == u.target) != 1:
                 return False
             m = submodule(self.gm, str(u.target))
+            if self.is_tied(m, "weight"):
+                return False  # scaling it would scale its other holders' use too
             if isinstance(m, nn.Linear) and dim == nd - 1 and m.in_features == len(f):
                 mods.append(m)
             elif isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and dim == 1 and \
@@ -193,6 +216,8 @@ class Editor:
         if sum(1 for x in self.gm.graph.nodes if x.op == "call_module" and x.target == n.target) != 1:
             return False  # a module called twice cannot be scaled for one of its calls
         m = submodule(self.gm, str(n.target))
+        if self.is_tied(m, "weight") or self.is_tied(m, "bias"):
+            return False  # scaling it would scale its other holders' use too
         nd = len(n.meta["shape"])
         if isinstance(m, (nn.ReLU, nn.LeakyReLU)) and bool((f > 0).all()):
             return self._fold_back(n.args[0], n, f, dim)

@@ -112,6 +112,17 @@ def linear_rule(ctx: RuleContext):
                    [(m, "weight", 0), *bias], [(m, "out_features")])
 
 
+def embedding_rule(ctx: RuleContext):
+    """Embedding / EmbeddingBag: each row of the table is a vector of fresh channels (the last
+    axis of the output); the integer input carries none. A max_norm table renormalises its rows
+    by their norm over every channel, so its channels stay."""
+    m = ctx.module
+    out = ctx.new_space(-1, params=[(m, "weight", 1)], attrs=[(m, "embedding_dim")])
+    if m.max_norm is not None:
+        ctx.freeze(out, f"{ctx.describe()} renormalises its rows (max_norm) over all their channels")
+    return out
+
+
 def bn_values(ctx: RuleContext, v: np.ndarray):
     m = ctx.module
     if m.running_mean is None or m.running_var is None:
@@ -176,6 +187,8 @@ def permute_module_rule(ctx: RuleContext):
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
     register_rule(_cls, conv_rule)
 register_rule(nn.Linear, linear_rule)
+register_rule(nn.Embedding, embedding_rule)
+register_rule(nn.EmbeddingBag, embedding_rule)
 register_rule(nn.modules.batchnorm._BatchNorm,
               channel_local(_BN_PARAMS, attrs=("num_features",), values=bn_values))
 register_rule(nn.modules.instancenorm._InstanceNorm,
