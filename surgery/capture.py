@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -25,7 +25,9 @@ from torch import nn
 from .copying import copy_module, copy_sharing_tensors, gc_paused
 from .errors import SurgeryError, TraceFailure, first_line
 from .graph import submodule
+from .inplace import rewrite_inplace
 from .shapes import annotate_shapes
+from .signature import TraceArguments, arguments_in_failure, bake, bind_arguments, control_flow_hint, shape_failure
 
 __all__ = ["capture", "surgery_meta", "as_inputs"]
 
@@ -58,16 +60,37 @@ _PLAIN_ARGS = frozenset({fx.Proxy, tuple, list, dict, int, float, bool, str, typ
 
 
 class _Tracer(fx.Tracer):
-    """An fx Tracer that keeps user/opaque leaves and remembers which module was being traced
-    when tracing failed (the innermost module on the call stack)."""
+    """An fx Tracer that keeps user/opaque leaves, traces the top-level forward's constant
+    arguments as constants (see :mod:`surgery.signature`), and remembers which module was being
+    traced when tracing failed (the innermost module on the call stack) and which proxies it
+    was asked to branch on."""
 
     # fx re-creates the tracer class with no arguments when a GraphModule is unpickled
-    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: set[str] | None = None):
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: set[str] | None = None,
+                 arguments: TraceArguments | None = None):
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names or set()
+        self.arguments = arguments
         self.stack: list[str] = []
         self.failure_stack: list[str] | None = None
+        self.branched_on: list[fx.Node] = []
+
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
+                             concrete_args: dict[str, Any] | tuple | None = None) -> tuple[Callable[..., Any], list]:
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if self.arguments is not None and self.arguments.constants:
+            args = bake(self, args, self.arguments)
+        return fn, args
+
+    # fx raises on both; the proxy tells which arguments the failure involves
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        self.branched_on.append(obj.node)
+        return super().to_bool(obj)
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        self.branched_on.append(obj.node)
+        return super().iter(obj)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -112,19 +135,24 @@ def _split_leaves(leaf_modules: Iterable[LeafSpec]) -> tuple[tuple[type, ...], s
     return tuple(types), names
 
 
-def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], concrete_args) -> tuple[fx.Graph, dict[str, str]]:
+def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceArguments | None
+           ) -> tuple[fx.Graph, dict[str, str]]:
     leaf_types, leaf_names = _split_leaves(leaf_modules)
     opaque: dict[str, str] = {}
     retries_left = None  # one retry per submodule at most (counted at the first failure)
     while retries_left is None or retries_left >= 0:
-        tracer = _Tracer(leaf_types, leaf_names | set(opaque))
+        tracer = _Tracer(leaf_types, leaf_names | set(opaque), arguments)
         try:
-            return tracer.trace(root, concrete_args), opaque
+            return tracer.trace(root, arguments.fx_concrete if arguments else None), opaque
         except Exception as e:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
             retries_left = (sum(1 for _ in root.modules()) if retries_left is None else retries_left) - 1
             culprit = (tracer.failure_stack or [""])[-1]
             if not culprit or culprit in opaque:
-                raise TraceFailure(type(root).__name__ if not culprit else culprit, e) from e
+                names = arguments_in_failure(getattr(tracer, "graph", None), e, tracer.branched_on)
+                failure = TraceFailure(type(root).__name__ if not culprit else culprit, e,
+                                       control_flow_hint(names, arguments))
+                failure.arguments = names  # for the shell's reason, should capture descend
+                raise failure from e
             # an opaque module hides its descendants: drop any of them recorded earlier
             opaque = {k: v for k, v in opaque.items() if not k.startswith(culprit + ".")}
             opaque[culprit] = first_line(e)
@@ -175,9 +203,9 @@ def _uncompiled_graph_module(root: nn.Module, graph: fx.Graph, class_name: str) 
     return gm
 
 
-def _graph_module(module: nn.Module, leaf_modules, concrete_args, code: bool = True
+def _graph_module(module: nn.Module, leaf_modules, arguments: TraceArguments | None, code: bool = True
                   ) -> tuple[fx.GraphModule, dict[str, str]]:
-    graph, opaque = _trace(module, leaf_modules, concrete_args)
+    graph, opaque = _trace(module, leaf_modules, arguments)
     if code:
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     else:
@@ -274,9 +302,14 @@ def capture(
         model: any nn.Module; it is never mutated (a deep copy is traced).
         example_inputs: a tensor or tuple of positional inputs. When given, every node is
             annotated with ``meta["shape"]`` and ``meta["dtype"]`` (see :func:`surgery.shapes.annotate_shapes`).
+            The forward's arguments they do not supply are traced at their default where that
+            is a constant (None, a number, a bool, a string, a tuple of those): ``if mask is not
+            None`` takes the default branch. Each keeps its placeholder, defaulting to that value
+            and guarded: the module raises when called with another (see :mod:`surgery.signature`).
         leaf_modules: module classes or qualified names to keep opaque (not traced into).
-        concrete_args: forwarded to ``torch.fx.Tracer.trace`` for arguments that steer
-            control flow.
+        concrete_args: argument name -> value to trace it at, for arguments that steer control
+            flow; wins over the example inputs and the defaults. Constants are traced as above;
+            anything else (``torch.fx.PH`` structures) goes to ``torch.fx.Tracer.trace``.
         descend: what to do when the top-level forward itself is data-dependent (detection
             and optical-flow models). True: keep that forward eager as a single node named
             ``model`` and trace each of its children instead (names gain the ``model.``
@@ -285,7 +318,9 @@ def capture(
     Submodules whose own forward cannot be traced are kept opaque automatically, listed in
     ``gm.meta["surgery"]["opaque"]`` (name -> reason) and reported in one warning. A top-level
     forward that cannot be traced raises :class:`TraceFailure` when ``descend=False`` or when
-    nothing beneath it can be traced either.
+    nothing beneath it can be traced either, naming the arguments its control flow depends on;
+    so does a forward argument without a default that the example inputs leave out. A failure
+    while recording shapes raises :class:`~surgery.errors.ShapePropagationFailure` naming the node and its module.
 
     ``_share_tensors`` is for :func:`surgery.compress` alone: the copy keeps these tensors of
     the caller's (its :func:`surgery.copying.shareable_tensors`), and compress clones whatever is
@@ -294,6 +329,8 @@ def capture(
     """
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"capture expects an nn.Module, got {type(model).__name__}")
+    inputs = as_inputs(example_inputs)
+    arguments = bind_arguments(model, inputs, concrete_args)  # before the copy: a wrong call fails fast
     try:
         root = copy_sharing_tensors(model, _share_tensors)[0] if _share_tensors is not None else copy_module(model)
     except Exception as e:
@@ -301,7 +338,7 @@ def capture(
                            "surgery never traces the caller's model in place") from e
     shell = False
     try:
-        gm, opaque = _graph_module(root, leaf_modules, concrete_args, code=_code)
+        gm, opaque = _graph_module(root, leaf_modules, arguments, code=_code)
     except TraceFailure as failure:
         if not descend:
             raise
@@ -310,15 +347,25 @@ def capture(
         if not any(isinstance(m, fx.GraphModule) for m in root.modules()):
             raise failure
         gm, shell = _shell(root), True
-        opaque = {"model": first_line(failure.fx_error) if isinstance(failure.fx_error, BaseException)
-                  else str(failure.fx_error), **{f"model.{k}": v for k, v in opaque.items()}}
+        reason = (first_line(failure.fx_error) if isinstance(failure.fx_error, BaseException)
+                  else str(failure.fx_error))
+        if getattr(failure, "arguments", None):  # the fix is the caller's: say which argument
+            reason += f"; {failure.hint}"
+        opaque = {"model": reason, **{f"model.{k}": v for k, v in opaque.items()}}
     meta = surgery_meta(gm)
-    meta.update(opaque=dict(opaque), class_name=type(model).__name__, shell=shell)
+    # the shell runs the eager forward, which takes every argument as it comes: nothing is constant
+    meta.update(opaque=dict(opaque), class_name=type(model).__name__, shell=shell,
+                constants={} if shell else dict(arguments.constants))
     if opaque:
         listing = "; ".join(f"{k} ({v})" for k, v in opaque.items())
         warnings.warn(f"surgery.capture({type(model).__name__}): kept {len(opaque)} module(s) opaque "
                       f"because their forward cannot be traced: {listing}", stacklevel=2)
-    inputs = as_inputs(example_inputs)
     if inputs is not None:
-        annotate_shapes(gm, inputs)
+        try:
+            annotate_shapes(gm, inputs)
+        except SurgeryError:
+            raise  # already names its culprit
+        except Exception as e:  # a raw TypeError at %mul_1 names neither the module nor the argument
+            raise shape_failure(gm, e, arguments) from e
+        rewrite_inplace(gm)  # needs the dtypes; see surgery.inplace
     return gm

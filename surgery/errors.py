@@ -31,6 +31,23 @@ class TraceFailure(SurgeryError):
         )
 
 
+class ShapePropagationFailure(TraceFailure):
+    """Running the captured graph on the example inputs (to record shapes) failed.
+
+    Names the node, the module it belongs to and the forward arguments that feed it; the
+    layer's own error is its ``__cause__``.
+    """
+
+    def __init__(self, module_path: str, node: str | None, error: BaseException, hint: str = ""):
+        self.module_path, self.node, self.fx_error = module_path, node, error
+        self.hint = hint or ("check the example inputs against what the forward expects; where the trace took "
+                             "a branch these inputs do not take, pass concrete_args= for the arguments that steer it")
+        text = str(error).split("\n\nWhile executing")[0].strip()
+        at = f" at node {node!r}" if node else ""
+        Exception.__init__(self, f"running the captured graph on the example inputs failed{at} in module "
+                                 f"{module_path!r}: {type(error).__name__}: {text}\n  try: {self.hint}")
+
+
 class SelectionError(SurgeryError):
     """A selector matched nothing (or something it must not)."""
 

@@ -295,8 +295,9 @@ def test_meta_shape_shortcuts_equal_the_real_run(monkeypatch):
 ])
 def test_meta_shape_shortcuts_leave_bad_input_to_the_layer(model, x, message, monkeypatch):
     devices = _runs_on(monkeypatch)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(surgery.ShapePropagationFailure, match=message) as info:
         surgery.capture(model, (x,))
+    assert isinstance(info.value.__cause__, RuntimeError)
     assert devices == ["meta", "cpu"]  # the shortcut declined, the layer failed on meta, the real run raised
 
 
