@@ -13,16 +13,19 @@ Example::
 from __future__ import annotations
 
 import heapq
+import inspect
 import operator
 from typing import Any, Callable, Iterable
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import SurgeryError
 
 __all__ = ["insert_after", "replace_node", "extract", "unique_name", "finish", "submodule", "drop_dead_nodes",
-           "drop_unused_submodules"]
+           "drop_unused_submodules", "inplace_kind", "inplace_flag", "IN_PLACE_OPERATORS"]
 
 
 def submodule(root: nn.Module, target: str) -> nn.Module:
@@ -52,10 +55,56 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
 def drop_dead_nodes(graph: fx.Graph) -> None:
     """``graph.eliminate_dead_code()`` without its lint (whoever edits the graph lints it once at
     the end, see :func:`finish`), and asking ``Node.is_impure`` only of nodes without users:
-    the question looks up the module of every call_module node, which was most of the cost."""
+    the question looks up the module of every call_module node, which was most of the cost.
+    An in-place op is never dead (``x.mul_(2)`` has no users and changes ``x``), whatever fx says."""
+    gm = graph.owning_module
     for node in reversed(graph.nodes):
-        if not node.users and node.op not in ("placeholder", "output") and not node.is_impure():
+        if not node.users and node.op not in ("placeholder", "output") and not node.is_impure() and \
+                inplace_kind(gm, node) is None:
             graph.erase_node(node)
+
+
+# ``x += y`` on a tensor changes x; the out-of-place operator computes the same value
+IN_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                      operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
+                      operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
+                      operator.irshift: operator.rshift, operator.imatmul: operator.matmul}
+# methods ending in "_" that change no value
+_NOT_MUTATING = {"requires_grad_", "share_memory_", "detach_", "retain_grad_"}
+
+
+def inplace_flag(fn: Any, node: fx.Node) -> inspect.BoundArguments | None:
+    """The bound arguments of a functional call made with ``inplace=True``."""
+    try:
+        bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return None
+    return bound if bound.arguments.get("inplace") is True else None
+
+
+def inplace_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """How `node` changes its first argument in place ("method", "operator", "function",
+    "flag", "module"), or None when it does not."""
+    if node.op == "call_method":
+        t = node.target
+        return "method" if t.endswith("_") and not t.endswith("__") and t not in _NOT_MUTATING else None
+    if node.op == "call_function":
+        fn = node.target
+        if fn in IN_PLACE_OPERATORS:
+            return "operator" if node.args and isinstance(node.args[0], fx.Node) and \
+                isinstance(node.args[0].meta.get("shape"), torch.Size) else None
+        name = getattr(fn, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and (getattr(torch, name, None) is fn or
+                                                               getattr(F, name, None) is fn):
+            return "function"
+        # F.relu(x, inplace=True) and friends (a signature look-up only where it can matter)
+        if getattr(fn, "__module__", "") == "torch.nn.functional" and ("inplace" in node.kwargs or len(node.args) > 1):
+            return "flag" if inplace_flag(fn, node) is not None else None
+        return None
+    if node.op == "call_module":
+        return "module" if getattr(submodule(gm, str(node.target)), "inplace", False) is True else None
+    return None
 
 
 def drop_unused_submodules(gm: fx.GraphModule) -> None:
