@@ -12,8 +12,8 @@ from . import graph
 from .activations import activation_memory, activation_sparsity, harden
 from .capture import capture
 from .channels import RULES, ChannelGroup, channel_groups, group_of, register_rule
-from .errors import (ConfigError, ExportFailure, SelectionError, ShapePropagationFailure, ShrinkMismatch, SurgeryError,
-                     TraceFailure, UnsafeFile)
+from .errors import (BadModelFile, ConfigError, ExportFailure, SelectionError, ShapePropagationFailure, ShrinkMismatch,
+                     SurgeryError, TraceFailure, UnsafeFile)
 from .io import export, load, load_model_file, load_torchscript, save, summary
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
@@ -37,5 +37,6 @@ __all__ = [
     # inspection
     "summary", "load_model_file",
     # errors
-    "SurgeryError", "TraceFailure", "ShapePropagationFailure", "SelectionError", "ConfigError", "ShrinkMismatch", "UnsafeFile", "ExportFailure",
+    "SurgeryError", "TraceFailure", "ShapePropagationFailure", "SelectionError", "ConfigError", "ShrinkMismatch",
+    "BadModelFile", "UnsafeFile", "ExportFailure",
 ]

@@ -1,6 +1,7 @@
 """Errors raised by surgery. Every error names its culprit: a module path, a node, a file."""
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 
@@ -85,6 +86,14 @@ class ShrinkMismatch(SurgeryError):
         if detail:
             msg += f" ({detail})"
         super().__init__(msg)
+
+
+class BadModelFile(SurgeryError):
+    """A file that is missing, not a regular file, empty, truncated, corrupt or holds no model."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{self.path}: {problem}")
 
 
 class UnsafeFile(SurgeryError):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.errors import SurgeryError, UnsafeFile
-from surgery.io.files import BadModelFile, load_model_file
+from surgery.errors import BadModelFile, SurgeryError, UnsafeFile
+from surgery.io.files import load_model_file
 from surgery.io.inspect import parse_shapes, summary
 
 

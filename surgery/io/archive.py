@@ -9,8 +9,11 @@ The header lists each tensor: name, dtype, shape, encoding and its sections as
 (offset, length, crc32). Encodings: ``raw`` (the tensor's bytes), ``sparse`` (bit-packed
 relative indices + the non-zero values), ``shared`` (optional relative indices + bit-packed
 cluster indices + codebook). Each tensor takes the smallest that applies; every value is
-stored as its bit pattern, so loading is bit-exact. A truncated or corrupted file raises
-SurgeryError naming the file and the damaged part.
+stored as its bit pattern, so loading is bit-exact.
+
+Loading trusts nothing in the file: it refuses anything but a regular file, and checks every
+header field (type, range, agreement with the data section) before it sizes an allocation or
+indexes anything; a damaged file raises :class:`BadModelFile` naming the file and the part.
 
 Example::
 
@@ -28,34 +31,68 @@ import copy
 import json
 import math
 import os
+import stat
 import struct
 import zlib
 from collections import OrderedDict
-from typing import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import SurgeryError
-from ..weights.storage import (_gaps, _INT_VIEW, best_index_bits, bit_view, pack_bits, positions_from_codes,
-                               relative_codes, unpack_bits)
+from ..errors import BadModelFile, ConfigError, SurgeryError, first_line
+from ..weights.storage import (_gaps, _int_in, _INT_VIEW, best_index_bits, bit_view, pack_bits,
+                               positions_in_steps, relative_codes, section_lengths, unpack_bits)
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "regular_file", "EXPAND_FLOOR", "EXPAND_RATIO"]
 
 MAGIC = b"SURGERY\x01"
 TRAILER = b"\x01YREGRUS"
 VERSION = 1
 _MAX_CODEBOOK = 1 << 16
+EXPAND_FLOOR = 1 << 30   # max_bytes="auto": sparse/shared tensors may expand to max(1 GiB, ...
+EXPAND_RATIO = 64        # ... 64 x the file's size) in total
+_STEP = 1 << 18          # positions decoded per step: the index arrays stay small whatever the header claims
+_DTYPES = {n: getattr(torch, n) for n in ("bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 "
+           "bfloat16 float32 float64 complex32 complex64 complex128 float8_e4m3fn float8_e5m2 float8_e4m3fnuz "
+           "float8_e5m2fnuz").split() if isinstance(getattr(torch, n, None), torch.dtype)}  # what save writes
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def regular_file(path: str | os.PathLike, fd: int | None = None) -> os.stat_result:
+    """The stat of `path` (symlinks followed; of the open `fd` when given) if it is a regular file,
+    else BadModelFile ("PATH: is a FIFO, not a regular file"). Loaders call it before opening a
+    file: opening a FIFO blocks until someone writes to it, and /dev/zero never ends."""
+    try:
+        st = os.fstat(fd) if fd is not None else os.stat(path)
+    except OSError as e:
+        why = "no such file" if isinstance(e, FileNotFoundError) else e.strerror or first_line(e)
+        why = "a broken symbolic link" if isinstance(e, FileNotFoundError) and os.path.islink(path) else why
+        raise BadModelFile(path, f"cannot read ({why})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
+        raise BadModelFile(path, f"is {kind}, not a regular file")
+    return st
+
+
+def _alloc(count: int, dtype: torch.dtype, kind: str) -> Tensor:
+    """Every allocation whose size comes from the file, once checked: `kind` ``file`` (its bytes),
+    ``copy`` (a section's bytes: sections may not overlap, so these add up to at most the file) or
+    ``expand`` (a sparse/shared tensor's dense size: max_bytes). The fuzz tests record these."""
+    try:
+        return torch.empty(count, dtype=dtype)
+    except RuntimeError as e:  # torch reports a failed allocation as a RuntimeError
+        raise MemoryError(first_line(e)) from None
 
 
 def _raw(t: Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _from_raw(buf: bytes, dtype: torch.dtype, count: int) -> Tensor:
-    if count == 0:
-        return torch.zeros(0, dtype=dtype)
-    return torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(dtype)[:count].clone()
 
 
 def _encode(t: Tensor, compact: bool) -> tuple[str, dict, dict[str, bytes]]:
@@ -89,32 +126,6 @@ def _encode(t: Tensor, compact: bool) -> tuple[str, dict, dict[str, bytes]]:
     return best
 
 
-def _decode(enc: str, p: dict, sec: dict[str, bytes], dtype: torch.dtype, shape: list[int]) -> Tensor:
-    numel = math.prod(shape)
-    if enc == "raw":
-        return _from_raw(sec["data"], dtype, numel).reshape(shape)
-    iv = _INT_VIEW[dtype]
-    if "index_bits" in p:
-        positions = positions_from_codes(unpack_bits(sec["pos"], p["entries"], p["index_bits"]), p["index_bits"])
-    else:
-        positions = torch.arange(numel)
-    if len(positions) != p["nnz"] or (len(positions) and int(positions[-1]) >= numel):
-        raise ValueError("relative indices do not match the tensor's size")
-    if enc == "sparse":
-        vals = _from_raw(sec["values"], dtype, p["nnz"]).view(iv)
-    elif enc == "shared":
-        book = _from_raw(sec["codebook"], dtype, p["clusters"]).view(iv)
-        idx = unpack_bits(sec["idx"], p["nnz"], p["cluster_bits"])
-        if len(idx) and int(idx.max()) >= len(book):
-            raise ValueError("cluster index outside the codebook")
-        vals = book[idx]
-    else:
-        raise ValueError(f"unknown encoding {enc!r}")
-    out = torch.zeros(numel, dtype=iv)
-    out[positions] = vals
-    return out.view(dtype).reshape(shape)
-
-
 def save(model: nn.Module | Mapping[str, Tensor], path: str | os.PathLike, compact: bool = True) -> None:
     """Write `model`'s state_dict (or a dict of tensors) to `path` as a surgery archive.
 
@@ -146,60 +157,229 @@ def save(model: nn.Module | Mapping[str, Tensor], path: str | os.PathLike, compa
     os.replace(tmp, path)
 
 
-def _dtype(name: str, path: str, tensor: str) -> torch.dtype:
-    dt = getattr(torch, str(name), None)
-    if not isinstance(dt, torch.dtype):
-        raise SurgeryError(f"{path}: corrupt archive: tensor {tensor!r} has unknown dtype {name!r}")
-    return dt
+# ---------------------------------------------------------------- loading: every claim checked first
+
+@dataclass
+class _Entry:
+    """A checked header record; its sections are views of the file's bytes."""
+
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    numel: int
+    encoding: str
+    params: dict[str, int]
+    sections: dict[str, np.ndarray]
+    spans: list[tuple[int, int, str]]  # (start, end, section) in the data section
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> "OrderedDict[str, Tensor] | nn.Module":
-    """Read a surgery archive: the tensors by name, bit-exact; with `model`, a copy of it with
-    those tensors loaded (strictly). Raises SurgeryError on a truncated or corrupted file."""
-    path = os.fspath(path)
+_MAX_NUMEL = (1 << 63) - 1  # torch indexes elements with int64
+
+
+def _show(v: object) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _human(n: int) -> str:
+    unit = next(((u, k) for u, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)) if n >= k), None)
+    return f"{n:,} bytes" if unit is None else f"{n / unit[1]:.3g} {unit[0]} ({n:,} bytes)"
+
+
+def _corrupt(path: str, problem: str, tensor: str | None = None) -> BadModelFile:
+    return BadModelFile(path, f"corrupt archive: {'' if tensor is None else f'tensor {tensor!r}: '}{problem}")
+
+
+def _read(path: str) -> np.ndarray:
+    """The file's bytes. Refuses a non-regular file before opening it, and again on the open
+    descriptor (opened non-blocking, so a path swapped for a FIFO in between cannot hang us)."""
+    regular_file(path)
     try:
-        with open(path, "rb") as f:
-            blob = f.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
-        raise SurgeryError(f"{path}: cannot read the archive: {e}") from e
-    fixed = len(MAGIC) + 12
-    if len(blob) < fixed or blob[:len(MAGIC)] != MAGIC:
-        what = "too short to be" if len(blob) < fixed and MAGIC.startswith(blob[:len(MAGIC)]) else "not"
-        raise SurgeryError(f"{path}: {what} a surgery archive (expected it to start with {MAGIC!r})")
-    hlen, hcrc = struct.unpack("<QI", blob[len(MAGIC):fixed])
-    header_bytes = blob[fixed:fixed + hlen]
-    if len(header_bytes) < hlen:
-        raise SurgeryError(f"{path}: truncated archive: the header needs {hlen} bytes, the file holds "
-                           f"{len(header_bytes)} after the preamble")
-    if zlib.crc32(header_bytes) != hcrc:
-        raise SurgeryError(f"{path}: corrupt archive: header checksum mismatch")
-    try:
-        header = json.loads(header_bytes)
-        tensors, data_bytes = header["tensors"], int(header["data_bytes"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise SurgeryError(f"{path}: corrupt archive: unreadable header ({e})") from e
-    if header.get("version") != VERSION:
-        raise SurgeryError(f"{path}: archive version {header.get('version')} is not supported (this is {VERSION})")
-    data = memoryview(blob)[fixed + hlen:]
-    if len(data) != data_bytes + len(TRAILER) or bytes(data[data_bytes:]) != TRAILER:
-        raise SurgeryError(f"{path}: truncated or damaged archive: expected {data_bytes + len(TRAILER)} bytes "
-                           f"after the header, found {len(data)}")
-    out: OrderedDict[str, Tensor] = OrderedDict()
-    for entry in tensors:
-        name = entry.get("name", "?")
-        secs = {}
-        for key, (off, length, crc) in entry["sections"].items():
-            chunk = bytes(data[off:off + length])
-            if len(chunk) != length or zlib.crc32(chunk) != crc:
-                raise SurgeryError(f"{path}: corrupt archive: checksum mismatch in section {key!r} of tensor {name!r}")
-            secs[key] = chunk
+        raise BadModelFile(path, f"cannot read ({e.strerror or first_line(e)})") from None
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        buf = _alloc(regular_file(path, f.fileno()).st_size, torch.uint8, "file").numpy()
+        got, view = 0, memoryview(buf)
         try:
-            out[name] = _decode(entry["encoding"], entry["params"], secs,
-                                _dtype(entry["dtype"], path, name), list(entry["shape"]))
-        except SurgeryError:
-            raise
-        except Exception as e:  # consistent checksums but inconsistent contents: still a bad file
-            raise SurgeryError(f"{path}: corrupt archive: tensor {name!r} cannot be decoded ({e})") from e
+            while got < len(buf) and (n := f.readinto(view[got:])):
+                got += n
+            grew = f.read(1)
+        except OSError as e:
+            raise BadModelFile(path, f"cannot read ({e.strerror or first_line(e)})") from None
+    if got != len(buf) or grew:
+        raise BadModelFile(path, "changed while it was being read")
+    return buf
+
+
+def _header(path: str, buf: np.ndarray) -> tuple[list, np.ndarray]:
+    """The header's tensor records and the data section (a view of `buf`), once the preamble,
+    the header's checksum, its top-level fields and the trailer are checked."""
+    fixed = len(MAGIC) + 12
+    if len(buf) < fixed or bytes(buf[:len(MAGIC)]) != MAGIC:
+        what = "too short to be" if len(buf) < fixed and MAGIC.startswith(bytes(buf[:len(MAGIC)])) else "not"
+        raise BadModelFile(path, f"{what} a surgery archive (expected it to start with {MAGIC!r})")
+    hlen, hcrc = struct.unpack("<QI", bytes(buf[len(MAGIC):fixed]))
+    if hlen > len(buf) - fixed:
+        raise BadModelFile(path, f"truncated archive: the header needs {hlen} bytes, the file holds "
+                                 f"{len(buf) - fixed} after the preamble")
+    text = buf[fixed:fixed + hlen]
+    if zlib.crc32(text) != hcrc:
+        raise _corrupt(path, "header checksum mismatch")
+    try:
+        header = json.loads(str(text, "utf-8"))
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
+        raise _corrupt(path, f"unreadable header ({first_line(e)})") from None
+    if isinstance(header, dict) and not _int_in(header.get("version"), VERSION, VERSION):
+        raise BadModelFile(path, f"archive version {_show(header.get('version'))} is not supported "
+                                 f"(this is {VERSION})")
+    if (not isinstance(header, dict) or set(header) != {"format", "version", "data_bytes", "tensors"}
+            or header["format"] != "surgery-archive"
+            or not _int_in(header["data_bytes"], 0) or not isinstance(header["tensors"], list)):
+        raise _corrupt(path, "the header needs exactly format 'surgery-archive', version, data_bytes (an int) "
+                             f"and tensors (a list); it has {_show(header)}")
+    data, size = buf[fixed + hlen:], header["data_bytes"]
+    if len(data) != size + len(TRAILER) or bytes(data[size:]) != TRAILER:
+        raise BadModelFile(path, f"truncated or damaged archive: expected {size + len(TRAILER)} bytes "
+                                 f"after the header, found {len(data)}")
+    return header["tensors"], data[:size]
+
+
+def _check_entry(path: str, e: object, data: np.ndarray) -> _Entry:
+    """One tensor record with every field checked (type, range, agreement with the other fields
+    and with the data section, checksums) before any of it sizes an allocation."""
+    fields = {"name", "dtype", "shape", "encoding", "params", "sections"}
+    if not isinstance(e, dict) or set(e) != fields or not isinstance(e["name"], str):
+        raise _corrupt(path, f"a tensor record needs exactly {sorted(fields)} (name a string), not {_show(e)}")
+    name, shape, enc, secs = e["name"], e["shape"], e["encoding"], e["sections"]
+    bad = partial(_corrupt, path, tensor=name)
+    dtype = _DTYPES.get(e["dtype"]) if isinstance(e["dtype"], str) else None
+    if dtype is None:
+        raise bad(f"unknown dtype {_show(e['dtype'])}")
+    if not isinstance(shape, list) or not all(_int_in(d, 0) for d in shape):
+        raise bad(f"shape {_show(shape)} is not a list of non-negative integers")
+    numel = 0 if 0 in shape else 1
+    for d in shape if numel else ():  # stops as soon as the product is past any real tensor
+        if (numel := numel * d) > _MAX_NUMEL:
+            raise bad(f"shape {_show(shape)} has more elements than torch can index")
+    try:
+        want = section_lengths(enc, e["params"], numel, dtype)
+    except ValueError as err:
+        raise bad(str(err)) from None
+    if not isinstance(secs, dict) or set(secs) != set(want):
+        raise bad(f"{enc} encoding needs sections {sorted(want)}, not {_show(secs)}")
+    views, spans = {}, []
+    for key, length in want.items():
+        s = secs[key]
+        if not (isinstance(s, list) and len(s) == 3 and _int_in(s[0], 0) and _int_in(s[1], 0)
+                and _int_in(s[2], 0, 0xFFFFFFFF)):
+            raise bad(f"section {key!r} is {_show(s)}, not [offset, length, crc32]")
+        off, n, crc = s
+        if n != length:
+            raise bad(f"section {key!r} holds {n} bytes; its shape, dtype and params need {length}")
+        if off + n > len(data):
+            raise bad(f"section {key!r} ends at byte {off + n} of a {len(data)}-byte data section")
+        views[key] = data[off:off + n]
+        if zlib.crc32(views[key]) != crc:
+            raise bad(f"checksum mismatch in section {key!r}")
+        spans.append((off, off + n, key))
+    return _Entry(name, dtype, shape, numel, enc, dict(e["params"]), views, spans)
+
+
+def _check_layout(path: str, entries: list[_Entry], data_bytes: int) -> None:
+    """Sections tile the data section: none overlaps another (so the copies made while loading
+    add up to at most the file's size) and no byte belongs to no tensor (nothing ignored)."""
+    spans = sorted((a, b, ent.name, key) for ent in entries for a, b, key in ent.spans if b > a)
+    for (_, end, name, key), (start, _, name2, key2) in zip(spans, spans[1:]):
+        if start < end:
+            raise _corrupt(path, f"section {key2!r} of tensor {name2!r} overlaps section {key!r} of tensor {name!r}")
+    covered = sum(b - a for a, b, _, _ in spans)
+    if covered != data_bytes:
+        raise _corrupt(path, f"{data_bytes - covered} bytes of the data section belong to no tensor")
+
+
+def _copy(view: np.ndarray, dtype: torch.dtype) -> Tensor:
+    """A section's bytes as a tensor of `dtype` (its length was checked against the header)."""
+    out = _alloc(len(view), torch.uint8, "copy")
+    out.copy_(torch.from_numpy(view))
+    return out.view(dtype)
+
+
+def _decode(ent: _Entry) -> Tensor:
+    if ent.encoding == "raw":
+        t = _copy(ent.sections["data"], ent.dtype)
+        if ent.dtype == torch.bool and bool((t.view(torch.uint8) > 1).any()):
+            raise ValueError("a bool tensor holds bytes other than 0 and 1")
+        return t.reshape(ent.shape)
+    p, iv = ent.params, _INT_VIEW[ent.dtype]
+    values = _copy(ent.sections["values" if ent.encoding == "sparse" else "codebook"], iv)
+    out, done = _alloc(ent.numel, iv, "expand").zero_(), 0
+    if "entries" in p:
+        steps = positions_in_steps(ent.sections["pos"], p["entries"], p["index_bits"], ent.numel, _STEP)
+    else:  # every element is a value (nnz == numel was checked)
+        steps = (torch.arange(s, min(s + _STEP, ent.numel)) for s in range(0, ent.numel, _STEP))
+    for pos in steps:
+        n = len(pos)
+        if done + n > p["nnz"]:
+            raise ValueError(f"more relative indices than the {p['nnz']} values")
+        if ent.encoding == "sparse":
+            out[pos] = values[done:done + n]
+        else:
+            idx = unpack_bits(ent.sections["idx"], n, p["cluster_bits"], start=done)
+            if n and int(idx.max()) >= len(values):
+                raise ValueError(f"cluster index {int(idx.max())} outside the {len(values)}-entry codebook")
+            out[pos] = values[idx]
+        done += n
+    if done != p["nnz"]:
+        raise ValueError(f"{done} relative indices for {p['nnz']} values")
+    return out.view(ent.dtype).reshape(ent.shape)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None, *,
+         max_bytes: int | None | Literal["auto"] = "auto") -> "OrderedDict[str, Tensor] | nn.Module":
+    """Read a surgery archive: the tensors by name, bit-exact; with `model`, a copy of it with
+    those tensors loaded (strictly).
+
+    `max_bytes` caps the bytes the sparse and shared tensors may expand to, in total: their dense
+    size is the one claim the file cannot bound (an all-zero tensor takes no bytes), so without
+    a cap a 300-byte file could ask for any amount of memory. ``"auto"``: max(1 GiB, 64 x the
+    file's size); an int: that many bytes; ``None``: no limit, for files you trust.
+
+    Raises BadModelFile (names the file and the damaged part) for anything but a regular file
+    and for unreadable, truncated or corrupt archives; SurgeryError when the tensors would expand
+    past `max_bytes` (names the tensor, its size and how to raise the limit) or do not fit `model`.
+    """
+    if not (max_bytes is None or max_bytes == "auto" or _int_in(max_bytes, 0)):
+        raise ConfigError("surgery.load", "max_bytes", max_bytes, "an int >= 0, 'auto' or None (no limit)")
+    path = os.fspath(path)
+    buf = _read(path)
+    limit = max(EXPAND_FLOOR, EXPAND_RATIO * len(buf)) if max_bytes == "auto" else max_bytes
+    records, data = _header(path, buf)
+    entries: list[_Entry] = []
+    names, expand = set(), 0
+    for record in records:
+        ent = _check_entry(path, record, data)
+        if ent.name in names:
+            raise _corrupt(path, "two tensors have this name", ent.name)
+        names.add(ent.name)
+        size = ent.numel * ent.dtype.itemsize
+        expand += size if ent.encoding != "raw" else 0
+        if ent.encoding != "raw" and limit is not None and expand > limit:
+            before = f", {_human(expand)} with the tensors before it" if expand > size else ""
+            raise SurgeryError(f"{path}: tensor {ent.name!r} ({ent.encoding}, shape {_show(ent.shape)}) expands to "
+                               f"{_human(size)}{before}, past the limit of {_human(limit)} (max_bytes={max_bytes!r}); "
+                               "if you trust this file, pass surgery.load(..., max_bytes=N) or max_bytes=None")
+        entries.append(ent)
+    _check_layout(path, entries, len(data))
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    for ent in entries:
+        try:
+            out[ent.name] = _decode(ent)
+        except MemoryError:
+            raise SurgeryError(f"{path}: tensor {ent.name!r}: not enough memory to expand it to "
+                               f"{_human(ent.numel * ent.dtype.itemsize)}") from None
+        except Exception as e:  # sizes and checksums agree but the contents do not: still a bad file
+            raise _corrupt(path, f"cannot be decoded ({first_line(e)})", ent.name) from None
     if model is None:
         return out
     loaded = copy.deepcopy(model)

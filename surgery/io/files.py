@@ -27,22 +27,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import SurgeryError, UnsafeFile, first_line
+from ..errors import BadModelFile, SurgeryError, UnsafeFile, first_line
+from .archive import load as load_archive
+from .archive import regular_file
 
-__all__ = ["BadModelFile", "LoadedModel", "load_model_file"]
+__all__ = ["LoadedModel", "load_model_file"]
 
 # keys under which training checkpoints commonly nest their state_dict
 # a compact archive (surgery.save) starts with b"SURGERY" and a format version byte
 COMPACT_MAGIC = b"SURGERY"
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "weights", "net")
-
-
-class BadModelFile(SurgeryError):
-    """A file that is missing, empty, truncated, corrupt or holds no model."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path, self.problem = str(path), problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 @dataclass
@@ -69,15 +63,6 @@ def _zip_kind(path: Path) -> str:
     if "data.pkl" in tails:
         return "torch"
     return "zip"
-
-
-def _compact_loader():
-    """surgery.load, when this build has compact archives (surgery/io/archive.py)."""
-    try:
-        from .archive import load
-    except ImportError:
-        return None
-    return load
 
 
 def _state_dict_in(obj: Any) -> tuple[dict | None, str]:
@@ -146,14 +131,13 @@ def load_model_file(path: str | os.PathLike, trust: bool = False) -> LoadedModel
     """Open `path` and return what it holds, never running an untrusted pickle's code.
 
     Raises:
-        BadModelFile: missing, a directory, empty, truncated, corrupt, or not a model.
+        BadModelFile: missing, not a regular file (a directory, a FIFO, a device: refused before
+            opening, as reading one would hang), empty, truncated, corrupt, or not a model.
         UnsafeFile: a pickled module (or any pickle needing code) and ``trust=False``.
+        SurgeryError: a compact archive whose tensors expand past surgery.load's default limit.
     """
     p = Path(path)
-    if not p.exists():
-        raise BadModelFile(p, "no such file")
-    if p.is_dir():
-        raise BadModelFile(p, "is a directory, not a model file")
+    regular_file(p)
     try:
         with open(p, "rb") as f:
             head = f.read(8)
@@ -162,7 +146,7 @@ def load_model_file(path: str | os.PathLike, trust: bool = False) -> LoadedModel
     if not head:
         raise BadModelFile(p, "empty file (0 bytes)")
     if head.startswith(COMPACT_MAGIC):
-        return _load_compact(p, _compact_loader())
+        return _load_compact(p)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         kind = _zip_kind(p)
         if kind == "torchscript":
@@ -181,15 +165,13 @@ def load_model_file(path: str | os.PathLike, trust: bool = False) -> LoadedModel
                           "(state_dict or pickled module) or a surgery compact archive")
 
 
-def _load_compact(p: Path, load) -> LoadedModel:
-    if load is None:
-        raise BadModelFile(p, "a surgery compact archive, but this build has no surgery.load")
+def _load_compact(p: Path) -> LoadedModel:
     try:
-        obj = load(str(p))
-    except SurgeryError as e:
-        msg = str(e).splitlines()[0]
-        msg = msg[len(str(p)) + 2:] if msg.startswith(f"{p}: ") else msg
-        raise BadModelFile(p, f"truncated or corrupt compact archive ({msg})") from None
+        obj = load_archive(str(p))
+    except BadModelFile as e:
+        raise BadModelFile(p, f"truncated or corrupt compact archive ({e.problem})") from None
+    except SurgeryError:  # past the expansion limit: its message names the file, tensor and fix
+        raise
     except Exception as e:
         raise BadModelFile(p, f"truncated or corrupt compact archive ({first_line(e)})") from None
     if isinstance(obj, nn.Module):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from .tensors import WeightParametrization, finalize
 
 __all__ = ["compressed_size", "SizeReport", "TensorSize", "huffman_lengths", "pack_bits", "unpack_bits",
-           "relative_codes", "positions_from_codes", "bit_view", "STAGES"]
+           "relative_codes", "positions_from_codes", "positions_in_steps", "section_lengths", "bit_view",
+           "STAGES"]
 
 STAGES = ("dense", "sparse", "shared", "huffman")
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
@@ -58,18 +59,25 @@ def pack_bits(values: Tensor, bits: int) -> bytes:
     return b"".join(out)
 
 
-def unpack_bits(buf: bytes, count: int, bits: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: `count` integers of `bits` bits each."""
+def unpack_bits(buf: bytes | np.ndarray, count: int, bits: int, start: int = 0) -> Tensor:
+    """Inverse of :func:`pack_bits`: `count` integers of `bits` bits each, from the `start`-th on.
+    Raises ValueError when `buf` is too short to hold them: a damaged stream is never read past
+    its end, and its counts never size an allocation `buf` cannot back."""
     raw = np.frombuffer(buf, dtype=np.uint8)
+    if count < 0 or start < 0 or not 1 <= bits <= 63 or len(raw) * 8 < (start + count) * bits:
+        raise ValueError(f"a packed stream of {len(raw)} bytes does not hold {bits}-bit values "
+                         f"{start}..{start + count}")
+    first = start - start % (8 // math.gcd(bits, 8))  # the nearest value before `start` that begins on a byte
+    raw, skip, count = raw[first * bits // 8:], start - first, count + start - first
     weights = (1 << np.arange(bits, dtype=np.int64))
     parts = []
     per_chunk = _CHUNK * bits // 8
     for i in range(0, count, _CHUNK):
         n = min(_CHUNK, count - i)
-        start = (i // _CHUNK) * per_chunk
-        bitvec = np.unpackbits(raw[start:start + (n * bits + 7) // 8], bitorder="little")[:n * bits]
+        begin = (i // _CHUNK) * per_chunk
+        bitvec = np.unpackbits(raw[begin:begin + (n * bits + 7) // 8], bitorder="little")[:n * bits]
         parts.append(bitvec.reshape(n, bits).astype(np.int64) @ weights)
-    return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
+    return torch.from_numpy(np.concatenate(parts)[skip:]) if parts else torch.zeros(0, dtype=torch.long)
 
 
 # ---------------------------------------------------------------- relative indices
@@ -98,6 +106,25 @@ def positions_from_codes(codes: Tensor, bits: int) -> Tensor:
     return (torch.cumsum(step, 0) - 1)[real]
 
 
+def positions_in_steps(buf: bytes | np.ndarray, entries: int, bits: int, numel: int,
+                       step: int = 1 << 15) -> Iterator[Tensor]:
+    """The positions a packed stream of `entries` relative-index codes stands for, `step` codes
+    at a time, so the index arrays stay small however long the stream is. Raises ValueError when
+    the positions run past `numel` or the stream ends with skips that lead to no value."""
+    base, last = 0, -1
+    for s in range(0, entries, step):
+        codes = unpack_bits(buf, min(step, entries - s), bits, start=s)
+        # a sentinel code 0 ("gap 1, then a value") lands on the first position after these codes
+        rel = positions_from_codes(torch.cat([codes, codes.new_zeros(1)]), bits)
+        pos, base = rel[:-1] + base, base + int(rel[-1])
+        if base > numel:
+            raise ValueError(f"relative indices run past the tensor's {numel} elements")
+        last = int(pos[-1]) if len(pos) else last
+        yield pos
+    if base != last + 1:
+        raise ValueError("relative indices end with skips that lead to no value")
+
+
 def _code_counts(gaps: Tensor, bits: int) -> tuple[int, Tensor]:
     """(stream length, symbol histogram) of the code stream, without building it."""
     m = (1 << bits) - 1
@@ -117,6 +144,52 @@ def best_index_bits(gaps: Tensor, max_bits: int = 16) -> int:
         if best is None or total < best:
             best, best_b = total, b
     return best_b
+
+
+# ---------------------------------------------------------------- the archive's encodings, checked
+_PARAMS = {"raw": ((), ()), "sparse": (("nnz",), ("index_bits", "entries")),
+           "shared": (("nnz", "cluster_bits", "clusters"), ("index_bits", "entries"))}
+_RANGE = {"nnz": (0, None), "entries": (0, None), "index_bits": (1, 32), "cluster_bits": (1, 16),
+          "clusters": (1, _MAX_SHARED)}
+
+
+def _int_in(v: object, lo: int, hi: int | None = None) -> bool:
+    """`v` is an int (not a bool) in lo..hi."""
+    return type(v) is int and v >= lo and (hi is None or v <= hi)
+
+
+def section_lengths(encoding: str, params: object, numel: int, dtype: torch.dtype) -> dict[str, int]:
+    """The exact byte length of each section of a `numel`-element tensor that the compact archive
+    stores as `encoding` (raw, sparse or shared) with `params`, once every param is checked: its
+    type and range, and that they agree (nnz <= entries <= numel, clusters fit cluster_bits).
+    Raises ValueError naming the wrong claim; computes, never allocates."""
+    if encoding not in _PARAMS:
+        raise ValueError(f"unknown encoding {encoding!r}"[:80])
+    need, opt = _PARAMS[encoding]
+    p = params if isinstance(params, dict) else {}
+    if (p is not params or not set(need) <= set(p) <= {*need, *opt}
+            or ("index_bits" in p) != ("entries" in p)):
+        raise ValueError(f"{encoding} encoding needs params {list(need)} (and index_bits with entries, or "
+                         f"neither), not {params!r}"[:200])
+    for k, v in p.items():
+        if not _int_in(v, *_RANGE[k]):
+            raise ValueError(f"{k} = {v!r} is out of range {_RANGE[k]}"[:120])
+    item = dtype.itemsize
+    if encoding == "raw":
+        return {"data": numel * item}
+    if dtype not in _INT_VIEW:
+        raise ValueError(f"{encoding} encoding is for floating tensors, not {dtype}")
+    nnz, entries = p["nnz"], p.get("entries")
+    if nnz > numel or (entries is not None and not nnz <= entries <= numel):
+        raise ValueError(f"{nnz} values ({entries} relative indices) in {numel} elements")
+    if entries is None and nnz != numel:
+        raise ValueError(f"without relative indices every element is a value, but nnz is {nnz}, not {numel}")
+    out = {} if entries is None else {"pos": (entries * p["index_bits"] + 7) // 8}
+    if encoding == "sparse":
+        return {**out, "values": nnz * item}
+    if p["clusters"] > 1 << p["cluster_bits"]:
+        raise ValueError(f"{p['clusters']} clusters do not fit {p['cluster_bits']}-bit cluster indices")
+    return {**out, "idx": (nnz * p["cluster_bits"] + 7) // 8, "codebook": p["clusters"] * item}
 
 
 # ---------------------------------------------------------------- Huffman
