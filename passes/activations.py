@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -68,12 +68,13 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from surgery.activations.memory import saved_tensors_hooks
-from surgery.errors import SurgeryError
+from surgery.errors import SelectionError, SurgeryError
 from surgery.graph import extract, finish
 from surgery.pipeline import Context
-from surgery.select import Selector, describe, matches
+from surgery.select import Selector, describe, matches, select_modules
 
-from .codecs import METHODS, NoCodec, make_codec
+from . import _fields as check
+from .codecs import METHODS, NoCodec, check_group_size, check_keep, check_wavelet, make_codec
 from .packing import IntegerCodec, IntPacked
 
 __all__ = ["CompressActivations", "CompressedRegion", "strip_compression", "METHODS"]
@@ -224,6 +225,22 @@ class CompressActivations:
     level: int = 3
     group_size: int = 256
     stochastic: bool = False
+    # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
+    inserts: ClassVar[tuple] = ("compressed_*", CompressedRegion)
+
+    def __post_init__(self) -> None:
+        own = "CompressActivations"
+        check.choice(own, "method", self.method, METHODS)
+        check.selector(own, "select", self.select, empty_ok=False)  # None: the whole model
+        check.selector(own, "exclude", self.exclude)
+        # every codec option is checked, not only the chosen method's: a bad value is a mistake
+        # even where this method ignores it, and switching method must not surface it later
+        check_keep(own, self.keep)
+        check.number(own, "block", self.block, lo=1, integer=True)
+        check_wavelet(own, self.wavelet)
+        check.number(own, "level", self.level, lo=1, integer=True)
+        check_group_size(own, self.group_size)
+        check.flag(own, "stochastic", self.stochastic)
 
     def codec(self):
         return make_codec(self.method, self.keep, self.block, self.wavelet, self.level, self.group_size,
@@ -261,16 +278,7 @@ class CompressActivations:
         codec = self.codec()
         groups = self.regions(gm)
         if not groups:
-            exclude = describe(self.exclude) if self.exclude is not None else "nothing"
-            msg = (f"CompressActivations: select={describe(self.select)} (exclude={exclude}) matched no op in "
-                   f"the graph of {type(gm).__name__}")
-            inside = [n for n, m in gm.named_modules() if isinstance(m, CompressedRegion)]
-            if inside:
-                msg += (f"; ops already inside a CompressedRegion ({', '.join(inside[:4])}) are not selected "
-                        "again: to nest, compress the inner region first (the innermost hooks win)")
-            else:
-                msg += f"; module names look like {', '.join(n for n, _ in list(gm.named_modules())[1:6])}"
-            raise SurgeryError(msg)
+            raise SelectionError(*_nothing_selected(self, gm))
         for key, nodes in groups.items():
             name = "compressed_" + (key or "model")
             try:
@@ -279,6 +287,22 @@ class CompressActivations:
                 raise SurgeryError(f"CompressActivations: cannot make region {key or '<whole model>'!r} "
                                    f"a child module: {e}") from e
         return gm
+
+
+def _nothing_selected(p: CompressActivations, gm: fx.GraphModule) -> tuple[str, list[str]]:
+    """Why no op of `gm` fell in a region, and the nearest module names (from surgery.select)."""
+    exclude = describe(p.exclude) if p.exclude is not None else "nothing"
+    msg = (f"CompressActivations: select={describe(p.select)} (exclude={exclude}) matched no op in "
+           f"the graph of {type(gm).__name__}")
+    inside = [n for n, m in gm.named_modules() if isinstance(m, CompressedRegion)]
+    if inside:
+        return (msg + f"; ops already inside a CompressedRegion ({', '.join(inside[:4])}) are not selected "
+                "again: to nest, compress the inner region first (the innermost hooks win)"), []
+    try:
+        modules = select_modules(gm, p.select, p.exclude)
+    except SelectionError as e:  # nothing by that name or type at all
+        return msg, e.nearest
+    return msg + f"; the modules it matches run no op of the graph: {', '.join(list(modules)[:8])}", []
 
 
 def strip_compression(gm: fx.GraphModule) -> fx.GraphModule:

@@ -26,10 +26,12 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from surgery.channels import ChannelGraph, ChannelGroup, analyze
-from surgery.errors import SurgeryError
+from surgery.errors import SelectionError
 from surgery.graph import submodule, unique_name
 from surgery.pipeline import Context, UnitMask
-from surgery.select import Selector, matches
+from surgery.select import Selector, describe, matches, select_nodes
+
+from . import _fields as check
 
 __all__ = ["ChannelPrune", "HardMask"]
 
@@ -83,19 +85,24 @@ class ChannelPrune:
     keeps_shapes: ClassVar[bool] = True     # mask nodes get their input's shape
     writes_tensors: ClassVar[bool] = False  # reads weights to score them, adds masks
     needs_code: ClassVar[bool] = False      # reads the graph and the weights only
+    # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
+    inserts: ClassVar[tuple] = ("prune_g*", HardMask)
 
-    def __post_init__(self):
-        if not 0 <= self.ratio < 1:
-            raise SurgeryError(f"ChannelPrune: ratio must be in [0, 1), got {self.ratio}")
-        if self.criterion not in CRITERIA:
-            raise SurgeryError(f"ChannelPrune: criterion must be one of {CRITERIA}, got {self.criterion!r}")
-        if self.scope not in ("local", "global"):
-            raise SurgeryError(f"ChannelPrune: scope must be 'local' or 'global', got {self.scope!r}")
-        if self.round_to < 1:
-            raise SurgeryError(f"ChannelPrune: round_to must be >= 1, got {self.round_to}")
+    def __post_init__(self) -> None:
+        check.number("ChannelPrune", "ratio", self.ratio, lo=0, hi=1, hi_open=True)
+        check.choice("ChannelPrune", "criterion", self.criterion, CRITERIA)
+        check.selector("ChannelPrune", "select", self.select, empty_ok=False)
+        check.selector("ChannelPrune", "exclude", self.exclude)
+        check.choice("ChannelPrune", "scope", self.scope, ("local", "global"))
+        check.number("ChannelPrune", "round_to", self.round_to, lo=1, integer=True)
+        check.number("ChannelPrune", "seed", self.seed, lo=0, hi=check.SEED_MAX, integer=True)
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+        # a selection that matches nothing raises SelectionError with the nearest names, as in
+        # Identity and the mask passes; otherwise a typo would return the model unpruned
+        selected = select_nodes(gm, self.select, self.exclude, skip=(UnitMask,))
         cg = analyze(gm)
+        self._check_producers(selected, cg)
         points = {g.id: g.mask_points() for g in cg.groups}
         chosen = [g for g in cg.groups if points[g.id] and self._eligible(gm, g)]
         scores = {g.id: self._scores(gm, cg, g) for g in chosen}
@@ -117,6 +124,15 @@ class ChannelPrune:
                 node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
                 new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
         return gm  # compress lints and recompiles (when the next pass or the caller needs the code)
+
+    def _check_producers(self, selected: list[fx.Node], cg: ChannelGraph) -> None:
+        """SelectionError when no selected module produces channels (``select="bn1"``): scores and
+        masks go to producers only, so such a selection would prune nothing, silently."""
+        producers = {p.node for g in cg.groups for p in g.producers}
+        if not any(n in producers for n in selected):
+            names = ", ".join(str(n.target) for n in selected[:8])
+            raise SelectionError(f"ChannelPrune: select={describe(self.select)} matched only modules that produce "
+                                 f"no channel group ({names}); select the convolutions or linear layers to prune")
 
     def _eligible(self, gm: fx.GraphModule, g: ChannelGroup) -> bool:
         """Whether `g` (which has mask points) may be pruned."""

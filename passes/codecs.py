@@ -22,17 +22,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from surgery.errors import SurgeryError
+from surgery.errors import ConfigError
 
+from . import _fields as check
 from .packing import Sparse, keep_largest, pack_bits, unpack_bits
 
 __all__ = ["NoCodec", "RandomCodec", "ThresholdCodec", "DCTCodec", "WaveletCodec", "QuantCodec", "make_codec",
-           "METHODS"]
+           "METHODS", "check_keep", "check_wavelet", "check_group_size"]
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,9 +112,20 @@ def _sparse_finish(y: Tensor, p: _SparsePacked) -> Tensor:
                                                                                       device=y.device))
 
 
-def _check_keep(keep: float, name: str) -> None:
-    if not (0.0 < keep <= 1.0):
-        raise SurgeryError(f"{name}: keep must lie in (0, 1], got {keep!r}")
+def check_keep(owner: str, keep: Any) -> None:
+    """ConfigError unless `keep` (the fraction of values or coefficients kept) is in (0, 1]."""
+    check.number(owner, "keep", keep, lo=0, lo_open=True, hi=1)
+
+
+def check_group_size(owner: str, group_size: Any) -> None:
+    """ConfigError unless `group_size` is an even integer in [2, 2^24] (int4 packs code pairs)."""
+    allowed = "expected an even integer in [2, 16777216] (int4 packs two codes per byte)"
+    try:
+        check.number(owner, "group_size", group_size, lo=2, hi=1 << 24, integer=True)
+    except ConfigError:
+        raise ConfigError(owner, "group_size", group_size, allowed) from None
+    if group_size % 2:
+        raise ConfigError(owner, "group_size", group_size, allowed)
 
 
 @dataclass(frozen=True)
@@ -122,8 +135,8 @@ class ThresholdCodec:
     keep: float = 0.05
     name = "threshold"
 
-    def __post_init__(self):
-        _check_keep(self.keep, "threshold")
+    def __post_init__(self) -> None:
+        check_keep("ThresholdCodec", self.keep)
 
     def pack(self, x: Tensor) -> _SparsePacked:
         return _sparse_pack(x, x.reshape(-1), self.keep)
@@ -157,10 +170,9 @@ class DCTCodec:
     block: int = 8
     name = "dct"
 
-    def __post_init__(self):
-        _check_keep(self.keep, "dct")
-        if self.block < 1:
-            raise SurgeryError(f"dct: block must be >= 1, got {self.block}")
+    def __post_init__(self) -> None:
+        check_keep("DCTCodec", self.keep)
+        check.number("DCTCodec", "block", self.block, lo=1, integer=True)
 
     def pack(self, x: Tensor) -> _SparsePacked:
         planes = _as_planes(x).to(_work_dtype(x.dtype))
@@ -182,19 +194,34 @@ class DCTCodec:
 
 
 # ---------------------------------------------------------------- wavelet transform
+_WAVELETS = "expected the name of an orthogonal pywavelets wavelet (haar, db*, sym*, coif*)"
+
+
 @lru_cache(maxsize=64)
 def _filter_bank(wavelet: str, device: torch.device, dtype: torch.dtype) -> Tensor:
-    import pywt  # a declared dependency; imported here so the module loads without it
-    try:
-        w = pywt.Wavelet(wavelet)
-    except ValueError as e:
-        raise SurgeryError(f"wavelet: unknown wavelet {wavelet!r} ({e})") from e
-    if not w.orthogonal:
-        raise SurgeryError(f"wavelet: {wavelet!r} is not orthogonal; the periodized transform is inverted "
-                           "by its transpose, which needs an orthogonal wavelet (db*, sym*, coif*, haar)")
+    w = _orthogonal_wavelet("WaveletCodec", wavelet)
     # conv1d correlates: reversing the decomposition filters makes it the convolution pywt uses
     bank = torch.tensor([w.dec_lo[::-1], w.dec_hi[::-1]], dtype=torch.float64)
     return bank.unsqueeze(1).to(device=device, dtype=dtype)  # (2, 1, L)
+
+
+def _orthogonal_wavelet(owner: str, wavelet: Any) -> Any:
+    import pywt  # a declared dependency; imported here so the module loads without it
+    if not isinstance(wavelet, str):
+        raise ConfigError(owner, "wavelet", wavelet, _WAVELETS)
+    try:
+        w = pywt.Wavelet(wavelet)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(owner, "wavelet", wavelet, f"{_WAVELETS}; pywt: {e}") from None
+    if not w.orthogonal:
+        raise ConfigError(owner, "wavelet", wavelet, f"{_WAVELETS}; {wavelet!r} is not orthogonal: the periodized "
+                                                     "transform is inverted by its transpose")
+    return w
+
+
+def check_wavelet(owner: str, wavelet: Any) -> None:
+    """ConfigError unless `wavelet` names an orthogonal pywavelets wavelet."""
+    _orthogonal_wavelet(owner, wavelet)
 
 
 def _wrap_index(n: int, length: int, device: torch.device) -> Tensor:
@@ -256,11 +283,10 @@ class WaveletCodec:
     level: int = 3
     name = "wavelet"
 
-    def __post_init__(self):
-        _check_keep(self.keep, "wavelet")
-        if self.level < 1:
-            raise SurgeryError(f"wavelet: level must be >= 1, got {self.level}")
-        _filter_bank(self.wavelet, torch.device("cpu"), torch.float64)  # fail early on a bad name
+    def __post_init__(self) -> None:
+        check_keep("WaveletCodec", self.keep)
+        check_wavelet("WaveletCodec", self.wavelet)
+        check.number("WaveletCodec", "level", self.level, lo=1, integer=True)
 
     def pack(self, x: Tensor) -> _SparsePacked:
         ll = _as_planes(x).to(_work_dtype(x.dtype))
@@ -307,11 +333,10 @@ class QuantCodec:
     group_size: int = 256
     stochastic: bool = False
 
-    def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise SurgeryError(f"quantization: bits must be 8 or 4, got {self.bits}")
-        if self.group_size < 2 or self.group_size % 2:
-            raise SurgeryError(f"quantization: group_size must be an even number >= 2, got {self.group_size}")
+    def __post_init__(self) -> None:
+        check.choice("QuantCodec", "bits", self.bits, (4, 8))
+        check_group_size("QuantCodec", self.group_size)
+        check.flag("QuantCodec", "stochastic", self.stochastic)
 
     @property
     def name(self) -> str:
@@ -357,4 +382,5 @@ def make_codec(method: str, keep: float = 0.05, block: int = 8, wavelet: str = "
         return WaveletCodec(keep, wavelet, level)
     if method in ("int8", "int4"):
         return QuantCodec(int(method[3:]), group_size, stochastic)
-    raise SurgeryError(f"CompressActivations: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check.choice("CompressActivations", "method", method, METHODS)  # raises: no codec has that name
+    raise AssertionError(method)  # METHODS and the branches above agree

@@ -18,15 +18,16 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from surgery.errors import SurgeryError
 from surgery.pipeline import Context, UnitMask
 from surgery.select import Selector
 
+from . import _fields as check
 from ._placement import insert_site, unit_sites
 
 __all__ = ["DAM", "DAMMask"]
@@ -86,10 +87,16 @@ class DAM:
     exclude: Selector = None
     lam: float = 0.1
     cold_start: int = 0
+    # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
+    inserts: ClassVar[tuple] = ("dam_*", DAMMask)
+
+    def __post_init__(self) -> None:
+        check.selector("DAM", "select", self.select, empty_ok=False)
+        check.selector("DAM", "exclude", self.exclude)
+        check.number("DAM", "lam", self.lam, lo=0)
+        check.number("DAM", "cold_start", self.cold_start, lo=0, integer=True)
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
-        if self.lam < 0:
-            raise SurgeryError(f"DAM: lam must be >= 0, got {self.lam}")
         sites, skipped = unit_sites(gm, self.select, self.exclude, "dam")
         ctx.notes.setdefault("dam", {})["unmasked"] = skipped
         for site in sites:

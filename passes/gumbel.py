@@ -20,15 +20,17 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from surgery.errors import SurgeryError
+from surgery.errors import ConfigError, SelectionError, SurgeryError
 from surgery.pipeline import Context, UnitMask, masks
-from surgery.select import Selector, select_modules
+from surgery.select import Selector, describe, select_modules
 
+from . import _fields as check
 from ._placement import insert_site, unit_sites
 
 __all__ = ["GumbelMask", "GumbelGate"]
@@ -90,25 +92,41 @@ class GumbelMask:
     init: float = 2.0
     freeze_weights: bool = False
     trainable: Selector = None
+    # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
+    inserts: ClassVar[tuple] = ("gumbel_*", GumbelGate)
+
+    def __post_init__(self) -> None:
+        check.selector("GumbelMask", "select", self.select, empty_ok=False)
+        check.selector("GumbelMask", "exclude", self.exclude)
+        check.number("GumbelMask", "alpha", self.alpha, lo=0)
+        check.number("GumbelMask", "tau", self.tau, lo=0, lo_open=True)
+        check.number("GumbelMask", "init", self.init, lo=-check.FLOAT32_MAX, hi=check.FLOAT32_MAX,
+                     why="the logits are float32")
+        check.flag("GumbelMask", "freeze_weights", self.freeze_weights)
+        # empty_ok=False: select_modules reads trainable=() as every module, which unfreezes all
+        check.selector("GumbelMask", "trainable", self.trainable, empty_ok=False)
+        if self.trainable is not None and not self.freeze_weights:
+            raise ConfigError("GumbelMask", "trainable", self.trainable,
+                              "only means something with freeze_weights=True (everything trains otherwise)")
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
-        if self.alpha < 0:
-            raise SurgeryError(f"GumbelMask: alpha must be >= 0, got {self.alpha}")
         sites, skipped = unit_sites(gm, self.select, self.exclude, "gumbel")
         ctx.notes.setdefault("gumbel", {})["unmasked"] = skipped
         for site in sites:
             insert_site(gm, site, GumbelGate(site.units, site.dim, self.alpha, self.tau, self.init))
         if self.freeze_weights:
             self._freeze(gm)
-        elif self.trainable is not None:
-            raise SurgeryError("GumbelMask: trainable= only means something with freeze_weights=True")
         return gm
 
     def _freeze(self, gm: fx.GraphModule) -> None:
         keep = set()
         owners = dict(masks(gm))
         if self.trainable is not None:
-            owners.update(select_modules(gm, self.trainable))
+            try:
+                owners.update(select_modules(gm, self.trainable))
+            except SelectionError as e:  # select.py speaks of select=; this selector is trainable=
+                raise SelectionError(f"GumbelMask: trainable={describe(self.trainable)} matched no module of the graph",
+                                     e.nearest) from None
         for name, module in owners.items():
             keep.update(id(p) for p in module.parameters())
         for p in gm.parameters():

@@ -3,6 +3,7 @@ function is unchanged. It proves the plumbing and marks where masks would go."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -11,6 +12,8 @@ from torch import Tensor, nn
 from surgery.graph import insert_after
 from surgery.pipeline import Context, UnitMask
 from surgery.select import Selector, select_nodes
+
+from . import _fields as check
 
 
 class OnesMask(UnitMask):
@@ -31,6 +34,12 @@ class Identity:
 
     select: Selector = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     exclude: Selector = None
+    # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
+    inserts: ClassVar[tuple] = ("mask_*", OnesMask)
+
+    def __post_init__(self) -> None:
+        check.selector("Identity", "select", self.select, empty_ok=False)
+        check.selector("Identity", "exclude", self.exclude)
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         from surgery.errors import SurgeryError

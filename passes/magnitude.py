@@ -21,8 +21,8 @@ through its state_dict and does not script, which is what ``surgery.finalize`` i
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -33,6 +33,8 @@ from surgery.errors import SurgeryError
 from surgery.pipeline import Context
 from surgery.select import Selector
 from surgery.weights import WeightParametrization, magnitude_mask, weight_tensors
+
+from . import _fields as check
 
 
 @dataclass
@@ -48,12 +50,11 @@ class AGP:
     initial: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.end_step <= self.start_step or self.start_step < 0:
-            raise SurgeryError(f"AGP needs 0 <= start_step < end_step, got {self.start_step}, {self.end_step}")
-        if self.every < 1:
-            raise SurgeryError(f"AGP every must be >= 1, got {self.every}")
-        if not 0.0 <= self.initial < 1.0:
-            raise SurgeryError(f"AGP initial sparsity must lie in [0, 1), got {self.initial}")
+        check.number("AGP", "start_step", self.start_step, lo=0, integer=True)
+        check.number("AGP", "end_step", self.end_step, lo=self.start_step, lo_open=True, integer=True,
+                     why="AGP needs 0 <= start_step < end_step")
+        check.number("AGP", "every", self.every, lo=1, integer=True)
+        check.number("AGP", "initial", self.initial, lo=0, hi=1, hi_open=True, why="the initial sparsity")
 
     def sparsity_at(self, step: int, final: float) -> float:
         """The sparsity at optimizer step `step` for a final target `final`."""
@@ -121,11 +122,8 @@ class WeightMask(WeightParametrization):
         return f"tensor={self.tensor!r}, target={self.target}, sparsity={self.sparsity():.4f}, schedule={self.schedule}"
 
 
-def _lookup(table: dict[str, float], name: str) -> float | None:
-    for pattern, value in table.items():
-        if name == pattern or fnmatch.fnmatchcase(name, pattern):
-            return value
-    return None
+def _fraction(owner: str, field: str, value: object) -> None:
+    check.number(owner, field, value, lo=0, hi=1)
 
 
 @dataclass
@@ -143,21 +141,27 @@ class MagnitudePrune:
     exclude: Selector = None
     schedule: AGP | None = None
     param: str = "weight"
+    # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
+    inserts: ClassVar[tuple] = ("*.parametrizations", "*.parametrizations.*",
+                                parametrize.ParametrizationList, WeightMask)
+
+    def __post_init__(self) -> None:
+        check.per_name("MagnitudePrune", "sparsity", self.sparsity, _fraction, "sparsity")
+        check.selector("MagnitudePrune", "select", self.select, empty_ok=False)
+        check.selector("MagnitudePrune", "exclude", self.exclude)
+        check.instance("MagnitudePrune", "schedule", self.schedule, AGP)
+        check.identifier("MagnitudePrune", "param", self.param, "a module tensor's name such as 'weight' or 'bias'")
 
     def targets(self, model: nn.Module) -> dict[str, tuple[nn.Module, str, float]]:
         """tensor name -> (module, attribute, target sparsity) for the tensors this pass prunes."""
         out = {}
         for name, (mod, attr) in weight_tensors(model, self.select, self.exclude, self.param).items():
-            s = _lookup(self.sparsity, name) if isinstance(self.sparsity, dict) else self.sparsity
+            s = check.lookup(self.sparsity, name) if isinstance(self.sparsity, dict) else self.sparsity
             if s is None:
                 continue
-            if not 0.0 <= float(s) <= 1.0:
-                raise SurgeryError(f"MagnitudePrune: sparsity for {name} must lie in [0, 1], got {s}")
             out[name] = (mod, attr, float(s))
         if isinstance(self.sparsity, dict):
-            unused = [p for p in self.sparsity if not any(n == p or fnmatch.fnmatchcase(n, p) for n in out)]
-            if unused:
-                raise SurgeryError(f"MagnitudePrune: sparsity keys matched no selected tensor: {', '.join(unused)}")
+            check.check_keys_used("MagnitudePrune", "sparsity", self.sparsity, list(out))
         return out
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:

@@ -9,6 +9,8 @@ import torch.fx as fx
 from surgery.pipeline import Context
 from surgery.shrink import shrink
 
+from . import _fields as check
+
 __all__ = ["Shrink"]
 
 
@@ -23,6 +25,11 @@ class Shrink:
     keeps_shapes: ClassVar[bool] = True     # its verification run annotates the shrunk graph
     writes_tensors: ClassVar[bool] = False  # every edit makes new tensors
     needs_code: ClassVar[bool] = False      # runs the masked graph through ShapeProp, recompiles at the end
+    # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
+    inserts: ClassVar[tuple] = ()
+
+    def __post_init__(self) -> None:
+        check.number("Shrink", "tol", self.tol, lo=0)
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         out = shrink(gm, ctx.example_inputs, self.tol, inplace=True)  # compress() hands us its own copy

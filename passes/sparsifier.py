@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -31,6 +32,7 @@ from surgery.errors import SurgeryError
 from surgery.pipeline import Context
 from surgery.select import Selector
 
+from . import _fields as check
 from ._placement import insert_site, tensor_sites
 
 __all__ = ["Sparsifier", "SparsifierModule", "PENALTIES"]
@@ -135,10 +137,23 @@ class Sparsifier:
     double_every: int = 0
     a_max: float = math.inf
     hard: bool = False
+    # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
+    inserts: ClassVar[tuple] = ("sparsify_*", SparsifierModule)
+
+    def __post_init__(self) -> None:
+        check.selector("Sparsifier", "select", self.select, empty_ok=False)
+        check.selector("Sparsifier", "exclude", self.exclude)
+        check.number("Sparsifier", "eps", self.eps, lo=0, hi=check.FLOAT32_MAX, why="stored as float32")
+        check.number("Sparsifier", "a", self.a, lo=0, lo_open=True, hi=check.FLOAT32_MAX, why="stored as float32")
+        check.choice("Sparsifier", "penalty", self.penalty, PENALTIES)
+        check.number("Sparsifier", "weight", self.weight, lo=0)
+        check.flag("Sparsifier", "normalize", self.normalize)
+        check.number("Sparsifier", "b", self.b, lo=0, lo_open=True, why="the l0 penalty divides by y^2 + b")
+        check.number("Sparsifier", "double_every", self.double_every, lo=0, integer=True)
+        check.number("Sparsifier", "a_max", self.a_max, lo=self.a, finite=False, why="a_max caps the sharpness a")
+        check.flag("Sparsifier", "hard", self.hard)
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
-        if self.penalty not in PENALTIES:
-            raise SurgeryError(f"Sparsifier: penalty must be one of {PENALTIES}, got {self.penalty!r}")
         for site in tensor_sites(gm, self.select, self.exclude, "sparsify", skip=(SparsifierModule,)):
             insert_site(gm, site, SparsifierModule(self.eps, self.a, self.penalty, self.weight, self.normalize,
                                                    self.b, self.double_every, self.a_max, self.hard))

@@ -17,8 +17,8 @@ Example::
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -29,6 +29,8 @@ from surgery.errors import SurgeryError
 from surgery.pipeline import Context
 from surgery.select import Selector
 from surgery.weights import INITS, WeightParametrization, cluster_tensor, finalize, share_tensor, weight_tensors
+
+from . import _fields as check
 
 
 class SharedWeight(WeightParametrization):
@@ -66,12 +68,25 @@ class WeightShare:
     finetune: bool = False
     param: str = "weight"
     seed: int = 0
+    # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
+    inserts: ClassVar[tuple] = ("*.parametrizations", "*.parametrizations.*",
+                                parametrize.ParametrizationList, SharedWeight)
+
+    def __post_init__(self) -> None:
+        check.per_name("WeightShare", "bits", self.bits, _bits_field, "bits")
+        check.choice("WeightShare", "init", self.init, INITS)
+        check.selector("WeightShare", "select", self.select, empty_ok=False)
+        check.selector("WeightShare", "exclude", self.exclude)
+        check.flag("WeightShare", "finetune", self.finetune)
+        check.identifier("WeightShare", "param", self.param, "a module tensor's name such as 'weight' or 'bias'")
+        check.number("WeightShare", "seed", self.seed, lo=0, hi=check.SEED_MAX, integer=True)
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
-        if self.init not in INITS:
-            raise SurgeryError(f"WeightShare: unknown init {self.init!r}; choose one of {', '.join(INITS)}")
         report = {}
-        for name, (mod, attr) in weight_tensors(gm, self.select, self.exclude, self.param).items():
+        tensors = weight_tensors(gm, self.select, self.exclude, self.param)  # SelectionError when none selected
+        if isinstance(self.bits, dict):  # a key that names no selected tensor would be ignored silently
+            check.check_keys_used("WeightShare", "bits", self.bits, list(tensors))
+        for name, (mod, attr) in tensors.items():
             bits = self._bits(name)
             if bits is None:
                 continue
@@ -94,9 +109,10 @@ class WeightShare:
         return gm
 
     def _bits(self, name: str) -> int | None:
-        if not isinstance(self.bits, dict):
-            return int(self.bits)
-        for pattern, b in self.bits.items():
-            if name == pattern or fnmatch.fnmatchcase(name, pattern):
-                return int(b)
-        return None
+        bits = check.lookup(self.bits, name) if isinstance(self.bits, dict) else self.bits
+        return None if bits is None else int(bits)
+
+
+def _bits_field(owner: str, field: str, value: object) -> None:
+    # 2^bits centroids; the k-means and the int16/int32 index stop at 16 bits
+    check.number(owner, field, value, lo=1, hi=16, integer=True)

@@ -17,7 +17,7 @@ from passes import CompressActivations, CompressedRegion, strip_compression
 from passes.codecs import DCTCodec, QuantCodec, RandomCodec, ThresholdCodec, WaveletCodec, make_codec
 from passes.packing import IntegerCodec, IntPacked, index_bytes
 from surgery.activations.memory import packed_tensors
-from surgery.errors import SurgeryError
+from surgery.errors import ConfigError, SurgeryError
 
 
 class SmallCNN(nn.Module):
@@ -249,11 +249,11 @@ def test_region_selection_forms():
 
 
 def test_bad_configuration_is_named():
-    with pytest.raises(SurgeryError, match="unknown method 'jpeg'"):
+    with pytest.raises(ConfigError, match="method = 'jpeg': expected one of"):
         CompressActivations("jpeg").codec()
-    with pytest.raises(SurgeryError, match="keep must lie in"):
+    with pytest.raises(ConfigError, match=r"keep = 0.0: expected a number in \(0, 1\]"):
         CompressActivations("dct", keep=0.0).codec()
-    with pytest.raises(SurgeryError, match="not orthogonal"):
+    with pytest.raises(ConfigError, match="not orthogonal"):
         CompressActivations("wavelet", wavelet="bior2.2").codec()
 
 

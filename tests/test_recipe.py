@@ -32,13 +32,13 @@ def test_unknown_pass_names_it_and_lists_the_valid_ones():
     with pytest.raises(SurgeryError) as e:
         parse_recipe('[[passes]]\npass = "Identiy"\n', "r.toml")
     msg = str(e.value)
-    assert "r.toml: pass #1" in msg and "'Identiy'" in msg and "did you mean 'Identity'" in msg
+    assert "r.toml: [[passes]] #1" in msg and "'Identiy'" in msg and "did you mean 'Identity'" in msg
     assert "valid passes: " + ", ".join(sorted(available_passes())) in msg
 
 
 def test_unknown_field_names_it_and_lists_the_fields():
-    with pytest.raises(SurgeryError, match=r"pass #2 \(Identity\): unknown field 'selct' \(did you mean 'select'\?\); "
-                                           r"valid fields of Identity: select, exclude"):
+    with pytest.raises(SurgeryError, match=r"\[\[passes\]\] #2 \(Identity\): unknown field 'selct' "
+                                           r"\(did you mean 'select'\?\); valid fields of Identity: select, exclude"):
         parse_recipe('[[passes]]\npass = "Identity"\n[[passes]]\npass = "Identity"\nselct = 1\n')
 
 
@@ -93,7 +93,7 @@ def test_nested_config_required_fields_and_list_annotations(fake_passes):
     assert "Every" not in available_passes()  # not a pass: it has no apply()
     with pytest.raises(SurgeryError, match="Needy needs field"):
         parse_recipe('[[passes]]\npass = "Needy"\n')
-    with pytest.raises(SurgeryError, match=r"pass #1 \(Needy\): Needy\(ratio=2\) failed: ratio must lie"):
+    with pytest.raises(SurgeryError, match=r"\[\[passes\]\] #1 \(Needy\): Needy\(ratio=2\) failed: ratio must lie"):
         parse_recipe('[[passes]]\npass = "Needy"\nratio = 2\n')
     with pytest.raises(SurgeryError, match="unknown type 'Evry'.*did you mean 'Every'"):
         parse_recipe('[[passes]]\npass = "Needy"\nratio = 0.5\nschedule = { type = "Evry" }\n')

@@ -172,7 +172,7 @@ def compress_command(model: Any, recipe: str, input_shape: str, output: str, lab
     from ..io.inspect import parse_shapes, summary
     from ..verify import max_abs_diff, max_rel_diff, run_eval
     from .recipe import load_recipe
-    passes = load_recipe(recipe)
+    passes = load_recipe(recipe, model=model)  # a selection that matches nothing fails before any work
     gen = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(s, generator=gen) for s in parse_shapes(input_shape))
     model.eval()
