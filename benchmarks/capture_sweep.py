@@ -6,8 +6,16 @@ captured on the same input, and require max abs diff == 0. One row per model, th
 ``captured K/N exact``. Classification, segmentation and video models must be captured whole
 (nothing opaque); detection and optical-flow models keep their data-dependent parts opaque.
 
+The Hugging Face section (``--family hf``) builds 26 transformers architectures from small
+configs (benchmarks/_hf_models.py: encoders, decoder LMs with grouped-query attention,
+encoder-decoders, vision and audio models) and captures each with plain
+``surgery.capture(model, example_inputs={...})``; exact means equal outputs (every tensor of the
+returned ModelOutput) on a fresh input of another batch size and length, where the graph reads
+sizes at run time.
+
     python benchmarks/capture_sweep.py                 # everything (about 10 minutes on 2 cores)
     python benchmarks/capture_sweep.py --family detection --models fcos_resnet50_fpn
+    python benchmarks/capture_sweep.py --family hf
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ FAMILIES = {
     "detection": tvm.detection,
     "optical_flow": tvm.optical_flow,
 }
-WHOLE = {"classification", "segmentation", "video"}
+WHOLE = {"classification", "segmentation", "video", "hf"}
 
 
 def example_inputs(family: str, name: str) -> tuple:
@@ -58,7 +66,48 @@ def build(family: str, name: str) -> torch.nn.Module:
     return tvm.get_model(name, **kwargs).eval()
 
 
+def _tensors(out) -> list[torch.Tensor]:
+    """Every tensor of a (nested) model output, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _tensors(item)]
+    return []
+
+
+def sweep_hf(name: str) -> dict:
+    from _hf_models import HF_MODELS, build_hf
+    from _hf_models import example_inputs as hf_inputs
+    row = {"family": "hf", "model": f"{name} ({HF_MODELS[name][0]})"}
+    try:
+        model, x = build_hf(name)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = surgery.capture(model, example_inputs=x)
+        row["capture_s"] = time.perf_counter() - t0
+        meta = gm.meta["surgery"]
+        row["opaque"] = list(meta["opaque"])
+        row["guards"] = len(meta.get("guards", ()))
+        row["nodes"] = len(gm.graph.nodes)
+        fresh = hf_inputs(name, seed=1, batch=3, length=7)
+        with torch.no_grad():
+            got, want = gm(**fresh), model(**fresh)
+        row["same_type"] = type(got) is type(want)
+        a, b = _tensors(got), _tensors(want)
+        row["diff"] = max((max_abs_diff(u, v) for u, v in zip(a, b)), default=float("nan")) \
+            if len(a) == len(b) else float("inf")
+        row["ok"] = row["diff"] == 0 and row["same_type"] and not row["opaque"]
+    except Exception as e:  # a sweep never dies on one model
+        row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    return row
+
+
 def sweep_one(family: str, name: str) -> dict:
+    if family == "hf":
+        return sweep_hf(name)
     row = {"family": family, "model": name}
     try:
         torch.manual_seed(0)
@@ -81,16 +130,23 @@ def sweep_one(family: str, name: str) -> dict:
     return row
 
 
+def _names(family: str) -> list[str]:
+    if family == "hf":
+        from _hf_models import HF_MODELS
+        return list(HF_MODELS)
+    return tvm.list_models(module=FAMILIES[family])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", action="append", choices=list(FAMILIES), help="families to sweep (default all)")
+    ap.add_argument("--family", action="append", choices=[*FAMILIES, "hf"], help="families to sweep (default all)")
     ap.add_argument("--models", default="", help="comma-separated model names (default all)")
     ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/capture_sweep.md")
     args = ap.parse_args()
     wanted = set(filter(None, args.models.split(",")))
     rows = []
-    for family in args.family or list(FAMILIES):
-        for name in tvm.list_models(module=FAMILIES[family]):
+    for family in args.family or [*FAMILIES, "hf"]:
+        for name in _names(family):
             if wanted and name not in wanted:
                 continue
             r = sweep_one(family, name)
@@ -107,11 +163,15 @@ def main() -> None:
     print(summary, f"({per_family})")
     if not args.no_write and rows:
         table = markdown_table(
-            ["family", "model", "exact", "max abs diff", "capture s", "graph nodes", "opaque (data-dependent)"],
+            ["family", "model", "exact", "max abs diff", "capture s", "graph nodes", "size guards",
+             "opaque (data-dependent)"],
             [[r["family"], r["model"], "yes" if r["ok"] else "**no**", r.get("diff", "-"),
-              f"{r.get('capture_s', 0):.2f}", r.get("nodes", "-"),
+              f"{r.get('capture_s', 0):.2f}", r.get("nodes", "-"), r.get("guards", "-"),
               r.get("error") or (", ".join(r["opaque"]) if r["opaque"] else "—")] for r in rows])
-        path = write_result("capture_sweep", "Capture sweep: every torchvision model", None,
+        only_hf = args.family == ["hf"]
+        path = write_result("capture_sweep_hf" if only_hf else "capture_sweep",
+                            "Capture sweep: Hugging Face transformers" if only_hf else
+                            "Capture sweep: every torchvision model and the Hugging Face set", None,
                             f"**{summary}** ({per_family})\n\n{table}")
         print(f"wrote {path}")
 

@@ -22,12 +22,23 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .copying import copy_module, copy_sharing_tensors, gc_paused
+from .calling import as_inputs, entry_shell, traced_entry
+from .concrete import ConcreteTracing
+from .copying import copy_module, copy_sharing_tensors, gc_paused, shareable_tensors
 from .errors import SurgeryError, TraceFailure, first_line
-from .graph import submodule
+from .graph import graph_module_without_code, submodule
 from .inplace import rewrite_inplace
+from .libraries import library_leaves
 from .shapes import annotate_shapes
-from .signature import TraceArguments, arguments_in_failure, bake, bind_arguments, control_flow_hint, shape_failure
+from .signature import (
+    TraceArguments,
+    annotate_inputs,
+    arguments_in_failure,
+    bake,
+    bind_arguments,
+    control_flow_hint,
+    shape_failure,
+)
 
 __all__ = ["capture", "surgery_meta", "as_inputs"]
 
@@ -42,24 +53,13 @@ def surgery_meta(gm: fx.GraphModule) -> dict[str, Any]:
     return meta
 
 
-def as_inputs(example_inputs: Any) -> tuple | None:
-    """Normalise example inputs to a tuple of positional arguments (None stays None)."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list) and not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    return (example_inputs,)
-
-
 # argument types that fx.Tracer.create_arg passes on to fx.proxy.TracerBase.create_arg unchanged
 # (exact types: a namedtuple, a Parameter or a Proxy subclass takes fx's full path)
 _PLAIN_ARGS = frozenset({fx.Proxy, tuple, list, dict, int, float, bool, str, type(None), slice,
                          torch.dtype, torch.device, torch.memory_format, torch.layout})
 
 
-class _Tracer(fx.Tracer):
+class _Tracer(ConcreteTracing, fx.Tracer):
     """An fx Tracer that keeps user/opaque leaves, traces the top-level forward's constant
     arguments as constants (see :mod:`surgery.signature`), and remembers which module was being
     traced when tracing failed (the innermost module on the call stack) and which proxies it
@@ -67,9 +67,10 @@ class _Tracer(fx.Tracer):
 
     # fx re-creates the tracer class with no arguments when a GraphModule is unpickled
     def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: set[str] | None = None,
-                 arguments: TraceArguments | None = None):
-        super().__init__()
-        self.leaf_types = leaf_types
+                 arguments: TraceArguments | None = None, leaf_functions: tuple[Callable, ...] = ()):
+        library_types, library_functions = library_leaves()
+        super().__init__(autowrap_functions=(*leaf_functions, *library_functions))
+        self.leaf_types = (*leaf_types, *library_types)
         self.leaf_names = leaf_names or set()
         self.arguments = arguments
         self.stack: list[str] = []
@@ -123,30 +124,46 @@ class _Tracer(fx.Tracer):
                 self.stack.pop()
 
 
-def _split_leaves(leaf_modules: Iterable[LeafSpec]) -> tuple[tuple[type, ...], set[str]]:
-    types, names = [], set()
+def _split_leaves(leaf_modules: Iterable[LeafSpec]) -> tuple[tuple[type, ...], set[str], tuple[Callable, ...]]:
+    types, names, functions = [], set(), []
     for leaf in leaf_modules:
         if isinstance(leaf, type) and issubclass(leaf, nn.Module):
             types.append(leaf)
         elif isinstance(leaf, str):
             names.add(leaf)
+        elif callable(leaf) and not isinstance(leaf, type):
+            functions.append(leaf)  # autowrap_functions: called as one node, never traced into
         else:
-            raise SurgeryError(f"leaf_modules entries must be nn.Module classes or qualified names, got {leaf!r}")
-    return tuple(types), names
+            raise SurgeryError(f"leaf_modules entries must be nn.Module classes, qualified names or functions, "
+                               f"got {leaf!r}")
+    return tuple(types), names, tuple(functions)
 
 
 def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceArguments | None
            ) -> tuple[fx.Graph, dict[str, str]]:
-    leaf_types, leaf_names = _split_leaves(leaf_modules)
+    leaf_types, leaf_names, leaf_functions = _split_leaves(leaf_modules)
     opaque: dict[str, str] = {}
     retries_left = None  # one retry per submodule at most (counted at the first failure)
+    # plain fx first; on a failure, once more with concrete values beside the proxies (an eager
+    # forward per trace: kept only while it gets further than plain fx did)
+    concrete, plain_failure = False, None
     while retries_left is None or retries_left >= 0:
-        tracer = _Tracer(leaf_types, leaf_names | set(opaque), arguments)
+        tracer = _Tracer(leaf_types, leaf_names | set(opaque), arguments, leaf_functions)
+        if concrete:
+            tracer.example = dict(arguments.supplied)
+            tracer.proxy_buffer_attributes = True  # a buffer sliced by a size stays a graph op, not a constant
         try:
-            return tracer.trace(root, arguments.fx_concrete if arguments else None), opaque
+            graph = tracer.trace(root, arguments.fx_concrete if arguments else None)
+            graph._surgery_guards = list(tracer.__dict__.get("guards", ()))  # see surgery.concrete
+            return graph, opaque
         except Exception as e:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
-            retries_left = (sum(1 for _ in root.modules()) if retries_left is None else retries_left) - 1
             culprit = (tracer.failure_stack or [""])[-1]
+            if plain_failure is None and arguments is not None and arguments.supplied:
+                plain_failure, concrete = (culprit, first_line(e)), True
+                continue
+            if concrete and not opaque and plain_failure == (culprit, first_line(e)):
+                concrete = False
+            retries_left = (sum(1 for _ in root.modules()) if retries_left is None else retries_left) - 1
             if not culprit or culprit in opaque:
                 names = arguments_in_failure(getattr(tracer, "graph", None), e, tracer.branched_on)
                 failure = TraceFailure(type(root).__name__ if not culprit else culprit, e,
@@ -159,57 +176,13 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceAr
     raise TraceFailure(type(root).__name__, "gave up after marking every submodule opaque")
 
 
-def _code_not_generated(*args: Any, **kwargs: Any) -> None:
-    raise SurgeryError("this GraphModule's code was never generated: call gm.recompile() first "
-                       "(a surgery bug: please report it)")
-
-
-def _install(src: nn.Module, dst: nn.Module, target: str) -> None:
-    """Put `src`'s attribute at dotted path `target` at the same path in `dst`, as
-    ``fx.GraphModule``'s constructor does: fresh containers on the way, the object itself by
-    reference, a plain tensor as a buffer."""
-    *path, field = target.split(".")
-    for item in path:
-        f, t = getattr(src, item), dst._modules.get(item)
-        if f is t:
-            return  # a parent is installed already, and with it everything beneath it
-        if t is None:
-            t = nn.Module()
-            setattr(dst, item, t)
-        src, dst = f, t
-    value = getattr(src, field)
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-        dst.register_buffer(field, value)
-    else:
-        setattr(dst, field, value)
-
-
-def _uncompiled_graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
-    """``fx.GraphModule(root, graph, class_name)`` without generating its code (5-10 ms on a
-    few hundred nodes), for compress, which edits the graph before anything runs the code and
-    recompiles at the end. Until ``recompile()``, calling the module raises."""
-    stub = fx.Graph()
-    stub.output(stub.call_function(_code_not_generated, (stub.placeholder("*args"),)))
-    gm = fx.GraphModule({}, stub, class_name=class_name)
-    for node in graph.nodes:
-        if node.op in ("get_attr", "call_module"):
-            _install(root, gm, str(node.target))
-    # what GraphModule's graph setter and constructor do with a graph, less the recompile
-    gm._graph = graph
-    graph.owning_module = gm
-    if graph._tracer_cls and "<locals>" not in graph._tracer_cls.__qualname__:
-        gm._tracer_cls = graph._tracer_cls
-    gm._tracer_extras = getattr(graph, "_tracer_extras", None) or {}
-    return gm
-
-
 def _graph_module(module: nn.Module, leaf_modules, arguments: TraceArguments | None, code: bool = True
                   ) -> tuple[fx.GraphModule, dict[str, str]]:
     graph, opaque = _trace(module, leaf_modules, arguments)
     if code:
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     else:
-        gm = _uncompiled_graph_module(module, graph, type(module).__name__)
+        gm = graph_module_without_code(module, graph, type(module).__name__)
     # plain attributes the parent may read (out_channels, num_classes...) survive the swap
     for k, v in vars(module).items():
         if not k.startswith("_") and k != "training" and not hasattr(gm, k):
@@ -242,7 +215,7 @@ def _has_extra_methods(module: nn.Module) -> bool:
 def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict[str, str]) -> None:
     """`module` stays eager: swap each child for its traced graph, descending where a child's
     own forward is untraceable too."""
-    leaf_types, leaf_names = _split_leaves(leaf_modules)
+    leaf_types, leaf_names, leaf_functions = _split_leaves(leaf_modules)
     for name, child in list(module.named_children()):
         qual = f"{prefix}{name}"
         if not any(True for _ in child.children()):
@@ -254,7 +227,7 @@ def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict
         else:
             try:
                 inner = [n[len(qual) + 1:] for n in leaf_names if n.startswith(qual + ".")]
-                gm, sub = _graph_module(child, (*leaf_types, *inner), None)
+                gm, sub = _graph_module(child, (*leaf_types, *leaf_functions, *inner), None)
                 setattr(module, name, gm)
                 opaque.update({f"{qual}.{k}": v for k, v in sub.items()})
                 continue
@@ -291,8 +264,10 @@ def capture(
     example_inputs: Any = None,
     *,
     leaf_modules: Sequence[LeafSpec] = (),
+    autowrap_functions: Sequence[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
     descend: bool = True,
+    share_weights: bool = False,
     _share_tensors: dict[int, torch.Tensor] | None = None,
     _code: bool = True,
 ) -> fx.GraphModule:
@@ -300,13 +275,21 @@ def capture(
 
     Args:
         model: any nn.Module; it is never mutated (a deep copy is traced).
-        example_inputs: a tensor or tuple of positional inputs. When given, every node is
+        example_inputs: a tensor or tuple of positional inputs, or a dict of keyword inputs (its
+            keys name the forward's arguments, or go to its ``**kwargs``; they become the captured
+            module's arguments, so ``gm(**example_inputs)`` runs it). When given, every node is
             annotated with ``meta["shape"]`` and ``meta["dtype"]`` (see :func:`surgery.shapes.annotate_shapes`).
             The forward's arguments they do not supply are traced at their default where that
             is a constant (None, a number, a bool, a string, a tuple of those): ``if mask is not
             None`` takes the default branch. Each keeps its placeholder, defaulting to that value
             and guarded: the module raises when called with another (see :mod:`surgery.signature`).
         leaf_modules: module classes or qualified names to keep opaque (not traced into).
+        autowrap_functions: functions to keep opaque: each call is one node, never traced into.
+            timm's registries (``register_notrace_module``/``register_notrace_function``) are
+            honoured without being named, whenever timm is loaded.
+        share_weights: hand the graph the caller's parameters (and torch.nn layers' buffers)
+            instead of copies: no second copy of a large model's weights, but training the
+            result trains the caller's model too.
         concrete_args: argument name -> value to trace it at, for arguments that steer control
             flow; wins over the example inputs and the defaults. Constants are traced as above;
             anything else (``torch.fx.PH`` structures) goes to ``torch.fx.Tracer.trace``.
@@ -329,8 +312,11 @@ def capture(
     """
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"capture expects an nn.Module, got {type(model).__name__}")
-    inputs = as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs, model)
     arguments = bind_arguments(model, inputs, concrete_args)  # before the copy: a wrong call fails fast
+    leaf_modules = (*leaf_modules, *autowrap_functions)
+    if share_weights and _share_tensors is None:
+        _share_tensors = shareable_tensors(model)
     try:
         root = copy_sharing_tensors(model, _share_tensors)[0] if _share_tensors is not None else copy_module(model)
     except Exception as e:
@@ -338,7 +324,10 @@ def capture(
                            "surgery never traces the caller's model in place") from e
     shell = False
     try:
-        gm, opaque = _graph_module(root, leaf_modules, arguments, code=_code)
+        with traced_entry(root, arguments):  # the forward called by keyword, its output type kept
+            gm, opaque = _graph_module(root, leaf_modules, arguments, code=_code)
+        if annotate_inputs(gm.graph, arguments) and _code:
+            gm.recompile()
     except TraceFailure as failure:
         if not descend:
             raise
@@ -346,7 +335,10 @@ def capture(
         _capture_children(root, "", leaf_modules, opaque)
         if not any(isinstance(m, fx.GraphModule) for m in root.modules()):
             raise failure
-        gm, shell = _shell(root), True
+        # a forward with *args/**kwargs has no placeholders of its own: the shell takes the entry's
+        params = inspect.signature(root.forward).parameters.values()
+        varying = arguments.entry is not None and any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+        gm, shell = (entry_shell(root, arguments) if varying else _shell(root)), True
         reason = (first_line(failure.fx_error) if isinstance(failure.fx_error, BaseException)
                   else str(failure.fx_error))
         if getattr(failure, "arguments", None):  # the fix is the caller's: say which argument
@@ -355,7 +347,8 @@ def capture(
     meta = surgery_meta(gm)
     # the shell runs the eager forward, which takes every argument as it comes: nothing is constant
     meta.update(opaque=dict(opaque), class_name=type(model).__name__, shell=shell,
-                constants={} if shell else dict(arguments.constants))
+                constants={} if shell else dict(arguments.constants),
+                guards=list(getattr(gm.graph, "_surgery_guards", ())))  # see surgery.concrete
     if opaque:
         listing = "; ".join(f"{k} ({v})" for k, v in opaque.items())
         warnings.warn(f"surgery.capture({type(model).__name__}): kept {len(opaque)} module(s) opaque "

@@ -18,7 +18,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .capture import as_inputs, capture, surgery_meta
+from .calling import as_inputs
+from .capture import capture, surgery_meta
 from .copying import copy_module, copy_sharing_tensors, gc_paused, shareable_tensors, unshare
 from .errors import SurgeryError
 from .shapes import annotate_shapes
@@ -40,9 +41,11 @@ class Mask(Protocol):
 
 @dataclass
 class Context:
-    """What a pass may need besides the graph: the example inputs (or None)."""
+    """What a pass may need besides the graph: the example inputs (a tuple of positional
+    inputs, a dict of keyword inputs, or None; run a model on them with
+    :func:`surgery.calling.call`)."""
 
-    example_inputs: tuple | None = None
+    example_inputs: tuple | dict[str, Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -136,7 +139,8 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
     """Capture `model` (a copy of it) and run `passes` over the graph, in order.
 
     `model` may be any nn.Module or a GraphModule from an earlier compress(); it is never
-    mutated unless ``inplace=True`` (GraphModules only). With `example_inputs`, node shapes are
+    mutated unless ``inplace=True`` (GraphModules only). `example_inputs` are positional (a
+    tuple or one tensor) or keyword (a dict; see :func:`surgery.capture`). With them, node shapes are
     (re)annotated before the passes run and after each pass that does not declare
     ``keeps_shapes = True``.
 
@@ -146,7 +150,7 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
     whatever is still shared at the end is cloned, so the result never aliases the caller's
     model, and a pass that writes into a shared tensor after all is named in an error.
     """
-    inputs = as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs, model)
     for p in passes:
         if not callable(getattr(p, "apply", None)):
             raise SurgeryError(f"{p!r} is not a pass: it has no apply(gm, ctx) method")

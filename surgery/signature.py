@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import keyword
 import operator
 import re
 from dataclasses import dataclass, field
@@ -26,11 +27,13 @@ from torch import nn
 
 from .errors import ConfigError, ShapePropagationFailure, TraceFailure
 
-__all__ = ["TraceArguments", "bind_arguments", "bake", "is_constant", "arguments_reaching",
+__all__ = ["TraceArguments", "bind_arguments", "bake", "annotate_inputs", "is_constant", "arguments_reaching",
            "arguments_in_failure", "control_flow_hint", "shape_failure"]
 
 # what fx can write into generated code as a literal and compare with ``==`` in a guard (exact
 # types: an Enum or a namedtuple is an object fx would have to import, not a literal)
+_VAR_POSITIONAL, _VAR_KEYWORD = inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD
+
 _CONSTANT_TYPES = frozenset({type(None), bool, int, float, complex, str,
                              torch.dtype, torch.device, torch.memory_format, torch.layout})
 
@@ -52,6 +55,9 @@ class TraceArguments:
     signature allows it, see ``defaults``) behind a guard that raises if the traced module is
     called with another value. ``fx_concrete``: the caller's concrete_args that are not plain
     constants (``fx.PH`` structures, tensors), left to ``torch.fx.Tracer.trace``.
+    ``entry``: the parameters of the function capture traces in place of forward, in placeholder
+    order (:func:`surgery.calling.traced_entry`; keys of ``**kwargs`` included), or None to trace
+    forward itself. ``keywords``: the example inputs were keywords (a dict).
     """
 
     owner: str
@@ -59,24 +65,51 @@ class TraceArguments:
     constants: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
     fx_concrete: dict[str, Any] | None = None
+    entry: tuple[str, ...] | None = None
+    keywords: bool = False
 
 
-def bind_arguments(model: nn.Module, inputs: tuple | None, concrete_args: dict | tuple | None) -> TraceArguments:
-    """Match `inputs` (positional example inputs, or None) and `concrete_args` to the signature
-    of ``model.forward``.
+def _check_key(owner: str, where: str, key: str, what: str) -> None:
+    """A key that goes to ``**kwargs`` becomes a parameter of the traced entry: it must be a name."""
+    if not key.isidentifier() or keyword.iskeyword(key) or key.startswith("_surgery_"):
+        raise TraceFailure(owner, f"{where}: {what} {key!r} is not a valid argument name",
+                           "use identifiers as keys (they become the captured module's argument names)")
 
-    Arguments the inputs supply stay graph inputs, except a None: fx cannot trace an ``is None``
-    test on a placeholder (it always takes the ``is not None`` branch), so a None is traced as a
-    constant. Arguments the inputs do not supply are traced at their default where that default
+
+def _keyword_inputs(owner: str, where: str, params: dict[str, inspect.Parameter], inputs: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """Keyword example inputs in placeholder order: the forward's own arguments in signature
+    order, then the keys that go to its ``**kwargs`` in the dict's order."""
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in inputs if k not in params or params[k].kind in (_VAR_POSITIONAL, _VAR_KEYWORD)]
+    if unknown and not takes_any:
+        raise TraceFailure(owner, f"example_inputs has key(s) {_listed(unknown)}, which {where} does not take",
+                           "use the forward's argument names as keys (or a tuple of positional inputs)")
+    for k in unknown:
+        _check_key(owner, where, k, "example_inputs key")
+    return {**{n: inputs[n] for n in params if n in inputs and n not in unknown}, **{k: inputs[k] for k in unknown}}
+
+
+def bind_arguments(model: nn.Module, inputs: tuple | dict[str, Any] | None, concrete_args: dict | tuple | None
+                   ) -> TraceArguments:
+    """Match `inputs` (positional example inputs, a dict of keyword inputs, or None) and
+    `concrete_args` to the signature of ``model.forward``.
+
+    Arguments the inputs supply stay graph inputs, except a None, a bool or a string: fx cannot
+    trace an ``is None`` test on a placeholder (it always takes the ``is not None`` branch), and a
+    switch (``use_cache=False``) only ever steers Python, so each is traced as a constant. Arguments the inputs do not supply are traced at their default where that default
     is a constant (:func:`is_constant`), as ``torch.fx``'s ``concrete_args`` would: ``if mask is not
     None`` then takes the default branch and ``scale=2.0`` becomes a literal. A caller's
-    concrete_args wins over both. ``*args``/``**kwargs`` are left to fx (a placeholder that
-    collects whatever is left over, never a constant): there is no default to trace them at.
+    concrete_args wins over both. Keyword inputs name forward arguments; keys the forward does
+    not name go to its ``**kwargs`` (each becomes a placeholder of its own), and so do
+    concrete_args it does not name. ``*args`` and ``**kwargs`` receive nothing else: the traced
+    entry (``entry``) leaves them out. Without an entry (positional inputs that spill into
+    ``*args``, or no inputs and a forward with ``*args``/``**kwargs``) they are left to fx.
 
     Raises TraceFailure for an argument without a default that is neither supplied nor given
     in concrete_args (only when `inputs` is given: without inputs, the caller supplies it when
-    running the module), and for more inputs than the forward takes; ConfigError for a
-    concrete_args name the forward does not have.
+    running the module), for more inputs than the forward takes and for keys it does not take;
+    ConfigError for a concrete_args name the forward does not have.
     """
     owner = type(model).__name__
     try:  # the class's forward, less `self`: what fx traces
@@ -88,6 +121,7 @@ def bind_arguments(model: nn.Module, inputs: tuple | None, concrete_args: dict |
     named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     positional = [p for p in named if p.kind != p.KEYWORD_ONLY]
     var_names = {("*" if p.kind == p.VAR_POSITIONAL else "**") + p.name for p in params if p not in named}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
     where = f"{owner}.forward{sig}"
     if isinstance(concrete_args, tuple):  # fx's positional form: one value per named argument
         if len(concrete_args) != len(named):
@@ -96,22 +130,32 @@ def bind_arguments(model: nn.Module, inputs: tuple | None, concrete_args: dict |
         concrete_args = dict(zip((p.name for p in named), concrete_args))
     concrete = dict(concrete_args or {})
     for name in concrete:
-        if name not in sig.parameters and name not in var_names:
+        if name not in sig.parameters and name not in var_names and not takes_any:
             raise ConfigError("capture", "concrete_args", name, f"not an argument of {where}")
-    given = inputs is not None
-    inputs = inputs or ()
-    if len(inputs) > len(positional) and not any(p.kind == p.VAR_POSITIONAL for p in params):
-        raise TraceFailure(owner, f"{where} takes {len(positional)} positional argument(s) but "
-                           f"example_inputs has {len(inputs)}",
-                           "pass only the forward's positional inputs as example_inputs")
-    if len(inputs) > len(positional) and len(named) > len(positional):
-        # fx writes keyword-only arguments as positional parameters ahead of *args: the extra
-        # inputs would land in them instead
-        raise TraceFailure(owner, f"{where}: inputs past the first {len(positional)} go to *args, which the "
-                           "traced module takes only after the keyword-only arguments",
-                           "wrap the model in a module whose forward names every input")
-    out = TraceArguments(owner, supplied={p.name: v for p, v in zip(positional, inputs)})
-    for p in named:
+    given, keywords = inputs is not None, isinstance(inputs, dict)
+    if keywords:
+        out = TraceArguments(owner, supplied=_keyword_inputs(owner, where, dict(sig.parameters), inputs), keywords=True)
+        inputs = ()
+    else:
+        inputs = inputs or ()
+        if len(inputs) > len(positional) and not any(p.kind == p.VAR_POSITIONAL for p in params):
+            raise TraceFailure(owner, f"{where} takes {len(positional)} positional argument(s) but "
+                               f"example_inputs has {len(inputs)}",
+                               "pass only the forward's positional inputs as example_inputs")
+        if len(inputs) > len(positional) and len(named) > len(positional):
+            # fx writes keyword-only arguments as positional parameters ahead of *args: the extra
+            # inputs would land in them instead
+            raise TraceFailure(owner, f"{where}: inputs past the first {len(positional)} go to *args, which the "
+                               "traced module takes only after the keyword-only arguments",
+                               "wrap the model in a module whose forward names every input")
+        out = TraceArguments(owner, supplied={p.name: v for p, v in zip(positional, inputs)})
+    # keys for **kwargs, supplied or concrete: arguments without a default, as far as tracing goes
+    var_keys = [k for k in out.supplied if k not in sig.parameters]
+    var_keys += [k for k in concrete if k not in sig.parameters and k not in var_names and k not in var_keys]
+    for k in var_keys:
+        _check_key(owner, where, k, "concrete_args name")
+    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in var_keys]
+    for p in [*named, *extra]:
         if p.name in concrete:
             value = concrete.pop(p.name)
             shown = out.supplied.get(p.name)
@@ -123,24 +167,39 @@ def bind_arguments(model: nn.Module, inputs: tuple | None, concrete_args: dict |
             else:
                 out.fx_concrete = {**(out.fx_concrete or {}), p.name: value}
         elif p.name in out.supplied:
-            if out.supplied[p.name] is None:
-                out.constants[p.name] = None
+            # None, a bool or a string is a switch (use_cache=False, return_dict=True): no graph can
+            # branch on an input, so it is traced as the constant it is, behind a guard
+            if out.supplied[p.name] is None or isinstance(out.supplied[p.name], (bool, str)):
+                out.constants[p.name] = out.supplied[p.name]
         elif p.default is not p.empty:
             if is_constant(p.default):
                 out.constants[p.name] = p.default
             # any other default (a tensor, an object) stays a placeholder with that default, as before
         elif given:
+            shown = f"keys {_listed(out.supplied)}" if keywords else f"{len(inputs)} positional"
             raise TraceFailure(owner, f"{where} needs argument {p.name!r}, which example_inputs "
-                               f"({len(inputs)} positional) does not supply and which has no default",
+                               f"({shown}) does not supply and which has no default",
                                f"add {p.name!r} to example_inputs, or pass concrete_args={{{p.name!r}: <value>}}")
     if concrete:  # what is left names *args/**kwargs: fx's to handle
         out.fx_concrete = {**(out.fx_concrete or {}), **concrete}
+    order = [*named, *extra]
+    if keywords:  # the supplied arguments first: the captured module then takes them positionally too
+        order = [p for p in order if p.name in out.supplied] + [p for p in order if p.name not in out.supplied]
+    # without an entry: inputs for *args, concrete_args fx must place, or no inputs to say what a
+    # forward with *args/**kwargs receives (fx then gives each a placeholder, as it always has)
+    spills = len(inputs) > len(positional) or bool(concrete) or (not given and len(named) < len(params) and not extra)
+    if not spills:
+        out.entry = tuple(p.name for p in order)
+    elif keywords or extra:
+        raise TraceFailure(owner, f"{where}: concrete_args for *args/**kwargs cannot be combined with keyword "
+                           "inputs or keys for **kwargs", "pass every input by name")
     # a constant's placeholder defaults to its value, so the traced module runs without it, except
     # before an argument without a default: fx writes every named argument, keyword-only ones
     # too, as a positional parameter of the generated forward, and Python forbids that order
     tail_free = True
-    for p in reversed(named):
-        tail_free = tail_free and p.name not in out.supplied and (p.name in out.constants or p.default is not p.empty)
+    for p in reversed(order if out.entry else named):
+        # a supplied switch (use_cache=False) defaults to its traced value too: callers may omit it
+        tail_free = tail_free and (p.name in out.constants or p.name not in out.supplied and p.default is not p.empty)
         if tail_free and p.name in out.constants:
             out.defaults[p.name] = out.constants[p.name]
     return out
@@ -166,6 +225,19 @@ def _annotation(value: Any) -> Any:
     if type(value) is tuple:
         return Tuple[tuple(items)]
     return List[items[0]] if len(set(items)) == 1 else None
+
+
+def annotate_inputs(graph: fx.Graph, arguments: TraceArguments | None) -> bool:
+    """Type each placeholder that an example input supplies as a Python value (a float scale, a
+    flag) and the forward leaves unannotated: TorchScript takes an unannotated parameter for a
+    Tensor, and the captured module would not script. True when any changed (regenerate the code)."""
+    changed = False
+    for n in graph.find_nodes(op="placeholder") if arguments is not None else ():
+        value = arguments.supplied.get(str(n.target))
+        if n.type is None and value is not None and str(n.target) not in arguments.constants:
+            n.type = _annotation(value)
+            changed = changed or n.type is not None
+    return changed
 
 
 def bake(tracer: fx.Tracer, args: list, arguments: TraceArguments) -> list:

@@ -2,17 +2,35 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Iterator
 
 import torch
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["max_abs_diff", "max_rel_diff", "run_eval", "eval_mode"]
+from .calling import call
+
+__all__ = ["max_abs_diff", "max_rel_diff", "run_eval", "eval_mode", "call"]
+
+
+def _flatten(value: Any) -> tuple[list[Any], Any]:
+    """``tree_flatten``, also opening dataclasses that are no pytree node (a plain dataclass
+    output would be one leaf, compared with ``!=``, which is ambiguous on tensors)."""
+    leaves, spec = tree_flatten(value)
+    if not any(dataclasses.is_dataclass(v) and not isinstance(v, type) for v in leaves):
+        return leaves, spec
+    out: list[Any] = []
+    for v in leaves:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            out += _flatten([getattr(v, f.name) for f in dataclasses.fields(v)])[0]
+        else:
+            out.append(v)
+    return out, spec
 
 
 def _pairs(a: Any, b: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    fa, sa = tree_flatten(a)
-    fb, sb = tree_flatten(b)
+    fa, sa = _flatten(a)
+    fb, sb = _flatten(b)
     if len(fa) != len(fb):
         raise ValueError(f"outputs differ in structure: {sa} vs {sb}")
     pairs = []
@@ -74,7 +92,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 @torch.no_grad()
-def run_eval(model: torch.nn.Module, inputs: tuple) -> Any:
-    """Run `model` on `inputs` in eval mode without gradients, restoring its training flags."""
+def run_eval(model: torch.nn.Module, inputs: Any) -> Any:
+    """Run `model` on `inputs` (positional, or a dict of keyword inputs: see
+    :func:`surgery.calling.call`) in eval mode without gradients, restoring its training flags."""
     with eval_mode(model):
-        return model(*inputs)
+        return call(model, inputs)

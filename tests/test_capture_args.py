@@ -173,7 +173,7 @@ def test_data_dependent_branch_on_a_tensor_argument_names_it():
     assert "'x'" not in msg.split("try:")[1]  # x feeds the layer, not the branch
 
 
-def test_branch_on_a_supplied_flag_suggests_its_value():
+def test_a_supplied_flag_is_traced_as_a_guarded_constant():
     class Flagged(nn.Module):
         def __init__(self):
             super().__init__()
@@ -184,12 +184,12 @@ def test_branch_on_a_supplied_flag_suggests_its_value():
             return y * 2 if double else y
 
     x = torch.randn(2, 4)
-    with pytest.raises(TraceFailure, match=r"argument\(s\) 'double'.*concrete_args=\{'double': True\}") as info:
-        surgery.capture(Flagged(), (x, True))
-    assert type(info.value) is TraceFailure
     model = Flagged()
-    gm = surgery.capture(model, (x, True), concrete_args={"double": True})  # the suggested fix works
+    gm = surgery.capture(model, (x, True))
+    assert gm.meta["surgery"]["constants"] == {"double": True}
     assert torch.equal(gm(x, True), model(x, True))
+    with pytest.raises(AssertionError, match="double was traced as True"):
+        gm(x, False)
 
 
 def test_descending_past_a_branch_on_an_argument_names_it_in_the_warning():
@@ -198,26 +198,29 @@ def test_descending_past_a_branch_on_an_argument_names_it_in_the_warning():
             super().__init__()
             self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
 
-        def forward(self, x, double=False):
+        def forward(self, x, times=1):
             y = self.body(x)
-            return y * 2 if double else y
+            return y * times if times > 1 else y
 
     model = _eval(Composite())
     x = torch.randn(2, 4)
-    with pytest.warns(UserWarning, match=r"model \(TraceError.*argument\(s\) 'double'.*concrete_args=\{'double': True\}"):
-        gm = surgery.capture(model, (x, True))
+    with pytest.warns(UserWarning, match=r"model \(TraceError.*argument\(s\) 'times'.*concrete_args=\{'times': 3\}"):
+        gm = surgery.capture(model, (x, 3))
     assert gm.meta["surgery"]["shell"] is True and gm.meta["surgery"]["constants"] == {}
-    assert torch.equal(gm(x, True), model(x, True)) and torch.equal(gm(x, False), model(x, False))
+    assert torch.equal(gm(x, 3), model(x, 3)) and torch.equal(gm(x, 1), model(x, 1))
 
 
-def test_iterating_an_argument_names_it():
+def test_iterating_a_tensor_argument_unrolls_behind_a_length_guard():
     class Loop(nn.Module):
         def forward(self, x, scales):
             return sum(x * s for s in scales)
 
-    with pytest.raises(TraceFailure, match=r"argument\(s\) 'scales'") as info:
-        surgery.capture(Loop(), (torch.ones(2), torch.tensor([1.0, 2.0])))
-    assert type(info.value) is TraceFailure
+    model, x = Loop(), torch.ones(2)
+    gm = surgery.capture(model, (x, torch.tensor([1.0, 2.0])))
+    other = torch.tensor([3.0, -1.0])
+    assert torch.equal(gm(x, other), model(x, other))
+    with pytest.raises(AssertionError, match=r"surgery guard: len .* was traced as 2 .*for s in scales"):
+        gm(x, torch.tensor([1.0, 2.0, 3.0]))
 
 
 class Offset(nn.Module):
@@ -261,7 +264,7 @@ def test_shape_propagation_failure_names_node_and_module_never_type_error():
             return self.lin(x) + shift
 
     with pytest.raises(ShapePropagationFailure, match=r"at node 'add' in module 'Shifted'") as info:
-        surgery.capture(Shifted(), (x, "a"))
+        surgery.capture(Shifted(), (x, {"a": 1}))
     assert type(info.value) is ShapePropagationFailure
     assert "argument(s) 'shift' feed this node" in str(info.value)
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from ..calling import as_inputs, call, input_values
 from ..errors import SurgeryError
 
 __all__ = ["HookedRegion", "saved_tensors_hooks", "hooks_disabled", "SavedBytes", "ActivationMemory",
@@ -63,7 +64,7 @@ class SavedBytes:
     `model` and the `inputs` batch are excluded: they live through the step regardless. A
     storage saved twice counts once."""
 
-    def __init__(self, model: nn.Module, inputs: tuple = ()):
+    def __init__(self, model: nn.Module, inputs: Any = ()):
         fixed = [*model.parameters(), *model.buffers()]
         fixed += [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)]
         self.skip = {t.untyped_storage().data_ptr() for t in fixed}
@@ -156,7 +157,7 @@ def _default_loss(out: Any) -> Tensor:
     return sum(t.float().mean() for t in leaves)
 
 
-def _step(model: nn.Module, inputs: tuple, loss_fn: Callable[[Any], Tensor], counter: SavedBytes,
+def _step(model: nn.Module, inputs: tuple | dict[str, Any], loss_fn: Callable[[Any], Tensor], counter: SavedBytes,
           device: torch.device) -> int | None:
     cuda = device.type == "cuda"
     if cuda:
@@ -164,7 +165,7 @@ def _step(model: nn.Module, inputs: tuple, loss_fn: Callable[[Any], Tensor], cou
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
     with counter.counting():
-        loss = loss_fn(model(*inputs))
+        loss = loss_fn(call(model, inputs))
     if loss.requires_grad:
         # backward(), not autograd.grad(): reentrant checkpoints only support the former
         loss.backward()
@@ -188,18 +189,20 @@ def activation_memory(model: nn.Module, inputs: Any, loss_fn: Callable[[Any], Te
     """Run one forward+backward of `model` on `inputs` twice, with its :class:`HookedRegion`
     hooks disabled and enabled, and count the bytes saved for backward each time.
 
-    The count is exact and deterministic (distinct storages held by autograd; parameters,
-    buffers and `inputs` excluded), so it is meaningful on CPU. `loss_fn(output) -> scalar` defaults to the
+    `inputs`: a tensor, a tuple of positional inputs or a dict of keyword inputs. The count is
+    exact and deterministic (distinct storages held by autograd; parameters, buffers and
+    `inputs` excluded), so it is meaningful on CPU. `loss_fn(output) -> scalar` defaults to the
     mean of every floating-point output. The model's buffers (BatchNorm statistics), its
     ``.grad`` fields and the global RNG state are left as they were.
     """
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    inputs = as_inputs(inputs, model)
+    values = input_values(inputs)
     loss_fn = loss_fn or _default_loss
-    first = next((t for t in (*inputs, *model.parameters()) if isinstance(t, Tensor)), None)
+    first = next((t for t in (*values, *model.parameters()) if isinstance(t, Tensor)), None)
     device = first.device if first is not None else torch.device("cpu")
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     # the step accumulates into .grad: park the caller's gradients and put them back after
-    holders = [*model.parameters(), *(t for t in inputs if isinstance(t, Tensor) and t.requires_grad)]
+    holders = [*model.parameters(), *(t for t in values if isinstance(t, Tensor) and t.requires_grad)]
     grads = [t.grad for t in holders]
     rng_devices = [device] if device.type == "cuda" else []
     results = []

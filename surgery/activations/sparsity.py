@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import as_inputs
+from ..calling import call
 from ..errors import SurgeryError
 from ..verify import eval_mode
 
@@ -44,7 +44,7 @@ def harden(gm: nn.Module, *, inplace: bool = False) -> nn.Module:
 @torch.no_grad()
 def activation_sparsity(gm: nn.Module, inputs: Any, *, total: bool = False) -> dict[str, float] | float:
     """Fraction of exact zeros in the output of every sparsifier of `gm`, run in eval mode
-    on `inputs` (a tensor or a tuple of positional inputs). With ``total=True``: one figure,
+    on `inputs` (a tensor, a tuple of positional inputs or a dict of keyword inputs). With ``total=True``: one figure,
     zeros over elements across all those tensors."""
     mods = sparsifiers(gm)
     if not mods:
@@ -58,7 +58,7 @@ def activation_sparsity(gm: nn.Module, inputs: Any, *, total: bool = False) -> d
         hooks.append(m.register_forward_hook(hook))
     try:
         with eval_mode(gm):
-            gm(*as_inputs(inputs))
+            call(gm, inputs)
     finally:
         for h in hooks:
             h.remove()

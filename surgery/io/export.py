@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
-from ..capture import as_inputs
+from ..calling import as_inputs, call
 from ..errors import ExportFailure, first_line
 from ..verify import eval_mode, max_rel_diff, run_eval
 
@@ -32,6 +33,24 @@ def _close(ref: Any, out: Any, tol: float) -> tuple[bool, float]:
     except ValueError:
         return False, float("inf")
     return err <= tol, err
+
+
+def _trace(model: nn.Module, inputs: tuple | dict[str, Any], ref: Any) -> torch.jit.ScriptModule:
+    """``torch.jit.trace``, with keyword inputs as ``example_kwarg_inputs``. A dict or list output
+    (a Hugging Face ModelOutput is a dict) needs ``strict=False``: the file then returns a plain
+    dict, compared by value."""
+    strict = not any(isinstance(v, (dict, list)) for v in _containers(ref))
+    if isinstance(inputs, dict):
+        return torch.jit.trace(model, example_kwarg_inputs=inputs, check_trace=False, strict=strict)
+    return torch.jit.trace(model, inputs, check_trace=False, strict=strict)
+
+
+def _containers(value: Any) -> list[Any]:
+    if isinstance(value, (tuple, list)):
+        return [value, *(c for v in value for c in _containers(v))]
+    if isinstance(value, dict):
+        return [value, *(c for v in value.values() for c in _containers(v))]
+    return []
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, method: str = "auto",
@@ -48,9 +67,13 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, me
     file gets conv/BatchNorm/ReLU/add fused into oneDNN Graph kernels; for a shrunk ResNet-50
     that is what turns the MAC reduction into latency (see benchmarks/results/shrink_latency.md).
 
+    `example_inputs` may be keyword inputs (a dict): scripting keeps the forward's argument
+    names, tracing records them with ``example_kwarg_inputs``, and the reloaded file is checked
+    by calling it with the same keywords.
+
     Raises :class:`ExportFailure` naming the file and the reason.
     """
-    inputs = as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs, model)
     if inputs is None:
         raise ExportFailure(f"{path}: export needs example_inputs to verify the file")
     if method not in ("auto", "script", "trace"):
@@ -66,7 +89,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, me
                     if how == "script":
                         sm = torch.jit.script(model)
                     else:
-                        sm = torch.jit.trace(model, inputs, check_trace=False)
+                        sm = _trace(model, inputs, ref)
                     sm.eval()
                     if freeze:
                         sm = torch.jit.freeze(sm)
@@ -76,14 +99,23 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, me
                 errors.append(f"{how}: {first_line(e)}")
                 continue
             loaded = torch.jit.load(str(path), map_location="cpu")
-            with torch.no_grad():
-                out = loaded(*inputs)
+            try:
+                with torch.no_grad():
+                    out = call(loaded, inputs)
+            except Exception as e:  # a file that cannot take the inputs the model took
+                errors.append(f"{how}: the reloaded file cannot run on the example inputs ({first_line(e)})")
+                continue
             ok, err = _close(ref, out, tol)
             if ok:
                 return path
             errors.append(f"{how}: the reloaded file differs from the model (max rel. error {err:.3g})")
     if path.exists():
         path.unlink()
+    if isinstance(inputs, dict) and not isinstance(model, fx.GraphModule):
+        # torch.jit.trace binds keywords to named tensor parameters only; a captured module names each input
+        errors.append("keyword inputs: torch.jit.trace takes them only as tensors for named positional arguments "
+                      "of forward (no keyword-only arguments, no **kwargs, no Python numbers); export "
+                      "surgery.capture(model, example_inputs) instead, whose forward names every input")
     raise ExportFailure(f"{path}: could not export {type(model).__name__} to TorchScript: " + "; ".join(errors))
 
 

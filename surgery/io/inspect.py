@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
+from ..calling import as_inputs, bind_placeholders
 from ..errors import SurgeryError
 from .group_table import channel_groups_of, format_groups
 from .macs import OTHER, ROOT, count_macs
@@ -291,14 +293,15 @@ def is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
 
-def summary(model: nn.Module | dict, input_shape: Any = None, *, inputs: tuple | None = None,
+def summary(model: nn.Module | dict, input_shape: Any = None, *, inputs: tuple | dict[str, Any] | None = None,
             groups: bool = False, source: str = "", kind: str | None = None) -> Summary:
     """Summarise `model` (an nn.Module, GraphModule, TorchScript module or a state_dict).
 
     Args:
         input_shape: e.g. ``(1, 3, 224, 224)`` or ``"1,3,224,224"`` (``"a;b"`` for several
             inputs): MACs are counted on random float inputs of that shape.
-        inputs: real example inputs instead of `input_shape` (integer token ids, say).
+        inputs: real example inputs instead of `input_shape` (integer token ids, say): a tuple
+            of positional inputs, or a dict of keyword inputs (``{"input_ids": ids}``).
         groups: also compute channel groups (``surgery.channels.channel_groups``).
     """
     shapes = parse_shapes(input_shape)
@@ -324,6 +327,7 @@ def summary(model: nn.Module | dict, input_shape: Any = None, *, inputs: tuple |
             notes.append("frozen TorchScript: the weights (BatchNorm folded into them by the freeze) are graph constants, "
                          "counted together as parameters; there are no layers to list")
         macs = None
+        inputs = as_inputs(inputs, model)
         if inputs is not None:
             macs, counted = count_macs(model, inputs, [r.name for r in rows]), True
             for r in rows:
@@ -333,6 +337,8 @@ def summary(model: nn.Module | dict, input_shape: Any = None, *, inputs: tuple |
             # anything left was credited to a container module: give it a row of its own
             rows += [LayerRow(n, "ops in forward", macs=v) for n, v in macs.items() if v]
         if groups:
+            if isinstance(model, fx.GraphModule) and isinstance(inputs, dict):
+                inputs = bind_placeholders(model.graph, inputs)  # the group table runs the graph positionally
             group_list, why = channel_groups_of(model, inputs)
             if why:
                 notes.append(why)

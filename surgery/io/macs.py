@@ -15,12 +15,13 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..calling import as_inputs, call, input_values
 from ..errors import SurgeryError, first_line
 from ..verify import eval_mode
 
@@ -62,10 +63,12 @@ class _MacCounter(TorchDispatchMode):
         return out
 
 
-def count_macs(model: nn.Module, inputs: tuple, layer_names: Iterable[str] = ()) -> dict[str, int]:
-    """Run `model` once (eval mode, no grad; training flags restored) and return MACs per
-    layer name; `layer_names` are the modules ops may be credited to when they read no
-    parameter. Works on TorchScript modules too (ops are seen at the dispatcher)."""
+def count_macs(model: nn.Module, inputs: Any, layer_names: Iterable[str] = ()) -> dict[str, int]:
+    """Run `model` once on `inputs` (a tensor, a tuple of positional inputs or a dict of keyword
+    inputs; eval mode, no grad; training flags restored) and return MACs per layer name;
+    `layer_names` are the modules ops may be credited to when they read no parameter. Works on
+    TorchScript modules too (ops are seen at the dispatcher)."""
+    inputs = as_inputs(inputs, model)
     names = set(layer_names)
     owners: dict[int, str] = {}
     for mname, m in model.named_modules():
@@ -80,11 +83,11 @@ def count_macs(model: nn.Module, inputs: tuple, layer_names: Iterable[str] = ())
                 handles.append(m.register_forward_hook(lambda _m, _a, _o: stack.pop() and None))
     try:
         with eval_mode(model), torch.no_grad(), _MacCounter(owners, stack) as counter:
-            model(*inputs)
+            call(model, inputs)
     except SurgeryError:
         raise
     except Exception as e:
-        shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, Tensor))
+        shapes = ", ".join(str(tuple(x.shape)) for x in input_values(inputs) if isinstance(x, Tensor))
         raise SurgeryError(f"running the model on input shape {shapes} failed: {first_line(e)}") from e
     finally:
         for h in handles:

@@ -1,0 +1,267 @@
+"""Shape-concrete tracing: concrete values beside the proxies, so a forward that asks Python
+questions about sizes still traces.
+
+torch.fx traces with proxies that know nothing of the values they stand for, so
+``hidden_shape = (*x.shape[:-1], -1, self.head_dim)`` (iterating a shape),
+``for i in range(x.size(1))`` or ``if x.size(1) > 512:`` stop the trace. Here every node
+created during the trace is also run on the example inputs (the idea of NNI's
+``concrete_trace`` and of Hugging Face's old fx tracer), and the tracer answers such questions
+from those values:
+
+- iterating a proxy (a shape, a tuple, a tensor) yields one ``getitem`` node per element, so
+  ``view(*x.shape[:-1], -1, d)`` stays symbolic: the graph reads the sizes at run time;
+- a proxy used as a Python int (``range(n)``, ``len(x)``), a Python bool (``if``) or a dict
+  (``**kw``) takes its concrete value, and a ``torch._assert`` guard records it: run at an input
+  where the answer differs, the captured module raises naming the guard instead of computing
+  the branch it did not trace;
+- ``x.dtype``, ``x.device``, ``x.ndim`` and ``x.dim()`` are the example's: they do not change
+  with the sizes of the inputs.
+
+Guards are listed in ``gm.meta["surgery"]["guards"]``. Values are computed without autograd,
+leaf modules run in eval mode, and tensors read with get_attr are cloned first: the trace never
+changes the model. Where a value cannot be computed, the proxy behaves as in plain fx.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import functools
+import linecache
+import operator
+import os
+import sys
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
+from torch.fx.node import map_aggregate
+
+__all__ = ["ConcreteTracing", "ConcreteProxy"]
+
+_MISSING = object()
+# attributes and methods that do not change with the inputs' sizes: answered from the example
+_STATIC_ATTRS = frozenset({"dtype", "device", "ndim", "is_cuda", "is_sparse", "is_quantized", "layout",
+                           "requires_grad", "is_meta"})
+_STATIC_METHODS = frozenset({"dim", "ndimension", "is_floating_point", "is_complex", "get_device",
+                             "element_size", "is_contiguous"})
+
+
+def _getattr_path(root: Any, target: str) -> Any:
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
+class ConcreteProxy(fx.Proxy):
+    """A proxy that can answer with its node's concrete value (see the module docstring)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # protocol probes (__array__, __cuda_array_interface__...): not a tensor
+            raise AttributeError(name)
+        if "tracer" not in self.__dict__:
+            return super().__getattr__(name)  # copying and unpickling look before __init__
+        if name in _STATIC_ATTRS:
+            value = self.tracer.value_of(self)
+            if value is not _MISSING and hasattr(value, name):
+                return getattr(value, name)
+        return ConcreteAttribute(self, name)
+
+    def __len__(self) -> int:
+        value = self.tracer.value_of(self)
+        if value is _MISSING or not hasattr(value, "__len__"):
+            return super().__len__()
+        n = len(value)
+        if isinstance(value, torch.Tensor):  # a shape's or a tuple's length is fixed by the code
+            self.tracer.guard(self.tracer.create_proxy("call_function", builtins.len, (self,), {}), n, "len")
+        return n
+
+    def __index__(self) -> int:
+        return self.tracer.as_python(self, int)
+
+    def __int__(self) -> int:
+        return self.tracer.as_python(self, int)
+
+    def __float__(self) -> float:
+        return self.tracer.as_python(self, float)
+
+    def __iter__(self) -> Iterator:
+        return self.tracer.iter(self)
+
+
+class ConcreteAttribute(ConcreteProxy, fx.proxy.Attribute):
+    """``proxy.shape`` and friends: fx's lazy attribute proxy, with the concrete answers."""
+
+
+def _from_sizes(kind: str, target: Any, args: tuple, kwargs: dict, value: Any, sized: set) -> bool:
+    """Whether a node's value follows from tensor sizes (and constants) alone: only such values
+    may steer Python, behind a guard. A value read from tensor data (``if mask.any()``) may not:
+    a guard on it would make the graph fail on most other inputs, so fx's refusal stands."""
+    if isinstance(value, torch.Tensor) or kind == "placeholder":  # an input is data, even a Python bool
+        return False
+    if kind == "call_function" and target is getattr and len(args) > 1 and args[1] == "shape" or \
+            kind == "call_method" and target in ("size", "numel", "dim") or \
+            kind == "call_function" and target is builtins.len:
+        return True
+    proxies: list[fx.Proxy] = []
+    map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
+    return all(p.node in sized for p in proxies)
+
+
+# torch's factory functions parse sizes before __torch_function__ can see a proxy among them
+# (torch.ones(b, s) with b, s read from a shape): during a trace they record a node instead
+_FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "arange", "eye", "tensor", "ones_like")
+
+
+@contextlib.contextmanager
+def _factories_recorded(tracer: fx.Tracer) -> Iterator[None]:
+    originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            found: list[fx.Proxy] = []
+            map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+            if found and found[0].tracer is tracer:
+                return tracer.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+        return recorded
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, wrap(fn))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
+
+def _caller() -> str:
+    """``file:line (code)`` of the model's code that asked the question (the first frame outside
+    torch.fx and surgery), for the guard's message."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace(os.sep, "/")
+        if "/torch/fx/" not in name and "/surgery/" not in name:
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            return f"{os.path.basename(name)}:{frame.f_lineno} ({line})"
+        frame = frame.f_back
+    return "?"
+
+
+class ConcreteTracing:
+    """Mixin for an ``fx.Tracer`` subclass: compute each node's value while tracing and answer
+    size questions from it. Enabled by ``self.example`` (argument name -> example value, set
+    before ``trace``); with it None, tracing is plain fx."""
+
+    example: dict[str, Any] | None = None
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        with _factories_recorded(self):
+            return super().trace(root, concrete_args)
+
+    def value_of(self, proxy: fx.Proxy) -> Any:
+        return self.__dict__.setdefault("values", {}).get(proxy.node, _MISSING)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ConcreteProxy(node, self) if self.example is not None else super().proxy(node)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
+                     type_expr: Any | None = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        if self.example is not None and kind == "call_method" and target in _STATIC_METHODS and args and \
+                isinstance(args[0], fx.Proxy):
+            value = self.value_of(args[0])
+            if value is not _MISSING:
+                return getattr(value, target)(*args[1:], **kwargs)  # a plain Python value, no node
+        p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.example is not None and isinstance(p, fx.Proxy):
+            value = self._compute(kind, target, args, kwargs, p.node)
+            if value is not _MISSING:
+                self.__dict__.setdefault("values", {})[p.node] = value
+                if _from_sizes(kind, target, args, kwargs, value, self.__dict__.setdefault("sized", set())):
+                    self.sized.add(p.node)
+        return p
+
+    def _compute(self, kind: str, target: Any, args: tuple, kwargs: dict, node: fx.Node) -> Any:
+        if kind == "placeholder":
+            return self.example.get(str(target), _MISSING)
+        missing = False
+
+        def concrete(a: Any) -> Any:
+            nonlocal missing
+            if isinstance(a, fx.Proxy):
+                v = self.value_of(a)
+                missing = missing or v is _MISSING
+                return v
+            return a
+
+        a = map_aggregate(args, concrete)
+        kw = map_aggregate(kwargs, concrete)
+        if missing:
+            return _MISSING
+        try:  # fx's patches (Module.__call__, __getattr__, wrapped functions) would trace these calls
+            with torch.no_grad(), _maybe_revert_all_patches():
+                if kind == "call_function":
+                    return target(*a, **kw)
+                if kind == "call_method":
+                    return getattr(a[0], target)(*a[1:], **kw)
+                if kind == "get_attr":
+                    value = _getattr_path(self.root, str(target))
+                    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+                if kind == "call_module":
+                    module = self.root.get_submodule(str(target))
+                    was = module.training
+                    module.train(False)
+                    try:
+                        return module(*a, **kw)
+                    finally:
+                        module.train(was)
+        except Exception:  # a value we cannot compute: that node behaves as in plain fx
+            return _MISSING
+        return _MISSING
+
+    # --- the questions fx refuses to answer
+    def guard(self, proxy: fx.Proxy, value: Any, what: str) -> None:
+        """Record that `proxy` was traced as `value`: a torch._assert node and a meta entry."""
+        test = super().create_proxy("call_function", operator.eq, (proxy, value), {})
+        self._assert(test, f"{what} {proxy.node.name} was traced as {value!r}", "inputs of these sizes")
+
+    def _assert(self, test: fx.Proxy, text: str, fix: str) -> None:
+        text += f" at {_caller()}"
+        super().create_proxy("call_function", torch._assert,
+                             (test, f"surgery guard: {text}; capture again with {fix}"), {})
+        self.__dict__.setdefault("guards", []).append(text)
+
+    def as_python(self, proxy: fx.Proxy, kind: type) -> Any:
+        value = self.value_of(proxy)
+        if value is _MISSING or proxy.node not in self.__dict__.get("sized", ()):
+            raise fx.proxy.TraceError(f"symbolically traced variable {proxy.node.name!r} cannot be used as a "
+                                      f"Python {kind.__name__} (its value is unknown or read from tensor data)")
+        out = kind(value)
+        self.guard(proxy, out, kind.__name__)
+        return out
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self.value_of(obj) if self.example is not None else _MISSING
+        if value is _MISSING or obj.node not in self.__dict__.get("sized", ()):
+            return super().to_bool(obj)  # unknown, or read from tensor data: fx's refusal stands
+        out = bool(value)
+        test = obj if out else super().create_proxy("call_function", operator.not_, (obj,), {})
+        self._assert(test, f"condition {obj.node.name} was traced as {out}", "inputs that take this branch")
+        return out
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        value = self.value_of(obj) if self.example is not None else _MISSING
+        if value is _MISSING or not hasattr(value, "__len__") or isinstance(value, torch.Tensor) and value.dim() == 0:
+            return super().iter(obj)
+        n = len(value)
+        if not isinstance(value, (torch.Size, tuple, list)):
+            # a tensor's first size (a tuple's length is fixed by the code that made it)
+            self.guard(super().create_proxy("call_function", builtins.len, (obj,), {}), n, "len")
+        return iter([obj[i] for i in range(n)])
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        value = self.value_of(obj) if self.example is not None else _MISSING
+        if isinstance(value, dict):
+            return value.keys()
+        return super().keys(obj)

@@ -1,0 +1,117 @@
+"""Shape-concrete tracing: a forward that iterates a shape, uses a size as a Python int or
+branches on one traces whole, stays valid at other sizes where the graph reads sizes at run
+time, and raises naming the guard where it specialised. Branches on tensor data still refuse."""
+import pytest
+import torch
+from torch import nn
+
+import surgery
+
+
+class HeadSplit(nn.Module):
+    """Attention-style code fx alone cannot trace: shape unpacking into a view, a size branch."""
+
+    def __init__(self, d: int = 16, head_dim: int = 4):
+        super().__init__()
+        self.q, self.o, self.head_dim = nn.Linear(d, d), nn.Linear(d, d), head_dim
+
+    def forward(self, x):
+        input_shape = x.shape[:-1]
+        q = self.q(x).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        if x.size(1) > 100:  # never true here: a guard keeps the graph honest
+            q = q * 2
+        a = torch.softmax(q @ q.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ q
+        return self.o(a.transpose(1, 2).reshape(*input_shape, -1))
+
+
+class Looped(nn.Module):
+    """range() over a size: the loop unrolls for the traced size, behind a guard."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        for i in range(x.size(0)):
+            y = y + i
+        return y
+
+
+class DataBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum() > 0 else -x
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = DataBranch()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def scale(t):  # traced into two nodes unless kept whole
+    return t * 2 + 1
+
+
+class Scaled(nn.Module):
+    def forward(self, t):
+        return scale(t)
+
+
+def test_shape_questions_trace_whole_and_stay_valid_at_other_sizes():
+    torch.manual_seed(0)
+    model = HeadSplit().eval()
+    gm = surgery.capture(model, (torch.randn(2, 5, 16),))
+    meta = gm.meta["surgery"]
+    assert meta["opaque"] == {}
+    for shape in [(2, 5, 16), (3, 9, 16), (1, 1, 16)]:
+        x = torch.randn(*shape)
+        assert torch.equal(gm(x), model(x))
+    [guard] = meta["guards"]
+    assert "was traced as False" in guard and "if x.size(1) > 100" in guard and "test_concrete.py" in guard
+    assert any(n.op == "call_method" and n.target == "view" for n in gm.graph.nodes)
+
+
+def test_a_guard_raises_where_the_trace_specialised():
+    model = Looped().eval()
+    gm = surgery.capture(model, (torch.randn(3, 4),))
+    x = torch.randn(3, 4)
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(AssertionError, match=r"surgery guard: int .* was traced as 3 at test_concrete.py:\d+ "
+                                             r"\(for i in range\(x.size\(0\)\):\)"):
+        gm(torch.randn(5, 4))
+
+
+def test_a_branch_on_tensor_data_is_still_refused():
+    with pytest.warns(UserWarning, match="inner"):
+        gm = surgery.capture(Outer().eval(), (torch.randn(3, 4),))
+    assert list(gm.meta["surgery"]["opaque"]) == ["inner"]
+    assert gm.meta["surgery"]["guards"] == []
+
+
+def test_plain_fx_models_take_no_guards_and_no_values():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    gm = surgery.capture(net, (torch.randn(1, 3, 8, 8),))
+    assert gm.meta["surgery"]["guards"] == []
+    assert not any(n.target is torch._assert for n in gm.graph.nodes)
+
+
+def test_timm_registries_and_autowrap_functions_are_honoured():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("crossvit_tiny_240", pretrained=False).eval()
+    x = torch.randn(1, 3, 240, 240)
+    gm = surgery.capture(model, (x,))
+    assert gm.meta["surgery"]["opaque"] == {} and torch.equal(gm(x), model(x))
+    assert len(surgery.channel_groups(gm)) == 51
+    wrapped = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert wrapped & set(timm.layers._fx.get_notrace_functions())  # called as single nodes
+    gm = surgery.capture(Scaled(), (torch.randn(3),), autowrap_functions=[scale])
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [scale]
