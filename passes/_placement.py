@@ -5,6 +5,11 @@ number of units and the (node, dim) points after which the same module is called
 masks (DAM, GumbelMask) get one site per channel group (:mod:`surgery.channels`), so coupled
 layers share a mask; per-tensor modules (the Sparsifier) get one site per selected op, after
 its channel-local tail (BatchNorm, activation): that is where its values leave the op.
+
+A model captured as an eager shell keeps its traced graphs nested under eager code
+(:mod:`surgery.nested`): selection, sites and insertion cover every graph of the tree, with
+modules named by their qualified path from the captured model, and each mask goes into the
+GraphModule whose nodes it follows.
 """
 from __future__ import annotations
 
@@ -18,10 +23,11 @@ from torch import nn
 from surgery import channels
 from surgery.errors import SurgeryError
 from surgery.graph import submodule, unique_name
+from surgery.nested import nested_graphs
 from surgery.pipeline import UnitMask
-from surgery.select import Selector, select_nodes
+from surgery.select import Selector, matches, select_nodes
 
-__all__ = ["Site", "unit_sites", "tensor_sites", "insert_site", "tail"]
+__all__ = ["Site", "unit_sites", "tensor_sites", "insert_site", "tail", "select_tree", "owner_of"]
 
 # ops that keep each channel in place and map 0 -> 0 (so a mask may move past them)
 _LOCAL_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU,
@@ -62,6 +68,31 @@ class Site:
                            f"({[(n.name, d) for n, d in self.points]}); one mask cannot serve them")
 
 
+def select_tree(gm: fx.GraphModule, select: Selector, exclude: Selector, skip: tuple[type, ...] = ()
+                ) -> dict[fx.Node, str]:
+    """The selected ``call_module`` nodes of `gm`'s graph and of the graphs nested under eager
+    code in it, each with its module's qualified name from `gm` (what select/exclude match), in
+    graph order. Raises SelectionError, as :func:`surgery.select.select_nodes` does, when none is."""
+    subs = nested_graphs(gm)
+    if not subs:  # one graph: names are its node targets
+        return {n: str(n.target) for n in select_nodes(gm, select, exclude, skip=skip)}
+    picked = {n: str(n.target) for n in select_nodes(gm, select, exclude, required=False, skip=skip)}
+    for path, sub in subs.items():
+        for n in sub.graph.find_nodes(op="call_module"):
+            m = submodule(sub, str(n.target))
+            name = f"{path}.{n.target}"
+            if not (skip and isinstance(m, skip)) and matches(name, m, select, exclude):
+                picked[n] = name
+    if not picked:
+        select_nodes(gm, select, exclude, skip=skip)  # raises, naming what matched outside every graph
+    return picked
+
+
+def owner_of(node: fx.Node) -> fx.GraphModule:
+    """The GraphModule whose graph holds `node` (the captured one, or one nested in it)."""
+    return node.graph.owning_module
+
+
 def _is_local(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "call_module":
         return isinstance(submodule(gm, str(n.target)), _LOCAL_MODULES)
@@ -93,26 +124,26 @@ def unit_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner: s
     group. Frozen groups (the model output, ops the channel rules cannot follow) and groups
     whose producers do not carry all their channels get no mask.
     """
-    nodes = select_nodes(gm, select, exclude, skip=(UnitMask,))
+    nodes = select_tree(gm, select, exclude, skip=(UnitMask,))
     groups = channels.channel_groups(gm)
     sites: list[Site] = []
     skipped: dict[str, str] = {}
     seen: dict[int, Site] = {}
-    for node in nodes:
+    for node, name in nodes.items():
         produced = [g for g in channels.group_of(groups, node) if any(p.node is node for p in g.producers)]
         if not produced:
-            skipped[str(node.target)] = "it produces no channel group"
+            skipped[name] = "it produces no channel group"
             continue
         for group in produced:
             if id(group) in seen:
                 seen[id(group)].sources.append(node)
                 continue
             if group.frozen:
-                skipped[str(node.target)] = f"its channel group is frozen: {group.frozen}"
+                skipped[name] = f"its channel group is frozen: {group.frozen}"
                 continue
             points = list(group.mask_points())
             if not points:
-                skipped[str(node.target)] = "its channel group has no place for one shared mask"
+                skipped[name] = "its channel group has no place for one shared mask"
                 continue
             site = Site(f"{owner}_{str(node.target)}", group.size, points, [node])
             seen[id(group)] = site
@@ -127,18 +158,22 @@ def tensor_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner:
                  skip: tuple[type, ...] = ()) -> list[Site]:
     """One site per selected op (after its channel-local tail), for per-tensor modules that
     need no channel coupling (the activation sparsifier; `units` is 0: not per unit)."""
-    nodes = select_nodes(gm, select, exclude, skip=(UnitMask, *skip))
-    return [Site(f"{owner}_{str(n.target)}", 0, [(tail(gm, n), -1)], [n]) for n in nodes]
+    nodes = select_tree(gm, select, exclude, skip=(UnitMask, *skip))
+    return [Site(f"{owner}_{str(n.target)}", 0, [(tail(owner_of(n), n), -1)], [n]) for n in nodes]
 
 
 def insert_site(gm: fx.GraphModule, site: Site, module: nn.Module) -> list[fx.Node]:
-    """Install `module` once and call it after every point of `site` (a shared decision)."""
+    """Install `module` once and call it after every point of `site` (a shared decision), in
+    the graph that holds the points: `gm`'s own, or one nested in it (a site never spans two)."""
+    gm = owner_of(site.points[0][0]) if site.points else gm
     target = unique_name(gm, site.name)
     gm.add_submodule(target, module)
     new_nodes = []
     for node, _ in site.points:
         if node.op == "output":
             raise SurgeryError(f"{site.name}: cannot place a mask after the graph output")
+        if owner_of(node) is not gm:
+            raise SurgeryError(f"{site.name}: its points lie in different graphs; one mask cannot serve them")
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(target, (node,))
         node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)

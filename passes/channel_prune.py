@@ -2,7 +2,8 @@
 
 Channels are scored per group (the coupled channels of every producer, e.g. a residual
 stream) and the lowest-scoring ones get a zero in one shared hard mask per group. Nothing is
-removed yet: ``Shrink`` does that, exactly.
+removed yet: ``Shrink`` does that, exactly. A model captured as an eager shell (detection) is
+pruned in every traced graph nested in it, each mask going into its group's graph.
 
 Example::
 
@@ -25,13 +26,14 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from surgery.channels import ChannelGraph, ChannelGroup, analyze
+from surgery.channels import ChannelGraph, ChannelGroup, analyze_tree
 from surgery.errors import SelectionError
 from surgery.graph import submodule, unique_name
 from surgery.pipeline import Context, UnitMask
-from surgery.select import Selector, describe, matches, select_nodes
+from surgery.select import Selector, describe, matches
 
 from . import _fields as check
+from ._placement import owner_of, select_tree
 
 __all__ = ["ChannelPrune", "HardMask"]
 
@@ -49,9 +51,11 @@ class HardMask(UnitMask):
         return self.keep
 
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module | None]:
+def _module(node: fx.Node, path: str = "") -> tuple[str, nn.Module | None]:
+    """The qualified name (from the captured model; `path` is the node's graph) and the module
+    of a call_module node; a node's name and None for any other node."""
     if node.op == "call_module":
-        return str(node.target), submodule(gm, str(node.target))
+        return f"{path}.{node.target}" if path else str(node.target), submodule(owner_of(node), str(node.target))
     return node.name, None
 
 
@@ -100,47 +104,55 @@ class ChannelPrune:
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         # a selection that matches nothing raises SelectionError with the nearest names, as in
         # Identity and the mask passes; otherwise a typo would return the model unpruned
-        selected = select_nodes(gm, self.select, self.exclude, skip=(UnitMask,))
-        cg = analyze(gm)
-        self._check_producers(selected, cg)
-        points = {g.id: g.mask_points() for g in cg.groups}
-        chosen = [g for g in cg.groups if points[g.id] and self._eligible(gm, g)]
-        scores = {g.id: self._scores(gm, cg, g) for g in chosen}
-        by_group = _segments(cg)
+        selected = select_tree(gm, self.select, self.exclude, skip=(UnitMask,))
+        tree = analyze_tree(gm)  # gm's graph, and those nested under eager code in it (a shell's)
+        groups = [g for cg in tree.values() for g in cg.groups]
+        self._check_producers(selected, groups)
+        points = {g.id: g.mask_points() for g in groups}
+        chosen = [g for g in groups if points[g.id] and self._eligible(g)]
+        scores = {g.id: self._scores(g) for g in chosen}
+        by_group = {gid: seg for cg in tree.values() for gid, seg in _segments(cg).items()}
         segs = {g.id: by_group.get(g.id) for g in chosen}
         if self.scope == "local":
             keep = {g.id: self._keep_local(scores[g.id], segs[g.id]) for g in chosen}
         else:
             keep = self._keep_global(chosen, scores, segs)
+        edited: set[fx.GraphModule] = set()
         for g in chosen:
             if keep[g.id].all():
                 continue
-            mask = HardMask(torch.as_tensor(keep[g.id]), points[g.id][0][1]).train(gm.training)
-            name = unique_name(gm, f"prune_g{g.id}")
-            gm.add_submodule(name, mask)
+            owner = tree[g.graph].gm  # the mask goes into the graph of its group
+            mask = HardMask(torch.as_tensor(keep[g.id]), points[g.id][0][1]).train(owner.training)
+            name = unique_name(owner, f"prune_g{g.id}")
+            owner.add_submodule(name, mask)
             for node, _ in points[g.id]:
-                with gm.graph.inserting_after(node):
-                    new = gm.graph.call_module(name, (node,))
+                with owner.graph.inserting_after(node):
+                    new = owner.graph.call_module(name, (node,))
                 node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
                 new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
-        return gm  # compress lints and recompiles (when the next pass or the caller needs the code)
+            edited.add(owner)
+        for owner in edited - {gm}:
+            # eager code calls a nested graph's generated code, which compress never regenerates
+            owner.graph.lint()
+            owner.recompile()
+        return gm  # compress lints and recompiles gm's own graph (when the next pass or the caller needs the code)
 
-    def _check_producers(self, selected: list[fx.Node], cg: ChannelGraph) -> None:
+    def _check_producers(self, selected: dict[fx.Node, str], groups: list[ChannelGroup]) -> None:
         """SelectionError when no selected module produces channels (``select="bn1"``): scores and
         masks go to producers only, so such a selection would prune nothing, silently."""
-        producers = {p.node for g in cg.groups for p in g.producers}
+        producers = {p.node for g in groups for p in g.producers}
         if not any(n in producers for n in selected):
-            names = ", ".join(str(n.target) for n in selected[:8])
+            names = ", ".join(list(selected.values())[:8])
             raise SelectionError(f"ChannelPrune: select={describe(self.select)} matched only modules that produce "
                                  f"no channel group ({names}); select the convolutions or linear layers to prune")
 
-    def _eligible(self, gm: fx.GraphModule, g: ChannelGroup) -> bool:
+    def _eligible(self, g: ChannelGroup) -> bool:
         """Whether `g` (which has mask points) may be pruned."""
         if g.frozen or g.size < 2:
             return False
         picked = False
         for p in g.producers:
-            name, m = _module(gm, p.node)
+            name, m = _module(p.node, g.graph)
             if m is None:
                 continue
             if self.exclude is not None and matches(name, m, None, self.exclude) is False:
@@ -148,13 +160,13 @@ class ChannelPrune:
             picked |= matches(name, m, self.select, self.exclude)
         return picked
 
-    def _scores(self, gm: fx.GraphModule, cg: ChannelGraph, g: ChannelGroup) -> np.ndarray:
+    def _scores(self, g: ChannelGroup) -> np.ndarray:
         s = np.zeros(g.size)
         if self.criterion == "random":
             return np.random.default_rng(self.seed + g.id).random(g.size)
         if self.criterion == "bn_scale":
             for p in g.locals:
-                _, m = _module(gm, p.node)
+                _, m = _module(p.node)
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
                     w = m.weight.detach().abs().double().numpy()  # small: one value per channel
                     ok = p.channels >= 0
@@ -162,7 +174,7 @@ class ChannelPrune:
             if s.any():
                 return s
         for p in g.producers:
-            _, m = _module(gm, p.node)
+            _, m = _module(p.node)
             w = getattr(m, "weight", None) if m is not None else None
             if w is None:
                 continue
@@ -227,7 +239,7 @@ def _segments(cg: ChannelGraph) -> dict[int, np.ndarray]:
     for p in cg.places:
         if p.groups > 1 and p.role in ("producer", "reader"):
             chans = cg.chan_of_elem[p.ids]
-            gid = int(cg.chan_group[chans[0]])
-            if gid not in out and len(chans) == cg.groups[gid].size:
-                out[gid] = cg.local_index[chans].reshape(p.groups, -1)
+            group = cg.groups[int(cg.chan_group[chans[0]])]  # chan_group counts within this graph
+            if group.id not in out and len(chans) == group.size:
+                out[group.id] = cg.local_index[chans].reshape(p.groups, -1)
     return out

@@ -21,7 +21,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
+from .calling import bind_placeholders
+from .nested import recording_shapes
 from .verify import eval_mode
 
 __all__ = ["ShapeProp", "annotate_shapes"]
@@ -36,16 +39,22 @@ def _describe(value: Any) -> tuple[Any, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """fx's immutable containers -> ordinary lists/dicts (recursively)."""
-    if isinstance(value, tuple):
-        if not any(isinstance(v, (tuple, list, dict)) for v in value):
-            return value  # the common case: a node's args are tensors and numbers
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, list):
+    """fx's immutable containers (how a node's args hold list and dict literals) -> ordinary
+    lists and dicts, recursively, as the generated code would pass them. Every other value, a
+    model's own namedtuple, ModelOutput or list among them, passes as it is: rebuilding it as a
+    plain tuple or dict would lose its type (``.last_hidden_state`` fails afterwards)."""
+    t = type(value)
+    if t is immutable_list:
         return [_plain(v) for v in value]
-    if isinstance(value, dict):
+    if t is immutable_dict:
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple) and any(type(v) in _NESTED for v in value):
+        items = [_plain(v) for v in value]
+        return t(*items) if hasattr(t, "_fields") else t(items)
     return value
+
+
+_NESTED = frozenset({tuple, immutable_list, immutable_dict})
 
 
 # modules whose output has their (single) input's shape and dtype, by exact class: a subclass may
@@ -154,9 +163,10 @@ def _meta_eligible(gm: fx.GraphModule, mods: dict[str, nn.Module]) -> bool:
     return True
 
 
-def annotate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
-    """Set every node's ``meta["shape"]``/``meta["dtype"]`` for `inputs`, as
-    ``ShapeProp(gm).propagate(*inputs)`` does, but without computing values where that is safe.
+def annotate_shapes(gm: fx.GraphModule, inputs: tuple | dict[str, Any]) -> None:
+    """Set every node's ``meta["shape"]``/``meta["dtype"]`` for `inputs` (positional, or keyword
+    by placeholder name), as ``ShapeProp(gm).propagate(*inputs)`` does, but without computing
+    values where that is safe.
 
     When every module the graph calls is a stateless torch.nn layer, the graph runs once on
     the meta device (tensors with shapes and no data): the module tree's parameters and
@@ -168,6 +178,7 @@ def annotate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
     (an op without a meta kernel, a tensor made on the CPU inside forward, a value read back
     into Python) gets the ordinary run instead, which also raises the model's own errors.
     """
+    inputs = bind_placeholders(gm.graph, inputs)
     prop = ShapeProp(gm)
     real_modules = prop.submodules
     if _meta_eligible(gm, real_modules):
@@ -252,7 +263,7 @@ class ShapeProp(fx.Interpreter):
                                                    "but one was not passed in")
                             value = n.args[0]
                 elif op == "output":
-                    out = fx.node.map_arg(n.args[0], get)
+                    out = _plain(fx.node.map_arg(n.args[0], get))  # the types the generated code returns
                     n.meta["shape"], n.meta["dtype"] = _describe(out)
                     return self.graph.process_outputs(out) if enable_io_processing else out
                 else:
@@ -278,6 +289,11 @@ class ShapeProp(fx.Interpreter):
                 del env[dead]
         return None
 
-    def propagate(self, *args: Any) -> Any:
-        with eval_mode(self.module), torch.no_grad():
+    def propagate(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the graph on `args` (and `kwargs`, by placeholder name) and return its output."""
+        if kwargs:
+            names = [str(n.target) for n in self.graph.find_nodes(op="placeholder")]
+            args = bind_placeholders(self.graph, {**dict(zip(names, args)), **kwargs})
+        # graphs nested under eager code (a shell's children) record their shapes too
+        with eval_mode(self.module), torch.no_grad(), recording_shapes(self.module, ShapeProp):
             return self.run(*args)

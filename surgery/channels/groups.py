@@ -37,12 +37,15 @@ from torch import nn
 from ..copying import gc_paused, tensor_key
 from ..errors import SurgeryError
 from ..graph import submodule
+from ..nested import nested_graphs
 from ..pipeline import UnitMask
+from .boundary import Boundary, annotated, check_boundary, prepare, shared_tensors
 from .checks import check_sizes, check_tensor_uses
+from .components import components
 from .rulebook import RULES, Ids, Rule, RuleContext, _RawPlace
 from .rules.modules import mask_rule  # importing .rules registers the standard table
 
-__all__ = ["ChannelGroup", "Place", "ChannelGraph", "channel_groups", "group_of", "analyze"]
+__all__ = ["ChannelGroup", "Place", "ChannelGraph", "channel_groups", "group_of", "analyze", "analyze_tree"]
 
 
 @dataclass(eq=False)
@@ -67,7 +70,11 @@ class Place:
 
 @dataclass(eq=False)
 class ChannelGroup:
-    """A set of coupled channels: removing channel j removes it from every place listed."""
+    """A set of coupled channels: removing channel j removes it from every place listed.
+
+    ``graph`` is the qualified module path of the GraphModule whose nodes the places are: "" for
+    the captured graph itself, e.g. "model.backbone" for a graph nested under an eager shell.
+    """
 
     id: int
     size: int
@@ -76,6 +83,7 @@ class ChannelGroup:
     readers: list[Place] = field(default_factory=list)
     frozen: str | None = None
     masks: list[Place] = field(default_factory=list)
+    graph: str = ""
 
     def mask_points(self) -> list[tuple[fx.Node, int]]:
         """(node, dim) pairs after which one shared per-channel mask of ``size`` units realises
@@ -110,7 +118,9 @@ class ChannelGroup:
     def __repr__(self) -> str:
         names = ", ".join(p.node.name for p in self.producers[:4]) + ("..." if len(self.producers) > 4 else "")
         fz = f", frozen={self.frozen!r}" if self.frozen else ""
-        return f"ChannelGroup(id={self.id}, size={self.size}, producers=[{names}], readers={len(self.readers)}{fz})"
+        where = f", graph={self.graph!r}" if self.graph else ""
+        return (f"ChannelGroup(id={self.id}, size={self.size}{where}, producers=[{names}], "
+                f"readers={len(self.readers)}{fz})")
 
 
 def _is_trailing(user: fx.Node, node: fx.Node) -> bool:
@@ -141,11 +151,19 @@ def group_of(groups: Iterable[ChannelGroup], node: fx.Node) -> list[ChannelGroup
 
 # ----------------------------------------------------------------------------------------- analysis
 class ChannelGraph:
-    """The result of the walk: layouts per node, places, couplings, frozen elements, and the
-    groups built from them. :func:`analyze` makes one; Shrink and ChannelPrune read it."""
+    """The result of the walk over one graph: layouts per node, places, couplings, frozen
+    elements, and the groups built from them. :func:`analyze` makes one, :func:`analyze_tree` one
+    per graph of a model; Shrink and ChannelPrune read them.
 
-    def __init__(self, gm: fx.GraphModule):
+    `boundary` is set for a graph that eager code calls (see :mod:`~surgery.channels.boundary`);
+    its groups are numbered from `first_id`, so that ids stay unique across a model's graphs.
+    """
+
+    def __init__(self, gm: fx.GraphModule, boundary: Boundary | None = None, first_id: int = 0):
         self.gm = gm
+        self.boundary = boundary
+        self.path = boundary.path if boundary is not None else ""
+        self.first_id = first_id
         self.layouts: dict[fx.Node, Any] = {}
         self.values: dict[fx.Node, Any] = {}
         self.places: list[_RawPlace] = []
@@ -208,6 +226,8 @@ class ChannelGraph:
                 self.layouts[node] = out
                 if vals is not None:
                     self.values[node] = vals
+        if self.boundary is not None:
+            check_boundary(self)
         check_sizes(self)
         check_tensor_uses(self)
         self._build()
@@ -232,7 +252,7 @@ class ChannelGraph:
             b = np.concatenate([e[1] for e in self.edges])
         else:
             a = b = np.zeros(0, dtype=np.int64)
-        chan = _components(n, a, b)
+        chan = components(n, a, b)
         # groups: channels joined also through the spaces they were produced in
         space = np.zeros(n, dtype=np.int64)
         starts = np.array(self.space_start, dtype=np.int64)
@@ -240,7 +260,7 @@ class ChannelGraph:
             space[starts[1:]] = 1
             space = np.cumsum(space)
         first = starts[space] if n else space
-        grp = _components(n, np.concatenate([a, np.arange(n)]), np.concatenate([b, first]))
+        grp = components(n, np.concatenate([a, np.arange(n)]), np.concatenate([b, first]))
         self.chan_of_elem = chan            # element -> global channel id
         self.group_of_elem = grp
         n_chan = int(chan.max()) + 1 if n else 0
@@ -267,7 +287,7 @@ class ChannelGraph:
         self.local_index[by_first[in_group]] = np.arange(n_chan) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         self.chan_group = np.zeros(n_chan, dtype=np.int64)
         self.chan_group[by_first] = g_sorted
-        groups = [ChannelGroup(id=i, size=int(s)) for i, s in enumerate(sizes)]
+        groups = [ChannelGroup(id=self.first_id + i, size=int(s), graph=self.path) for i, s in enumerate(sizes)]
         if frozen_chan:  # a group's reason: its lowest frozen channel's (a classifier has 1000)
             chans = np.fromiter(frozen_chan, dtype=np.int64, count=len(frozen_chan))
             gids, first = np.unique(self.chan_group[chans], return_index=True)
@@ -305,27 +325,6 @@ class ChannelGraph:
         return self.chan_of_elem[ids]
 
 
-def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Connected components of n nodes joined by edges a[i]-b[i], labelled 0..k-1 in order of
-    their smallest node: min-label propagation with pointer jumping, all in numpy."""
-    lab = np.arange(n, dtype=np.int64)
-    while len(a):
-        m = np.minimum(lab[a], lab[b])
-        new = lab.copy()
-        np.minimum.at(new, a, m)
-        np.minimum.at(new, b, m)
-        while True:  # labels are node ids no larger than the node's own: jump to the root
-            nxt = new[new]
-            if np.array_equal(nxt, new):
-                break
-            new = nxt
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    _, labels = np.unique(lab, return_inverse=True)
-    return labels.reshape(-1)
-
-
 def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
     if node.op == "call_module":
         for cls in type(module).__mro__:
@@ -347,12 +346,14 @@ def _freeze_output(g: ChannelGraph, node: fx.Node) -> None:
         lay = g.layouts.get(a)
         for part in (lay if isinstance(lay, tuple) else (lay,)):
             if part is not None:
-                g.frozen.append((np.unique(part), f"reaches the model output through {a.name!r}"))
+                why = g.boundary.output_reason(a) if g.boundary else f"reaches the model output through {a.name!r}"
+                g.frozen.append((np.unique(part), why))
 
 
 @gc_paused()
 def analyze(gm: fx.GraphModule) -> ChannelGraph:
-    """Walk `gm` once and return the full channel analysis (layouts, places, groups)."""
+    """Walk `gm`'s own graph once and return its channel analysis (layouts, places, groups);
+    :func:`analyze_tree` also analyses the graphs nested under eager code in it."""
     if not isinstance(gm, fx.GraphModule):
         raise SurgeryError(f"channel analysis needs a captured GraphModule, got {type(gm).__name__}")
     if not any("shape" in n.meta for n in gm.graph.nodes if n.op != "placeholder"):
@@ -361,17 +362,37 @@ def analyze(gm: fx.GraphModule) -> ChannelGraph:
     return ChannelGraph(gm).run()
 
 
+@gc_paused()
+def analyze_tree(gm: fx.GraphModule) -> dict[str, ChannelGraph]:
+    """The analysis of `gm`'s graph and of every traced graph nested under eager code in it (a
+    shell's children; see :mod:`surgery.nested`), by qualified module path ("" for `gm` itself),
+    each found from its groups' ``graph``. Group ids run on across the graphs. A nested graph is
+    analysed within its boundary (:mod:`~surgery.channels.boundary`); one that the example run
+    never called has no shapes and is left out: nothing in it is pruned."""
+    tree = {"": analyze(gm)}
+    subs = nested_graphs(gm)
+    if not subs:  # the common case: one graph, analysed as it always was
+        return tree
+    shared, first = shared_tensors(gm), len(tree[""].groups)
+    for path, sub in subs.items():
+        if annotated(sub):
+            prepare(sub)
+            tree[path] = ChannelGraph(sub, Boundary(path, shared), first).run()
+            first += len(tree[path].groups)
+    return tree
+
+
 def channel_groups(gm: fx.GraphModule, rules: dict | None = None) -> list[ChannelGroup]:
-    """The channel groups of a captured GraphModule (captured with example_inputs).
+    """The channel groups of a captured GraphModule (captured with example_inputs), those of
+    the graphs nested under eager code in it included (``group.graph`` names each one's graph).
 
     `rules` adds or overrides rules for this call only (same keys as :data:`RULES`).
     """
-    if rules:
-        saved = dict(RULES)
-        RULES.update(rules)
-        try:
-            return analyze(gm).groups
-        finally:
+    saved = dict(RULES) if rules else None
+    RULES.update(rules or {})
+    try:
+        return [g for cg in analyze_tree(gm).values() for g in cg.groups]
+    finally:
+        if saved is not None:
             RULES.clear()
             RULES.update(saved)
-    return analyze(gm).groups

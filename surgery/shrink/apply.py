@@ -5,7 +5,9 @@ zero there, or a constant it can fold into its bias (a Linear, an unpadded Conv)
 themselves leave the graph: kept factors of 1 vanish, other kept factors fold into the layer
 before the mask where that is exact (BatchNorm, Conv, Linear, through ReLU for positive
 factors) and stay as a per-channel ``torch.mul`` by a buffer otherwise. The result is run
-against the masked model on the example inputs; a difference raises ShrinkMismatch.
+against the masked model on the example inputs; a difference raises ShrinkMismatch. A model
+captured as an eager shell (detection) has each of its nested graphs shrunk, and is verified whole
+and graph by graph: each nested graph's outputs against the masked one's, on the same arguments.
 
 Example::
 
@@ -28,11 +30,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..capture import as_inputs, surgery_meta
-from ..channels.groups import analyze
+from ..calling import as_inputs, bind_placeholders
+from ..capture import surgery_meta
+from ..channels.groups import ChannelGraph, analyze_tree
 from ..copying import copy_sharing_tensors, gc_paused, unshare
 from ..errors import ShrinkMismatch, SurgeryError
 from ..graph import drop_dead_nodes, finish
+from ..nested import recording_calls, replay
 from ..pipeline import UnitMask
 from ..shapes import ShapeProp
 from ..verify import max_rel_diff
@@ -52,6 +56,7 @@ class GroupShrink:
     after: int
     kept: dict[int, str] = field(default_factory=dict)  # channel -> why it stayed despite its mask
     frozen: str | None = None
+    graph: str = ""  # the qualified path of the group's graph ("" for the captured graph itself)
 
 
 @dataclass
@@ -71,7 +76,8 @@ class ShrinkReport:
         changed = [g for g in self.groups if g.after != g.before or g.kept]
         lines.append(f"{'group':>5}  {'before':>6}  {'after':>6}  producers")
         for g in changed:
-            lines.append(f"{g.id:>5}  {g.before:>6}  {g.after:>6}  {', '.join(g.producers[:3])}"
+            where = f"[{g.graph}] " if g.graph else ""  # node names repeat across nested graphs
+            lines.append(f"{g.id:>5}  {g.before:>6}  {g.after:>6}  {where}{', '.join(g.producers[:3])}"
                          + (" ..." if len(g.producers) > 3 else ""))
             reasons: dict[str, list[int]] = {}
             for c, r in g.kept.items():
@@ -118,12 +124,13 @@ class _Recorder(fx.Interpreter):
 
 
 @torch.no_grad()
-def _first_difference(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple, tol: float) -> str | None:
+def _first_difference(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple | dict[str, Any], tol: float
+                      ) -> str | None:
     ra, rb = _Recorder(a), _Recorder(b)
     for m in (a, b):
         m.eval()
-    ra.run(*inputs)
-    rb.run(*inputs)
+    ra.run(*bind_placeholders(a.graph, inputs))
+    rb.run(*bind_placeholders(b.graph, inputs))
     for n in b.graph.nodes:
         x, y = ra.out.get(n.name), rb.out.get(n.name)
         if x is not None and y is not None and x.shape == y.shape and x.is_floating_point():
@@ -139,10 +146,10 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
 
     `gm` is not mutated unless ``inplace=True`` (what the Shrink pass does: compress() already
     works on a copy). Raises :class:`ShrinkMismatch` if the shrunk model's outputs differ from
-    the masked model's on `example_inputs` by more than `tol` (relative to the output's largest
-    magnitude).
+    the masked model's on `example_inputs` (positional, or a dict of keyword inputs) by more
+    than `tol` (relative to the output's largest magnitude).
     """
-    inputs = as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs, gm)
     if inputs is None:
         raise SurgeryError("Shrink needs example_inputs: pass them to compress(..., example_inputs=(x,))")
     if not isinstance(gm, fx.GraphModule):
@@ -154,44 +161,96 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
     t0 = time.perf_counter()
     # the masked model's output, and fresh shapes for the analysis; through the graph, not the
     # generated code, which compress may not have regenerated after the mask pass
-    ref = ShapeProp(work).propagate(*inputs)
+    args = bind_placeholders(work.graph, inputs)  # keyword inputs by placeholder name: Shrink keeps the names
+    with recording_calls(work) as calls:  # what eager code gives nested graphs and gets back: verified too
+        ref = ShapeProp(work).propagate(*args)
     verify_seconds = time.perf_counter() - t0
-    cg = analyze(work)
-    decider = Decider(cg)
-    removed = decider.run()
-    editor = Editor(cg, removed, decider)
-    with torch.no_grad():
-        editor.run()
-    drop_dead_nodes(work.graph)
-    finish(work)
+    edits = [_edit(cg) for cg in analyze_tree(work).values()]  # work's graph, and any nested under eager code
     unshare(work, shared)
     try:
         t0 = time.perf_counter()
-        out = ShapeProp(work).propagate(*inputs)
+        with recording_calls(work) as again:
+            out = ShapeProp(work).propagate(*args)
+        inner_err, inner_first = _nested_error(work, calls, again, tol)
         verify_seconds += time.perf_counter() - t0
-        err = max_rel_diff(ref, out)
     except Exception as e:
         raise ShrinkMismatch(float("inf"), None, f"the shrunk model fails to run: {type(e).__name__}: {e}") from e
+    try:
+        err, how = max(max_rel_diff(ref, out), inner_err), ""
+    except ValueError as e:  # a different structure or shape (a detection's number of boxes)
+        err, how = float("inf"), f" ({e})"
     if not err <= tol:
-        if inplace:
+        how += _amplified(inner_err, calls, tol)
+        if inplace and inner_first is None:
             raise ShrinkMismatch(err, None, "please report this model; Shrink must be exact. "
-                                 "surgery.shrink(masked_model, example_inputs) names the first differing node")
-        first = _first_difference(gm, work, inputs, tol)
-        raise ShrinkMismatch(err, first, "please report this model; Shrink must be exact")
-    report = _report(cg, decider, removed, params_before, _n_params(work), err, editor.scaled)
+                                 "surgery.shrink(masked_model, example_inputs) names the first differing node" + how)
+        first = inner_first or _first_difference(gm, work, inputs, tol)
+        raise ShrinkMismatch(err, first, "please report this model; Shrink must be exact" + how)
+    rows = [row for cg, decider, removed, _ in edits for row in _rows(cg, decider, removed)]
+    report = ShrinkReport(rows, params_before, _n_params(work), err, [s for *_, e in edits for s in e.scaled])
     report.verify_seconds = verify_seconds
     surgery_meta(work)["shrink_report"] = report
     return work
 
 
-def _report(cg, decider, removed, before, after, err, scaled) -> ShrinkReport:
+Calls = dict[str, list[tuple[tuple, dict, Any]]]
+
+
+def _nested_error(work: fx.GraphModule, calls: Calls, again: Calls, tol: float) -> tuple[float, str | None]:
+    """The largest relative difference between what each nested graph returned in the masked run
+    (`calls`) and what its shrunk self returns for the same arguments, and the path of the first
+    graph that differs beyond `tol` (None: none). The shrunk run's own calls (`again`) answer
+    where they agree; where not, eager code may have handed the graph other arguments (other
+    proposals), so the graph runs once more on the masked run's."""
+    def error(outs: list[Any], seen: list[tuple[tuple, dict, Any]]) -> float:
+        try:
+            return max((max_rel_diff(ref, got) for (*_, ref), got in zip(seen, outs)), default=0.0) \
+                if len(outs) == len(seen) else float("inf")
+        except ValueError:  # a different structure or shape
+            return float("inf")
+
+    worst, first = 0.0, None
+    for path, seen in calls.items():
+        err = error([out for *_, out in again.get(path, [])], seen)
+        if not err <= tol:
+            err = error(replay(work, {path: seen})[path], seen)
+        worst = max(worst, err)
+        if first is None and not err <= tol:
+            first = path
+    return worst, first
+
+
+def _amplified(inner_err: float, calls: Calls, tol: float) -> str:
+    """Why an output can differ although every nested graph agrees: the eager code around them."""
+    if not calls or not inner_err <= tol:
+        return ""
+    return (f"; every nested graph agrees on the same inputs (max rel. error {inner_err:.1e}): the eager code "
+            "around them turns rounding into a different result (a sort or a threshold on near-equal scores)")
+
+
+def _edit(cg: ChannelGraph) -> tuple[ChannelGraph, Decider, np.ndarray, Editor]:
+    """Plan and apply the removals of one graph (the channels of different graphs never meet:
+    what crosses a boundary is frozen), then regenerate its code where anything changed."""
+    decider = Decider(cg)
+    removed = decider.run()
+    editor = Editor(cg, removed, decider)
+    with torch.no_grad():
+        editor.run()
+    # a nested graph that nothing touched keeps its code (eager code calls it; nothing else recompiles it)
+    if cg.boundary is None or cg.mask_nodes or removed.any():
+        drop_dead_nodes(cg.gm.graph)
+        finish(cg.gm)
+    return cg, decider, removed, editor
+
+
+def _rows(cg: ChannelGraph, decider: Decider, removed: np.ndarray) -> list[GroupShrink]:
     rows = []
     for g in cg.groups:
-        rows.append(GroupShrink(g.id, [p.node.name for p in g.producers], g.size, g.size, {}, g.frozen))
-    chan_group = cg.chan_group
+        rows.append(GroupShrink(g.id, [p.node.name for p in g.producers], g.size, g.size, {}, g.frozen, g.graph))
+    chan_group = cg.chan_group  # a group's index within its graph's rows
     for c in np.nonzero(removed)[0]:
         rows[chan_group[c]].after -= 1
     for c, r in decider.reason.items():
         if decider.candidate[c]:
             rows[chan_group[c]].kept[int(cg.local_index[c])] = r
-    return ShrinkReport(rows, before, after, err, scaled)
+    return rows
