@@ -8,7 +8,7 @@ downloaded), with example inputs, for the capture and shrink sweeps and the test
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -103,16 +103,12 @@ def build_hf(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch
     return model.eval(), example_inputs(name, seed)
 
 
-def first_tensor(out: Any) -> torch.Tensor:
-    """The first tensor of a model output (ModelOutput, tuple, tensor): what sweeps compare."""
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a (nested) model output, in order: what sweeps and tests compare."""
     if isinstance(out, torch.Tensor):
-        return out
+        return [out]
     if isinstance(out, dict):
         out = list(out.values())
-    for item in out:
-        if isinstance(item, torch.Tensor):
-            return item
-    raise TypeError(f"no tensor in {type(out).__name__}")
-
-
-BUILDERS: dict[str, Callable[[], tuple[torch.nn.Module, dict]]] = {n: (lambda n=n: build_hf(n)) for n in HF_MODELS}
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in output_tensors(item)]
+    return []

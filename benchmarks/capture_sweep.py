@@ -66,19 +66,8 @@ def build(family: str, name: str) -> torch.nn.Module:
     return tvm.get_model(name, **kwargs).eval()
 
 
-def _tensors(out) -> list[torch.Tensor]:
-    """Every tensor of a (nested) model output, in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _tensors(item)]
-    return []
-
-
 def sweep_hf(name: str) -> dict:
-    from _hf_models import HF_MODELS, build_hf
+    from _hf_models import HF_MODELS, build_hf, output_tensors
     from _hf_models import example_inputs as hf_inputs
     row = {"family": "hf", "model": f"{name} ({HF_MODELS[name][0]})"}
     try:
@@ -96,7 +85,7 @@ def sweep_hf(name: str) -> dict:
         with torch.no_grad():
             got, want = gm(**fresh), model(**fresh)
         row["same_type"] = type(got) is type(want)
-        a, b = _tensors(got), _tensors(want)
+        a, b = output_tensors(got), output_tensors(want)
         row["diff"] = max((max_abs_diff(u, v) for u, v in zip(a, b)), default=float("nan")) \
             if len(a) == len(b) else float("inf")
         row["ok"] = row["diff"] == 0 and row["same_type"] and not row["opaque"]

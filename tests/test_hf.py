@@ -11,19 +11,11 @@ import surgery
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _hf_models import build_hf, example_inputs  # noqa: E402
+from _hf_models import build_hf, example_inputs, output_tensors  # noqa: E402
 
 # one encoder, one decoder LM with grouped-query attention, one encoder-decoder, one vision
 # transformer, one model with tied input/output embeddings
 CASES = ["bert", "llama", "t5", "vit", "gpt2"]
-
-
-def _tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for item in out for t in _tensors(item)] if isinstance(out, (list, tuple)) else []
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -36,7 +28,7 @@ def test_hf_models_capture_whole_and_exact_at_other_sizes(name):
         with torch.no_grad():
             got, want = gm(**fresh), model(**fresh)
         assert type(got) is type(want)
-        a, b = _tensors(got), _tensors(want)
+        a, b = output_tensors(got), output_tensors(want)
         assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
 
 
