@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from .calling import as_inputs, entry_shell, traced_entry
-from .concrete import ConcreteTracing
+from .concrete import ConcreteTracing, failing_line, specialised_dims
 from .copying import copy_module, copy_sharing_tensors, gc_paused, shareable_tensors
 from .errors import SurgeryError, TraceFailure, first_line
 from .graph import graph_module_without_code, submodule
@@ -139,6 +139,12 @@ def _split_leaves(leaf_modules: Iterable[LeafSpec]) -> tuple[tuple[type, ...], s
     return tuple(types), names, tuple(functions)
 
 
+def _reason(error: BaseException) -> str:
+    """Why a module stays opaque: the error, and the line of the model's code that raised it."""
+    line = failing_line(error)
+    return first_line(error) + (f" at {line}" if line else "")
+
+
 def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceArguments | None
            ) -> tuple[fx.Graph, dict[str, str]]:
     leaf_types, leaf_names, leaf_functions = _split_leaves(leaf_modules)
@@ -155,6 +161,8 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceAr
         try:
             graph = tracer.trace(root, arguments.fx_concrete if arguments else None)
             graph._surgery_guards = list(tracer.__dict__.get("guards", ()))  # see surgery.concrete
+            graph._surgery_specialised = specialised_dims(tracer.__dict__.get("specialised", {}),
+                                                          tracer.__dict__.get("values", {}))
             return graph, opaque
         except Exception as e:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
             culprit = (tracer.failure_stack or [""])[-1]
@@ -172,13 +180,18 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceAr
                 raise failure from e
             # an opaque module hides its descendants: drop any of them recorded earlier
             opaque = {k: v for k, v in opaque.items() if not k.startswith(culprit + ".")}
-            opaque[culprit] = first_line(e)
+            opaque[culprit] = _reason(e)
     raise TraceFailure(type(root).__name__, "gave up after marking every submodule opaque")
 
 
 def _graph_module(module: nn.Module, leaf_modules, arguments: TraceArguments | None, code: bool = True
                   ) -> tuple[fx.GraphModule, dict[str, str]]:
     graph, opaque = _trace(module, leaf_modules, arguments)
+    # an opaque module runs its own forward eagerly, but its children are traced where they can
+    # be (the shell strategy, at any depth): their layers stay visible to the channel analysis
+    named = set(_split_leaves(leaf_modules)[1])
+    for qual in [q for q in opaque if q not in named]:
+        _capture_children(submodule(module, qual), qual + ".", leaf_modules, opaque)
     if code:
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     else:
@@ -233,7 +246,7 @@ def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict
                 continue
             except TraceFailure as e:
                 if not any(True for _ in child.children()):
-                    opaque[qual] = first_line(e.fx_error) if isinstance(e.fx_error, BaseException) else str(e)
+                    opaque[qual] = _reason(e.fx_error) if isinstance(e.fx_error, BaseException) else str(e)
                     continue
         _capture_children(child, qual + ".", leaf_modules, opaque)
 
@@ -339,8 +352,7 @@ def capture(
         params = inspect.signature(root.forward).parameters.values()
         varying = arguments.entry is not None and any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
         gm, shell = (entry_shell(root, arguments) if varying else _shell(root)), True
-        reason = (first_line(failure.fx_error) if isinstance(failure.fx_error, BaseException)
-                  else str(failure.fx_error))
+        reason = _reason(failure.fx_error) if isinstance(failure.fx_error, BaseException) else str(failure.fx_error)
         if getattr(failure, "arguments", None):  # the fix is the caller's: say which argument
             reason += f"; {failure.hint}"
         opaque = {"model": reason, **{f"model.{k}": v for k, v in opaque.items()}}
@@ -348,11 +360,12 @@ def capture(
     # the shell runs the eager forward, which takes every argument as it comes: nothing is constant
     meta.update(opaque=dict(opaque), class_name=type(model).__name__, shell=shell,
                 constants={} if shell else dict(arguments.constants),
-                guards=list(getattr(gm.graph, "_surgery_guards", ())))  # see surgery.concrete
+                guards=list(getattr(gm.graph, "_surgery_guards", ())),  # see surgery.concrete
+                specialised=dict(getattr(gm.graph, "_surgery_specialised", {})))
     if opaque:
         listing = "; ".join(f"{k} ({v})" for k, v in opaque.items())
         warnings.warn(f"surgery.capture({type(model).__name__}): kept {len(opaque)} module(s) opaque "
-                      f"because their forward cannot be traced: {listing}", stacklevel=2)
+                      f"because their forward cannot be traced: {listing}", stacklevel=3)
     if inputs is not None:
         try:
             annotate_shapes(gm, inputs)

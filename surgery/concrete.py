@@ -17,7 +17,8 @@ from those values:
 - ``x.dtype``, ``x.device``, ``x.ndim`` and ``x.dim()`` are the example's: they do not change
   with the sizes of the inputs.
 
-Guards are listed in ``gm.meta["surgery"]["guards"]``. Values are computed without autograd,
+Guards are listed in ``gm.meta["surgery"]["guards"]``, and the input dims they hold fixed in
+``gm.meta["surgery"]["specialised"]`` (input name -> dims; see :func:`specialised_dims`). Values are computed without autograd,
 leaf modules run in eval mode, and tensors read with get_attr are cloned first: the trace never
 changes the model. Where a value cannot be computed, the proxy behaves as in plain fx.
 """
@@ -37,7 +38,7 @@ import torch.fx as fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.node import map_aggregate
 
-__all__ = ["ConcreteTracing", "ConcreteProxy"]
+__all__ = ["ConcreteTracing", "ConcreteProxy", "failing_line", "sizes_read", "specialised_dims"]
 
 _MISSING = object()
 # attributes and methods that do not change with the inputs' sizes: answered from the example
@@ -136,17 +137,75 @@ def _factories_recorded(tracer: fx.Tracer) -> Iterator[None]:
             setattr(torch, name, fn)
 
 
+def _model_code(filename: str) -> bool:
+    name = filename.replace(os.sep, "/")
+    return "/torch/fx/" not in name and "/surgery/" not in name
+
+
+def _where(filename: str, lineno: int) -> str:
+    line = linecache.getline(filename, lineno).strip()
+    return f"{os.path.basename(filename)}:{lineno} ({line})"
+
+
 def _caller() -> str:
     """``file:line (code)`` of the model's code that asked the question (the first frame outside
     torch.fx and surgery), for the guard's message."""
     frame = sys._getframe(2)
     while frame is not None:
-        name = frame.f_code.co_filename.replace(os.sep, "/")
-        if "/torch/fx/" not in name and "/surgery/" not in name:
-            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
-            return f"{os.path.basename(name)}:{frame.f_lineno} ({line})"
+        if _model_code(frame.f_code.co_filename):
+            return _where(frame.f_code.co_filename, frame.f_lineno)
         frame = frame.f_back
     return "?"
+
+
+def failing_line(error: BaseException) -> str | None:
+    """``file:line (code)`` of the model's code where a trace failed: the innermost frame of the
+    error's traceback outside torch and surgery (None when there is none)."""
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if _model_code(name) and "/torch/" not in name:
+            found = _where(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+        tb = tb.tb_next
+    return found
+
+
+def _size_read(node: fx.Node) -> tuple[fx.Node, tuple[int, ...] | None] | None:
+    """(tensor, dims) when `node` reads sizes of a tensor: ``x.shape``/``x.size()`` (dims None: every
+    one), ``x.size(d)``, ``len(x)`` (dim 0), ``x.numel()`` (every dim); else None."""
+    a = node.args
+    if node.op == "call_function" and node.target is getattr and len(a) > 1 and a[1] == "shape" or \
+            node.op == "call_method" and node.target in ("size", "numel") and len(a) == 1 and not node.kwargs:
+        return (a[0], None) if isinstance(a[0], fx.Node) else None
+    if node.op == "call_method" and node.target == "size" and isinstance(a[0], fx.Node):
+        d = a[1] if len(a) > 1 else node.kwargs.get("dim")
+        return (a[0], (d,)) if isinstance(d, int) else (a[0], None)
+    if node.op == "call_function" and node.target is builtins.len and isinstance(a[0], fx.Node):
+        return a[0], (0,)
+    return None
+
+
+def sizes_read(node: fx.Node) -> dict[fx.Node, set[int | None]]:
+    """The tensors whose sizes `node`'s value was computed from, each with the dims read (None
+    for all of them, or a dim counted as written: negative from the end)."""
+    found: dict[fx.Node, set[int | None]] = {}
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        read = _size_read(n)
+        if read is not None:
+            found.setdefault(read[0], set()).update(read[1] or (None,))
+            continue
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+            read = _size_read(n.args[0])
+            if read is not None and read[1] is None and isinstance(n.args[1], int):
+                found.setdefault(read[0], set()).add(n.args[1])
+                continue
+        todo.extend(n.all_input_nodes)
+    return found
 
 
 class ConcreteTracing:
@@ -231,6 +290,9 @@ class ConcreteTracing:
         super().create_proxy("call_function", torch._assert,
                              (test, f"surgery guard: {text}; capture again with {fix}"), {})
         self.__dict__.setdefault("guards", []).append(text)
+        specialised = self.__dict__.setdefault("specialised", {})
+        for tensor, dims in sizes_read(test.node).items():
+            specialised.setdefault(tensor, set()).update(dims)
 
     def as_python(self, proxy: fx.Proxy, kind: type) -> Any:
         value = self.value_of(proxy)
@@ -265,3 +327,23 @@ class ConcreteTracing:
         if isinstance(value, dict):
             return value.keys()
         return super().keys(obj)
+
+
+def specialised_dims(specialised: dict[fx.Node, set[int | None]], values: dict[fx.Node, Any]
+                     ) -> dict[str, list[int] | str]:
+    """What a trace's guards fixed, for ``meta["surgery"]["specialised"]``: input name -> the
+    dims (counted from 0) whose size a guard holds; a tensor made inside the graph is named by
+    its node and its example shape (``"transpose [2, 12, 9, 64] (inside the graph)": [2]``: the
+    model read the size of an intermediate tensor, here the sequence length)."""
+    out: dict[str, Any] = {}
+    for tensor, dims in specialised.items():
+        value = values.get(tensor)
+        rank = value.dim() if isinstance(value, torch.Tensor) else None
+        if None in dims or rank is None:
+            listed: list[int] | str = list(range(rank)) if rank is not None else "all"
+        else:
+            listed = sorted({d % rank if rank else d for d in dims if isinstance(d, int)})
+        shape = f" {list(value.shape)}" if isinstance(value, torch.Tensor) else ""
+        key = str(tensor.target) if tensor.op == "placeholder" else f"{tensor.name}{shape} (inside the graph)"
+        out[key] = listed
+    return out

@@ -95,6 +95,44 @@ def test_untraceable_submodule_is_kept_opaque_with_one_warning():
     assert torch.equal(gm(x), model(x))
 
 
+class GatedBlock(nn.Module):
+    """Data-dependent itself, with a traceable child block."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        if x.isfinite().all():  # control flow on data: untraceable
+            return self.block(x)
+        return -x
+
+
+class OuterGated(Outer):
+    def __init__(self):
+        super().__init__()
+        self.dd = GatedBlock()
+
+
+def test_an_opaque_module_runs_eagerly_but_its_children_are_traced_and_pruned():
+    from passes import ChannelPrune, Shrink
+
+    model, x = OuterGated().eval(), torch.randn(3, 4)
+    with pytest.warns(UserWarning, match=r"dd \(TraceError: .* at test_capture.py:\d+ \(if x.isfinite\(\).all\(\):"):
+        gm = surgery.capture(model, (x,))
+    assert list(gm.meta["surgery"]["opaque"]) == ["dd"]  # the smallest module that cannot be traced
+    assert isinstance(gm.get_submodule("dd.block"), fx.GraphModule)
+    assert torch.equal(gm(x), model(x))
+    inner = [g for g in surgery.channel_groups(gm) if g.graph == "dd.block"]
+    assert [(g.size, g.frozen) for g in inner][0] == (16, None)  # the hidden width is prunable
+    with pytest.warns(UserWarning):
+        masked = surgery.compress(model, [ChannelPrune(0.5)], (x,))
+        small = surgery.compress(masked, [Shrink()], (x,))
+    # the hidden layer keeps 8 of 16 units: 4*8+8 + 8*4+4 in the block, 20 + 10 outside it
+    assert sum(p.numel() for p in small.parameters()) == 40 + 36 + 30
+    assert torch.allclose(small(x), masked(x), atol=1e-6)
+
+
 def test_top_level_failure_raises_trace_failure_naming_module_and_fix():
     model = DataDependent()
     with pytest.raises(TraceFailure) as info:

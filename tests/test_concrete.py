@@ -83,6 +83,7 @@ def test_shape_questions_trace_whole_and_stay_valid_at_other_sizes():
 def test_a_guard_raises_where_the_trace_specialised():
     model = Looped().eval()
     gm = surgery.capture(model, (torch.randn(3, 4),))
+    assert gm.meta["surgery"]["specialised"] == {"x": [0]}  # the loop's count, not the features
     x = torch.randn(3, 4)
     assert torch.equal(gm(x), model(x))
     with pytest.raises(AssertionError, match=r"surgery guard: int .* was traced as 3 at test_concrete.py:\d+ "
