@@ -28,6 +28,7 @@ from .copying import copy_module, copy_sharing_tensors, gc_paused, shareable_ten
 from .errors import SurgeryError, TraceFailure, first_line
 from .graph import graph_module_without_code, submodule
 from .inplace import rewrite_inplace
+from .layers import restore_layers, torch_layer_subclass
 from .libraries import library_leaves
 from .shapes import annotate_shapes
 from .signature import (
@@ -96,7 +97,7 @@ class _Tracer(ConcreteTracing, fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        return super().is_leaf_module(m, module_qualified_name) or torch_layer_subclass(type(m))
 
     def create_arg(self, a: Any) -> Any:
         # fx's Tracer tests every argument against Parameter, Tensor, Module and its constant
@@ -196,6 +197,7 @@ def _graph_module(module: nn.Module, leaf_modules, arguments: TraceArguments | N
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     else:
         gm = graph_module_without_code(module, graph, type(module).__name__)
+    restore_layers(gm, module)
     # plain attributes the parent may read (out_channels, num_classes...) survive the swap
     for k, v in vars(module).items():
         if not k.startswith("_") and k != "training" and not hasattr(gm, k):

@@ -18,9 +18,10 @@ from those values:
   with the sizes of the inputs.
 
 Guards are listed in ``gm.meta["surgery"]["guards"]``, and the input dims they hold fixed in
-``gm.meta["surgery"]["specialised"]`` (input name -> dims; see :func:`specialised_dims`). Values are computed without autograd,
-leaf modules run in eval mode, and tensors read with get_attr are cloned first: the trace never
-changes the model. Where a value cannot be computed, the proxy behaves as in plain fx.
+``gm.meta["surgery"]["specialised"]`` (input name -> dims; see :func:`specialised_dims`).
+Values are computed without autograd, leaf modules run in eval mode, and tensors read with
+get_attr are cloned first: the trace never changes the model. Where a value cannot be
+computed, the proxy behaves as in plain fx.
 """
 from __future__ import annotations
 

@@ -4,6 +4,11 @@ timm marks the modules and functions that torch.fx cannot trace with
 ``timm.layers.register_notrace_module`` / ``register_notrace_function`` (they stay single
 nodes, as in timm's own feature extraction). Capture reads those registries whenever timm has
 been imported; it never imports timm itself.
+
+Besides those, a few library layers are kept whole because the channel analysis has a rule for
+the layer (:mod:`surgery.channels.rules.libraries`) and none for what its forward does inside:
+timm's StdConv2d and ScaledStdConv2d standardise their weight per filter, which traced ops
+would only show as a weight computed on the way.
 """
 from __future__ import annotations
 
@@ -12,12 +17,17 @@ from typing import Callable
 
 __all__ = ["library_leaves"]
 
+_WHOLE_TIMM_LAYERS = ("StdConv2d", "ScaledStdConv2d")
+TIMM_MODULES = False
+
 
 def library_leaves() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     """(module classes, functions) that loaded libraries register as not traceable."""
     registry = sys.modules.get("timm.layers._fx")
     if registry is None:
         return (), ()
-    types = tuple(m for m in getattr(registry, "_leaf_modules", ()) if isinstance(m, type))
+    types = tuple(m for m in getattr(registry, "_leaf_modules", ()) if isinstance(m, type) and TIMM_MODULES)
+    layers = sys.modules.get("timm.layers")
+    types += tuple(getattr(layers, k) for k in _WHOLE_TIMM_LAYERS if hasattr(layers, k))
     functions = tuple(f for f in getattr(registry, "_autowrap_functions", ()) if callable(f) and not isinstance(f, type))
     return types, functions

@@ -24,6 +24,7 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .calling import bind_placeholders
+from .layers import torch_layer_subclass
 from .nested import recording_shapes
 from .verify import eval_mode
 
@@ -153,12 +154,14 @@ _META_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
 
 def _meta_eligible(gm: fx.GraphModule, mods: dict[str, nn.Module]) -> bool:
     """Every module the graph calls (`mods`: by qualified name) is a torch.nn layer (no user
-    code that could keep a meta tensor in its state or branch on values), and none is an RNN
+    code that could keep a meta tensor in its state or branch on values; a subclass that only adds
+    set-up, see :func:`surgery.layers.torch_layer_subclass`), and none is an RNN
     (whose flat weight list would still hold the real tensors)."""
     for n in gm.graph.nodes:
         if n.op == "call_module":
             m = mods.get(str(n.target))
-            if m is None or not type(m).__module__.startswith("torch.nn.") or isinstance(m, nn.RNNBase):
+            if m is None or isinstance(m, nn.RNNBase) or \
+                    not (type(m).__module__.startswith("torch.nn.") or torch_layer_subclass(type(m))):
                 return False
     return True
 

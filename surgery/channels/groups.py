@@ -31,17 +31,16 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from ..copying import gc_paused, tensor_key
 from ..errors import SurgeryError
-from ..graph import submodule
 from ..nested import nested_graphs
 from ..pipeline import UnitMask
 from .boundary import Boundary, annotated, check_boundary, prepare, shared_tensors
 from .checks import check_sizes, check_tensor_uses
 from .components import components
+from .points import data_users, is_trailing
 from .rulebook import RULES, Ids, Rule, RuleContext, _RawPlace
 from .rules.modules import mask_rule  # importing .rules registers the standard table
 
@@ -100,11 +99,10 @@ class ChannelGroup:
             if len(p.channels) != self.size or not np.array_equal(p.channels, np.arange(self.size)):
                 return []
             node = p.node
-            while len(node.users) == 1:
-                user = next(iter(node.users))
-                if not _is_trailing(user, node):
+            while len(users := data_users(node)) == 1:
+                if not is_trailing(users[0], node):
                     break
-                node = user
+                node = users[0]
             dim = p.dim
             shape = node.meta.get("shape")
             if isinstance(shape, torch.Size) and dim >= 0:
@@ -121,27 +119,6 @@ class ChannelGroup:
         where = f", graph={self.graph!r}" if self.graph else ""
         return (f"ChannelGroup(id={self.id}, size={self.size}{where}, producers=[{names}], "
                 f"readers={len(self.readers)}{fz})")
-
-
-def _is_trailing(user: fx.Node, node: fx.Node) -> bool:
-    """A single-input channel-local op (BN, activation, dropout) that ends a producer's chain."""
-    if len(user.all_input_nodes) != 1:
-        return False
-    if user.op == "call_function":
-        return user.target in _TRAILING_FUNCTIONS
-    if user.op == "call_method":
-        return user.target in ("relu", "sigmoid", "tanh", "relu_", "sigmoid_")
-    if user.op != "call_module":
-        return False
-    m = submodule(user.graph.owning_module, str(user.target))
-    return isinstance(m, _TRAILING) and not isinstance(m, UnitMask)
-
-
-_TRAILING = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
-             nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish,
-             nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
-_TRAILING_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.gelu, F.silu, F.hardswish,
-                       F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.dropout}
 
 
 def group_of(groups: Iterable[ChannelGroup], node: fx.Node) -> list[ChannelGroup]:
@@ -326,10 +303,16 @@ class ChannelGraph:
 
 
 def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
+    """The rule for `node`: a module's class or the nearest base class with one, as long as no
+    class on the way defines its own forward (timm's BatchNormAct2d is a BatchNorm2d that also
+    runs an activation; a ScaledStdConv2d a Conv2d that standardises its weight: the base's rule
+    would be wrong for them); a function's or a method name's entry."""
     if node.op == "call_module":
         for cls in type(module).__mro__:
             if cls in RULES:
                 return RULES[cls]
+            if "forward" in vars(cls):
+                return None
         return None
     if node.op == "call_method":
         return RULES.get(str(node.target))

@@ -11,7 +11,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..rulebook import RuleContext, register_rule, varying
-from .common import _layernorm, _linear, _owner, _softmax, _spatial_ok, pool_rule, spatial_keep_rule
+from .common import (_ConvNd, _layernorm, _linear, _owner, _softmax, _spatial_ok, bn_values, conv_rule,
+                     pool_rule, spatial_keep_rule)
 
 
 def reduce_rule(ctx: RuleContext):
@@ -103,6 +104,82 @@ def functional_linear_rule(ctx: RuleContext):
     return _linear(ctx, ctx.ids(ctx.x), [(wo, wn, 1)], [], pp, [])
 
 
+def _attr_of(ctx: RuleContext, arg: object) -> tuple[torch.nn.Module, str] | None:
+    """(owner module, attribute) of an argument read straight from the model (a get_attr node)."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        return _owner(ctx.g.gm, str(arg.target))
+    return None
+
+
+def _no_folds(ctx: RuleContext, first: int) -> None:
+    """The places recorded since `first` may only remove channels that are zero: a constant folded
+    into a module's bias would be lost where the call passes its own bias (or none)."""
+    for p in ctx.g.places[first:]:
+        if p.kind in ("conv", "linear"):
+            p.kind = "zero"
+
+
+_CONV_FUNCTIONS = {F.conv1d: False, F.conv2d: False, F.conv3d: False,
+                   F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True}
+
+
+def functional_conv_rule(ctx: RuleContext):
+    """``F.conv*d(x, self.weight, self.bias, ...)`` as a conv layer's own forward calls it (timm's
+    Conv2dSame pads first; a subclass of nn.Conv3d traced into): the conv module's rule, when the
+    weight is a convolution module's own and the call uses the module's groups. A weight computed
+    on the way (standardised, scaled) or borrowed from elsewhere freezes the channels."""
+    transposed = _CONV_FUNCTIONS[ctx.node.target]
+    w, bias = ctx.arg(1, "weight"), ctx.arg(2, "bias")
+    groups = ctx.arg(6, "groups", 1)  # the seventh argument of both conv*d and conv_transpose*d
+    owner = _attr_of(ctx, w)
+    m = owner[0] if owner is not None else None
+    own_bias = bias is None and getattr(m, "bias", None) is None or _attr_of(ctx, bias) == (m, "bias")
+    if not (isinstance(m, _ConvNd) and owner[1] == "weight" and bool(m.transposed) == transposed and own_bias
+            and groups == m.groups):
+        why = "a weight computed on the way" if owner is None else f"{owner[1]!r} of {type(m).__name__}"
+        ctx.freeze_inputs(f"{ctx.describe()} convolves with {why}, which no conv rule can cut")
+        return None
+    first = len(ctx.g.places)
+    ctx.module = m
+    try:
+        out = conv_rule(ctx)
+    finally:
+        ctx.module = None
+    _no_folds(ctx, first)
+    padding = ctx.arg(4, "padding", 0)
+    same = tuple(padding) == tuple(m.padding) if isinstance(padding, (tuple, list)) else padding == m.padding
+    return (out[0], None) if isinstance(out, tuple) and not same else out
+
+
+def functional_batch_norm_rule(ctx: RuleContext):
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)`` with
+    the tensors a BatchNorm module holds (timm's BatchNormAct2d): channel-local on axis 1."""
+    ids = ctx.ids(ctx.x)
+    if ids is None:
+        return None
+    names = ("running_mean", "running_var", "weight", "bias")
+    args = [ctx.arg(i + 1, k) for i, k in enumerate(names)]
+    attrs = [_attr_of(ctx, a) for a in args]
+    if any(a is not None and t is None for a, t in zip(args, attrs)):
+        ctx.freeze(ids, f"{ctx.describe()} normalises with statistics computed on the way")
+        return ids, None
+    params = [(o, k, 0) for o, k in (t for t in attrs if t is not None)]
+    owners = {id(o): o for o, _, _ in params}
+    m = next(iter(owners.values())) if len(owners) == 1 else None
+    # the module's own tensors, every one it has: its count and its constants' values follow it
+    bn = isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and \
+        all(t == ((m, k) if getattr(m, k, None) is not None else None) for t, k in zip(attrs, names))
+    ctx.place("local", ids, 1, params=params, attrs=[(m, "num_features")] if bn else [])
+    v = ctx.values(ctx.x)
+    if not bn or v is None or ctx.arg(5, "training", False):
+        return ids, None
+    ctx.module = m
+    try:
+        return ids, bn_values(ctx, v)
+    finally:
+        ctx.module = None
+
+
 def functional_layernorm_rule(ctx: RuleContext):
     shape = ctx.arg(1, "normalized_shape")
     k = len(shape) if isinstance(shape, (tuple, list)) else 1
@@ -141,6 +218,9 @@ for _t in [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax"
 for _t in [torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"]:
     register_rule(_t, matmul_rule)
 register_rule(F.linear, functional_linear_rule)
+for _t in _CONV_FUNCTIONS:
+    register_rule(_t, functional_conv_rule)
+register_rule(F.batch_norm, functional_batch_norm_rule)
 register_rule(F.layer_norm, functional_layernorm_rule)
 register_rule(F.pad, pad_rule)
 for _t in ["dim", "ndimension", len]:

@@ -9,11 +9,11 @@ unknown) so Shrink can tell a removed channel's readers see zero (or a foldable 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import nn
 
-from ..rulebook import RuleContext, channel_local, passthrough, register_rule, varying
-from .common import _layernorm, _linear, _softmax, _vals, pool_rule, reshape_rule, spatial_keep_rule
+from ..rulebook import RuleContext, channel_local, passthrough, register_rule
+from .common import (_BN_PARAMS, _layernorm, _linear, _softmax, _vals, bn_values, conv_rule, pool_rule, reshape_rule,
+                     spatial_keep_rule)
 
 
 # ----------------------------------------------------------------------------------------- masks
@@ -43,67 +43,6 @@ def mask_rule(ctx: RuleContext):
 
 
 # ----------------------------------------------------------------------------------------- modules
-_ConvNd = nn.modules.conv._ConvNd
-
-
-def conv_rule(ctx: RuleContext):
-    m = ctx.module
-    transposed = bool(getattr(m, "transposed", False))
-    ids = ctx.ids(ctx.x)
-    if ids is not None and any(d != 1 for d in varying(ids)):
-        ctx.freeze(ids, f"{ctx.describe()} reads channels that vary along its spatial axes")
-        ids = None
-    G, cin, cout = m.groups, m.in_channels, m.out_channels
-    bias = [(m, "bias", 0)]  # always: a constant fold may add a bias later
-    if G == 1:
-        if ids is not None:
-            ctx.place("reader", ids, 1, arg=0, params=[(m, "weight", 0 if transposed else 1)],
-                      attrs=[(m, "in_channels")], kind="zero" if transposed else "conv",
-                      values=ctx.values(ctx.x))
-        return ctx.new_space(1, params=[(m, "weight", 1 if transposed else 0), *bias], attrs=[(m, "out_channels")])
-    if G == cin and not transposed:
-        k = cout // cin
-        if ids is None:
-            out = ctx.new_space(1, params=[(m, "weight", 0), *bias])
-            ctx.freeze(out, f"{ctx.describe()} is depthwise and its input channels are not tracked")
-            return out
-        out = np.repeat(ids, k, axis=1) if ids.shape[1] > 1 else ids
-
-        def edit(kept: np.ndarray, m=m, k=k):
-            n = int(kept.sum())
-            m.out_channels, m.in_channels, m.groups = n, n // k, n // k
-        ctx.place("local", out, 1, params=[(m, "weight", 0), *bias], edit=edit)
-        v = ctx.values(ctx.x)
-        vals = None
-        if v is not None:
-            b = m.bias.detach().double().numpy() if m.bias is not None else np.zeros(cout)
-            vin = np.repeat(v, k, axis=1) if v.shape[1] > 1 else v
-            vb = b.reshape([1, -1] + [1] * (ids.ndim - 2))
-            pad0 = all(p == 0 for p in m.padding) if not isinstance(m.padding, str) else m.padding == "valid"
-            if pad0:
-                wsum = m.weight.detach().double().sum(dim=tuple(range(1, m.weight.dim()))).numpy()
-                vals = vin * wsum.reshape(vb.shape) + vb
-            else:
-                vals = np.where(vin == 0, vb, np.nan)
-        return out, vals
-    if transposed:
-        ctx.freeze_inputs(f"{ctx.describe()} is a grouped transposed convolution")
-        return None
-    if ids is not None:
-        def edit_in(kept: np.ndarray, m=m, G=G):
-            w = m.weight.data
-            per = len(kept) // G
-            idx = torch.as_tensor(np.nonzero(kept.reshape(G, per))[1].reshape(G, -1))
-            # output channel o belongs to group o // (out/G) and keeps that group's inputs: one gather
-            rows = idx.repeat_interleave(w.shape[0] // G, dim=0)
-            rows = rows.reshape(*rows.shape, *[1] * (w.dim() - 2)).expand(-1, -1, *w.shape[2:])
-            new = w.gather(1, rows)
-            m.weight = nn.Parameter(new.contiguous(), requires_grad=m.weight.requires_grad)
-            m.in_channels = int(kept.sum())
-        ctx.place("reader", ids, 1, arg=0, groups=G, edit=edit_in, values=ctx.values(ctx.x))
-    return ctx.new_space(1, params=[(m, "weight", 0), *bias], attrs=[(m, "out_channels")], groups=G)
-
-
 def linear_rule(ctx: RuleContext):
     m = ctx.module
     ids = ctx.ids(ctx.x)
@@ -123,22 +62,6 @@ def embedding_rule(ctx: RuleContext):
     return out
 
 
-def bn_values(ctx: RuleContext, v: np.ndarray):
-    m = ctx.module
-    if m.running_mean is None or m.running_var is None:
-        return None
-    a = m.running_var.detach().double().add(m.eps).rsqrt()
-    b = -m.running_mean.detach().double() * a
-    if m.weight is not None:
-        a, b = a * m.weight.detach().double(), b * m.weight.detach().double()
-    if m.bias is not None:
-        b = b + m.bias.detach().double()
-    shape = [1, -1] + [1] * (v.ndim - 2)
-    if v.shape[1] != a.numel():
-        return None
-    return v * a.numpy().reshape(shape) + b.numpy().reshape(shape)
-
-
 def instancenorm_values(ctx: RuleContext, v: np.ndarray):
     m = ctx.module
     if getattr(m, "track_running_stats", False):
@@ -148,9 +71,6 @@ def instancenorm_values(ctx: RuleContext, v: np.ndarray):
         return None
     # a constant channel normalises to zero, then the affine bias
     return np.where(np.isnan(v), np.nan, b.reshape([1, -1] + [1] * (v.ndim - 2)))
-
-
-_BN_PARAMS = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}
 
 
 def groupnorm_rule(ctx: RuleContext):

@@ -1,0 +1,74 @@
+"""Channel rules for the layers of libraries that subclass torch.nn layers with a forward of their
+own (timm's norm-activation and padded or standardised convolutions). A subclass that defines
+``forward`` never inherits its base's rule (:func:`surgery.channels.groups.find_rule`): each gets
+its own here, registered only when the library is installed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..rulebook import RuleContext, channel_local, register_rule
+from .common import _BN_PARAMS, bn_values, conv_rule
+
+
+def _bn_act_values(ctx: RuleContext, v: np.ndarray) -> np.ndarray | None:
+    """A constant channel after BatchNorm, then the module's dropout and activation (both
+    element-wise and stateless in eval)."""
+    out = bn_values(ctx, v)
+    if out is None:
+        return None
+    t = torch.as_tensor(out, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for name in ("drop", "act"):
+                layer = getattr(ctx.module, name, None)
+                if layer is not None:
+                    t = layer.eval()(t) if not layer.training else None
+                    if t is None:
+                        return None
+    except Exception:  # an activation that will not run in float64: forget the constants
+        return None
+    return t.numpy()
+
+
+def padded_conv_rule(ctx: RuleContext):
+    """A Conv2d that pads itself 'same' before convolving (timm's Conv2dSame): the conv rule, but
+    only zero channels may go (a constant's fold would meet the padding at the borders)."""
+    first = len(ctx.g.places)
+    out = conv_rule(ctx)
+    for p in ctx.g.places[first:]:
+        if p.kind in ("conv", "linear"):
+            p.kind = "zero"
+    return (out[0], None) if isinstance(out, tuple) else out
+
+
+def standardised_conv_rule(ctx: RuleContext):
+    """A Conv2d that standardises each filter over its inputs before convolving (timm's
+    StdConv2dSame, ScaledStdConv2dSame): a filter's statistics, its gain and its bias are its
+    own, so output channels may go; an input channel counts in every filter's statistics."""
+    m = ctx.module
+    ids = ctx.ids(ctx.x)
+    if ids is not None:
+        ctx.freeze(ids, f"{ctx.describe()} standardises each filter over all its input channels")
+    params = [(m, k, 0) for k in ("weight", "bias", "gain") if getattr(m, k, None) is not None]
+    out = ctx.new_space(1, params=params, attrs=[(m, "out_channels")])
+    if m.groups != 1:
+        ctx.freeze(out, f"{ctx.describe()} is a grouped standardised convolution")
+    return out
+
+
+try:
+    from timm import layers as _timm_layers
+except Exception:  # timm is optional
+    _timm_layers = None
+if _timm_layers is not None:
+    for _name in ("BatchNormAct2d", "SyncBatchNormAct"):
+        if hasattr(_timm_layers, _name):
+            register_rule(getattr(_timm_layers, _name),
+                          channel_local(_BN_PARAMS, attrs=("num_features",), values=_bn_act_values))
+    if hasattr(_timm_layers, "Conv2dSame"):
+        register_rule(_timm_layers.Conv2dSame, padded_conv_rule)
+    for _name in ("StdConv2dSame", "ScaledStdConv2dSame", "StdConv2d", "ScaledStdConv2d"):
+        if hasattr(_timm_layers, _name):
+            register_rule(getattr(_timm_layers, _name), standardised_conv_rule)
