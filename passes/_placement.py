@@ -27,7 +27,7 @@ from surgery.nested import nested_graphs
 from surgery.pipeline import UnitMask
 from surgery.select import Selector, matches, select_nodes
 
-__all__ = ["Site", "unit_sites", "tensor_sites", "insert_site", "tail", "select_tree", "owner_of"]
+__all__ = ["Site", "unit_sites", "tensor_sites", "insert_site", "axis_kwargs", "tail", "select_tree", "owner_of"]
 
 # ops that keep each channel in place and map 0 -> 0 (so a mask may move past them)
 _LOCAL_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU,
@@ -49,7 +49,8 @@ class Site:
     @property
     def dim(self) -> int:
         """The unit axis valid at every point: counted from the front when all points agree
-        that way, else from the end (one mask module has one `dim`)."""
+        that way, else from the end; where they agree neither way, the first point's (the
+        others name theirs in the call: see :func:`insert_site`)."""
         if len({d for _, d in self.points}) == 1:
             return self.points[0][1]
         front, back = set(), set()
@@ -64,8 +65,7 @@ class Site:
             return front.pop()
         if len(back) == 1:
             return back.pop()
-        raise SurgeryError(f"{self.name}: its points put the units on different axes "
-                           f"({[(n.name, d) for n, d in self.points]}); one mask cannot serve them")
+        return self.points[0][1]
 
 
 def select_tree(gm: fx.GraphModule, select: Selector, exclude: Selector, skip: tuple[type, ...] = ()
@@ -162,6 +162,15 @@ def tensor_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner:
     return [Site(f"{owner}_{str(n.target)}", 0, [(tail(owner_of(n), n), -1)], [n]) for n in nodes]
 
 
+def axis_kwargs(node: fx.Node, dim: int, mask_dim: int) -> dict[str, int]:
+    """The keyword arguments of a mask's call at `node` with its units on axis `dim`: none when
+    that is the mask's own axis, else ``{"dim": dim}`` (see :class:`surgery.pipeline.UnitMask`)."""
+    shape = node.meta.get("shape")
+    rank = len(shape) if isinstance(shape, torch.Size) else None
+    same = dim == mask_dim or rank is not None and dim % rank == mask_dim % rank
+    return {} if same else {"dim": dim}
+
+
 def insert_site(gm: fx.GraphModule, site: Site, module: nn.Module) -> list[fx.Node]:
     """Install `module` once and call it after every point of `site` (a shared decision), in
     the graph that holds the points: `gm`'s own, or one nested in it (a site never spans two)."""
@@ -169,13 +178,13 @@ def insert_site(gm: fx.GraphModule, site: Site, module: nn.Module) -> list[fx.No
     target = unique_name(gm, site.name)
     gm.add_submodule(target, module)
     new_nodes = []
-    for node, _ in site.points:
+    for node, dim in site.points:
         if node.op == "output":
             raise SurgeryError(f"{site.name}: cannot place a mask after the graph output")
         if owner_of(node) is not gm:
             raise SurgeryError(f"{site.name}: its points lie in different graphs; one mask cannot serve them")
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(target, (node,))
+            new = gm.graph.call_module(target, (node,), axis_kwargs(node, dim, getattr(module, "dim", dim)))
         node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
         new_nodes.append(new)

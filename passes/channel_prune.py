@@ -33,7 +33,7 @@ from surgery.pipeline import Context, UnitMask
 from surgery.select import Selector, describe, matches
 
 from . import _fields as check
-from ._placement import owner_of, select_tree
+from ._placement import axis_kwargs, owner_of, select_tree
 
 __all__ = ["ChannelPrune", "HardMask"]
 
@@ -53,10 +53,18 @@ class HardMask(UnitMask):
 
 def _module(node: fx.Node, path: str = "") -> tuple[str, nn.Module | None]:
     """The qualified name (from the captured model; `path` is the node's graph) and the module
-    of a call_module node; a node's name and None for any other node."""
+    of a call_module node, or of the layer whose weight a functional node reads (``F.conv2d`` on
+    a Conv2dSame's own weight, traced into); a node's name and None for any other node."""
+    gm = owner_of(node)
     if node.op == "call_module":
-        return f"{path}.{node.target}" if path else str(node.target), submodule(owner_of(node), str(node.target))
-    return node.name, None
+        target = str(node.target)
+    else:
+        reads = [str(a.target).rpartition(".") for a in node.all_input_nodes if a.op == "get_attr"]
+        target = next((prefix for prefix, _, name in reads if prefix and name == "weight"
+                       and type(submodule(gm, prefix)) is not nn.Module), None)
+        if target is None:
+            return node.name, None
+    return f"{path}.{target}" if path else target, submodule(gm, target)
 
 
 @dataclass
@@ -80,8 +88,9 @@ class ChannelPrune:
 
     ratio: float = 0.5
     criterion: str = "l1"
+    # "Conv1D": Hugging Face's GPT-2 linear layer (named, so transformers need not be imported)
     select: Selector = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                        nn.ConvTranspose3d, nn.Linear)
+                        nn.ConvTranspose3d, nn.Linear, "Conv1D")
     exclude: Selector = None
     scope: str = "local"
     round_to: int = 1
@@ -125,9 +134,9 @@ class ChannelPrune:
             mask = HardMask(torch.as_tensor(keep[g.id]), points[g.id][0][1]).train(owner.training)
             name = unique_name(owner, f"prune_g{g.id}")
             owner.add_submodule(name, mask)
-            for node, _ in points[g.id]:
+            for node, dim in points[g.id]:
                 with owner.graph.inserting_after(node):
-                    new = owner.graph.call_module(name, (node,))
+                    new = owner.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim))
                 node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
                 new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
             edited.add(owner)
@@ -141,7 +150,8 @@ class ChannelPrune:
         """SelectionError when no selected module produces channels (``select="bn1"``): scores and
         masks go to producers only, so such a selection would prune nothing, silently."""
         producers = {p.node for g in groups for p in g.producers}
-        if not any(n in producers for n in selected):
+        owners = {_module(n, g.graph)[0] for g in groups for n in (p.node for p in g.producers)}
+        if not any(n in producers or name in owners for n, name in selected.items()):
             names = ", ".join(list(selected.values())[:8])
             raise SelectionError(f"ChannelPrune: select={describe(self.select)} matched only modules that produce "
                                  f"no channel group ({names}); select the convolutions or linear layers to prune")
@@ -174,11 +184,13 @@ class ChannelPrune:
             if s.any():
                 return s
         for p in g.producers:
-            _, m = _module(p.node)
-            w = getattr(m, "weight", None) if m is not None else None
-            if w is None:
+            # the tensor the producer makes its channels with, on the axis the rule recorded
+            # (a conv's weight on 0, a transposed conv's or an embedding's on 1)
+            held = [(o, n, d) for o, n, d in p.params if n == "weight"] or p.params[:1]
+            w = getattr(held[0][0], held[0][1], None) if held else None
+            if not isinstance(w, torch.Tensor) or w.dim() == 0:
                 continue
-            wd = 1 if getattr(m, "transposed", False) else 0
+            wd = held[0][2]
             w = w.detach().movedim(wd, 0).reshape(w.shape[wd], -1)
             # one pass over the weight, no |w| or w**2 temporary (weights are the big tensors here)
             n = torch.linalg.vector_norm(w, 2 if self.criterion == "l2" else 1, dim=1).double().numpy()

@@ -20,7 +20,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.fx as fx
@@ -65,8 +65,8 @@ class GumbelGate(UnitMask):
         hard = (soft > 0.5).to(soft.dtype)
         return hard + (soft - soft.detach())  # exactly `hard` forward, the soft gradient backward
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gate().to(x.dtype).reshape(self.shape_for(x))
+    def forward(self, x: Tensor, dim: Optional[int] = None) -> Tensor:
+        return x * self.gate().to(x.dtype).reshape(self.shape_for(x, dim))
 
     def penalty(self) -> Tensor:
         return self.weight * self.logits.sum()

@@ -3,7 +3,7 @@ function is unchanged. It proves the plumbing and marks where masks would go."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.fx as fx
@@ -22,8 +22,8 @@ class OnesMask(UnitMask):
     def factors(self) -> Tensor:
         return torch.ones(self.units)
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.shape_for(x)
+    def forward(self, x: Tensor, dim: Optional[int] = None) -> Tensor:
+        self.shape_for(x, dim)
         return x
 
 

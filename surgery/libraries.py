@@ -8,7 +8,8 @@ been imported; it never imports timm itself.
 Besides those, a few library layers are kept whole because the channel analysis has a rule for
 the layer (:mod:`surgery.channels.rules.libraries`) and none for what its forward does inside:
 timm's StdConv2d and ScaledStdConv2d standardise their weight per filter, which traced ops
-would only show as a weight computed on the way.
+would only show as a weight computed on the way; Hugging Face's Conv1D (GPT-2's linear layer,
+its weight transposed) would trace to an ``addmm`` that no module selection can name.
 """
 from __future__ import annotations
 
@@ -17,17 +18,25 @@ from typing import Callable
 
 __all__ = ["library_leaves"]
 
-_WHOLE_TIMM_LAYERS = ("StdConv2d", "ScaledStdConv2d")
+_WHOLE_LAYERS = {"timm.layers": ("StdConv2d", "ScaledStdConv2d"), "transformers.pytorch_utils": ("Conv1D",)}
 TIMM_MODULES = False
 
 
+def _whole_layers() -> tuple[type, ...]:
+    found = []
+    for module, names in _WHOLE_LAYERS.items():
+        loaded = sys.modules.get(module)
+        found += [getattr(loaded, k) for k in names if loaded is not None and isinstance(getattr(loaded, k, None), type)]
+    return tuple(found)
+
+
 def library_leaves() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
-    """(module classes, functions) that loaded libraries register as not traceable."""
+    """(module classes, functions) that loaded libraries register as not traceable, and the
+    library layers kept whole for their channel rules."""
     registry = sys.modules.get("timm.layers._fx")
     if registry is None:
-        return (), ()
+        return _whole_layers(), ()
     types = tuple(m for m in getattr(registry, "_leaf_modules", ()) if isinstance(m, type) and TIMM_MODULES)
-    layers = sys.modules.get("timm.layers")
-    types += tuple(getattr(layers, k) for k in _WHOLE_TIMM_LAYERS if hasattr(layers, k))
+    types += _whole_layers()
     functions = tuple(f for f in getattr(registry, "_autowrap_functions", ()) if callable(f) and not isinstance(f, type))
     return types, functions

@@ -12,7 +12,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.fx as fx
@@ -73,7 +73,9 @@ class UnitMask(nn.Module):
 
     A subclass provides ``factors()``: the per-unit multiplier the mask applies in eval mode
     (what Shrink folds or removes). ``kept()`` defaults to ``factors() != 0``. ``dim`` is the
-    unit axis, counted from the end when negative, so one mask fits any batch shape.
+    unit axis, counted from the end when negative, so one mask fits any batch shape. A call may
+    name another axis, ``mask(x, dim=-1)``: one decision shared by tensors whose units lie on
+    different axes (a convolution's NCHW output and a channels-last LayerNorm's, in ConvNeXt).
     """
 
     def __init__(self, units: int, dim: int):
@@ -86,17 +88,18 @@ class UnitMask(nn.Module):
     def factors(self) -> Tensor:
         raise NotImplementedError
 
-    def shape_for(self, x: Tensor) -> list[int]:
-        dim = self.dim if self.dim >= 0 else x.dim() + self.dim
+    def shape_for(self, x: Tensor, dim: Optional[int] = None) -> list[int]:
+        axis = self.dim if dim is None else dim
+        dim = axis if axis >= 0 else x.dim() + axis
         if x.shape[dim] != self.units:
-            raise SurgeryError(f"{type(self).__name__}: expected {self.units} units on dim {self.dim}, "
+            raise SurgeryError(f"{type(self).__name__}: expected {self.units} units on dim {axis}, "
                                f"got a tensor of shape {tuple(x.shape)}")
         shape = [1] * x.dim()
         shape[dim] = self.units
         return shape
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.factors().to(x.dtype).reshape(self.shape_for(x))
+    def forward(self, x: Tensor, dim: Optional[int] = None) -> Tensor:
+        return x * self.factors().to(x.dtype).reshape(self.shape_for(x, dim))
 
     def kept(self) -> Tensor:
         return self.factors().detach() != 0

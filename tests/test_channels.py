@@ -87,17 +87,17 @@ def test_depthwise_ties_input_to_output_and_grouped_conv_reads():
     assert [p.node.name for p in g.readers] == ["_2"]
 
 
-def test_layernorm_and_unknown_ops_freeze_with_the_culprit_named():
+def test_layernorm_over_two_axes_and_unknown_ops_freeze_with_the_culprit_named():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.norm, self.b = nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 8)
+            self.a, self.norm, self.b = nn.Linear(4, 8), nn.LayerNorm((2, 8)), nn.Linear(8, 8)
             self.c = nn.Linear(8, 3)
 
         def forward(self, x):
             return self.c(torch.cumsum(self.b(self.norm(self.a(x))), -1))
 
-    _, gs = _groups(Net(), 2, 4)
+    _, gs = _groups(Net(), 3, 2, 4)
     assert "LayerNorm 'norm' counts these channels" in _by_producer(gs, "a")[0].frozen
     assert "cumsum" in _by_producer(gs, "b")[0].frozen and "no channel rule" in _by_producer(gs, "b")[0].frozen
     assert _by_producer(gs, "a")[0].mask_points() == []

@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch.fx as fx
 
 from ..copying import held_tensor, tied_tensors
 from ..graph import submodule
+from .rules.common import _param_source
 from .rules.tensor import size_uses_ok
 
 if TYPE_CHECKING:
@@ -61,7 +63,7 @@ def check_tensor_uses(cg: ChannelGraph) -> None:
             reason = (f"{names[0]} is tied to {', '.join(names[1:])} (one tensor), and the use of {missing[0]} "
                       f"along axis {dim} is not followed by the channel rules")
         for g in reads.get(tid, ()) if reason is None else ():
-            unfollowed = [u for u in g.users if u not in nodes]
+            unfollowed = [u for u in g.users if not _followed(u, g, nodes)]
             if unfollowed:
                 reason = (f"node {unfollowed[0].name!r} reads {g.target!r} as a whole tensor, which the channel "
                           f"rules do not follow along axis {dim}")
@@ -69,3 +71,11 @@ def check_tensor_uses(cg: ChannelGraph) -> None:
         if reason is not None:
             for lay in ids:
                 cg.frozen.append((np.unique(lay), reason))
+
+
+def _followed(use: fx.Node, read: fx.Node, nodes: set) -> bool:
+    """Whether a rule saw `use` of the get_attr `read`: a place at it, or at every use of a tensor
+    computed from `read` element by element (Gemma's ``1.0 + weight.float()``)."""
+    if use in nodes:
+        return True
+    return _param_source(use) is read and bool(use.users) and all(_followed(u, read, nodes) for u in use.users)

@@ -62,6 +62,7 @@ class Place:
     dim: int
     channels: np.ndarray
     arg: int | None = None
+    params: list = field(default_factory=list)  # (owner module, tensor name, axis of the channels)
 
     def __repr__(self) -> str:
         return f"Place({self.node.name}, {self.role}, dim={self.dim}, n={len(self.channels)})"
@@ -289,11 +290,11 @@ class ChannelGraph:
             local = local_flat[lo:hi].reshape(p.ids.shape)
             if one_group[i]:  # the usual case: the place lies in one group
                 gi = group_flat[lo]
-                getattr(groups[gi], buckets[p.role]).append(Place(p.node, p.role, p.dim, local, p.arg))
+                getattr(groups[gi], buckets[p.role]).append(Place(p.node, p.role, p.dim, local, p.arg, p.params))
                 continue
             cg = group_flat[lo:hi].reshape(p.ids.shape)
             for gi in np.unique(cg):
-                place = Place(p.node, p.role, p.dim, np.where(cg == gi, local, -1), p.arg)
+                place = Place(p.node, p.role, p.dim, np.where(cg == gi, local, -1), p.arg, p.params)
                 getattr(groups[gi], buckets[p.role]).append(place)
         self.groups = groups
 

@@ -149,7 +149,7 @@ class Editor:
             f = m.factors().detach()
             lay = self.cg.layouts.get(inp)
             nd = len(node.meta["shape"])
-            dim = m.dim % nd
+            dim = node.kwargs.get("dim", m.dim) % nd
             if isinstance(lay, np.ndarray) and lay.shape[dim] == len(f):
                 f = f[torch.as_tensor(self.kept_line(lay.reshape(-1)))]
             if bool((f == 1).all()):
@@ -258,6 +258,8 @@ class Editor:
             old = list(node.meta["shape"])
             if new is None or new == old:
                 return
+            if len(node.args) == 2 and isinstance(node.args[1], fx.Node):
+                return  # one shape read at run time (x.view(y.shape)): it reads the shrunk sizes itself
             packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
             sizes = list(node.args[1] if packed else node.args[1:])
             if len(sizes) != len(new):

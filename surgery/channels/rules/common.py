@@ -5,6 +5,7 @@ never each other.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,9 @@ def _spatial_ok(ctx: RuleContext, ids: np.ndarray, dims: list[int]) -> bool:
     return True
 
 
-def _linear(ctx, ids, rparams, rattrs, pparams, pattrs):
+def _linear(ctx, ids, rparams, rattrs, pparams, pattrs, arg: int = 0):
+    """A linear map over the last axis: it reads argument `arg`'s channels there (`rparams`, its
+    weight's input axis) and makes fresh ones (`pparams`)."""
     if ids is not None:
         v = varying(ids)
         last = ids.ndim - 1
@@ -49,18 +52,35 @@ def _linear(ctx, ids, rparams, rattrs, pparams, pattrs):
         if v and v != [last]:
             ctx.freeze(ids, f"{ctx.describe()} reads channels that also vary along other axes")
         else:
-            ctx.place("reader", ids, -1, arg=0, params=rparams, attrs=rattrs, kind="linear",
-                      values=ctx.values(ctx.x))
+            ctx.place("reader", ids, -1, arg=arg, params=rparams, attrs=rattrs, kind="linear",
+                      values=ctx.values(ctx.node.args[arg] if len(ctx.node.args) > arg else None))
     return ctx.new_space(-1, params=pparams, attrs=pattrs)
 
 
-def _layernorm(ctx: RuleContext, k: int):
+def _layernorm(ctx: RuleContext, k: int, rms: bool = False, params=(), edit=None):
+    """A LayerNorm (or, `rms`, an RMSNorm) over the last `k` axes. Over the channel axis alone it
+    reads its input's channels for its statistics (a reader of zeros: `edit` makes Shrink emit a
+    norm that keeps the original divisor, see :mod:`surgery.norms`) and applies `params`
+    (attribute -> axis 0) per channel. An RMSNorm maps zero to zero, so its output channels are
+    its input's; a LayerNorm's output at a zero channel is not zero, so its output is a producer
+    of the same channels: masks go after it too. Without `edit`, or over more axes, the
+    channels freeze."""
     ids = ctx.ids(ctx.x)
     if ids is None:
         return None
-    if any(d >= ids.ndim - k for d in varying(ids)):
+    inside = [d for d in varying(ids) if d >= ids.ndim - k]
+    if not inside:
+        return ids, None
+    if k != 1 or edit is None or varying(ids) != [ids.ndim - 1]:
         ctx.freeze(ids, f"{ctx.describe()} counts these channels in its statistics")
-    return ids, None
+        return ids, None
+    ctx.place("reader", ids, -1, arg=0, kind="zero", values=ctx.values(ctx.x), edit=edit)
+    if rms:
+        ctx.place("local", ids, -1, params=list(params))
+        v = ctx.values(ctx.x)
+        return ids, (np.where(v == 0, 0.0, np.nan) if v is not None else None)
+    out = ctx.new_space(-1, params=list(params))
+    return ctx.couple(out, ids), None
 
 
 def pool_rule(ctx: RuleContext):
@@ -235,3 +255,36 @@ def bn_values(ctx: RuleContext, v: np.ndarray):
     if v.shape[1] != a.numel():
         return None
     return v * a.numpy().reshape(shape) + b.numpy().reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------- parameters
+_ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
+                torch.mul, "add", "sub", "mul", "div", "float", "to", "type_as", "neg", "__radd__", "__rsub__",
+                "__rmul__"}
+
+
+_VIEWS = {"reshape", "view", "unsqueeze", torch.reshape, torch.unsqueeze}
+
+
+def _param_source(t: fx.Node) -> fx.Node | None:
+    """The get_attr that `t` is, or is computed from element by element with numbers (Gemma's
+    ``1.0 + weight``, a ``weight.float()``) or reshaped from (ConvNeXt's ``gamma.reshape(1, -1, 1, 1)``):
+    cutting that tensor cuts `t` alike (:func:`_param_axis` says along which axis). Else None."""
+    while t.op != "get_attr":
+        if t.op not in ("call_function", "call_method") or t.target not in _ELEMENTWISE | _VIEWS or \
+                len(t.all_input_nodes) != 1 or t.kwargs:
+            return None
+        t = t.all_input_nodes[0]
+    return t
+
+
+def _param_axis(source: fx.Node, t: fx.Node, axis: int) -> int | None:
+    """The axis of `source` (a get_attr) that axis `axis` of `t`, computed from it, runs along:
+    the same axis when no view changed its shape, else its one axis longer than 1."""
+    src, out = source.meta.get("shape"), t.meta.get("shape")
+    if not isinstance(src, torch.Size) or not isinstance(out, torch.Size):
+        return None
+    if src == out:
+        return axis
+    long = [d for d, n in enumerate(src) if n > 1]
+    return long[0] if len(long) == 1 and [n for n in out if n > 1] == [src[long[0]]] else None

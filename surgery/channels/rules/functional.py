@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ...norms import emit_mean, emit_norm
 from ..rulebook import RuleContext, register_rule, varying
 from .common import (_ConvNd, _layernorm, _linear, _owner, _softmax, _spatial_ok, bn_values, conv_rule,
                      pool_rule, spatial_keep_rule)
@@ -31,6 +32,17 @@ def reduce_rule(ctx: RuleContext):
     if hit:
         if name == "sum" and len(varying(lay)) == 1:
             ctx.place("reader", lay, hit[0], arg=0, kind="zero", values=ctx.values(ctx.x))
+        elif name == "mean" and varying(lay) == hit and not set(n.kwargs) - {"dim", "keepdim"}:
+            # a mean over the channels (an RMSNorm's mean of squares): zeros may go if the mean
+            # keeps dividing by the original count (Shrink rewrites it: surgery.norms.emit_mean)
+            shape = ctx.shape(ctx.x)
+            total = int(np.prod([shape[d] for d in dims]))
+            raw_dims, x = ctx.arg(1, "dim", None), ctx.x
+
+            def edit(kept: np.ndarray, n=n, x=x, raw_dims=raw_dims, total=total, keep=keep) -> None:
+                emit_mean(n, x, raw_dims, total, bool(keep))
+            ctx.place("reader", lay, hit[0], arg=0, kind="zero", values=ctx.values(ctx.x), edit=edit)
+            return None
         else:
             ctx.freeze(lay, f"{ctx.describe()} reduces across these channels")
         return None
@@ -74,6 +86,7 @@ def matmul_rule(ctx: RuleContext):
             contracted.append(x.reshape(-1))
         elif v:
             outs.append(x)
+            carried = pos
     if len(contracted) == 2 and len(contracted[0]) == len(contracted[1]):
         ctx.couple(contracted[0], contracted[1])
     nd = len(out_shape)
@@ -83,7 +96,12 @@ def matmul_rule(ctx: RuleContext):
     out = outs[0]
     for x in outs[1:]:
         out = ctx.couple(out, x)
-    return out, None
+    values = None
+    vc = ctx.values(n.args[carried]) if len(outs) == 1 else None
+    if vc is not None and vc.shape == ctx.ids(n.args[carried]).shape:
+        # a column of b (a row of a) that is zero throughout gives a zero column (row) of a @ b
+        values = np.where(vc == 0, 0.0, np.nan).reshape(out.shape)
+    return out, values
 
 
 def functional_linear_rule(ctx: RuleContext):
@@ -180,10 +198,53 @@ def functional_batch_norm_rule(ctx: RuleContext):
         ctx.module = None
 
 
+def functional_embedding_rule(ctx: RuleContext):
+    """``F.embedding(ids, weight, ...)`` on a table read from the model (an Embedding subclass that
+    scales its output, Gemma's): each row is a vector of fresh channels, as for nn.Embedding."""
+    owner = _attr_of(ctx, ctx.arg(1, "weight"))
+    if owner is None:
+        return None  # a table computed on the way: its channels are not ours to cut
+    m, name = owner
+    attrs = [(m, "embedding_dim")] if isinstance(m, torch.nn.Embedding) and name == "weight" else []
+    out = ctx.new_space(-1, params=[(m, name, 1)], attrs=attrs)
+    if ctx.arg(3, "max_norm") is not None:
+        ctx.freeze(out, f"{ctx.describe()} renormalises its rows (max_norm) over all their channels")
+    return out
+
+
+def addmm_rule(ctx: RuleContext):
+    """``torch.addmm(bias, x, weight)`` with ``weight`` of shape (in, out) read from the model (the
+    Conv1D of Hugging Face's GPT-2): a linear layer with its weight transposed."""
+    bias, x, w = (ctx.node.args + (None, None, None))[:3]
+    wo, bo = _attr_of(ctx, w), _attr_of(ctx, bias)
+    if wo is None or bo is None or ctx.node.kwargs:
+        ctx.freeze_inputs(f"{ctx.describe()} multiplies by a weight computed on the way")
+        return None
+    return _linear(ctx, ctx.ids(x), [(*wo, 0)], [], [(*wo, 1), (*bo, 0)], [], arg=1)
+
+
 def functional_layernorm_rule(ctx: RuleContext):
+    """``F.layer_norm(x, shape, weight, bias, eps)`` / ``F.rms_norm(x, shape, weight, eps)``, with the
+    weight and bias read from the model (or none): see :func:`.common._layernorm`. Shrink rewrites
+    the call into torch ops that keep the divisor (:func:`surgery.norms.emit_norm`)."""
+    node = ctx.node
+    rms = node.target is _RMS_NORM
     shape = ctx.arg(1, "normalized_shape")
     k = len(shape) if isinstance(shape, (tuple, list)) else 1
-    return _layernorm(ctx, k)
+    tensors = {"weight": ctx.arg(2, "weight")} if rms else {"weight": ctx.arg(2, "weight"), "bias": ctx.arg(3, "bias")}
+    owned = {k_: _attr_of(ctx, t) for k_, t in tensors.items()}
+    if any(t is not None and owned[k_] is None for k_, t in tensors.items()) or k != 1:
+        return _layernorm(ctx, k)  # a weight computed on the way: the channels freeze
+    params = [(o, a, 0) for o, a in (t for t in owned.values() if t is not None)]
+    x, total = ctx.x, int(shape[0] if isinstance(shape, (tuple, list)) else shape)
+    eps = ctx.arg(3 if rms else 4, "eps", None if rms else 1e-5)
+
+    def edit(kept: np.ndarray) -> None:
+        emit_norm(node, x, total, int(kept.sum()), tensors["weight"], tensors.get("bias"), eps, rms)
+    return _layernorm(ctx, k, rms=rms, params=params, edit=edit)
+
+
+_RMS_NORM = getattr(F, "rms_norm", None)  # torch >= 2.4
 
 
 def pad_rule(ctx: RuleContext):
@@ -218,10 +279,14 @@ for _t in [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax"
 for _t in [torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"]:
     register_rule(_t, matmul_rule)
 register_rule(F.linear, functional_linear_rule)
+register_rule(F.embedding, functional_embedding_rule)
+register_rule(torch.addmm, addmm_rule)
 for _t in _CONV_FUNCTIONS:
     register_rule(_t, functional_conv_rule)
 register_rule(F.batch_norm, functional_batch_norm_rule)
 register_rule(F.layer_norm, functional_layernorm_rule)
+if _RMS_NORM is not None:
+    register_rule(_RMS_NORM, functional_layernorm_rule)
 register_rule(F.pad, pad_rule)
 for _t in ["dim", "ndimension", len]:
     register_rule(_t, ignore_rule)

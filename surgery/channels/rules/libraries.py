@@ -1,5 +1,6 @@
 """Channel rules for the layers of libraries that subclass torch.nn layers with a forward of their
-own (timm's norm-activation and padded or standardised convolutions). A subclass that defines
+own (timm's norm-activation and padded or standardised convolutions), or stand in for one
+(Hugging Face's Conv1D, a Linear with its weight transposed). A subclass that defines
 ``forward`` never inherits its base's rule (:func:`surgery.channels.groups.find_rule`): each gets
 its own here, registered only when the library is installed.
 """
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from ..rulebook import RuleContext, channel_local, register_rule
-from .common import _BN_PARAMS, bn_values, conv_rule
+from .common import _BN_PARAMS, _linear, bn_values, conv_rule
 
 
 def _bn_act_values(ctx: RuleContext, v: np.ndarray) -> np.ndarray | None:
@@ -57,6 +58,19 @@ def standardised_conv_rule(ctx: RuleContext):
         ctx.freeze(out, f"{ctx.describe()} is a grouped standardised convolution")
     return out
 
+
+def transposed_linear_rule(ctx: RuleContext):
+    """Hugging Face's Conv1D: ``x @ weight + bias`` with weight (in, out)."""
+    m = ctx.module
+    return _linear(ctx, ctx.ids(ctx.x), [(m, "weight", 0)], [], [(m, "weight", 1), (m, "bias", 0)], [(m, "nf")])
+
+
+try:
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except Exception:  # transformers is optional
+    _HFConv1D = None
+if _HFConv1D is not None:
+    register_rule(_HFConv1D, transposed_linear_rule)
 
 try:
     from timm import layers as _timm_layers

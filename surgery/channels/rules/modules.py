@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
+from ...norms import emit_norm
 from ..rulebook import RuleContext, channel_local, passthrough, register_rule
 from .common import (_BN_PARAMS, _layernorm, _linear, _softmax, _vals, bn_values, conv_rule, pool_rule, reshape_rule,
                      spatial_keep_rule)
@@ -24,7 +25,7 @@ def mask_rule(ctx: RuleContext):
     ids = ctx.ids(ctx.x)
     if ids is None:
         return None
-    dim = m.dim % ids.ndim
+    dim = ctx.node.kwargs.get("dim", m.dim) % ids.ndim  # a call may name its own axis
     v = _vals(ctx, ctx.x, ids)
     f = m.factors().detach().double().cpu().numpy()
     if ids.shape[dim] != len(f):
@@ -86,9 +87,31 @@ def groupnorm_rule(ctx: RuleContext):
     return ids, instancenorm_values(ctx, _vals(ctx, ctx.x, ids))
 
 
+def _norm_over_original_width(node, m: nn.Module, rms: bool):
+    """Shrink's edit for a LayerNorm/RMSNorm module whose input lost channels: the call becomes
+    torch ops that divide by the original width (:func:`surgery.norms.emit_norm`), reading the
+    module's weight and bias (already cut); the module stays where it was, holding them."""
+    total, x = int(m.normalized_shape[0]), node.args[0]
+
+    def edit(kept: np.ndarray) -> None:
+        g, k = node.graph, int(kept.sum())
+        with g.inserting_before(node):
+            w, b = (g.get_attr(f"{node.target}.{t}") if getattr(m, t, None) is not None else None
+                    for t in ("weight", "bias"))
+        emit_norm(node, x, total, k, w, b, m.eps, rms)
+        m.normalized_shape = (k,)
+    return edit
+
+
 def layernorm_rule(ctx: RuleContext):
     m = ctx.module
-    return _layernorm(ctx, len(m.normalized_shape))
+    params = [(m, k, 0) for k in ("weight", "bias") if getattr(m, k, None) is not None]
+    rms = _RMSNorm is not None and isinstance(m, _RMSNorm)
+    edit = _norm_over_original_width(ctx.node, m, rms) if len(ctx.node.args) == 1 and not ctx.node.kwargs else None
+    return _layernorm(ctx, len(m.normalized_shape), rms=rms, params=params, edit=edit)
+
+
+_RMSNorm = getattr(nn, "RMSNorm", None)  # torch >= 2.4
 
 
 def softmax_module_rule(ctx: RuleContext):
@@ -115,6 +138,8 @@ register_rule(nn.modules.instancenorm._InstanceNorm,
               channel_local(_BN_PARAMS, attrs=("num_features",), values=instancenorm_values))
 register_rule(nn.GroupNorm, groupnorm_rule)
 register_rule(nn.LayerNorm, layernorm_rule)
+if _RMSNorm is not None:
+    register_rule(_RMSNorm, layernorm_rule)
 for _cls in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
              nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
              nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink):

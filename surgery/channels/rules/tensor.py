@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..rulebook import RuleContext, passthrough, register_rule, varying
-from .common import _nan_like, _owner, _vals, reshape_rule
+from .common import _nan_like, _owner, _param_axis, _param_source, _vals, reshape_rule
 
 
 # ----------------------------------------------------------------------------------------- functions
@@ -41,9 +41,11 @@ def binary_rule(ctx: RuleContext):
         clash = [d for d in varying(tracked) if full[d] > 1]
         if not clash:
             continue
-        if t.op == "get_attr" and len(clash) == 1 and len(varying(tracked)) == 1:
-            owner, attr = _owner(ctx.g.gm, str(t.target))
-            ctx.place("local", tracked, clash[0], params=[(owner, attr, clash[0] - (nd - len(ts)))])
+        source = _param_source(t)
+        axis = _param_axis(source, t, clash[0] - (nd - len(ts))) if source is not None and len(clash) == 1 else None
+        if axis is not None and len(varying(tracked)) == 1:
+            owner, attr = _owner(ctx.g.gm, str(source.target))
+            ctx.place("local", tracked, clash[0], params=[(owner, attr, axis)])
         else:
             ctx.freeze(tracked, f"{ctx.describe()} combines these channels with {t.name!r}, whose channels "
                                 "are not tracked")
@@ -278,21 +280,27 @@ def size_uses_ok(g, size_node: fx.Node) -> fx.Node | None:
         d = size_node.args[1] if len(size_node.args) > 1 else size_node.kwargs["dim"]
         if d % lay.ndim not in vary:
             return None
-    frontier = [(size_node, whole)]
+    # each node reached: the dims of the shape it still holds (a tuple), or None (a number)
+    frontier: list[tuple[fx.Node, list[int] | None]] = [(size_node, list(range(lay.ndim)) if whole else None)]
     seen = set()
     while frontier:
-        node, is_tuple = frontier.pop()
+        node, dims = frontier.pop()
         if node in seen:
             continue
         seen.add(node)
         for u in node.users:
-            if is_tuple and u.op == "call_function" and u.target is operator.getitem:
+            if dims is not None and u.op == "call_function" and u.target is operator.getitem:
                 k = u.args[1]
-                if isinstance(k, int) and k % lay.ndim not in vary:
+                if isinstance(k, slice):  # x.shape[:-1]: a tuple of some of the dims
+                    part = dims[k]
+                    if vary & set(part):
+                        frontier.append((u, part))
                     continue
-                frontier.append((u, False))
+                if isinstance(k, int) and dims[k] not in vary:
+                    continue
+                frontier.append((u, None))
             elif u.op == "call_function" and u.target in _ARITH:
-                frontier.append((u, False))
+                frontier.append((u, None))
             elif _is_shape_arg_use(u, node):
                 continue
             else:
@@ -320,13 +328,27 @@ for _t in _BINARY:
 _UNARY_APPLY = [torch.relu, F.relu, F.relu6, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu,
                 F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.selu, F.hardtanh, F.mish, F.softplus,
                 torch.clamp, torch.exp, operator.neg, torch.neg, F.relu_, torch.relu_,
-                "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "exp", "neg", "hardtanh",
-                "float", "double", "half", "to", "type_as"]
+                "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "exp", "neg", "hardtanh"]
 for _t in _UNARY_APPLY:
     register_rule(_t, passthrough("apply"))
+for _t in ("float", "double", "half", "bfloat16", "to", "type_as"):  # casts: a zero stays zero
+    register_rule(_t, passthrough("zero"))
 for _t in [F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, "contiguous", "clone", "detach",
            torch.clone, torch.detach, "expand_as"]:
     register_rule(_t, passthrough("keep"))
+
+
+def pow_rule(ctx: RuleContext):
+    """``x ** p`` for a number p: element-wise on x's channels; anything else freezes them."""
+    base, exp = (ctx.node.args + (None, None))[:2]
+    if isinstance(exp, (int, float)) and ctx.ids(base) is not None:
+        return passthrough("apply")(ctx)
+    ctx.freeze_inputs(f"{ctx.describe()} raises to a power that is a tensor")
+    return None
+
+
+for _t in (torch.pow, operator.pow, "pow"):
+    register_rule(_t, pow_rule)
 
 
 def expand_rule(ctx: RuleContext):

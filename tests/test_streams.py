@@ -1,0 +1,262 @@
+"""Normalised residual streams, functional layers and library layers: each pruned exactly.
+
+Every model here is masked by ChannelPrune and shrunk; the shrunk model must equal the masked
+one on fresh inputs, have the exact parameter count that the kept widths give, and hold no
+module of surgery's (the norms that keep their divisor are plain torch ops)."""
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+import surgery
+from passes import ChannelPrune, Shrink
+from surgery.norms import emit_norm
+from surgery.verify import max_abs_diff, run_eval
+
+
+def _prune(model, x, ratio=0.5):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masked = surgery.compress(model.eval(), [ChannelPrune(ratio)], example_inputs=(x,))
+        small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
+    x2 = torch.randn_like(x) * 2 if x.is_floating_point() else torch.randint_like(x, int(x.max()) + 1)
+    assert max_abs_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
+    assert not any(type(m).__module__.startswith(("surgery", "passes")) for m in small.modules()
+                   if not isinstance(m, fx.GraphModule))
+    return masked, small
+
+
+def _params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------------------- norms
+def _norm_through_graph(rms: bool, x_kept: torch.Tensor, total: int, w, b, eps):
+    """Run emit_norm's ops on the kept channels, in a graph of their own."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    gw, gb = g.get_attr("w"), (None if rms else g.get_attr("b"))
+    node = g.call_function(F.layer_norm, (x, (total,)))
+    node.meta["dtype"] = x_kept.dtype
+    root = nn.Module()
+    root.w, root.b = nn.Parameter(w), nn.Parameter(b)
+    emit_norm(node, x, total, x_kept.shape[-1], gw, gb, eps, rms)
+    g.output(node)
+    return fx.GraphModule(root, g)(x_kept)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_a_norm_keeps_its_divisor_over_the_kept_channels(rms):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16) + 0.5
+    x[..., 10:] = 0  # the channels a mask zeroed
+    w, b = torch.randn(16), torch.randn(16)
+    full = F.rms_norm(x, (16,), w, 1e-6) if rms else F.layer_norm(x, (16,), w, b, 1e-6)
+    got = _norm_through_graph(rms, x[..., :10], 16, w[:10], b[:10], 1e-6)
+    assert torch.allclose(got, full[..., :10], atol=1e-5)
+    if not rms:  # without the removed channels' (0 - mean)^2 terms the variance is wrong
+        naive = F.layer_norm(x[..., :10], (10,), w[:10], b[:10], 1e-6)
+        assert (naive - full[..., :10]).abs().max() > 0.05
+
+
+class HFRMSNorm(nn.Module):
+    """Hugging Face's RMSNorm (Llama): decomposed into pow, mean, rsqrt, a cast and a scale."""
+
+    def __init__(self, d, eps=1e-6, offset=False):
+        super().__init__()
+        self.weight, self.eps, self.offset = nn.Parameter(torch.randn(d) * 0.1 + 1), eps, offset
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        scale = (1.0 + self.weight.float()) if self.offset else self.weight  # Gemma: 1 + weight
+        return scale * h.to(x.dtype)
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, d, norm):
+        super().__init__()
+        self.norm1, self.norm2 = norm(d), norm(d)
+        self.attn_in, self.attn_out = nn.Linear(d, d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn_out(torch.softmax(self.attn_in(h) @ h.transpose(1, 2), -1) @ h)
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, norm, d=16, layers=2, vocab=11):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(*[PreNormBlock(d, norm) for _ in range(layers)])
+        self.norm, self.head = norm(d), nn.Linear(d, 5)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.blocks(self.embed(ids))))
+
+
+def _functional_ln(d):
+    class FunctionalLN(nn.LayerNorm):  # its own forward: traced into, F.layer_norm on its own tensors
+        def forward(self, x):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    return FunctionalLN(d)
+
+
+NORMS = {"LayerNorm": nn.LayerNorm, "RMSNorm": nn.RMSNorm, "F.layer_norm": _functional_ln,
+         "hf_rms": HFRMSNorm, "gemma_rms": lambda d: HFRMSNorm(d, offset=True)}
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_the_residual_stream_of_a_pre_norm_transformer_is_pruned_exactly(norm):
+    model = TinyTransformer(NORMS[norm])
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                m.weight.normal_(1, 0.1)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.normal_(0, 0.1)
+    ids = torch.randint(0, 11, (2, 7))
+    masked, small = _prune(model, ids)
+    d, h = 8, 32  # half the stream and half of each MLP stay; attn_in reads and writes the stream
+    norms = 2 * 2 + 1
+    norm_params = {"LayerNorm": 2 * d, "F.layer_norm": 2 * d}.get(norm, d)
+    assert _params(small) == 11 * d + 2 * (2 * (d * d + d) + (d * h + h) + (h * d + d)) + norms * norm_params + \
+        d * 5 + 5
+    ids2 = torch.randint(0, 11, (3, 4))  # another batch and length
+    assert max_abs_diff(run_eval(masked, (ids2,)), run_eval(small, (ids2,))) < 1e-5
+
+
+def test_a_layernorm_output_is_a_producer_so_masks_go_after_it():
+    gm = surgery.capture(TinyTransformer(nn.LayerNorm).eval(), (torch.randint(0, 11, (2, 7)),))
+    stream = next(g for g in surgery.channel_groups(gm) if any(p.node.name == "embed" for p in g.producers))
+    assert stream.frozen is None
+    points = {n.name for n, _ in stream.mask_points()}
+    assert {"embed", "norm", "blocks_0_norm1", "blocks_1_norm2"} <= points
+
+
+# ----------------------------------------------------------------------------------------- functional and library layers
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: its own forward calls F.batch_norm on its own tensors."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        assert x.ndim == 4
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         0.1, self.eps)
+        return self.act(x)
+
+
+class PaddedConv(nn.Conv2d):
+    """timm's Conv2dSame pattern: pads, then F.conv2d on its own weight."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class PlainSubclass(nn.Conv2d):
+    """torchvision's Conv3DSimple pattern: a subclass that only adds set-up: a leaf, as nn.Conv2d."""
+
+    @staticmethod
+    def helper():
+        return 1
+
+
+class LayerScale(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x.mul(self.gamma.reshape(1, -1, 1, 1))  # ConvNeXt's layer scale, a reshaped parameter
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = PaddedConv(3, 16, 3, padding=0), BatchNormAct(16)
+        self.c2, self.scale = PlainSubclass(16, 16, 3, padding=1), LayerScale(16)
+        self.c3 = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.c3(self.scale(self.c2(self.bn1(self.c1(x)))))
+
+
+def test_functional_layers_on_a_modules_own_tensors_are_pruned_exactly():
+    model = FunctionalNet()
+    with torch.no_grad():
+        model.bn1.running_mean.normal_(0, 0.2)
+        model.bn1.running_var.uniform_(0.5, 1.5)
+    gm = surgery.capture(model.eval(), (torch.randn(1, 3, 12, 12),))
+    assert "c2" in {str(n.target) for n in gm.graph.find_nodes(op="call_module")}  # the plain subclass is a leaf
+    assert type(gm.get_submodule("bn1")) is BatchNormAct  # the traced layer keeps its class in the graph
+    _, small = _prune(model, torch.randn(1, 3, 12, 12))
+    assert small.get_submodule("c1").out_channels == 8 and small.get_submodule("bn1").num_features == 8
+    assert small.get_submodule("c2").in_channels == 8 and small.get_submodule("c2").out_channels == 8
+    assert small.get_submodule("scale").gamma.shape == (8,)
+    assert _params(small) == (3 * 8 * 9 + 8) + 2 * 8 + (8 * 8 * 9 + 8) + 8 + (8 * 4 + 4)  # BN: weight, bias
+
+
+def test_a_subclass_with_its_own_forward_does_not_borrow_its_base_rule():
+    class Odd(nn.Linear):
+        def forward(self, x):
+            return super().forward(x).flip(-1)  # not what nn.Linear computes
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.odd, self.b = nn.Linear(4, 8), Odd(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(self.odd(self.a(x)))
+
+    gm = surgery.capture(Net().eval(), (torch.randn(2, 4),), leaf_modules=[Odd])
+    frozen = [g.frozen for g in surgery.channel_groups(gm) if any(p.node.name == "a" for p in g.producers)]
+    assert frozen == ["Odd 'odd' has no channel rule"]
+
+
+def test_timm_standardised_convs_lose_output_channels_only():
+    timm = pytest.importorskip("timm")
+    net = nn.Sequential(timm.layers.StdConv2d(3, 16, 3), nn.ReLU(), timm.layers.StdConv2d(16, 16, 3), nn.ReLU(),
+                        nn.Conv2d(16, 4, 1))
+    gm = surgery.capture(net.eval(), (torch.randn(1, 3, 12, 12),))
+    reasons = {g.frozen for g in surgery.channel_groups(gm)}
+    assert "StdConv2d '2' standardises each filter over all its input channels" in reasons
+    _, small = _prune(net, torch.randn(1, 3, 12, 12))
+    assert small.get_submodule("2").out_channels == 8 and small.get_submodule("2").in_channels == 16
+
+
+def test_gpt2_conv1d_is_a_linear_layer_with_its_weight_transposed():
+    transformers = pytest.importorskip("transformers")
+    conv1d = transformers.pytorch_utils.Conv1D
+    net = nn.Sequential(conv1d(16, 6), nn.GELU(), conv1d(5, 16))
+    _, small = _prune(net, torch.randn(2, 3, 6))
+    assert small.get_submodule("0").weight.shape == (6, 8) and small.get_submodule("0").nf == 8
+    assert small.get_submodule("2").weight.shape == (8, 5)
+
+
+class ChannelsLastNorm(nn.Module):
+    """ConvNeXt's downsampling pattern: an NCHW conv output normalised channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.fc = nn.Conv2d(3, 16, 3), nn.LayerNorm(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(self.norm(y.permute(0, 2, 3, 1)) + y.permute(0, 2, 3, 1))
+
+
+def test_one_mask_serves_points_with_their_units_on_different_axes():
+    masked, small = _prune(ChannelsLastNorm(), torch.randn(1, 3, 8, 8))
+    calls = [n for n in masked.graph.nodes if n.op == "call_module" and n.target.startswith("prune_g")]
+    assert len(calls) == 2 and sorted(n.kwargs.get("dim", -3) for n in calls) == [-3, -1]
+    assert small.get_submodule("conv").out_channels == 8 and small.get_submodule("fc").in_features == 8
