@@ -1,9 +1,11 @@
 """Other libraries' tracing registries, honoured by capture without being named.
 
-timm marks the modules and functions that torch.fx cannot trace with
-``timm.layers.register_notrace_module`` / ``register_notrace_function`` (they stay single
-nodes, as in timm's own feature extraction). Capture reads those registries whenever timm has
-been imported; it never imports timm itself.
+timm marks the functions that torch.fx cannot trace with ``register_notrace_function``:
+capture keeps each call a single node, whenever timm has been imported (it never imports timm
+itself). timm's ``register_notrace_module`` list is not followed: it names whole blocks
+(NormFreeBlock, MobileVitBlock) kept whole for its feature extraction, most of which surgery's
+shape-concrete tracing traces, and whose layers would otherwise stay out of every channel
+group; a block that does fail to trace is kept opaque by capture, its children still traced.
 
 Besides those, a few library layers are kept whole because the channel analysis has a rule for
 the layer (:mod:`surgery.channels.rules.libraries`) and none for what its forward does inside:
@@ -19,24 +21,23 @@ from typing import Callable
 __all__ = ["library_leaves"]
 
 _WHOLE_LAYERS = {"timm.layers": ("StdConv2d", "ScaledStdConv2d"), "transformers.pytorch_utils": ("Conv1D",)}
-TIMM_MODULES = False
 
 
 def _whole_layers() -> tuple[type, ...]:
     found = []
     for module, names in _WHOLE_LAYERS.items():
         loaded = sys.modules.get(module)
-        found += [getattr(loaded, k) for k in names if loaded is not None and isinstance(getattr(loaded, k, None), type)]
+        found += [getattr(loaded, k) for k in names
+                  if loaded is not None and isinstance(getattr(loaded, k, None), type)]
     return tuple(found)
 
 
 def library_leaves() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
-    """(module classes, functions) that loaded libraries register as not traceable, and the
-    library layers kept whole for their channel rules."""
+    """(the library layers kept whole for their channel rules, the functions that loaded
+    libraries register as not traceable)."""
     registry = sys.modules.get("timm.layers._fx")
     if registry is None:
         return _whole_layers(), ()
-    types = tuple(m for m in getattr(registry, "_leaf_modules", ()) if isinstance(m, type) and TIMM_MODULES)
-    types += _whole_layers()
-    functions = tuple(f for f in getattr(registry, "_autowrap_functions", ()) if callable(f) and not isinstance(f, type))
-    return types, functions
+    functions = tuple(f for f in getattr(registry, "_autowrap_functions", ())
+                      if callable(f) and not isinstance(f, type))
+    return _whole_layers(), functions
