@@ -3,31 +3,128 @@ number, and a sliced tensor with a use no rule followed (a tied holder, a get_at
 """
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from ..copying import held_tensor, tied_tensors
 from ..graph import submodule
+from .rulebook import varying
 from .rules.common import _param_source
-from .rules.tensor import size_uses_ok
 
 if TYPE_CHECKING:
     from .groups import ChannelGraph
 
-__all__ = ["check_sizes", "check_tensor_uses"]
+__all__ = ["check_sizes", "check_tensor_uses", "size_uses"]
 
 
 def check_sizes(cg: ChannelGraph) -> None:
-    """A channel count read with size()/shape may only steer reshapes (rewritten by Shrink);
-    anything else (a scale computed from it) would change when channels go."""
+    """A channel count read with size()/shape may only size the axes of reshapes, and only an
+    axis that carries the same channels: a reshape of that very tensor (a channel shuffle's
+    ``x.view(b, g, c // g, h, w)``), or one whose axis the count sizes directly (MaxViT's
+    ``out.reshape(B, G, P, D)`` with D read from its input): that axis is coupled to the channels
+    counted, so both keep the same number. Anything else (a scale computed from the count, a
+    count that sizes an axis of other channels after arithmetic) would change when channels go:
+    the channels stay."""
     for size_node, tensor in cg.size_nodes:
-        bad = size_uses_ok(cg, size_node)
+        bad, pairs = size_uses(cg, size_node)
         if bad is not None:
             ids = cg.layouts.get(tensor)
             cg.frozen.append((np.unique(ids), f"node {bad.name!r} uses the channel count of "
                                 f"{tensor.name!r} (read by {size_node.name!r}) as a number"))
+            continue
+        for a, b in pairs:
+            cg.edges.append((a, b))
+
+
+_ARITH = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+          operator.neg, operator.pow}
+
+
+def _line(lay: np.ndarray, axis: int) -> np.ndarray | None:
+    """The elements of layout `lay` along `axis` (None when it does not vary there)."""
+    if axis >= lay.ndim or lay.shape[axis] == 1:
+        return None
+    return np.moveaxis(lay, axis, 0).reshape(lay.shape[axis], -1)[:, 0]
+
+
+def _sizes(u: fx.Node) -> list:
+    """The size arguments of a reshape call `u`, one per output axis when they are listed."""
+    rest = list(u.args[1:]) or list(u.kwargs.get("shape", ()) or u.kwargs.get("size", ()))
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+
+
+def size_uses(g, size_node: fx.Node) -> tuple[fx.Node | None, list[tuple[np.ndarray, np.ndarray]]]:
+    """(None, couplings) when every use of a size read sizes reshapes as :func:`check_sizes`
+    allows, with the element pairs to couple; else (the offending node, [])."""
+    tensor = size_node.args[0]
+    lay = g.layouts.get(tensor)
+    vary = set(varying(lay)) if lay is not None else set()
+    whole = size_node.op == "call_function" or (size_node.target == "size" and len(size_node.args) < 2
+                                                 and "dim" not in size_node.kwargs)
+    if size_node.target == "numel":
+        return (None, []) if not vary else (next(iter(size_node.users), size_node), [])
+    if not whole:
+        d = size_node.args[1] if len(size_node.args) > 1 else size_node.kwargs["dim"]
+        if d % lay.ndim not in vary:
+            return None, []
+    # each node reached: the dims of the shape it holds (a tuple), or (None, axis) for one count:
+    # the axis it is, or None once arithmetic made something else of it
+    start = (list(range(lay.ndim)), None) if whole else (None, d % lay.ndim)
+    frontier: list[tuple[fx.Node, list[int] | None, int | None]] = [(size_node, *start)]
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    seen = set()
+    while frontier:
+        node, dims, axis = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for u in node.users:
+            if dims is not None and u.op == "call_function" and u.target is operator.getitem:
+                k = u.args[1]
+                if isinstance(k, slice):  # x.shape[:-1]: a tuple of some of the dims
+                    part = dims[k]
+                    if vary & set(part):
+                        frontier.append((u, part, None))
+                    continue
+                if isinstance(k, int) and dims[k] not in vary:
+                    continue
+                frontier.append((u, None, dims[k] if isinstance(k, int) else None))
+            elif u.op == "call_function" and u.target in _ARITH:
+                frontier.append((u, None, None))
+            elif _is_shape_arg_use(u, node):
+                if u.args[0] is tensor:
+                    continue  # reshaping the tensor counted: the count is its own
+                out = g.layouts.get(u)
+                sizes = _sizes(u)
+                if dims is not None and sizes == [node]:  # x.view(y.shape)
+                    slots = list(enumerate(dims))
+                elif axis is not None and node in sizes:
+                    slots = [(sizes.index(node), axis)]
+                else:
+                    return u, []
+                for j, d_read in slots:
+                    a, b = _line(lay, d_read), _line(out, j) if isinstance(out, np.ndarray) else None
+                    if a is None:
+                        continue
+                    if b is None or len(a) != len(b):
+                        return u, []
+                    if not np.array_equal(np.sort(a), np.sort(b)):  # the same channels, maybe shuffled: nothing to tie
+                        pairs.append((a, b))
+            else:
+                return u, []
+    return None, pairs
+
+
+def _is_shape_arg_use(u: fx.Node, v: fx.Node) -> bool:
+    if u.op == "call_method" and u.target in ("view", "reshape", "expand", "repeat") and u.args and u.args[0] is not v:
+        return True
+    if u.op == "call_function" and u.target is torch.reshape and u.args and u.args[0] is not v:
+        return True
+    return False
 
 
 def check_tensor_uses(cg: ChannelGraph) -> None:

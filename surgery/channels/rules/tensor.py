@@ -268,58 +268,6 @@ def size_rule(ctx: RuleContext):
     return None
 
 
-def size_uses_ok(g, size_node: fx.Node) -> fx.Node | None:
-    """None when every use of a size read only steers reshapes; else the offending node."""
-    lay = g.layouts.get(size_node.args[0])
-    vary = set(varying(lay)) if lay is not None else set()
-    whole = size_node.op == "call_function" or (size_node.target == "size" and len(size_node.args) < 2
-                                                 and "dim" not in size_node.kwargs)
-    if size_node.target == "numel":
-        whole = False
-    elif not whole:
-        d = size_node.args[1] if len(size_node.args) > 1 else size_node.kwargs["dim"]
-        if d % lay.ndim not in vary:
-            return None
-    # each node reached: the dims of the shape it still holds (a tuple), or None (a number)
-    frontier: list[tuple[fx.Node, list[int] | None]] = [(size_node, list(range(lay.ndim)) if whole else None)]
-    seen = set()
-    while frontier:
-        node, dims = frontier.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for u in node.users:
-            if dims is not None and u.op == "call_function" and u.target is operator.getitem:
-                k = u.args[1]
-                if isinstance(k, slice):  # x.shape[:-1]: a tuple of some of the dims
-                    part = dims[k]
-                    if vary & set(part):
-                        frontier.append((u, part))
-                    continue
-                if isinstance(k, int) and dims[k] not in vary:
-                    continue
-                frontier.append((u, None))
-            elif u.op == "call_function" and u.target in _ARITH:
-                frontier.append((u, None))
-            elif _is_shape_arg_use(u, node):
-                continue
-            else:
-                return u
-    return None
-
-
-_ARITH = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
-          operator.neg, operator.pow}
-
-
-def _is_shape_arg_use(u: fx.Node, v: fx.Node) -> bool:
-    if u.op == "call_method" and u.target in ("view", "reshape", "expand", "repeat") and u.args and u.args[0] is not v:
-        return True
-    if u.op == "call_function" and u.target is torch.reshape and u.args and u.args[0] is not v:
-        return True
-    return False
-
-
 _BINARY = [operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
            operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
            "add", "sub", "mul", "div", "add_", "mul_", "sub_", "__add__", "__mul__", "__radd__", "__rmul__"]
