@@ -260,3 +260,26 @@ def test_one_mask_serves_points_with_their_units_on_different_axes():
     calls = [n for n in masked.graph.nodes if n.op == "call_module" and n.target.startswith("prune_g")]
     assert len(calls) == 2 and sorted(n.kwargs.get("dim", -3) for n in calls) == [-3, -1]
     assert small.get_submodule("conv").out_channels == 8 and small.get_submodule("fc").in_features == 8
+
+
+class WidthFromInput(nn.Module):
+    """MaxViT's pattern: another tensor reshaped with a width read from the stream's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.inner, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        b, n, d = y.shape
+        h = self.inner(y)  # returned: its channels stay
+        z = h.reshape(b * n, -1).reshape(b, n, d)
+        return self.b(torch.relu(y)) + self.c(z), h
+
+
+def test_a_width_read_from_one_tensor_ties_the_axis_it_sizes_in_another():
+    gm = surgery.capture(WidthFromInput().eval(), (torch.randn(2, 5, 4),))
+    (group,) = [g for g in surgery.channel_groups(gm) if any(p.node.name == "a" for p in g.producers)]
+    assert "reaches the model output" in group.frozen  # tied to inner's channels, which the output keeps
+    masked, small = _prune(WidthFromInput(), torch.randn(2, 5, 4))
+    assert small.get_submodule("a").out_features == 8
