@@ -85,6 +85,46 @@ def make_cnn(width: int = 32, classes: int = 10, seed: int = 0) -> DigitsCNN:
     return DigitsCNN(width, classes)
 
 
+class DigitsBlock(nn.Module):
+    """A pre-norm transformer block: multi-head self-attention (separate q/k/v/o projections,
+    ``F.scaled_dot_product_attention``), then a GELU MLP, each added to the residual stream."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class DigitsTransformer(nn.Module):
+    """Digits read as 8 tokens of 8 pixels (one row each): a linear embedding plus learned
+    positions, pre-norm blocks, a final LayerNorm, mean over tokens, a linear head."""
+
+    def __init__(self, d: int = 32, heads: int = 4, layers: int = 2, classes: int = 10):
+        super().__init__()
+        self.embed, self.pos = nn.Linear(8, d), nn.Parameter(torch.randn(8, d) * 0.02)
+        self.blocks = nn.Sequential(*(DigitsBlock(d, heads) for _ in range(layers)))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.blocks(self.embed(x.reshape(-1, 8, 8)) + self.pos)
+        return self.head(self.norm(h).mean(1))
+
+
+def make_transformer(d: int = 32, seed: int = 0) -> DigitsTransformer:
+    """The digits transformer (flat 64-pixel input, like the MLP); stream width `d`."""
+    torch.manual_seed(seed)
+    return DigitsTransformer(d)
+
+
 def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 60, lr: float = 1e-2,
           batch_size: int = 64, seed: int = 0, penalty: bool = True,
           params: Optional[list] = None, loss_fn: Callable = F.cross_entropy,

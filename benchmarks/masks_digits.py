@@ -21,12 +21,14 @@ from torch import nn  # noqa: E402
 
 import surgery  # noqa: E402
 from benchmarks._report import markdown_table, write_result  # noqa: E402
-from benchmarks.digits import accuracy, balanced_accuracy, load_digits_split, make_cnn, make_mlp, train  # noqa: E402
+from benchmarks.digits import (accuracy, balanced_accuracy, load_digits_split, make_cnn, make_mlp,  # noqa: E402
+                               make_transformer, train)
 from passes import DAM, GumbelMask, Shrink, Sparsifier  # noqa: E402
 
-MLP_EPOCHS, CNN_EPOCHS = 60, 30
+MLP_EPOCHS, CNN_EPOCHS, TRANSFORMER_EPOCHS = 60, 30, 40
 DAM_MLP = dict(lam=0.1, cold_start=300)       # ~13 epochs of 23 steps with every unit open
 DAM_CNN = dict(lam=0.3, cold_start=0)         # with a cosine learning rate (see notes)
+DAM_TRANSFORMER = dict(lam=1.0, cold_start=0)
 GUMBEL = dict(alpha=1e-3, epochs=30)
 SPARSE = dict(eps=0.1, weight=1.0, double_every=46, a_max=256.0, epochs=10, lr=1e-3)
 
@@ -63,6 +65,25 @@ def dam_cnn(d, seed: int) -> dict:
     kept = hidden_units(small, nn.Conv2d, ["conv1", "conv2", "conv3"])
     return dict(base=base, before=accuracy(base, d.img_test, d.y_test), masked=accuracy(gm, d.img_test, d.y_test),
                 after=accuracy(small, d.img_test, d.y_test), kept=kept, total=32 + 64 + 64, err=err)
+
+
+def dam_transformer(d, seed: int) -> dict:
+    """DAM on every Linear of the digits transformer but the head: one mask per channel group,
+    so the residual stream (embedding, positions, norms, q/k/v inputs, o and fc2 outputs) is
+    one decision and each MLP's hidden width another. Attention heads are not pruned yet."""
+    base = train(make_transformer(seed=seed), d.x_train, d.y_train, epochs=TRANSFORMER_EPOCHS, lr=1e-2,
+                 seed=seed, penalty=False, cosine=True)
+    gm = surgery.compress(make_transformer(seed=seed), [DAM(select=nn.Linear, exclude="head", **DAM_TRANSFORMER)],
+                          (d.x_train[:2],))
+    train(gm, d.x_train, d.y_train, epochs=TRANSFORMER_EPOCHS, lr=1e-2, seed=seed, cosine=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        small, err = shrink_and_export(gm, d.x_test, Path(tmp), "dam_transformer")
+    stream = small.get_submodule("embed").out_features
+    hidden = sum(small.get_submodule(f"blocks.{i}.fc1").out_features for i in range(2))
+    return dict(base=base, before=accuracy(base, d.x_test, d.y_test), masked=accuracy(gm, d.x_test, d.y_test),
+                after=accuracy(small, d.x_test, d.y_test), kept=stream + hidden, total=32 + 2 * 128, err=err,
+                stream=stream, hidden=hidden, params=(sum(p.numel() for p in base.parameters()),
+                                                      sum(p.numel() for p in small.parameters())))
 
 
 def gumbel_zero(d, base_mlp: nn.Module, seed: int) -> dict:
@@ -119,6 +140,8 @@ def main(argv=None) -> None:
     m = dam_mlp(d, args.seed)
     stage("DAM on the CNN")
     c = dam_cnn(d, args.seed)
+    stage("DAM on the transformer")
+    t = dam_transformer(d, args.seed)
     stage("GumbelMask on the frozen MLP")
     g = gumbel_zero(d, m["base"], args.seed)
     stage("Sparsifier on the CNN")
@@ -132,6 +155,10 @@ def main(argv=None) -> None:
          pct(m["masked"]), pct(m["after"]), f"{m['err']:.1e}", "-", ">= 75% removed, within 1 pt"],
         ["DAM", "CNN 32-64-64", f"{c['kept']}/{c['total']}", pct(1 - c["kept"] / c["total"]), pct(c["before"]),
          pct(c["masked"]), pct(c["after"]), f"{c['err']:.1e}", "-", ">= 40% removed, within 2 pt"],
+        ["DAM", f"transformer d32, 2 blocks (stream {t['stream']}/32, MLP {t['hidden']}/256; params "
+                f"{t['params'][0]:,} -> {t['params'][1]:,})", f"{t['kept']}/{t['total']}",
+         pct(1 - t["kept"] / t["total"]), pct(t["before"]), pct(t["masked"]), pct(t["after"]), f"{t['err']:.1e}", "-",
+         ">= 40% removed, within 2 pt"],
         ["GumbelMask", "frozen MLP, 'is it a 0' head", f"{g['kept']}/{g['total']}", pct(1 - g["kept"] / g["total"]),
          "-", pct(g["masked"]) + " (bal.)", pct(g["after"]) + " (bal.)", f"{g['err']:.1e}", "-",
          "bal. acc >= 99%, <= 15% kept"],

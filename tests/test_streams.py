@@ -283,3 +283,18 @@ def test_a_width_read_from_one_tensor_ties_the_axis_it_sizes_in_another():
     assert "reaches the model output" in group.frozen  # tied to inner's channels, which the output keeps
     masked, small = _prune(WidthFromInput(), torch.randn(2, 5, 4))
     assert small.get_submodule("a").out_features == 8
+
+
+class WithPositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.pos = nn.Linear(4, 8), nn.Parameter(torch.randn(5, 8))
+        self.norm, self.head = nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.embed(x) + self.pos))
+
+
+def test_a_mask_goes_after_a_position_embedding_too():
+    masked, small = _prune(WithPositions(), torch.randn(2, 5, 4))
+    assert small.get_submodule("embed").out_features == 4 and small.pos.shape == (5, 4)

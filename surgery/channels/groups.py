@@ -40,7 +40,7 @@ from ..pipeline import UnitMask
 from .boundary import Boundary, annotated, check_boundary, prepare, shared_tensors
 from .checks import check_sizes, check_tensor_uses
 from .components import components
-from .points import data_users, is_trailing
+from .points import adds_parameter, data_users, is_trailing
 from .rulebook import RULES, Ids, Rule, RuleContext, _RawPlace
 from .rules.modules import mask_rule  # importing .rules registers the standard table
 
@@ -87,7 +87,9 @@ class ChannelGroup:
 
     def mask_points(self) -> list[tuple[fx.Node, int]]:
         """(node, dim) pairs after which one shared per-channel mask of ``size`` units realises
-        this group: after each producer and its trailing single-user BN/activation chain.
+        this group: after each producer and its trailing single-user BN/activation chain, and
+        after each op that adds a parameter of the model to the channels (a position embedding:
+        ``x + pos`` is not zero where x is).
 
         Only producers that carry every channel of the group in group order are listed (true
         for convolutional and residual streams); a group fed by a producer that carries part
@@ -96,8 +98,10 @@ class ChannelGroup:
         if self.frozen:
             return []
         points = []
-        for p in self.producers:
-            if len(p.channels) != self.size or not np.array_equal(p.channels, np.arange(self.size)):
+        whole = lambda p: len(p.channels) == self.size and np.array_equal(p.channels, np.arange(self.size))  # noqa: E731
+        added = [p for p in self.locals if p.params and adds_parameter(p.node) and whole(p)]
+        for p in self.producers + added:
+            if not whole(p):
                 return []
             node = p.node
             while len(users := data_users(node)) == 1:

@@ -4,6 +4,8 @@ producer's only reader. See :meth:`surgery.channels.ChannelGroup.mask_points`.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -12,7 +14,16 @@ from torch import nn
 from ..graph import submodule
 from ..pipeline import UnitMask
 
-__all__ = ["data_users", "is_trailing"]
+__all__ = ["data_users", "is_trailing", "adds_parameter"]
+
+_ADD = frozenset({operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub",
+                  "add_", "sub_", "__add__", "__radd__"})
+
+
+def adds_parameter(node: fx.Node) -> bool:
+    """Whether `node` adds to (or subtracts from) channels a tensor of the model's (its channel
+    rule recorded the parameter): the sum is not zero where the channels were."""
+    return node.op in ("call_function", "call_method") and node.target in _ADD
 
 
 _METADATA = frozenset({"ndim", "shape", "dtype", "device"})
