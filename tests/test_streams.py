@@ -298,3 +298,30 @@ class WithPositions(nn.Module):
 def test_a_mask_goes_after_a_position_embedding_too():
     masked, small = _prune(WithPositions(), torch.randn(2, 5, 4))
     assert small.get_submodule("embed").out_features == 4 and small.pos.shape == (5, 4)
+
+
+class SwiGLU(nn.Module):
+    """Llama's gated MLP (separate gate and up) or Phi-3's (one fused gate_up projection)."""
+
+    def __init__(self, fused: bool, d=8, hidden=12):
+        super().__init__()
+        self.fused = fused
+        if fused:
+            self.gate_up = nn.Linear(d, 2 * hidden, bias=False)
+        else:
+            self.gate, self.up = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        if self.fused:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        return self.down(F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_gated_mlp_loses_gate_and_up_units_together(fused):
+    masked, small = _prune(SwiGLU(fused), torch.randn(2, 5, 8))
+    assert _params(small) == 8 * 6 * 3  # gate, up and down keep 6 of 12 hidden units each
+    assert small.get_submodule("down").in_features == 6

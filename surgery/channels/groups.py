@@ -100,9 +100,9 @@ class ChannelGroup:
         points = []
         whole = lambda p: len(p.channels) == self.size and np.array_equal(p.channels, np.arange(self.size))  # noqa: E731
         added = [p for p in self.locals if p.params and adds_parameter(p.node) and whole(p)]
+        if not all(whole(p) for p in self.producers):
+            return self._reader_points(whole)
         for p in self.producers + added:
-            if not whole(p):
-                return []
             node = p.node
             while len(users := data_users(node)) == 1:
                 if not is_trailing(users[0], node):
@@ -113,6 +113,19 @@ class ChannelGroup:
             if isinstance(shape, torch.Size) and dim >= 0:
                 dim = dim - len(shape)  # from the end, so one mask fits any batch shape
             points.append((node, dim))
+        return list(dict.fromkeys(points))
+
+    def _reader_points(self, whole) -> list[tuple[fx.Node, int]]:
+        """Where no producer carries the group whole (a fused projection split into parts: Phi-3's
+        gate_up_proj, whose halves a SwiGLU couples position by position), a mask goes on every
+        reader's input instead, if each carries the group whole (``act(gate) * up`` before down)."""
+        points = []
+        for r in self.readers:
+            src = r.node.args[r.arg] if r.arg is not None and r.arg < len(r.node.args) else None
+            shape = src.meta.get("shape") if isinstance(src, fx.Node) else None
+            if not whole(r) or not isinstance(shape, torch.Size):
+                return []
+            points.append((src, r.dim - len(shape) if r.dim >= 0 else r.dim))
         return list(dict.fromkeys(points))
 
     def places(self) -> list[Place]:
