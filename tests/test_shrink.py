@@ -273,10 +273,11 @@ class Scale(UnitMask):
 
 
 def _insert_shared(gm, group, mask, name):
+    from passes._placement import axis_kwargs
     gm.add_submodule(name, mask)
-    for node, _ in group.mask_points():
+    for node, dim in group.mask_points():
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (node,))
+            new = gm.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim))
         node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
     gm.recompile()
 

@@ -1,8 +1,11 @@
-"""Property test: Shrink is exact on random small DAGs of conv/BN/ReLU/add/cat/flatten/linear
-with random masks (few examples here; benchmarks/shrink_property.py runs hundreds)."""
+"""Property test: Shrink is exact on random small DAGs of conv/BN/ReLU/add/cat/flatten/linear,
+channels-last LayerNorms and RMSNorms (module and decomposed), gated units (silu(g) * u) and
+attention over the pixels, with random masks (few examples here; benchmarks/shrink_property.py
+runs hundreds)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from test_shrink import Scale, _insert_shared, _params, _randomise
 from torch import nn
 
@@ -36,6 +39,23 @@ class RandomDag(nn.Module):
                 chans.append(chans[a])
             elif op == "cat":
                 chans.append(chans[a] + chans[b])
+            elif op in ("ln", "rms"):
+                norm = nn.LayerNorm(chans[a]) if op == "ln" else nn.RMSNorm(chans[a], eps=1e-5)
+                with torch.no_grad():
+                    norm.weight.normal_(1, 0.2)
+                    if op == "ln":
+                        norm.bias.normal_(0, 0.2)
+                self.layers[str(i)] = norm
+                chans.append(chans[a])
+            elif op in ("rms_decomposed",):
+                chans.append(chans[a])
+            elif op == "glu":
+                self.layers[f"{i}g"], self.layers[f"{i}u"] = nn.Conv2d(chans[a], arg, 1), nn.Conv2d(chans[a], arg, 1)
+                chans.append(arg)
+            elif op == "attn":  # single-head attention over the pixels: q, k, v 1x1 convs
+                for p in "qkv":
+                    self.layers[f"{i}{p}"] = nn.Conv2d(chans[a], arg if p != "v" else chans[a], 1)
+                chans.append(chans[a])
         self.last = len(chans) - 1
         feat = chans[-1] * (hw * hw if head == "flatten" else 1)
         self.fc = nn.Linear(feat, 3)
@@ -51,6 +71,16 @@ class RandomDag(nn.Module):
                 ts.append(ts[a] + ts[b])
             elif op == "cat":
                 ts.append(torch.cat([ts[a], ts[b]], 1))
+            elif op in ("ln", "rms"):  # channels-last, as ConvNeXt and transformers normalise
+                ts.append(self.layers[str(i)](ts[a].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+            elif op == "rms_decomposed":  # Hugging Face's RMSNorm over the channel axis
+                ts.append(ts[a] * torch.rsqrt(ts[a].pow(2).mean(1, keepdim=True) + 1e-5))
+            elif op == "glu":
+                ts.append(F.silu(self.layers[f"{i}g"](ts[a])) * self.layers[f"{i}u"](ts[a]))
+            elif op == "attn":
+                q, k, v = (self.layers[f"{i}{p}"](ts[a]).flatten(2).transpose(1, 2) for p in "qkv")
+                out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+                ts.append(ts[a] + out.transpose(1, 2).reshape(ts[a].shape))
         y = ts[-1]
         y = torch.flatten(y, 1) if self.head_kind == "flatten" else y.mean((2, 3))
         return self.fc(y)
@@ -62,7 +92,8 @@ def draw_dag(data, hw: int = 4) -> RandomDag:
     spec = []
     n = data.draw(st.integers(2, 9), label="n_ops")
     for _ in range(n):
-        op = data.draw(st.sampled_from(["conv", "conv", "bn", "relu", "add", "cat"]))
+        op = data.draw(st.sampled_from(["conv", "conv", "bn", "relu", "add", "cat", "ln", "rms", "rms_decomposed",
+                                        "glu", "attn"]))
         a = data.draw(st.integers(0, len(chans) - 1))
         if op == "conv":
             k = data.draw(st.sampled_from([1, 3]))
@@ -86,6 +117,13 @@ def draw_dag(data, hw: int = 4) -> RandomDag:
         elif op == "relu":
             spec.append(("relu", a, None, None))
             chans.append(chans[a])
+        elif op in ("ln", "rms", "rms_decomposed") and a > 0:
+            spec.append((op, a, None, None))
+            chans.append(chans[a])
+        elif op in ("glu", "attn"):
+            width = data.draw(st.sampled_from([2, 4, 6]))
+            spec.append((op, a, None, width))
+            chans.append(width if op == "glu" else chans[a])
     if not spec or spec[-1][0] != "conv":
         spec.append(("conv", len(chans) - 1, None, (1, 4, 1)))
     head = data.draw(st.sampled_from(["flatten", "mean"]))

@@ -325,3 +325,16 @@ def test_a_gated_mlp_loses_gate_and_up_units_together(fused):
     masked, small = _prune(SwiGLU(fused), torch.randn(2, 5, 8))
     assert _params(small) == 8 * 6 * 3  # gate, up and down keep 6 of 12 hidden units each
     assert small.get_submodule("down").in_features == 6
+
+
+def test_a_mask_kept_as_a_scale_still_shows_its_channels_to_the_mask_after_it():
+    from test_shrink import Scale
+    net = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)).eval()
+    x = torch.randn(2, 5, 4)
+    gm = surgery.capture(net, (x,))
+    first = next(n for n in gm.graph.nodes if n.target == "0")
+    tokens = surgery.graph.insert_after(gm, first, Scale(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5]), 1), "tokens")
+    surgery.graph.insert_after(gm, tokens, Scale(torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0]), -1), "units")
+    small = surgery.compress(gm, [Shrink()], example_inputs=(x,))  # verifies itself
+    assert small.get_submodule("0").out_features == 4
+    assert max_abs_diff(run_eval(gm, (x,)), run_eval(small, (x,))) < 1e-6

@@ -168,6 +168,8 @@ class Editor:
                 ga = g.get_attr(name)
                 mul = g.call_function(torch.mul, (inp, ga))
             mul.meta.update(node.meta)
+            if node in self.cg.layouts:  # a mask after this one finds its input's channels here
+                self.cg.layouts[mul] = self.cg.layouts[node]
             node.replace_all_uses_with(mul)
             g.erase_node(node)
             self.scaled.append(str(node.target))
