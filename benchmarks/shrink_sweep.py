@@ -1,4 +1,5 @@
-"""ChannelPrune(ratio) -> Shrink -> export on every torchvision classification model.
+"""ChannelPrune(ratio) -> Shrink -> export on every torchvision classification model, on one
+timm model per architecture family, and on the Hugging Face transformers set.
 
 One row per model: exact (max rel. error < 1e-4 on a fresh input, masked vs shrunk), params
 and MACs before/after, surgery wall time (compress(model, [ChannelPrune, Shrink]), verification
@@ -6,9 +7,34 @@ included; the median of --repeats runs, more for runs under ~0.3 s, see runs_for
 for Torch-Pruning), CPU latency at batch 1 before/after, export ok. With torch-pruning
 importable (the `bench` extra), Torch-Pruning runs at the same ratio on the same model beside
 ours. Each tool
-is timed after one untimed warm-up run of its own on a small model (resnet18 at 64 px), so
-neither pays one-time costs (imports, first calls) in its figure, and after a gc.collect(), so
-neither pays for garbage the other left.
+is timed after one untimed warm-up run of its own on a small model (resnet18 at 64 px; for
+--family hf the small BERT), so neither pays one-time costs (imports, first calls) in its
+figure, and after a gc.collect(), so neither pays for garbage the other left.
+
+--family picks the models (rows file and table under benchmarks/results/):
+
+- torchvision (default): every classification model of torchvision.models (80), input
+  1x3x224x224 (--size); shrink_sweep.jsonl and shrink_sweep.md.
+- timm: one model per timm architecture family (benchmarks/_timm_models.py: a timm model module
+  split by model-name stem, about 190 families; per family the smallest-looking model by a
+  fixed name rule that builds on CPU with pretrained=False; a family none of whose models builds
+  is recorded as skipped), input its pretrained_cfg["input_size"], brought down to --size (224)
+  per side where the model runs on that; shrink_sweep_timm.jsonl and shrink_sweep_timm.md.
+- hf: the 26 Hugging Face architectures of benchmarks/_hf_models.py (small configs, random
+  weights, keyword inputs); exact compares every output tensor on fresh inputs (seed 1);
+  shrink_sweep_hf.jsonl and shrink_sweep_hf.md.
+
+Torch-Pruning gets what its own examples give it: a GroupMagnitudeImportance(p=2) MetaPruner
+at the ratio, the final classifier / LM head ignored; for timm and hf its num_heads map (each
+q/k/v projection -> its head count) and, after pruning, the attention modules' head count and
+size set from the pruned projections (its examples do this by hand). timm keeps its default
+(head dimensions pruned, as in its timm example); hf prunes whole heads at the ratio and keeps
+head dimensions (its BERT and LLM examples), gets an output_transform that returns every tensor
+of the ModelOutput, and, for a backbone with no head, also has the layers that produce the
+outputs ignored (both tools keep the outputs' shapes). Torch-Pruning works on a model when its
+pruned model runs and returns outputs of the original shapes; its error is recorded otherwise.
+It loops for good on some models (transformers' Llama family, timm's BoTNet): each of its
+pruning runs gets --tp-timeout seconds (timm 120, hf 60; torchvision only --timeout).
 
 Each model runs in its own subprocess (a crash, a timeout or running out of memory costs one
 row, never the sweep); rows are appended to a JSON-lines file as they finish, so the sweep is
@@ -17,13 +43,20 @@ resumable (models already there are skipped unless --redo).
     OMP_NUM_THREADS=2 python benchmarks/shrink_sweep.py                      # all 80
     OMP_NUM_THREADS=2 python benchmarks/shrink_sweep.py --models resnet18,vit_b_16
     OMP_NUM_THREADS=2 python benchmarks/shrink_sweep.py --limit 10 --no-tp
+    OMP_NUM_THREADS=2 python benchmarks/shrink_sweep.py --family timm        # every family
+    OMP_NUM_THREADS=2 python benchmarks/shrink_sweep.py --family timm --models resnet,vision_transformer/vit
+    OMP_NUM_THREADS=2 python benchmarks/shrink_sweep.py --family hf          # all 26
+    python benchmarks/shrink_sweep.py --family timm --list                   # families, nothing run
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -31,17 +64,30 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 ROWS = HERE / "results" / "shrink_sweep.jsonl"
+FAMILIES = ("torchvision", "timm", "hf")
 
 
-def _prepare(model):
+def result_name(family: str) -> str:
+    """The results file stem of `family`: shrink_sweep (torchvision), shrink_sweep_timm, shrink_sweep_hf."""
+    return "shrink_sweep" if family == "torchvision" else f"shrink_sweep_{family}"
+
+
+def _prepare(model, vectors: bool = False):
     """Random (not zero) weights everywhere, random BN statistics: torchvision zero-initialises
-    some heads (ViT), which would make every model output the same and any check vacuous."""
+    some heads (ViT), which would make every model output the same and any check vacuous.
+
+    With `vectors` (timm and hf), also near-zero norm gains and layer scales (every parameter of
+    at most one dimension that is not a bias and whose entries are all below 1e-3, such as timm's
+    zero-initialised last BatchNorm of a residual block or its 1e-5 layer-scale gammas) are drawn
+    from [0.5, 1.5): a branch scaled by ~0 adds nothing to the output, and the exactness check
+    could not see a wrong channel in it."""
     import torch
     from torch import nn
     g = torch.Generator().manual_seed(0)
@@ -53,32 +99,99 @@ def _prepare(model):
             for name, p in m.named_parameters(recurse=False):
                 if p.dim() >= 2 and not p.any():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                elif (vectors and p.dim() <= 1 and p.numel() and p.is_floating_point() and "bias" not in name
+                      and float(p.abs().max()) < 1e-3):
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     return model.eval()
 
 
-def macs(model, x) -> int:
+def _call(model, inputs):
+    """`model` on `inputs`: a tuple of positional inputs or a dict of keyword inputs."""
+    from surgery.calling import call
+    return call(model, inputs)
+
+
+def macs(model, inputs) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(x)
+        _call(model, inputs)
     return fc.get_total_flops() // 2
 
 
-def latency(model, x, reps: int = 5) -> float:
-    """Median seconds per forward at batch 1 (after warm-up)."""
+def latency(model, inputs, reps: int = 5) -> float:
+    """Median seconds per forward at batch 1 (after warm-up); `inputs` as for :func:`macs`."""
     import torch
     times = []
     with torch.no_grad():
         for _ in range(2):
-            model(x)
+            _call(model, inputs)
         deadline = time.perf_counter() + 10
         for _ in range(reps):
             t = time.perf_counter()
-            model(x)
+            _call(model, inputs)
             times.append(time.perf_counter() - t)
             if time.perf_counter() > deadline and len(times) >= 3:
                 break
     return statistics.median(times)
+
+
+def _tensors(out) -> list:
+    """Every tensor of a model output (a tensor, a tuple, a ModelOutput), in order."""
+    from _hf_models import output_tensors
+    return output_tensors(out)
+
+
+@dataclasses.dataclass
+class Subject:
+    """One model of a sweep: the model (prepared), its example inputs (a tuple, or a dict of
+    keyword inputs), fresh inputs for the exactness check, what the row records about it, and how
+    to build the same model again (Torch-Pruning prunes in place: a fresh one every run)."""
+    model: Any
+    inputs: tuple | dict
+    fresh: tuple | dict
+    info: dict
+    rebuild: Callable[[], Any]
+
+
+def subject(family: str, name: str, size: int) -> Subject:
+    """Build model `name` of `family` (for timm a family name, see benchmarks/_timm_models.py)
+    and its inputs. torchvision: 1x3x`size`x`size`; timm: the model's own input size, sides over
+    `size` brought down to it where the model runs on that; hf: _hf_models' example inputs, and
+    those of seed 1 as the fresh ones. Raises _timm_models.NoModelBuilds for a timm family none
+    of whose models builds."""
+    import torch
+    torch.manual_seed(0)
+    if family == "torchvision":
+        import torchvision
+
+        def build():
+            return _prepare(torchvision.models.get_model(name, weights=None))
+        model = build()
+        x, x2 = torch.randn(1, 3, size, size), torch.randn(1, 3, size, size)
+        return Subject(model, (x,), (x2,), {}, build)
+    if family == "timm":
+        from _timm_models import build_timm, input_size
+        model, arch, failed = build_timm(name)
+        model = _prepare(model, vectors=True)
+        c, h, w = input_size(model, size)
+        info: dict = {"arch": arch, "input_size": [c, h, w]}
+        if failed:
+            info["not_built"] = failed
+
+        def build():
+            return _prepare(build_timm(name, [arch])[0], vectors=True)
+        torch.manual_seed(0)
+        x, x2 = torch.randn(1, c, h, w), torch.randn(1, c, h, w)
+        return Subject(model, (x,), (x2,), info, build)
+    if family == "hf":
+        from _hf_models import HF_MODELS, build_hf, example_inputs
+
+        def build():
+            return _prepare(build_hf(name)[0], vectors=True)
+        model = build()
+        return Subject(model, example_inputs(name), example_inputs(name, seed=1), {"kind": HF_MODELS[name][0]}, build)
+    raise ValueError(f"unknown family {family!r}")
 
 
 def _final_layer(model):
@@ -90,35 +203,176 @@ def _final_layer(model):
     return last
 
 
-def _tp_prune(model, x, ratio: float) -> None:
+# query/key/value projections of an attention module, by attribute name: fused (timm's qkv, Phi-3's
+# qkv_proj), q and a fused kv (timm's PVT), or one each (transformers' naming schemes)
+_QKV_NAMES = (("qkv",), ("qkv_proj",), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
+              ("q_lin", "k_lin", "v_lin"), ("query_proj", "key_proj", "value_proj"), ("q", "k", "v"), ("q", "kv"))
+_HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_HEAD_DIM = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
+_WIDTH = ("all_head_size", "inner_dim", "attn_dim")
+
+
+def _int_attr(obj, names: tuple[str, ...]) -> int | None:
+    """The first of `names` that `obj` holds as a positive int, or None."""
+    for n in names:
+        v = getattr(obj, n, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _attention_layers(model) -> list[tuple[Any, tuple]]:
+    """Every attention module of `model` with its query/key/value projections (nn.Linear), as
+    named in _QKV_NAMES."""
+    from torch import nn
+    out = []
+    for m in model.modules():
+        for names in _QKV_NAMES:
+            layers = tuple(getattr(m, n, None) for n in names)
+            if all(isinstance(layer, nn.Linear) for layer in layers):
+                out.append((m, layers))
+                break
+    return out
+
+
+def _tp_num_heads(attention: list[tuple[Any, tuple]]) -> dict:
+    """Torch-Pruning's num_heads argument as its examples build it: each q/k/v projection -> its
+    number of heads. A fused projection gets the module's head count (timm: ``num_heads[m.qkv] =
+    m.num_heads``; Phi-3's qkv_proj: config.num_attention_heads); separate ones their width over
+    the head size where the module holds one (grouped-query k/v: the key-value head count, as in
+    its LLM example), the module's head count otherwise."""
+    heads = {}
+    for m, layers in attention:
+        n = _int_attr(m, _HEADS) or _int_attr(getattr(m, "config", None), ("num_attention_heads",))
+        d = _int_attr(m, _HEAD_DIM)
+        for layer in layers:
+            fused = len(layers) == 1 or layer is getattr(m, "kv", None)
+            count = n if fused or d is None else layer.out_features // d
+            if count:
+                heads[layer] = count
+    return heads
+
+
+def _tp_update_attention(attention: list[tuple[Any, tuple]], pruner, head_dims: bool) -> None:
+    """After pruning, what Torch-Pruning's examples do by hand (it cannot know what these
+    attributes mean): each attention module's head count (num_heads / num_attention_heads /
+    n_heads), head size (head_dim / attention_head_size / key_value_proj_dim), total width
+    (all_head_size / inner_dim / attn_dim), num_key_value_groups and num_key_value_heads under
+    grouped-query attention, and a shared config's head counts (its LLM example).
+
+    Where `head_dims` were pruned (timm), the head count is the pruner's and the head size the
+    query width over it; where whole heads were (hf), the head size stays and the head counts
+    are the pruned widths over it: what the projections hold, even where the pruner's own
+    count disagrees with them (it does on MPNet)."""
+    for m, layers in attention:
+        q = layers[0]
+        fused = len(layers) == 1
+        width = q.out_features // 3 if fused and not hasattr(m, "num_key_value_groups") else q.out_features
+        d = _int_attr(m, _HEAD_DIM)
+        kv = None
+        if head_dims or d is None or (fused and hasattr(m, "num_key_value_groups")):
+            n = pruner.num_heads.get(q)
+            if not n:
+                continue
+            d = width // n if head_dims or d is None else d
+        else:
+            n = width // d
+            kv = layers[1].out_features // d if len(layers) == 3 else None
+        for names, value in ((_HEADS, n), (_HEAD_DIM, d), (_WIDTH, n * d)):
+            for a in names:
+                if _int_attr(m, (a,)) is not None:
+                    setattr(m, a, value)
+        if kv:
+            if _int_attr(m, ("num_key_value_groups",)) is not None:
+                m.num_key_value_groups = max(1, n // kv)
+            if _int_attr(m, ("num_key_value_heads",)) is not None:
+                m.num_key_value_heads = kv
+        config = getattr(m, "config", None)
+        if config is not None and not head_dims:
+            if _int_attr(config, ("num_attention_heads",)) is not None:
+                config.num_attention_heads = n
+            if kv and _int_attr(config, ("num_key_value_heads",)) is not None:
+                config.num_key_value_heads = kv
+
+
+def _output_layers(model, inputs) -> list:
+    """The innermost modules whose output holds one of `model`'s output tensors (a backbone's
+    final LayerNorm, a head's Linear): ignored by Torch-Pruning, so that the outputs keep their
+    shapes (a group holding one of them is not pruned), as ChannelPrune never masks them."""
+    import torch
+    produced: dict[str, list] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: produced.__setitem__(name, _tensors(out)))
+             for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            final = {id(t) for t in _tensors(_call(model, inputs))}
+    finally:
+        for h in hooks:
+            h.remove()
+    hits = [n for n, ts in produced.items() if any(id(t) in final for t in ts)]
+    inner = [n for n in hits if not any(h.startswith(n + ".") for h in hits)]
+    return [model.get_submodule(n) for n in inner]
+
+
+def _tp_prune(model, x, ratio: float, family: str = "torchvision") -> None:
+    """Torch-Pruning on `model` in place, as the module docstring says (`x`: the input tensor
+    for torchvision, the inputs tuple for timm, the keyword inputs for hf)."""
     import torch_pruning as tp
     imp = (getattr(tp.importance, "GroupMagnitudeImportance", None) or tp.importance.MagnitudeImportance)(p=2)
     Pruner = getattr(tp.pruner, "MetaPruner", None) or tp.pruner.BasePruner
-    pruner = Pruner(model, x, importance=imp, pruning_ratio=ratio, ignored_layers=[_final_layer(model)])
+    if family == "torchvision":
+        pruner = Pruner(model, x, importance=imp, pruning_ratio=ratio, ignored_layers=[_final_layer(model)])
+        pruner.step()
+        return
+    attention = _attention_layers(model)
+    kwargs: dict = {"num_heads": _tp_num_heads(attention)}
+    if family == "timm":
+        from _timm_models import classifier
+        ignored = classifier(model) or [_final_layer(model)]
+        example = x[0]
+    else:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        ignored = [head if head is not None else _final_layer(model), *_output_layers(model, x)]
+        example = x
+        kwargs.update(output_transform=_tensors, prune_num_heads=True, prune_head_dims=False,
+                      head_pruning_ratio=ratio)
+    pruner = Pruner(model, example, importance=imp, pruning_ratio=ratio, ignored_layers=ignored, **kwargs)
     pruner.step()
+    _tp_update_attention(attention, pruner, head_dims=family == "timm")
 
 
 def _ours(model, x, ratio: float, round_to: int):
     """What a user writes: compress(model, [ChannelPrune, Shrink]). Capture runs one forward
     for shapes, ChannelPrune none, Shrink the masked and the shrunk model once each to verify
-    itself. Returns (shrunk model, seconds)."""
+    itself. `x`: the example inputs (a tuple, or a dict of keyword inputs). Returns (shrunk
+    model, seconds)."""
     import surgery
     from passes import ChannelPrune, Shrink
     gc.collect()  # both tools start with no garbage pending (see run_tp)
     t = time.perf_counter()
-    small = surgery.compress(model, [ChannelPrune(ratio=ratio, round_to=round_to), Shrink()], (x,))
+    small = surgery.compress(model, [ChannelPrune(ratio=ratio, round_to=round_to), Shrink()], x)
     return small, time.perf_counter() - t
 
 
-def warm_up(tool: str, ratio: float) -> None:
+def warm_up(tool: str, ratio: float, family: str = "torchvision") -> None:
     """One untimed run of `tool` ("ours" or "tp") on a small model, so that neither tool's
-    timing pays its one-time costs (imports, first calls, lazily built tables)."""
+    timing pays its one-time costs (imports, first calls, lazily built tables): resnet18 at 64 px
+    (timm's for --family timm), the small BERT for --family hf."""
     import torch
-    import torchvision
-    model = _prepare(torchvision.models.get_model("resnet18", weights=None))
-    x = torch.randn(1, 3, 64, 64)
+    if family == "hf":
+        from _hf_models import build_hf
+        model, x = build_hf("bert")
+        model = _prepare(model, vectors=True)
+    else:
+        if family == "timm":
+            import timm
+            model = _prepare(timm.create_model("resnet18", pretrained=False), vectors=True)
+        else:
+            import torchvision
+            model = _prepare(torchvision.models.get_model("resnet18", weights=None))
+        x = (torch.randn(1, 3, 64, 64),)
     if tool == "tp":
-        _tp_prune(model, x, ratio)
+        _tp_prune(model, x[0] if family == "torchvision" else x, ratio, family)
     else:
         _ours(model, x, ratio, 1)
 
@@ -131,28 +385,65 @@ def runs_for(first_seconds: float, repeats: int) -> int:
     return max(repeats, min(3 * repeats, math.ceil(1.0 / max(first_seconds, 1e-3))))
 
 
-def run_tp(name: str, ratio: float, x, repeats: int = 1) -> dict:
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in this (main) thread after `seconds` (0: no limit). Torch-Pruning
+    loops for good in pure Python on some models (transformers' Llama): a limit of its own
+    costs it one row, not the subprocess's whole --timeout."""
+    import signal
+    if seconds <= 0:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"over {seconds:g} s for one pruning run")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def run_tp(sub: Subject, ratio: float, family: str = "torchvision", repeats: int = 1,
+           limit: float = 0) -> dict:
+    """Torch-Pruning on fresh copies of `sub`'s model (the median of its timed runs, see
+    runs_for), each pruning run within `limit` seconds (0: no limit)."""
     import torch
-    import torchvision
-    warm_up("tp", ratio)
+    warm_up("tp", ratio, family)
+    x = sub.inputs[0] if family == "torchvision" else sub.inputs
     times = []
     while len(times) < (runs_for(times[0], repeats) if times else 1):  # a fresh model every run (TP prunes in place)
         model = None
-        model = _prepare(torchvision.models.get_model(name, weights=None))
-        ref_shape = model(x).shape
+        model = sub.rebuild()
+        with torch.no_grad():
+            ref_shapes = [t.shape for t in _tensors(_call(model, sub.inputs))]
         # a full collection in a process holding torch and torchvision scans ~340k objects (~0.15 s
         # here): start both tools' timed runs from a clean collector, so neither pays for the other
         gc.collect()
         t = time.perf_counter()
-        _tp_prune(model, x, ratio)
+        with _time_limit(limit):
+            _tp_prune(model, x, ratio, family)
         times.append(time.perf_counter() - t)
     with torch.no_grad():
-        out = model(x)
-    ok = out.shape == ref_shape
+        shapes = [t.shape for t in _tensors(_call(model, sub.inputs))]
+    ok = shapes == ref_shapes
     return {"tp_time": statistics.median(times), "tp_times": times,
-            "tp_params": sum(p.numel() for p in model.parameters()), "tp_macs": macs(model, x),
-            "tp_latency": latency(model, x), "tp_ok": ok,
-            "tp_error": None if ok else f"output shape {tuple(out.shape)} != {tuple(ref_shape)}"}
+            "tp_params": sum(p.numel() for p in model.parameters()), "tp_macs": macs(model, sub.inputs),
+            "tp_latency": latency(model, sub.inputs), "tp_ok": ok,
+            "tp_error": None if ok else _shape_error(shapes, ref_shapes)}
+
+
+def _shape_error(shapes: list, ref_shapes: list) -> str:
+    """How the pruned model's output shapes differ from the original's: the one output's shape,
+    or each output (by index) whose shape changed."""
+    if len(shapes) == len(ref_shapes) == 1:
+        return f"output shape {tuple(shapes[0])} != {tuple(ref_shapes[0])}"
+    if len(shapes) != len(ref_shapes):
+        return f"{len(shapes)} outputs != {len(ref_shapes)}"
+    return "; ".join(f"output {i} shape {tuple(a)} != {tuple(b)}"
+                     for i, (a, b) in enumerate(zip(shapes, ref_shapes)) if a != b)
 
 
 TP_MEMORY_GB = 6  # Torch-Pruning needs > 16 GB on swin: keep it from taking the machine down
@@ -170,9 +461,15 @@ def _limit_memory(extra_gb: float) -> None:
         pass
 
 
-def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, repeats: int = 1) -> dict:
+def _error(e: BaseException) -> str:
+    """`e` in one line of at most 300 characters."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, repeats: int = 1,
+            family: str = "torchvision", tp_limit: float = 0) -> dict:
     import torch
-    import torchvision
 
     import surgery
     from passes import ChannelPrune
@@ -180,33 +477,48 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     row: dict = {"model": name}
-    model = _prepare(torchvision.models.get_model(name, weights=None))
-    x = torch.randn(1, 3, size, size)
-    x2 = torch.randn(1, 3, size, size)
-    row["params_before"] = sum(p.numel() for p in model.parameters())
-    row["macs_before"] = macs(model, x)
-    row["latency_before"] = latency(model, x)
-    warm_up("ours", ratio)
-    times = []
-    while len(times) < (runs_for(times[0], repeats) if times else 1):
-        small = None
-        small, t = _ours(model, x, ratio, round_to)
-        times.append(t)
-    row["surgery_time"], row["surgery_times"] = statistics.median(times), times
-    masked = surgery.compress(model, [ChannelPrune(ratio=ratio, round_to=round_to)], (x,))  # the same masks
-    row["verify_time"] = surgery.shrink_report(small).verify_seconds
-    row["rel_error"] = max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,)))
-    row["exact"] = row["rel_error"] < 1e-4
-    row["params_after"] = sum(p.numel() for p in small.parameters())
-    row["macs_after"] = macs(small, x)
-    row["latency_after"] = latency(small, x)
-    del masked
-    with tempfile.TemporaryDirectory() as d:
+    if family == "timm":
+        from _timm_models import NoModelBuilds
         try:
-            surgery.export(small, Path(d) / f"{name}.pt", (x2,))
-            row["export"] = True
-        except Exception as e:
-            row["export"], row["export_error"] = False, str(e)[:300]
+            sub = subject(family, name, size)
+        except NoModelBuilds as e:
+            row["skipped"] = str(e)[:300]
+            return row
+    else:
+        sub = subject(family, name, size)
+    row.update(sub.info)
+    model, x, x2 = sub.model, sub.inputs, sub.fresh
+    row["params_before"] = sum(p.numel() for p in model.parameters())
+    small = None
+    try:
+        row["macs_before"] = macs(model, x)
+        row["latency_before"] = latency(model, x)
+        warm_up("ours", ratio, family)
+        times = []
+        while len(times) < (runs_for(times[0], repeats) if times else 1):
+            small = None
+            small, t = _ours(model, x, ratio, round_to)
+            times.append(t)
+        row["surgery_time"], row["surgery_times"] = statistics.median(times), times
+        masked = surgery.compress(model, [ChannelPrune(ratio=ratio, round_to=round_to)], x)  # the same masks
+        row["verify_time"] = surgery.shrink_report(small).verify_seconds
+        row["rel_error"] = max_rel_diff(_tensors(run_eval(masked, x2)), _tensors(run_eval(small, x2)))
+        row["exact"] = row["rel_error"] < 1e-4
+        row["params_after"] = sum(p.numel() for p in small.parameters())
+        row["macs_after"] = macs(small, x)
+        row["latency_after"] = latency(small, x)
+        del masked
+    except Exception as e:  # our failure is data: the row says why, Torch-Pruning still runs
+        row["error"] = _error(e)
+    if "error" not in row:
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                # TorchScript takes tensors: a keyword flag (use_cache=False) stays what capture fixed
+                tensors = {k: v for k, v in x2.items() if isinstance(v, torch.Tensor)} if isinstance(x2, dict) else x2
+                surgery.export(small, Path(d) / f"{name.replace('/', '_')}.pt", tensors)
+                row["export"] = True
+            except Exception as e:
+                row["export"], row["export_error"] = False, str(e)[:300]
     print("ROW " + json.dumps(row), flush=True)  # ours is safe even if Torch-Pruning hangs below
     if tp_too:
         del small
@@ -218,7 +530,7 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
         print("ROW " + json.dumps(row), flush=True)
         _limit_memory(TP_MEMORY_GB)
         try:
-            row.update(run_tp(name, ratio, x, repeats))
+            row.update(run_tp(sub, ratio, family, repeats, tp_limit))
         except MemoryError:
             row.update(tp_ok=False, tp_error=f"out of memory (limit {TP_MEMORY_GB} GB more)")
         except Exception as e:
@@ -229,90 +541,216 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
 def _fmt(v, kind):
     if v is None:
         return "-"
+    if kind == "K":
+        return f"{v / 1e3:.1f}"
     if kind == "M":
         return f"{v / 1e6:.1f}"
     if kind == "G":
         return f"{v / 1e9:.2f}"
     if kind == "ms":
         return f"{v * 1e3:.0f}"
+    if kind == "ms2":
+        return f"{v * 1e3:.2f}"
     if kind == "s":
         return f"{v:.1f}"
+    if kind == "s2":
+        return f"{v:.2f}"
     return str(v)
+
+
+# units of the table's columns (params, MACs, seconds, latency): the Hugging Face models here are
+# tiny (tens of thousands of parameters, sub-millisecond forwards) and get finer ones
+_UNITS = {"torchvision": ("M", "G", "s", "ms"), "timm": ("M", "G", "s", "ms"), "hf": ("K", "K", "s2", "ms2")}
+_UNIT_NAMES = {"K": "K", "M": "M", "G": "G", "s": "s", "s2": "s", "ms": "ms", "ms2": "ms"}
 
 
 def ratio_str(rows) -> str:
     return "1.6.1"
 
 
-def table(rows: list[dict]) -> tuple[str, str]:
+def _tp_cell(r: dict) -> str:
+    ok = r.get("tp_ok")
+    return "yes" if ok else ("-" if ok is None else f"NO ({(r.get('tp_error') or '')[:40]})")
+
+
+def table(rows: list[dict], family: str = "torchvision") -> tuple[str, str]:
     from _report import markdown_table
     tp = any("tp_time" in r or "tp_ok" in r for r in rows)
-    heads = ["model", "exact", "rel. error", "params M", "MACs G", "surgery s (verify s)", "latency ms (b1)",
-             "export"]
+    pu, mu, su, lu = _UNITS[family]
+    pn, mn = _UNIT_NAMES[pu], _UNIT_NAMES[mu]
+    first = {"torchvision": ["model"], "timm": ["family", "timm model", "input"], "hf": ["model", "kind"]}[family]
+    heads = first + ["exact", "rel. error", f"params {pn}", f"MACs {mn}", "surgery s (verify s)", "latency ms (b1)",
+                     "export"]
     if tp:
-        heads += ["TP s", "TP params M", "TP MACs G", "TP latency ms", "TP ok"]
+        heads += ["TP s", f"TP params {pn}", f"TP MACs {mn}", "TP latency ms", "TP ok"]
+
+    def tp_cells(r: dict) -> list[str]:
+        return [_fmt(r.get("tp_time"), su), _fmt(r.get("tp_params"), pu), _fmt(r.get("tp_macs"), mu),
+                _fmt(r.get("tp_latency"), lu), _tp_cell(r)]
     out = []
     for r in rows:
-        if "error" in r:
-            out.append([r["model"], "FAIL", r["error"][:80]] + ["-"] * (len(heads) - 3))
+        if family == "timm":
+            size = r.get("input_size")
+            lead = [r["model"], r.get("arch", "-"), f"{size[1]}x{size[2]}" if size else "-"]
+        elif family == "hf":
+            lead = [r["model"], r.get("kind", "-")]
+        else:
+            lead = [r["model"]]
+        if "skipped" in r:
+            out.append(lead + ["skipped", r["skipped"][:120]] + ["-"] * (len(heads) - len(lead) - 2))
             continue
-        line = [r["model"], "yes" if r["exact"] else "NO", f"{r['rel_error']:.1e}",
-                f"{_fmt(r['params_before'], 'M')} -> {_fmt(r['params_after'], 'M')}",
-                f"{_fmt(r['macs_before'], 'G')} -> {_fmt(r['macs_after'], 'G')}",
-                f"{_fmt(r['surgery_time'], 's')} ({_fmt(r.get('verify_time'), 's')})",
-                f"{_fmt(r['latency_before'], 'ms')} -> {_fmt(r['latency_after'], 'ms')}",
-                "yes" if r.get("export") else "NO"]
+        if "error" in r:
+            line = lead + ["FAIL", r["error"][:80]] + ["-"] * (len(heads) - len(lead) - 2)
+            if tp and family != "torchvision":  # Torch-Pruning ran beside our failure
+                line[-5:] = tp_cells(r)
+            out.append(line)
+            continue
+        line = lead + ["yes" if r["exact"] else "NO", f"{r['rel_error']:.1e}",
+                       f"{_fmt(r['params_before'], pu)} -> {_fmt(r['params_after'], pu)}",
+                       f"{_fmt(r['macs_before'], mu)} -> {_fmt(r['macs_after'], mu)}",
+                       f"{_fmt(r['surgery_time'], su)} ({_fmt(r.get('verify_time'), su)})",
+                       f"{_fmt(r['latency_before'], lu)} -> {_fmt(r['latency_after'], lu)}",
+                       "yes" if r.get("export") else "NO"]
         if tp:
-            ok = r.get("tp_ok")
-            line += [_fmt(r.get("tp_time"), "s"), _fmt(r.get("tp_params"), "M"), _fmt(r.get("tp_macs"), "G"),
-                     _fmt(r.get("tp_latency"), "ms"),
-                     "yes" if ok else ("-" if ok is None else f"NO ({(r.get('tp_error') or '')[:40]})")]
+            line += tp_cells(r)
         out.append(line)
-    good = [r for r in rows if "error" not in r]
+    return markdown_table(heads, out), summary(rows, family)
+
+
+def summary(rows: list[dict], family: str = "torchvision") -> str:
+    """The sentence under the table. torchvision's wording is the one its results have always
+    had; timm and hf add skipped families and, on the models where Torch-Pruning works, the
+    median share of parameters each tool keeps."""
+    skipped = [r for r in rows if "skipped" in r]
+    ran = [r for r in rows if "skipped" not in r]
+    good = [r for r in ran if "error" not in r]
     n_exact = sum(1 for r in good if r["exact"])
     n_exp = sum(1 for r in good if r.get("export"))
     n_small = sum(1 for r in good if r["params_after"] < r["params_before"])
-    summary = (f"{len(rows)} models: {n_exact} exact, {n_exp} exported, {n_small} smaller, "
-               f"{len(rows) - len(good)} failed.")
+    unit = "families" if family == "timm" else "models"
+    text = (f"{len(ran) if family != 'torchvision' else len(rows)} {unit}: {n_exact} exact, {n_exp} exported, "
+            f"{n_small} smaller, {len(ran) - len(good)} failed")
+    if family != "torchvision" and skipped:
+        text += f", {len(skipped)} more skipped (no model of the family builds on CPU)"
+    text += "."
     if good:
-        summary += (f" Median surgery time {statistics.median(r['surgery_time'] for r in good):.1f} s; "
-                    f"median params kept {statistics.median(r['params_after'] / r['params_before'] for r in good):.0%}, "
-                    f"MACs kept {statistics.median(r['macs_after'] / r['macs_before'] for r in good):.0%}.")
+        text += (f" Median surgery time {statistics.median(r['surgery_time'] for r in good):.1f} s; "
+                 f"median params kept {statistics.median(r['params_after'] / r['params_before'] for r in good):.0%}, "
+                 f"MACs kept {statistics.median(r['macs_after'] / r['macs_before'] for r in good):.0%}.")
     both = [r for r in good if r.get("tp_ok")]
     if both:
         faster = sum(1 for r in both if r["surgery_time"] < r["tp_time"])
         faster_nv = sum(1 for r in both if "verify_time" in r and r["surgery_time"] - r["verify_time"] < r["tp_time"])
-        summary += (f" Torch-Pruning {ratio_str(rows)} worked on {len(both)}/{len(good)}; surgery took less wall "
-                    f"time on {faster}/{len(both)} of those ({faster_nv}/{len(both)} not counting its own "
-                    "verification runs, which Torch-Pruning does not do).")
-    return markdown_table(heads, out), summary
+        text += f" Torch-Pruning {ratio_str(rows)} worked on {len(both)}/{len(good)}"
+        if family != "torchvision":
+            ours = statistics.median(r["params_after"] / r["params_before"] for r in both)
+            theirs = statistics.median(r["tp_params"] / r["params_before"] for r in both)
+            text += f"; on those, median params kept {ours:.0%} (surgery) vs {theirs:.0%} (Torch-Pruning); surgery"
+        else:
+            text += "; surgery"
+        text += (f" took less wall time on {faster}/{len(both)} of those ({faster_nv}/{len(both)} not counting its "
+                 "own verification runs, which Torch-Pruning does not do).")
+    tp_only = [r for r in ran if "error" in r and r.get("tp_ok")]
+    if family != "torchvision" and tp_only:
+        text += f" Torch-Pruning also worked on {len(tp_only)} of the {len(ran) - len(good)} where surgery failed."
+    return text
+
+
+def _notes(family: str, size: int) -> str:
+    """What the table's inputs and weights were, under the summary."""
+    exact = "exact = max rel. error < 1e-4 between the masked and the shrunk model on a fresh input"
+    if family == "timm":
+        return (f"One model per timm architecture family (benchmarks/_timm_models.py: per family the first model by "
+                "its size rule that builds on CPU); input 1xCxHxW of the model's pretrained_cfg input_size, sides "
+                f"over {size} brought down to {size} where the model runs on that (column input); weights random "
+                "(pretrained=False, zero-initialised tensors, near-zero norm gains and layer scales re-drawn, BN "
+                f"statistics random); {exact}.")
+    if family == "hf":
+        return ("Hugging Face transformers models from small configs (benchmarks/_hf_models.py), keyword inputs "
+                "(batch 2, 9 tokens; 32x32 pixels; 16x32 mel features); weights random (zero-initialised tensors and "
+                f"near-zero norm gains re-drawn); {exact} (every output tensor, fresh inputs of seed 1). Export "
+                "gets the fresh inputs' tensors (TorchScript takes no bool: use_cache=False stays as captured).")
+    return (f"Input 1x3x{size}x{size}; weights random (weights=None, zero-initialised tensors re-drawn, BN "
+            f"statistics random); {exact}.")
+
+
+def model_names(family: str, models: str = "") -> list[str]:
+    """The names a sweep of `family` runs: --models, or every classification model / timm
+    family / Hugging Face architecture."""
+    if models:
+        return list(dict.fromkeys(n for n in models.split(",") if n))
+    if family == "timm":
+        from _timm_models import families
+        return list(families())
+    if family == "hf":
+        from _hf_models import HF_MODELS
+        return list(HF_MODELS)
+    import torchvision
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _progress(name: str, row: dict) -> str:
+    """One line per finished model."""
+    if "skipped" in row:
+        return f"{name}: SKIPPED {row['skipped']}"
+    if "error" in row:
+        return f"{name}: FAIL " + row["error"] + (f" (TP ok={row['tp_ok']})" if "tp_ok" in row else "")
+    line = (f"{name}: exact={row['exact']} err={row['rel_error']:.1e} "
+            f"params {row['params_after'] / row['params_before']:.2f} "
+            f"t={row['surgery_time']:.1f}s export={row.get('export')}")
+    if "arch" in row:
+        line = f"{name} ({row['arch']} @{row['input_size'][1]}): " + line.split(": ", 1)[1]
+    if "tp_ok" in row:
+        line += f" TP ok={row['tp_ok']}" + (f" params {row['tp_params'] / row['params_before']:.2f}"
+                                             if row.get("tp_params") else f" ({row.get('tp_error')})")
+    return line
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="", help="comma-separated names (default: all classification models)")
+    ap.add_argument("--family", choices=FAMILIES, default="torchvision",
+                    help="which models: torchvision classification, one timm model per family, Hugging Face")
+    ap.add_argument("--models", default="", help="comma-separated names (timm: family names; default: all)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many models (after --models)")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--round-to", type=int, default=1)
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--size", type=int, default=224,
+                    help="input side (timm: the largest side, where the model runs on it)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model")
+    ap.add_argument("--tp-timeout", type=float, default=None,
+                    help="seconds per Torch-Pruning pruning run (default: timm 120, hf 60; 0, torchvision's "
+                         "default: only --timeout)")
     ap.add_argument("--redo", action="store_true", help="rerun models already in the rows file")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even when installed")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per tool and model, more for fast ones (the median is reported)")
-    ap.add_argument("--rows", default=str(ROWS))
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs per tool and model, more for fast ones (the median is reported)")
+    ap.add_argument("--rows", default=None, help="JSON-lines rows file (default benchmarks/results/<table name>.jsonl)")
     ap.add_argument("--table-only", action="store_true", help="write the table from the rows file, run nothing")
+    ap.add_argument("--no-write", action="store_true", help="do not write the table into benchmarks/results/")
+    ap.add_argument("--list", action="store_true",
+                    help="print the models (timm: families and representatives), run nothing")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tp_timeout is None:  # TP loops for good on some (Llama, BoTNet); it takes < 30 s on the rest
+        args.tp_timeout = {"torchvision": 0, "timm": 120, "hf": 60}[args.family]
     if args.one:
-        row = run_one(args.one, args.ratio, args.size, args.round_to, not args.no_tp, args.repeats)
+        row = run_one(args.one, args.ratio, args.size, args.round_to, not args.no_tp, args.repeats, args.family,
+                      args.tp_timeout)
         print("ROW " + json.dumps(row), flush=True)
         return
-    import torchvision
-    names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
-    names = list(dict.fromkeys(n for n in names if n))
+    names = model_names(args.family, args.models)
     if args.limit:
         names = names[:args.limit]
-    rows_path = Path(args.rows)
+    if args.list:
+        reps = {}
+        if args.family == "timm":
+            from _timm_models import families
+            reps = families()
+        for n in names:
+            print(f"{n:42s} {reps[n][0]:40s} ({len(reps[n])} models)" if n in reps else n)
+        print(f"{len(names)} {'families' if args.family == 'timm' else 'models'}")
+        return
+    rows_path = Path(args.rows) if args.rows else HERE / "results" / f"{result_name(args.family)}.jsonl"
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     done = {}
     if rows_path.exists():
@@ -321,11 +759,13 @@ def main() -> None:
                 r = json.loads(line)
                 done[r["model"]] = r
     from tqdm import tqdm
-    for name in tqdm([] if args.table_only else names, desc="shrink sweep"):
+    for name in tqdm([] if args.table_only else names, desc=f"shrink sweep ({args.family})"):
         if name in done and not args.redo:
             continue
-        cmd = [sys.executable, __file__, "--one", name, "--ratio", str(args.ratio), "--size", str(args.size),
-               "--round-to", str(args.round_to), "--repeats", str(args.repeats)] + (["--no-tp"] if args.no_tp else [])
+        cmd = [sys.executable, __file__, "--one", name, "--family", args.family, "--ratio", str(args.ratio),
+               "--size", str(args.size), "--round-to", str(args.round_to), "--repeats", str(args.repeats),
+               "--tp-timeout", str(args.tp_timeout)] + \
+            (["--no-tp"] if args.no_tp else [])
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             out, err, code = p.stdout, p.stderr, p.returncode
@@ -343,19 +783,21 @@ def main() -> None:
         done[name] = row
         with rows_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        tqdm.write(f"{name}: " + ("FAIL " + row["error"] if "error" in row else
-                                  f"exact={row['exact']} err={row['rel_error']:.1e} "
-                                  f"params {row['params_after'] / row['params_before']:.2f} "
-                                  f"t={row['surgery_time']:.1f}s export={row.get('export')}"))
+        tqdm.write(_progress(name, row))
     ordered = [done[n] for n in names if n in done]
-    tab, summary = table(ordered)
+    tab, text = table(ordered, args.family)
+    print(text)
+    if args.no_write:
+        return
     from _report import write_result
-    path = write_result("shrink_sweep", f"Shrink sweep: ChannelPrune(ratio={args.ratio}) -> Shrink -> export",
-                        "OMP_NUM_THREADS=2 python " + " ".join(["benchmarks/shrink_sweep.py", *sys.argv[1:]]),
-                        tab, summary + f"\n\nInput 1x3x{args.size}x{args.size}; weights random (weights=None, "
-                        "zero-initialised tensors re-drawn, BN statistics random); exact = max rel. error < 1e-4 "
-                        "between the masked and the shrunk model on a fresh input.")
-    print(summary)
+    which = {"torchvision": "", "timm": " (timm, one model per architecture family)",
+             "hf": " (Hugging Face transformers)"}[args.family]
+    threads = os.environ.get("OMP_NUM_THREADS")
+    path = write_result(result_name(args.family),
+                        f"Shrink sweep{which}: ChannelPrune(ratio={args.ratio}) -> Shrink -> export",
+                        (f"OMP_NUM_THREADS={threads} " if threads else "") + "python "
+                        + " ".join(["benchmarks/shrink_sweep.py", *sys.argv[1:]]),
+                        tab, text + "\n\n" + _notes(args.family, args.size))
     print(f"wrote {path}")
 
 
