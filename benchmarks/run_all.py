@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# scripts run more than once, one argument list per run (the rest run once without arguments)
+RUNS = {"shrink_sweep": [[], ["--family", "timm"], ["--family", "hf"]],
+        "capture_sweep": [[], ["--family", "hf"]]}
 
 
 def main() -> int:
@@ -21,12 +24,14 @@ def main() -> int:
         scripts = [p for p in scripts if p.stem in wanted]
     failed = []
     for script in scripts:
-        t0 = time.perf_counter()
-        print(f"== {script.name}", flush=True)
-        rc = subprocess.call([sys.executable, str(script)], cwd=HERE.parent)
-        print(f"== {script.name}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
-        if rc:
-            failed.append(script.name)
+        for args in RUNS.get(script.stem, [[]]):
+            name = " ".join([script.name, *args])
+            t0 = time.perf_counter()
+            print(f"== {name}", flush=True)
+            rc = subprocess.call([sys.executable, str(script), *args], cwd=HERE.parent)
+            print(f"== {name}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
+            if rc:
+                failed.append(name)
     if failed:
         print("failed:", ", ".join(failed))
     return 1 if failed else 0

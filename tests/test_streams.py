@@ -338,3 +338,24 @@ def test_a_mask_kept_as_a_scale_still_shows_its_channels_to_the_mask_after_it():
     small = surgery.compress(gm, [Shrink()], example_inputs=(x,))  # verifies itself
     assert small.get_submodule("0").out_features == 4
     assert max_abs_diff(run_eval(gm, (x,)), run_eval(small, (x,))) < 1e-6
+
+
+class ShapeMadeAtRunTime(nn.Module):
+    """GPT-2's final view, ``x.view((-1,) + shape[1:] + (h.size(-1),))``, and GPT-Neo's head split,
+    ``x.view(x.size()[:-1] + (heads, head_dim))``: shapes built as tuples while the model runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.v, self.o, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        v = self.v(h)
+        v = v.view(v.size()[:-1] + (2, 4)).flatten(-2)
+        h = h + self.o(v)
+        return self.head(h.view((-1,) + x.shape[1:-1] + (h.size(-1),)))
+
+
+def test_shapes_made_at_run_time_are_rewritten_or_read_again():
+    masked, small = _prune(ShapeMadeAtRunTime(), torch.randn(2, 5, 4))
+    assert small.get_submodule("a").out_features == 4 and small.get_submodule("v").out_features == 4

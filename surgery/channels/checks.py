@@ -75,6 +75,7 @@ def size_uses(g, size_node: fx.Node) -> tuple[fx.Node | None, list[tuple[np.ndar
     # the axis it is, or None once arithmetic made something else of it
     start = (list(range(lay.ndim)), None) if whole else (None, d % lay.ndim)
     frontier: list[tuple[fx.Node, list[int] | None, int | None]] = [(size_node, *start)]
+    packed: set[fx.Node] = set()  # shapes made at run time with the count somewhere inside
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     seen = set()
     while frontier:
@@ -93,6 +94,10 @@ def size_uses(g, size_node: fx.Node) -> tuple[fx.Node | None, list[tuple[np.ndar
                 if isinstance(k, int) and dims[k] not in vary:
                     continue
                 frontier.append((u, None, dims[k] if isinstance(k, int) else None))
+            elif u.op == "call_function" and u.target is operator.add and \
+                    any(isinstance(a, tuple) and node in a for a in u.args):
+                frontier.append((u, None, axis))  # (-1,) + shape[1:] + (x.size(-1),): the count, in a shape
+                packed.add(u)
             elif u.op == "call_function" and u.target in _ARITH:
                 frontier.append((u, None, None))
             elif _is_shape_arg_use(u, node):
@@ -102,8 +107,15 @@ def size_uses(g, size_node: fx.Node) -> tuple[fx.Node | None, list[tuple[np.ndar
                 sizes = _sizes(u)
                 if dims is not None and sizes == [node]:  # x.view(y.shape)
                     slots = list(enumerate(dims))
-                elif axis is not None and node in sizes:
+                elif axis is not None and node in sizes and node not in packed:
                     slots = [(sizes.index(node), axis)]
+                elif axis is not None and isinstance(out, np.ndarray):
+                    # inside a shape made at run time: the one axis of the result that is that long
+                    a = _line(lay, axis)
+                    fits = [j for j in range(out.ndim) if (b := _line(out, j)) is not None and len(b) == len(a)]
+                    if len(fits) != 1:
+                        return u, []
+                    slots = [(fits[0], axis)]
                 else:
                     return u, []
                 for j, d_read in slots:

@@ -2,6 +2,7 @@
 replace channel shuffles by one index_select."""
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -245,6 +246,22 @@ class Editor:
             except _Skip:
                 pass
 
+    def _rewrite_shape_tail(self, node: fx.Node, shape: fx.Node) -> None:
+        """``shape`` is ``sizes + (a, b)``, read by `node` alone: put the new sizes in (a, b)."""
+        new = self._new_shape(node)
+        old = list(node.meta["shape"])
+        if new is None or new == old:
+            return
+        literal = shape.args[1] if shape.op == "call_function" and shape.target is operator.add and \
+            len(shape.args) == 2 and isinstance(shape.args[1], tuple) else None
+        if literal is None:
+            return  # read whole at run time (the verification runs would tell otherwise)
+        k = len(literal)
+        if len(shape.users) != 1 or any(o != n for o, n in zip(old[:-k], new[:-k])):
+            raise SurgeryError(f"Shrink: cannot rewrite the sizes of {node.name!r} (made by {shape.name!r})")
+        tail = [n if o != n and s != -1 else s for s, o, n in zip(literal, old[-k:], new[-k:])]
+        shape.args = (shape.args[0], tuple(tail))
+
     def _new_shape(self, node: fx.Node) -> list[int] | None:
         lay = self.cg.layouts.get(node)
         shape = node.meta.get("shape")
@@ -261,7 +278,10 @@ class Editor:
             if new is None or new == old:
                 return
             if len(node.args) == 2 and isinstance(node.args[1], fx.Node):
-                return  # one shape read at run time (x.view(y.shape)): it reads the shrunk sizes itself
+                # one shape made at run time: x.view(y.shape) reads the shrunk sizes itself;
+                # x.view(y.size()[:-1] + (heads, head_dim)) needs its literal tail rewritten
+                self._rewrite_shape_tail(node, node.args[1])
+                return
             packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
             sizes = list(node.args[1] if packed else node.args[1:])
             if len(sizes) != len(new):
