@@ -177,6 +177,14 @@ def _reshape(lay: np.ndarray, a: tuple, b: tuple) -> np.ndarray | None:
 
 
 # ----------------------------------------------------------------------------------------- conv, batch norm
+def no_folds(ctx: RuleContext, first: int) -> None:
+    """The places recorded since `first` may only remove channels that are zero: a constant folded
+    into a module's bias would be lost where the call passes its own bias (or none)."""
+    for p in ctx.g.places[first:]:
+        if p.kind in ("conv", "linear"):
+            p.kind = "zero"
+
+
 _ConvNd = nn.modules.conv._ConvNd
 
 

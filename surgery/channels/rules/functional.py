@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ...norms import emit_mean, emit_norm
 from ..rulebook import RuleContext, register_rule, varying
-from .common import (_ConvNd, _layernorm, _linear, _owner, _softmax, _spatial_ok, bn_values, conv_rule,
+from .common import (_ConvNd, _layernorm, _linear, _owner, _softmax, _spatial_ok, bn_values, conv_rule, no_folds,
                      pool_rule, spatial_keep_rule)
 
 
@@ -129,14 +129,6 @@ def _attr_of(ctx: RuleContext, arg: object) -> tuple[torch.nn.Module, str] | Non
     return None
 
 
-def _no_folds(ctx: RuleContext, first: int) -> None:
-    """The places recorded since `first` may only remove channels that are zero: a constant folded
-    into a module's bias would be lost where the call passes its own bias (or none)."""
-    for p in ctx.g.places[first:]:
-        if p.kind in ("conv", "linear"):
-            p.kind = "zero"
-
-
 _CONV_FUNCTIONS = {F.conv1d: False, F.conv2d: False, F.conv3d: False,
                    F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True}
 
@@ -163,7 +155,7 @@ def functional_conv_rule(ctx: RuleContext):
         out = conv_rule(ctx)
     finally:
         ctx.module = None
-    _no_folds(ctx, first)
+    no_folds(ctx, first)
     padding = ctx.arg(4, "padding", 0)
     same = tuple(padding) == tuple(m.padding) if isinstance(padding, (tuple, list)) else padding == m.padding
     return (out[0], None) if isinstance(out, tuple) and not same else out

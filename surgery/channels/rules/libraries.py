@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..rulebook import RuleContext, channel_local, register_rule
-from .common import _BN_PARAMS, _linear, bn_values, conv_rule
+from .common import _BN_PARAMS, _linear, bn_values, conv_rule, no_folds
 
 
 def _bn_act_values(ctx: RuleContext, v: np.ndarray) -> np.ndarray | None:
@@ -38,9 +38,7 @@ def padded_conv_rule(ctx: RuleContext):
     only zero channels may go (a constant's fold would meet the padding at the borders)."""
     first = len(ctx.g.places)
     out = conv_rule(ctx)
-    for p in ctx.g.places[first:]:
-        if p.kind in ("conv", "linear"):
-            p.kind = "zero"
+    no_folds(ctx, first)
     return (out[0], None) if isinstance(out, tuple) else out
 
 
