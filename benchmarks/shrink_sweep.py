@@ -51,7 +51,6 @@ resumable (models already there are skipped unless --redo).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -64,11 +63,17 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+
+from _hf_models import output_tensors  # noqa: E402
+from _sweep_report import notes, table  # noqa: E402
+from _torch_pruning import TP_MEMORY_GB, limit_memory, time_limit, tp_prune  # noqa: E402
+
+from surgery.calling import call  # noqa: E402
 
 ROWS = HERE / "results" / "shrink_sweep.jsonl"
 FAMILIES = ("torchvision", "timm", "hf")
@@ -105,17 +110,11 @@ def _prepare(model, vectors: bool = False):
     return model.eval()
 
 
-def _call(model, inputs):
-    """`model` on `inputs`: a tuple of positional inputs or a dict of keyword inputs."""
-    from surgery.calling import call
-    return call(model, inputs)
-
-
 def macs(model, inputs) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        _call(model, inputs)
+        call(model, inputs)
     return fc.get_total_flops() // 2
 
 
@@ -125,21 +124,15 @@ def latency(model, inputs, reps: int = 5) -> float:
     times = []
     with torch.no_grad():
         for _ in range(2):
-            _call(model, inputs)
+            call(model, inputs)
         deadline = time.perf_counter() + 10
         for _ in range(reps):
             t = time.perf_counter()
-            _call(model, inputs)
+            call(model, inputs)
             times.append(time.perf_counter() - t)
             if time.perf_counter() > deadline and len(times) >= 3:
                 break
     return statistics.median(times)
-
-
-def _tensors(out) -> list:
-    """Every tensor of a model output (a tensor, a tuple, a ModelOutput), in order."""
-    from _hf_models import output_tensors
-    return output_tensors(out)
 
 
 @dataclasses.dataclass
@@ -194,153 +187,6 @@ def subject(family: str, name: str, size: int) -> Subject:
     raise ValueError(f"unknown family {family!r}")
 
 
-def _final_layer(model):
-    from torch import nn
-    last = None
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            last = m
-    return last
-
-
-# query/key/value projections of an attention module, by attribute name: fused (timm's qkv, Phi-3's
-# qkv_proj), q and a fused kv (timm's PVT), or one each (transformers' naming schemes)
-_QKV_NAMES = (("qkv",), ("qkv_proj",), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
-              ("q_lin", "k_lin", "v_lin"), ("query_proj", "key_proj", "value_proj"), ("q", "k", "v"), ("q", "kv"))
-_HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-_HEAD_DIM = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
-_WIDTH = ("all_head_size", "inner_dim", "attn_dim")
-
-
-def _int_attr(obj, names: tuple[str, ...]) -> int | None:
-    """The first of `names` that `obj` holds as a positive int, or None."""
-    for n in names:
-        v = getattr(obj, n, None)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return None
-
-
-def _attention_layers(model) -> list[tuple[Any, tuple]]:
-    """Every attention module of `model` with its query/key/value projections (nn.Linear), as
-    named in _QKV_NAMES."""
-    from torch import nn
-    out = []
-    for m in model.modules():
-        for names in _QKV_NAMES:
-            layers = tuple(getattr(m, n, None) for n in names)
-            if all(isinstance(layer, nn.Linear) for layer in layers):
-                out.append((m, layers))
-                break
-    return out
-
-
-def _tp_num_heads(attention: list[tuple[Any, tuple]]) -> dict:
-    """Torch-Pruning's num_heads argument as its examples build it: each q/k/v projection -> its
-    number of heads. A fused projection gets the module's head count (timm: ``num_heads[m.qkv] =
-    m.num_heads``; Phi-3's qkv_proj: config.num_attention_heads); separate ones their width over
-    the head size where the module holds one (grouped-query k/v: the key-value head count, as in
-    its LLM example), the module's head count otherwise."""
-    heads = {}
-    for m, layers in attention:
-        n = _int_attr(m, _HEADS) or _int_attr(getattr(m, "config", None), ("num_attention_heads",))
-        d = _int_attr(m, _HEAD_DIM)
-        for layer in layers:
-            fused = len(layers) == 1 or layer is getattr(m, "kv", None)
-            count = n if fused or d is None else layer.out_features // d
-            if count:
-                heads[layer] = count
-    return heads
-
-
-def _tp_update_attention(attention: list[tuple[Any, tuple]], pruner, head_dims: bool) -> None:
-    """After pruning, what Torch-Pruning's examples do by hand (it cannot know what these
-    attributes mean): each attention module's head count (num_heads / num_attention_heads /
-    n_heads), head size (head_dim / attention_head_size / key_value_proj_dim), total width
-    (all_head_size / inner_dim / attn_dim), num_key_value_groups and num_key_value_heads under
-    grouped-query attention, and a shared config's head counts (its LLM example).
-
-    Where `head_dims` were pruned (timm), the head count is the pruner's and the head size the
-    query width over it; where whole heads were (hf), the head size stays and the head counts
-    are the pruned widths over it: what the projections hold, even where the pruner's own
-    count disagrees with them (it does on MPNet)."""
-    for m, layers in attention:
-        q = layers[0]
-        fused = len(layers) == 1
-        width = q.out_features // 3 if fused and not hasattr(m, "num_key_value_groups") else q.out_features
-        d = _int_attr(m, _HEAD_DIM)
-        kv = None
-        if head_dims or d is None or (fused and hasattr(m, "num_key_value_groups")):
-            n = pruner.num_heads.get(q)
-            if not n:
-                continue
-            d = width // n if head_dims or d is None else d
-        else:
-            n = width // d
-            kv = layers[1].out_features // d if len(layers) == 3 else None
-        for names, value in ((_HEADS, n), (_HEAD_DIM, d), (_WIDTH, n * d)):
-            for a in names:
-                if _int_attr(m, (a,)) is not None:
-                    setattr(m, a, value)
-        if kv:
-            if _int_attr(m, ("num_key_value_groups",)) is not None:
-                m.num_key_value_groups = max(1, n // kv)
-            if _int_attr(m, ("num_key_value_heads",)) is not None:
-                m.num_key_value_heads = kv
-        config = getattr(m, "config", None)
-        if config is not None and not head_dims:
-            if _int_attr(config, ("num_attention_heads",)) is not None:
-                config.num_attention_heads = n
-            if kv and _int_attr(config, ("num_key_value_heads",)) is not None:
-                config.num_key_value_heads = kv
-
-
-def _output_layers(model, inputs) -> list:
-    """The innermost modules whose output holds one of `model`'s output tensors (a backbone's
-    final LayerNorm, a head's Linear): ignored by Torch-Pruning, so that the outputs keep their
-    shapes (a group holding one of them is not pruned), as ChannelPrune never masks them."""
-    import torch
-    produced: dict[str, list] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: produced.__setitem__(name, _tensors(out)))
-             for name, m in model.named_modules() if name]
-    try:
-        with torch.no_grad():
-            final = {id(t) for t in _tensors(_call(model, inputs))}
-    finally:
-        for h in hooks:
-            h.remove()
-    hits = [n for n, ts in produced.items() if any(id(t) in final for t in ts)]
-    inner = [n for n in hits if not any(h.startswith(n + ".") for h in hits)]
-    return [model.get_submodule(n) for n in inner]
-
-
-def _tp_prune(model, x, ratio: float, family: str = "torchvision") -> None:
-    """Torch-Pruning on `model` in place, as the module docstring says (`x`: the input tensor
-    for torchvision, the inputs tuple for timm, the keyword inputs for hf)."""
-    import torch_pruning as tp
-    imp = (getattr(tp.importance, "GroupMagnitudeImportance", None) or tp.importance.MagnitudeImportance)(p=2)
-    Pruner = getattr(tp.pruner, "MetaPruner", None) or tp.pruner.BasePruner
-    if family == "torchvision":
-        pruner = Pruner(model, x, importance=imp, pruning_ratio=ratio, ignored_layers=[_final_layer(model)])
-        pruner.step()
-        return
-    attention = _attention_layers(model)
-    kwargs: dict = {"num_heads": _tp_num_heads(attention)}
-    if family == "timm":
-        from _timm_models import classifier
-        ignored = classifier(model) or [_final_layer(model)]
-        example = x[0]
-    else:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        ignored = [head if head is not None else _final_layer(model), *_output_layers(model, x)]
-        example = x
-        kwargs.update(output_transform=_tensors, prune_num_heads=True, prune_head_dims=False,
-                      head_pruning_ratio=ratio)
-    pruner = Pruner(model, example, importance=imp, pruning_ratio=ratio, ignored_layers=ignored, **kwargs)
-    pruner.step()
-    _tp_update_attention(attention, pruner, head_dims=family == "timm")
-
-
 def _ours(model, x, ratio: float, round_to: int):
     """What a user writes: compress(model, [ChannelPrune, Shrink]). Capture runs one forward
     for shapes, ChannelPrune none, Shrink the masked and the shrunk model once each to verify
@@ -372,7 +218,7 @@ def warm_up(tool: str, ratio: float, family: str = "torchvision") -> None:
             model = _prepare(torchvision.models.get_model("resnet18", weights=None))
         x = (torch.randn(1, 3, 64, 64),)
     if tool == "tp":
-        _tp_prune(model, x[0] if family == "torchvision" else x, ratio, family)
+        tp_prune(model, x[0] if family == "torchvision" else x, ratio, family)
     else:
         _ours(model, x, ratio, 1)
 
@@ -383,27 +229,6 @@ def runs_for(first_seconds: float, repeats: int) -> int:
     0.1 s vary by 20-30%): enough to cover about a second, at most 3 x `repeats`. The same
     rule for both tools, each by its own first run."""
     return max(repeats, min(3 * repeats, math.ceil(1.0 / max(first_seconds, 1e-3))))
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """Raise TimeoutError in this (main) thread after `seconds` (0: no limit). Torch-Pruning
-    loops for good in pure Python on some models (transformers' Llama): a limit of its own
-    costs it one row, not the subprocess's whole --timeout."""
-    import signal
-    if seconds <= 0:
-        yield
-        return
-
-    def expire(signum, frame):
-        raise TimeoutError(f"over {seconds:g} s for one pruning run")
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def run_tp(sub: Subject, ratio: float, family: str = "torchvision", repeats: int = 1,
@@ -418,16 +243,16 @@ def run_tp(sub: Subject, ratio: float, family: str = "torchvision", repeats: int
         model = None
         model = sub.rebuild()
         with torch.no_grad():
-            ref_shapes = [t.shape for t in _tensors(_call(model, sub.inputs))]
+            ref_shapes = [t.shape for t in output_tensors(call(model, sub.inputs))]
         # a full collection in a process holding torch and torchvision scans ~340k objects (~0.15 s
         # here): start both tools' timed runs from a clean collector, so neither pays for the other
         gc.collect()
         t = time.perf_counter()
-        with _time_limit(limit):
-            _tp_prune(model, x, ratio, family)
+        with time_limit(limit):
+            tp_prune(model, x, ratio, family)
         times.append(time.perf_counter() - t)
     with torch.no_grad():
-        shapes = [t.shape for t in _tensors(_call(model, sub.inputs))]
+        shapes = [t.shape for t in output_tensors(call(model, sub.inputs))]
     ok = shapes == ref_shapes
     return {"tp_time": statistics.median(times), "tp_times": times,
             "tp_params": sum(p.numel() for p in model.parameters()), "tp_macs": macs(model, sub.inputs),
@@ -444,21 +269,6 @@ def _shape_error(shapes: list, ref_shapes: list) -> str:
         return f"{len(shapes)} outputs != {len(ref_shapes)}"
     return "; ".join(f"output {i} shape {tuple(a)} != {tuple(b)}"
                      for i, (a, b) in enumerate(zip(shapes, ref_shapes)) if a != b)
-
-
-TP_MEMORY_GB = 6  # Torch-Pruning needs > 16 GB on swin: keep it from taking the machine down
-
-
-def _limit_memory(extra_gb: float) -> None:
-    """Cap this process's address space at its current size plus `extra_gb`."""
-    try:
-        import resource
-        with open("/proc/self/status") as f:
-            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-        cap = vm + int(extra_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    except (ImportError, OSError, StopIteration, ValueError):
-        pass
 
 
 def _error(e: BaseException) -> str:
@@ -502,7 +312,7 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
         row["surgery_time"], row["surgery_times"] = statistics.median(times), times
         masked = surgery.compress(model, [ChannelPrune(ratio=ratio, round_to=round_to)], x)  # the same masks
         row["verify_time"] = surgery.shrink_report(small).verify_seconds
-        row["rel_error"] = max_rel_diff(_tensors(run_eval(masked, x2)), _tensors(run_eval(small, x2)))
+        row["rel_error"] = max_rel_diff(output_tensors(run_eval(masked, x2)), output_tensors(run_eval(small, x2)))
         row["exact"] = row["rel_error"] < 1e-4
         row["params_after"] = sum(p.numel() for p in small.parameters())
         row["macs_after"] = macs(small, x)
@@ -528,7 +338,7 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
             return row
         row["tp_ok"], row["tp_error"] = False, "did not finish"
         print("ROW " + json.dumps(row), flush=True)
-        _limit_memory(TP_MEMORY_GB)
+        limit_memory(TP_MEMORY_GB)
         try:
             row.update(run_tp(sub, ratio, family, repeats, tp_limit))
         except MemoryError:
@@ -536,142 +346,6 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
         except Exception as e:
             row.update(tp_ok=False, tp_error=f"{type(e).__name__}: {str(e)[:200]}")
     return row
-
-
-def _fmt(v, kind):
-    if v is None:
-        return "-"
-    if kind == "K":
-        return f"{v / 1e3:.1f}"
-    if kind == "M":
-        return f"{v / 1e6:.1f}"
-    if kind == "G":
-        return f"{v / 1e9:.2f}"
-    if kind == "ms":
-        return f"{v * 1e3:.0f}"
-    if kind == "ms2":
-        return f"{v * 1e3:.2f}"
-    if kind == "s":
-        return f"{v:.1f}"
-    if kind == "s2":
-        return f"{v:.2f}"
-    return str(v)
-
-
-# units of the table's columns (params, MACs, seconds, latency): the Hugging Face models here are
-# tiny (tens of thousands of parameters, sub-millisecond forwards) and get finer ones
-_UNITS = {"torchvision": ("M", "G", "s", "ms"), "timm": ("M", "G", "s", "ms"), "hf": ("K", "K", "s2", "ms2")}
-_UNIT_NAMES = {"K": "K", "M": "M", "G": "G", "s": "s", "s2": "s", "ms": "ms", "ms2": "ms"}
-
-
-def ratio_str(rows) -> str:
-    return "1.6.1"
-
-
-def _tp_cell(r: dict) -> str:
-    ok = r.get("tp_ok")
-    return "yes" if ok else ("-" if ok is None else f"NO ({(r.get('tp_error') or '')[:40]})")
-
-
-def table(rows: list[dict], family: str = "torchvision") -> tuple[str, str]:
-    from _report import markdown_table
-    tp = any("tp_time" in r or "tp_ok" in r for r in rows)
-    pu, mu, su, lu = _UNITS[family]
-    pn, mn = _UNIT_NAMES[pu], _UNIT_NAMES[mu]
-    first = {"torchvision": ["model"], "timm": ["family", "timm model", "input"], "hf": ["model", "kind"]}[family]
-    heads = first + ["exact", "rel. error", f"params {pn}", f"MACs {mn}", "surgery s (verify s)", "latency ms (b1)",
-                     "export"]
-    if tp:
-        heads += ["TP s", f"TP params {pn}", f"TP MACs {mn}", "TP latency ms", "TP ok"]
-
-    def tp_cells(r: dict) -> list[str]:
-        return [_fmt(r.get("tp_time"), su), _fmt(r.get("tp_params"), pu), _fmt(r.get("tp_macs"), mu),
-                _fmt(r.get("tp_latency"), lu), _tp_cell(r)]
-    out = []
-    for r in rows:
-        if family == "timm":
-            size = r.get("input_size")
-            lead = [r["model"], r.get("arch", "-"), f"{size[1]}x{size[2]}" if size else "-"]
-        elif family == "hf":
-            lead = [r["model"], r.get("kind", "-")]
-        else:
-            lead = [r["model"]]
-        if "skipped" in r:
-            out.append(lead + ["skipped", r["skipped"][:120]] + ["-"] * (len(heads) - len(lead) - 2))
-            continue
-        if "error" in r:
-            line = lead + ["FAIL", r["error"][:80]] + ["-"] * (len(heads) - len(lead) - 2)
-            if tp and family != "torchvision":  # Torch-Pruning ran beside our failure
-                line[-5:] = tp_cells(r)
-            out.append(line)
-            continue
-        line = lead + ["yes" if r["exact"] else "NO", f"{r['rel_error']:.1e}",
-                       f"{_fmt(r['params_before'], pu)} -> {_fmt(r['params_after'], pu)}",
-                       f"{_fmt(r['macs_before'], mu)} -> {_fmt(r['macs_after'], mu)}",
-                       f"{_fmt(r['surgery_time'], su)} ({_fmt(r.get('verify_time'), su)})",
-                       f"{_fmt(r['latency_before'], lu)} -> {_fmt(r['latency_after'], lu)}",
-                       "yes" if r.get("export") else "NO"]
-        if tp:
-            line += tp_cells(r)
-        out.append(line)
-    return markdown_table(heads, out), summary(rows, family)
-
-
-def summary(rows: list[dict], family: str = "torchvision") -> str:
-    """The sentence under the table. torchvision's wording is the one its results have always
-    had; timm and hf add skipped families and, on the models where Torch-Pruning works, the
-    median share of parameters each tool keeps."""
-    skipped = [r for r in rows if "skipped" in r]
-    ran = [r for r in rows if "skipped" not in r]
-    good = [r for r in ran if "error" not in r]
-    n_exact = sum(1 for r in good if r["exact"])
-    n_exp = sum(1 for r in good if r.get("export"))
-    n_small = sum(1 for r in good if r["params_after"] < r["params_before"])
-    unit = "families" if family == "timm" else "models"
-    text = (f"{len(ran) if family != 'torchvision' else len(rows)} {unit}: {n_exact} exact, {n_exp} exported, "
-            f"{n_small} smaller, {len(ran) - len(good)} failed")
-    if family != "torchvision" and skipped:
-        text += f", {len(skipped)} more skipped (no model of the family builds on CPU)"
-    text += "."
-    if good:
-        text += (f" Median surgery time {statistics.median(r['surgery_time'] for r in good):.1f} s; "
-                 f"median params kept {statistics.median(r['params_after'] / r['params_before'] for r in good):.0%}, "
-                 f"MACs kept {statistics.median(r['macs_after'] / r['macs_before'] for r in good):.0%}.")
-    both = [r for r in good if r.get("tp_ok")]
-    if both:
-        faster = sum(1 for r in both if r["surgery_time"] < r["tp_time"])
-        faster_nv = sum(1 for r in both if "verify_time" in r and r["surgery_time"] - r["verify_time"] < r["tp_time"])
-        text += f" Torch-Pruning {ratio_str(rows)} worked on {len(both)}/{len(good)}"
-        if family != "torchvision":
-            ours = statistics.median(r["params_after"] / r["params_before"] for r in both)
-            theirs = statistics.median(r["tp_params"] / r["params_before"] for r in both)
-            text += f"; on those, median params kept {ours:.0%} (surgery) vs {theirs:.0%} (Torch-Pruning); surgery"
-        else:
-            text += "; surgery"
-        text += (f" took less wall time on {faster}/{len(both)} of those ({faster_nv}/{len(both)} not counting its "
-                 "own verification runs, which Torch-Pruning does not do).")
-    tp_only = [r for r in ran if "error" in r and r.get("tp_ok")]
-    if family != "torchvision" and tp_only:
-        text += f" Torch-Pruning also worked on {len(tp_only)} of the {len(ran) - len(good)} where surgery failed."
-    return text
-
-
-def _notes(family: str, size: int) -> str:
-    """What the table's inputs and weights were, under the summary."""
-    exact = "exact = max rel. error < 1e-4 between the masked and the shrunk model on a fresh input"
-    if family == "timm":
-        return (f"One model per timm architecture family (benchmarks/_timm_models.py: per family the first model by "
-                "its size rule that builds on CPU); input 1xCxHxW of the model's pretrained_cfg input_size, sides "
-                f"over {size} brought down to {size} where the model runs on that (column input); weights random "
-                "(pretrained=False, zero-initialised tensors, near-zero norm gains and layer scales re-drawn, BN "
-                f"statistics random); {exact}.")
-    if family == "hf":
-        return ("Hugging Face transformers models from small configs (benchmarks/_hf_models.py), keyword inputs "
-                "(batch 2, 9 tokens; 32x32 pixels; 16x32 mel features); weights random (zero-initialised tensors and "
-                f"near-zero norm gains re-drawn); {exact} (every output tensor, fresh inputs of seed 1). Export "
-                "gets the fresh inputs' tensors (TorchScript takes no bool: use_cache=False stays as captured).")
-    return (f"Input 1x3x{size}x{size}; weights random (weights=None, zero-initialised tensors re-drawn, BN "
-            f"statistics random); {exact}.")
 
 
 def model_names(family: str, models: str = "") -> list[str]:
@@ -797,7 +471,7 @@ def main() -> None:
                         f"Shrink sweep{which}: ChannelPrune(ratio={args.ratio}) -> Shrink -> export",
                         (f"OMP_NUM_THREADS={threads} " if threads else "") + "python "
                         + " ".join(["benchmarks/shrink_sweep.py", *sys.argv[1:]]),
-                        tab, text + "\n\n" + _notes(args.family, args.size))
+                        tab, text + "\n\n" + notes(args.family, args.size))
     print(f"wrote {path}")
 
 
