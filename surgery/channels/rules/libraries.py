@@ -25,9 +25,9 @@ def _bn_act_values(ctx: RuleContext, v: np.ndarray) -> np.ndarray | None:
             for name in ("drop", "act"):
                 layer = getattr(ctx.module, name, None)
                 if layer is not None:
-                    t = layer.eval()(t) if not layer.training else None
-                    if t is None:
+                    if layer.training:  # a dropout in training mode: no constant survives it
                         return None
+                    t = layer(t)
     except Exception:  # an activation that will not run in float64: forget the constants
         return None
     return t.numpy()
