@@ -30,7 +30,11 @@ def check_sizes(cg: ChannelGraph) -> None:
     count that sizes an axis of other channels after arithmetic) would change when channels go:
     the channels stay."""
     for size_node, tensor in cg.size_nodes:
-        bad, pairs = size_uses(cg, size_node)
+        fixes: list[int] = []
+        bad, pairs = size_uses(cg, size_node, fixes)
+        for axis in fixes:
+            cg.fixed.append((cg.layouts[tensor], axis, f"the length of axis {axis} of {tensor.name!r} (read by "
+                             f"{size_node.name!r}) sizes an axis that carries no channels"))
         if bad is not None:
             ids = cg.layouts.get(tensor)
             cg.frozen.append((np.unique(ids), f"node {bad.name!r} uses the channel count of "
@@ -57,9 +61,14 @@ def _sizes(u: fx.Node) -> list:
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
 
 
-def size_uses(g, size_node: fx.Node) -> tuple[fx.Node | None, list[tuple[np.ndarray, np.ndarray]]]:
+def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None
+              ) -> tuple[fx.Node | None, list[tuple[np.ndarray, np.ndarray]]]:
     """(None, couplings) when every use of a size read sizes reshapes as :func:`check_sizes`
-    allows, with the element pairs to couple; else (the offending node, [])."""
+    allows, with the element pairs to couple; else (the offending node, []).
+
+    With `fixes`, a tensor whose channels vary along several axes (heads and head dimensions)
+    may have one of them read to size an axis that carries no channels (HF's
+    ``attn.reshape(B, -1, T, v.shape[-1])``): that axis is appended to `fixes`, to stay whole."""
     tensor = size_node.args[0]
     lay = g.layouts.get(tensor)
     vary = set(varying(lay)) if lay is not None else set()
@@ -74,12 +83,14 @@ def size_uses(g, size_node: fx.Node) -> tuple[fx.Node | None, list[tuple[np.ndar
     # each node reached: the dims of the shape it holds (a tuple), or (None, axis) for one count:
     # the axis it is, or None once arithmetic made something else of it
     start = (list(range(lay.ndim)), None) if whole else (None, d % lay.ndim)
-    frontier: list[tuple[fx.Node, list[int] | None, int | None]] = [(size_node, *start)]
+    # (and the axis read first, kept through arithmetic)
+    frontier: list[tuple[fx.Node, list[int] | None, int | None, int | None]] = [(size_node, *start, start[1])]
     packed: set[fx.Node] = set()  # shapes made at run time with the count somewhere inside
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     seen = set()
+    scale: dict[fx.Node, int] = {}
     while frontier:
-        node, dims, axis = frontier.pop()
+        node, dims, axis, read = frontier.pop()
         if node in seen:
             continue
         seen.add(node)
@@ -89,17 +100,24 @@ def size_uses(g, size_node: fx.Node) -> tuple[fx.Node | None, list[tuple[np.ndar
                 if isinstance(k, slice):  # x.shape[:-1]: a tuple of some of the dims
                     part = dims[k]
                     if vary & set(part):
-                        frontier.append((u, part, None))
+                        frontier.append((u, part, None, None))
                     continue
                 if isinstance(k, int) and dims[k] not in vary:
                     continue
-                frontier.append((u, None, dims[k] if isinstance(k, int) else None))
+                frontier.append((u, None, *(2 * [dims[k] if isinstance(k, int) else None])))
             elif u.op == "call_function" and u.target is operator.add and \
                     any(isinstance(a, tuple) and node in a for a in u.args):
-                frontier.append((u, None, axis))  # (-1,) + shape[1:] + (x.size(-1),): the count, in a shape
+                frontier.append((u, None, axis, read))  # (-1,) + shape[1:] + (x.size(-1),): the count, in a shape
                 packed.add(u)
+            elif axis is not None and u.target is operator.mul and len(u.args) == 2 and \
+                    isinstance(k := u.args[1] if u.args[0] is node else u.args[0], int) and k > 0:
+                scale[u] = scale.get(node, 1) * k  # heads * n_rep (repeat_kv): the count, repeated
+                frontier.append((u, None, axis, read))
             elif u.op == "call_function" and u.target in _ARITH:
-                frontier.append((u, None, None))
+                frontier.append((u, None, None, read))
+            elif fixes is not None and len(vary) > 1 and read is not None and u.target is operator.getitem \
+                    and u.args[0] is tensor:
+                fixes.append(read)  # x[..., :x.shape[-1] // 2]: the getitem rule keeps that axis whole
             elif _is_shape_arg_use(u, node):
                 if u.args[0] is tensor:
                     continue  # reshaping the tensor counted: the count is its own
@@ -122,6 +140,15 @@ def size_uses(g, size_node: fx.Node) -> tuple[fx.Node | None, list[tuple[np.ndar
                     a, b = _line(lay, d_read), _line(out, j) if isinstance(out, np.ndarray) else None
                     if a is None:
                         continue
+                    if b is None and fixes is not None and len(vary) > 1 and u.meta.get("shape") is not None \
+                            and u.meta["shape"][j] == len(a):
+                        fixes.append(d_read)
+                        continue
+                    if node in scale and b is not None and len(b) == len(a) * scale[node]:
+                        blocks = b.reshape(len(a), scale[node])  # each entry repeated (heads -> their copies)
+                        if not (blocks == blocks[:, :1]).all():
+                            return u, []
+                        b = blocks[:, 0]
                     if b is None or len(a) != len(b):
                         return u, []
                     if not np.array_equal(np.sort(a), np.sort(b)):  # the same channels, maybe shuffled: nothing to tie

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -40,7 +39,7 @@ from ..pipeline import UnitMask
 from .boundary import Boundary, annotated, check_boundary, prepare, shared_tensors
 from .checks import check_sizes, check_tensor_uses
 from .components import components
-from .points import adds_parameter, data_users, is_trailing
+from .points import mask_points
 from .rulebook import RULES, Ids, Rule, RuleContext, _RawPlace
 from .rules.modules import mask_rule  # importing .rules registers the standard table
 
@@ -84,49 +83,12 @@ class ChannelGroup:
     frozen: str | None = None
     masks: list[Place] = field(default_factory=list)
     graph: str = ""
+    points: list[Place] = field(default_factory=list)  # where rules say one mask fits (attention heads)
 
     def mask_points(self) -> list[tuple[fx.Node, int]]:
         """(node, dim) pairs after which one shared per-channel mask of ``size`` units realises
-        this group: after each producer and its trailing single-user BN/activation chain, and
-        after each op that adds a parameter of the model to the channels (a position embedding:
-        ``x + pos`` is not zero where x is).
-
-        Only producers that carry every channel of the group in group order are listed (true
-        for convolutional and residual streams); a group fed by a producer that carries part
-        of it (a ``cat`` added to a tensor) or none (frozen) yields no points.
-        """
-        if self.frozen:
-            return []
-        points = []
-        whole = lambda p: len(p.channels) == self.size and np.array_equal(p.channels, np.arange(self.size))  # noqa: E731
-        added = [p for p in self.locals if p.params and adds_parameter(p.node) and whole(p)]
-        if not all(whole(p) for p in self.producers):
-            return self._reader_points(whole)
-        for p in self.producers + added:
-            node = p.node
-            while len(users := data_users(node)) == 1:
-                if not is_trailing(users[0], node):
-                    break
-                node = users[0]
-            dim = p.dim
-            shape = node.meta.get("shape")
-            if isinstance(shape, torch.Size) and dim >= 0:
-                dim = dim - len(shape)  # from the end, so one mask fits any batch shape
-            points.append((node, dim))
-        return list(dict.fromkeys(points))
-
-    def _reader_points(self, whole) -> list[tuple[fx.Node, int]]:
-        """Where no producer carries the group whole (a fused projection split into parts: Phi-3's
-        gate_up_proj, whose halves a SwiGLU couples position by position), a mask goes on every
-        reader's input instead, if each carries the group whole (``act(gate) * up`` before down)."""
-        points = []
-        for r in self.readers:
-            src = r.node.args[r.arg] if r.arg is not None and r.arg < len(r.node.args) else None
-            shape = src.meta.get("shape") if isinstance(src, fx.Node) else None
-            if not whole(r) or not isinstance(shape, torch.Size):
-                return []
-            points.append((src, r.dim - len(shape) if r.dim >= 0 else r.dim))
-        return list(dict.fromkeys(points))
+        this group (see :func:`surgery.channels.points.mask_points`)."""
+        return mask_points(self)
 
     def places(self) -> list[Place]:
         return [*self.producers, *self.locals, *self.readers]
@@ -170,6 +132,7 @@ class ChannelGraph:
         self.size_nodes: list[tuple[fx.Node, fx.Node]] = []   # (size/shape node, tensor node)
         self.mask_nodes: list[fx.Node] = []
         self.rewrite: set[fx.Node] = set()   # nodes whose literal size arguments follow channels
+        self.fixed: list[tuple[np.ndarray, int, str]] = []  # (layout, axis, reason): see RuleContext.fix_axis
 
     def new_elements(self, size: int, node: fx.Node) -> int:
         start = self.n
@@ -248,6 +211,10 @@ class ChannelGraph:
         else:
             a = b = np.zeros(0, dtype=np.int64)
         chan = components(n, a, b)
+        self.chan_of_elem = chan            # element -> global channel id
+        chains: set = set()
+        self.places = [p for p in self.places if p.role != "point" or p.arg not in chains and
+                       self._one_per_position(p) and not chains.add(p.arg)]
         # groups: channels joined also through the spaces they were produced in
         space = np.zeros(n, dtype=np.int64)
         starts = np.array(self.space_start, dtype=np.int64)
@@ -256,7 +223,6 @@ class ChannelGraph:
             space = np.cumsum(space)
         first = starts[space] if n else space
         grp = components(n, np.concatenate([a, np.arange(n)]), np.concatenate([b, first]))
-        self.chan_of_elem = chan            # element -> global channel id
         self.group_of_elem = grp
         n_chan = int(chan.max()) + 1 if n else 0
         self.group_of_chan = np.zeros(n_chan, dtype=np.int64)
@@ -288,7 +254,7 @@ class ChannelGraph:
             gids, first = np.unique(self.chan_group[chans], return_index=True)
             for gi, k in zip(gids.tolist(), first.tolist()):
                 groups[gi].frozen = frozen_chan[int(chans[k])]
-        buckets = {"producer": "producers", "local": "locals", "reader": "readers", "mask": "masks"}
+        buckets = {"producer": "producers", "local": "locals", "reader": "readers", "mask": "masks", "point": "points"}
         # every place's channels at once (numpy calls on small arrays cost microseconds each)
         place_sizes = np.fromiter((p.ids.size for p in self.places), dtype=np.int64, count=len(self.places))
         ends = np.cumsum(place_sizes)
@@ -314,6 +280,15 @@ class ChannelGraph:
                 place = Place(p.node, p.role, p.dim, np.where(cg == gi, local, -1), p.arg, p.params)
                 getattr(groups[gi], buckets[p.role]).append(place)
         self.groups = groups
+
+    def _one_per_position(self, p: _RawPlace) -> bool:
+        """A point's node holds one channel per position along its axis, the same on every other
+        axis (a head's elements, coupled by the attention rules, are one channel)."""
+        lay = self.layouts.get(p.node)
+        if not isinstance(lay, np.ndarray) or lay.shape[p.dim] != len(p.ids):
+            return False
+        c = self.chan_of_elem[np.moveaxis(lay, p.dim, 0).reshape(len(p.ids), -1)]
+        return bool((c == c[:, :1]).all()) and len(np.unique(c[:, 0])) == len(p.ids)
 
     def channels(self, ids: Ids) -> np.ndarray:
         """Global channel ids of a layout."""

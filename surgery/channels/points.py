@@ -1,11 +1,13 @@
 """Where one shared mask realises a channel group: after each producer and the chain of
 channel-local ops that ends it (its BatchNorm, activation, dropout), as far as that chain is the
-producer's only reader. See :meth:`surgery.channels.ChannelGroup.mask_points`.
+producer's only reader; on the head axis of attention's output for attention heads. See
+:func:`mask_points`.
 """
 from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -14,15 +16,65 @@ from torch import nn
 from ..graph import submodule
 from ..pipeline import UnitMask
 
-__all__ = ["data_users", "is_trailing", "adds_parameter"]
+__all__ = ["mask_points", "data_users", "is_trailing", "adds_parameter"]
+
+
+def mask_points(group) -> list[tuple[fx.Node, int]]:
+    """(node, dim) pairs after which one shared per-channel mask of ``group.size`` units
+    realises the group: after each producer and its trailing single-user BN/activation chain, and
+    after each op that adds a parameter of the model to the channels (a position embedding:
+    ``x + pos`` is not zero where x is).
+
+    Only producers that carry every channel of the group in group order are listed (true
+    for convolutional and residual streams). Where a producer carries part of the group, or
+    repeats its channels (each attention head spans head_dim outputs of q, k and v), the points
+    the rules recorded serve instead (a head axis: :mod:`.rules.attention`), else the readers'
+    inputs (:func:`_reader_points`); a frozen group has none.
+    """
+    if group.frozen:
+        return []
+    points = []
+    whole = lambda p: len(p.channels) == group.size and np.array_equal(p.channels, np.arange(group.size))  # noqa: E731
+    added = [p for p in group.locals if p.params and adds_parameter(p.node) and whole(p)]
+    if not all(whole(p) for p in group.producers):
+        heads = [(p.node, p.dim - len(p.node.meta["shape"])) for p in group.points if whole(p)]
+        return list(dict.fromkeys(heads)) if heads else _reader_points(group, whole)
+    for p in group.producers + added:
+        node = p.node
+        while len(users := data_users(node)) == 1:
+            if not is_trailing(users[0], node):
+                break
+            node = users[0]
+        dim = p.dim
+        shape = node.meta.get("shape")
+        if isinstance(shape, torch.Size) and dim >= 0:
+            dim = dim - len(shape)  # from the end, so one mask fits any batch shape
+        points.append((node, dim))
+    return list(dict.fromkeys(points))
+
+
+def _reader_points(group, whole) -> list[tuple[fx.Node, int]]:
+    """Where no producer carries the group whole (a fused projection split into parts: Phi-3's
+    gate_up_proj, whose halves a SwiGLU couples position by position), a mask goes on every
+    reader's input instead, if each carries the group whole (``act(gate) * up`` before down)."""
+    points = []
+    for r in group.readers:
+        src = r.node.args[r.arg] if r.arg is not None and r.arg < len(r.node.args) else None
+        shape = src.meta.get("shape") if isinstance(src, fx.Node) else None
+        if not whole(r) or not isinstance(shape, torch.Size):
+            return []
+        points.append((src, r.dim - len(shape) if r.dim >= 0 else r.dim))
+    return list(dict.fromkeys(points))
+
 
 _ADD = frozenset({operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub",
-                  "add_", "sub_", "__add__", "__radd__"})
+                  "add_", "sub_", "__add__", "__radd__", torch.cat, torch.concat})
 
 
 def adds_parameter(node: fx.Node) -> bool:
-    """Whether `node` adds to (or subtracts from) channels a tensor of the model's (its channel
-    rule recorded the parameter): the sum is not zero where the channels were."""
+    """Whether `node` adds to (or subtracts from) channels a tensor of the model's, or joins one to
+    them (a class token; its channel rule recorded the parameter): the result is not zero where
+    the channels were."""
     return node.op in ("call_function", "call_method") and node.target in _ADD
 
 

@@ -144,6 +144,20 @@ class RuleContext:
         self.g.places.append(_RawPlace(self.node, role, dim, line, arg, list(params), list(attrs), kind,
                                        groups, edit, vline))
 
+    def point(self, node: fx.Node, line: Ids, dim: int, chain: int) -> None:
+        """Record that one mask over `dim` of `node`'s output could realise the group of `line`
+        (one element per position along `dim`): used where no producer carries the group whole,
+        e.g. attention heads (see :mod:`.rules.attention`). Of the points recorded with the same
+        `chain` number, the walk keeps the first whose node turns out to hold one channel per
+        position along `dim` (constant along every other axis)."""
+        self.g.places.append(_RawPlace(node, "point", dim, np.asarray(line, dtype=np.int64).reshape(-1), chain))
+
+    def fix_axis(self, ids: Ids, dim: int, reason: str) -> None:
+        """Channels of `ids` may leave only in ways that keep every position along `dim` (an
+        untracked operand varies along it: rotary tables along a head's dimensions). Shrink keeps
+        whatever a removal would take out of that axis, with `reason`."""
+        self.g.fixed.append((np.asarray(ids), dim % np.asarray(ids).ndim, reason))
+
     def shape_at(self, role: str, arg: int | None, dim: int) -> int | None:
         node = self.node if role != "reader" or arg is None else self.node.args[arg]
         s = self.shape(node) if isinstance(node, fx.Node) else None

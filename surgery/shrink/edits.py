@@ -152,7 +152,8 @@ class Editor:
             nd = len(node.meta["shape"])
             dim = node.kwargs.get("dim", m.dim) % nd
             if isinstance(lay, np.ndarray) and lay.shape[dim] == len(f):
-                f = f[torch.as_tensor(self.kept_line(lay.reshape(-1)))]
+                # one channel per position along dim (a head's channel is constant along its other axes)
+                f = f[torch.as_tensor(self.kept_line(np.moveaxis(lay, dim, 0).reshape(len(f), -1)[:, 0]))]
             if bool((f == 1).all()):
                 node.replace_all_uses_with(inp)
                 g.erase_node(node)

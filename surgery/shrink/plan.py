@@ -135,6 +135,11 @@ class Decider:
                         changed |= self.mark(self.chan[p.ids[pos]],
                                              lambda p=p: f"{_who(p.node)} needs the same number of channels in "
                                              f"each of its {p.groups} groups")
+        for lay, axis, reason in self.cg.fixed:
+            kept = ~removed[self.chan[lay]]
+            gone = ~kept.any(axis=tuple(d for d in range(lay.ndim) if d != axis))
+            if gone.any() and kept.any():
+                changed |= self.mark(self.chan[np.take(lay, np.nonzero(gone)[0], axis=axis)].reshape(-1), reason)
         for node in self.cg.rewrite:
             if node.op == "call_function" and node.target is operator.getitem:
                 changed |= self._int_index(node, removed)

@@ -71,6 +71,11 @@ def _layernorm(ctx: RuleContext, k: int, rms: bool = False, params=(), edit=None
     inside = [d for d in varying(ids) if d >= ids.ndim - k]
     if not inside:
         return ids, None
+    if len(inside) < len(varying(ids)):
+        # a norm inside each unit (Qwen3's RMSNorm over each head's dimensions): each slice it
+        # normalises is one channel, so its own parameters never lose an entry
+        ctx.couple(ids, ids[tuple(slice(0, 1) if d >= ids.ndim - k else slice(None) for d in range(ids.ndim))])
+        return ids, None
     if k != 1 or edit is None or varying(ids) != [ids.ndim - 1]:
         ctx.freeze(ids, f"{ctx.describe()} counts these channels in its statistics")
         return ids, None
@@ -271,7 +276,7 @@ _ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, oper
                 "__rmul__"}
 
 
-_VIEWS = {"reshape", "view", "unsqueeze", torch.reshape, torch.unsqueeze}
+_VIEWS = {"reshape", "view", "unsqueeze", "expand", torch.reshape, torch.unsqueeze}
 
 
 def _param_source(t: fx.Node) -> fx.Node | None:
@@ -279,8 +284,12 @@ def _param_source(t: fx.Node) -> fx.Node | None:
     ``1.0 + weight``, a ``weight.float()``) or reshaped from (ConvNeXt's ``gamma.reshape(1, -1, 1, 1)``):
     cutting that tensor cuts `t` alike (:func:`_param_axis` says along which axis). Else None."""
     while t.op != "get_attr":
-        if t.op not in ("call_function", "call_method") or t.target not in _ELEMENTWISE | _VIEWS or \
-                len(t.all_input_nodes) != 1 or t.kwargs:
+        if t.op not in ("call_function", "call_method") or t.target not in _ELEMENTWISE | _VIEWS or t.kwargs:
+            return None
+        if t.target in _VIEWS and isinstance(t.args[0], fx.Node):  # the others are sizes (x.shape[0])
+            t = t.args[0]
+            continue
+        if len(t.all_input_nodes) != 1:
             return None
         t = t.all_input_nodes[0]
     return t
@@ -292,7 +301,38 @@ def _param_axis(source: fx.Node, t: fx.Node, axis: int) -> int | None:
     src, out = source.meta.get("shape"), t.meta.get("shape")
     if not isinstance(src, torch.Size) or not isinstance(out, torch.Size):
         return None
-    if src == out:
-        return axis
+    if src == out or len(src) == len(out) and all(s in (1, o) for s, o in zip(src, out)) and src[axis] == out[axis]:
+        return axis  # unchanged, or expanded along other axes (a class token per batch entry)
     long = [d for d, n in enumerate(src) if n > 1]
     return long[0] if len(long) == 1 and [n for n in out if n > 1] == [src[long[0]]] else None
+
+
+def untracked_operand(ctx: RuleContext, t: Any, tracked: np.ndarray | None, nd: int) -> None:
+    """An element-wise op combines channels (layout `tracked`, `nd` axes) with an untracked tensor
+    `t`. Where `t` varies along an axis the channels vary along, removing a channel would need `t`
+    sliced too: a parameter of the model is (a per-channel scale read through get_attr); a table
+    that varies along some of the channels' axes only (rotary tables along each head's dimensions)
+    keeps those axes whole; anything else freezes the channels."""
+    if tracked is None or not isinstance(t, fx.Node):
+        return
+    ts = ctx.shape(t)
+    if ts is None:
+        return
+    full = (1,) * (nd - len(ts)) + tuple(ts)
+    clash = [d for d in varying(tracked) if full[d] > 1]
+    if not clash:
+        return
+    source = _param_source(t)
+    axis = _param_axis(source, t, clash[0] - (nd - len(ts))) if source is not None and len(clash) == 1 else None
+    if axis is not None and len(varying(tracked)) == 1:
+        owner, attr = _owner(ctx.g.gm, str(source.target))
+        ctx.place("local", tracked, clash[0], params=[(owner, attr, axis)])
+    elif len(clash) < len(varying(tracked)):
+        # it varies along some of the channels' axes only (a rotary table along each head's
+        # dimensions): the others stay prunable, these stay whole
+        for d in clash:
+            ctx.fix_axis(tracked, d, f"{ctx.describe()} combines these channels with {t.name!r} along "
+                                     f"axis {d}, whose channels are not tracked")
+    else:
+        ctx.freeze(tracked, f"{ctx.describe()} combines these channels with {t.name!r}, whose channels "
+                            "are not tracked")

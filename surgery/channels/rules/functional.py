@@ -1,9 +1,8 @@
-"""Channel rules for reductions, softmax, matmul, functional layers (F.linear, F.layer_norm,
+"""Channel rules for reductions, softmax, functional layers (F.linear, F.layer_norm,
 F.pad, pooling, interpolation) and torchvision's stochastic depth. See :mod:`surgery.channels.rules`.
 """
 from __future__ import annotations
 
-import operator
 
 import numpy as np
 import torch
@@ -29,6 +28,16 @@ def reduce_rule(ctx: RuleContext):
         return None
     dims = [d % lay.ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
     hit = [d for d in dims if lay.shape[d] > 1]
+    if hit and set(varying(lay)) - set(hit):
+        # a reduction inside each unit: channels also vary along axes it keeps (a per-head norm
+        # over each head's dimensions), so each slice it reduces is one channel
+        rep = lay[tuple(slice(0, 1) if d in hit else slice(None) for d in range(lay.ndim))]
+        ctx.couple(lay, rep)
+        v = ctx.values(ctx.x)
+        v = np.where((v == 0).all(axis=tuple(hit), keepdims=True), 0.0, np.nan) if v is not None \
+            and name in ("sum", "mean", "amax", "amin") else None
+        squeeze = (lambda t: t) if keep else (lambda t: np.squeeze(t, axis=tuple(dims)))
+        return squeeze(rep), (squeeze(v) if v is not None else None)
     if hit:
         if name == "sum" and len(varying(lay)) == 1:
             ctx.place("reader", lay, hit[0], arg=0, kind="zero", values=ctx.values(ctx.x))
@@ -59,49 +68,6 @@ def reduce_rule(ctx: RuleContext):
 
 def softmax_fn_rule(ctx: RuleContext):
     return _softmax(ctx, ctx.arg(1, "dim", None))
-
-
-def matmul_rule(ctx: RuleContext):
-    n = ctx.node
-    a, b = n.args[0], n.args[1]
-    ia, ib = ctx.ids(a), ctx.ids(b)
-    out_shape = ctx.shape()
-    if ia is None and ib is None or out_shape is None:
-        return None
-    if ia is not None and ia.ndim < 2 or ib is not None and ib.ndim < 2:
-        ctx.freeze_inputs(f"{ctx.describe()} multiplies vectors")
-        return None
-    outs = []
-    contracted = []
-    for x, k, pos in ((ia, -1, 0), (ib, -2, 1)):
-        if x is None:
-            continue
-        v = varying(x)
-        kd = x.ndim + k
-        if kd in v:
-            if v != [kd]:
-                ctx.freeze_inputs(f"{ctx.describe()} contracts channels that also vary along other axes")
-                return None
-            ctx.place("reader", x, kd, arg=pos, kind="zero", values=ctx.values(n.args[pos]))
-            contracted.append(x.reshape(-1))
-        elif v:
-            outs.append(x)
-            carried = pos
-    if len(contracted) == 2 and len(contracted[0]) == len(contracted[1]):
-        ctx.couple(contracted[0], contracted[1])
-    nd = len(out_shape)
-    outs = [x.reshape((1,) * (nd - x.ndim) + x.shape) for x in outs]
-    if not outs:
-        return None
-    out = outs[0]
-    for x in outs[1:]:
-        out = ctx.couple(out, x)
-    values = None
-    vc = ctx.values(n.args[carried]) if len(outs) == 1 else None
-    if vc is not None and vc.shape == ctx.ids(n.args[carried]).shape:
-        # a column of b (a row of a) that is zero throughout gives a zero column (row) of a @ b
-        values = np.where(vc == 0, 0.0, np.nan).reshape(out.shape)
-    return out, values
 
 
 def functional_linear_rule(ctx: RuleContext):
@@ -245,7 +211,11 @@ def pad_rule(ctx: RuleContext):
         return None
     pad = ctx.arg(1, "pad")
     k = len(pad) // 2 if isinstance(pad, (tuple, list)) else lay.ndim
-    if not _spatial_ok(ctx, lay, list(range(lay.ndim - k, lay.ndim))):
+    # pad lists (left, right) per axis from the last; an axis padded by (0, 0) is untouched (HF Swin
+    # pads the spatial axes of a channels-last map with (0, 0, ...) on the channels)
+    listed = isinstance(pad, (tuple, list))
+    padded = [lay.ndim - 1 - i for i in range(k) if not listed or any(pad[2 * i:2 * i + 2])]
+    if not _spatial_ok(ctx, lay, padded):
         return lay, None
     mode, value = ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None)
     v = ctx.values(ctx.x)
@@ -268,8 +238,6 @@ for _t in [torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax",
     register_rule(_t, reduce_rule)
 for _t in [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"]:
     register_rule(_t, softmax_fn_rule)
-for _t in [torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"]:
-    register_rule(_t, matmul_rule)
 register_rule(F.linear, functional_linear_rule)
 register_rule(F.embedding, functional_embedding_rule)
 register_rule(torch.addmm, addmm_rule)

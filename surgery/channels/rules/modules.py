@@ -33,13 +33,18 @@ def mask_rule(ctx: RuleContext):
             pass  # one channel broadcast: the mask scales positions we do not track
         return ids, None
     if any(s > 1 for d, s in enumerate(ids.shape) if d != dim):
-        ctx.freeze(ids, f"mask {ctx.node.target!r} sees channels along more than its axis {m.dim}")
-        return ids, None
+        # a mask over attention heads: it zeroes whole slices, so each slice's elements are one
+        # channel (the attention rules coupled them already)
+        line = np.moveaxis(np.moveaxis(ids, dim, 0).reshape(len(f), -1)[:, :1], 0, -1)
+        line = line.reshape([len(f) if d == dim else 1 for d in range(ids.ndim)])
+        ctx.couple(ids, line)
+    else:
+        line = ids
     shape = [1] * ids.ndim
     shape[dim] = len(f)
     fb = f.reshape(shape)
     out = np.where(fb == 0, 0.0, v * fb)
-    ctx.place("mask", ids, dim)
+    ctx.place("mask", line, dim)
     return ids, out
 
 

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..rulebook import RuleContext, passthrough, register_rule, varying
-from .common import _nan_like, _owner, _param_axis, _param_source, _vals, reshape_rule
+from .common import _nan_like, _owner, _vals, reshape_rule, untracked_operand
 
 
 # ----------------------------------------------------------------------------------------- functions
@@ -32,25 +32,29 @@ def binary_rule(ctx: RuleContext):
     if ib is not None and name in ("truediv", "div", "div_", "itruediv", "floordiv", "__truediv__"):
         ctx.freeze(ib, f"{ctx.describe()} divides by these channels (a removed one would be 0/0)")
     for t, tracked in ((a, ib if ia is None else None), (b, ia if ib is None else None)):
-        if tracked is None or not isinstance(t, fx.Node):
-            continue
-        ts = ctx.shape(t)
-        if ts is None:
-            continue
-        full = (1,) * (nd - len(ts)) + tuple(ts)
-        clash = [d for d in varying(tracked) if full[d] > 1]
-        if not clash:
-            continue
-        source = _param_source(t)
-        axis = _param_axis(source, t, clash[0] - (nd - len(ts))) if source is not None and len(clash) == 1 else None
-        if axis is not None and len(varying(tracked)) == 1:
-            owner, attr = _owner(ctx.g.gm, str(source.target))
-            ctx.place("local", tracked, clash[0], params=[(owner, attr, axis)])
-        else:
-            ctx.freeze(tracked, f"{ctx.describe()} combines these channels with {t.name!r}, whose channels "
-                                "are not tracked")
+        untracked_operand(ctx, t, tracked, nd)
     out = ctx.couple(ia, ib) if ia is not None and ib is not None else (ia if ia is not None else ib)
     return out, _binary_values(ctx, a, b, ia, ib, out, name)
+
+
+def where_rule(ctx: RuleContext):
+    """``torch.where(cond, x, y)``: element-wise, like :func:`binary_rule` over three operands."""
+    n = ctx.node  # the order does not matter here (torch.where(c, x, y) or x.where(c, y))
+    args = list(n.args[:3]) + [n.kwargs[k] for k in ("condition", "input", "self", "other") if k in n.kwargs]
+    out_shape = ctx.shape()
+    lays = [ctx.ids(t) for t in args]
+    if all(x is None for x in lays) or out_shape is None:
+        return None
+    nd = len(out_shape)
+    lays = [x.reshape((1,) * (nd - x.ndim) + x.shape) if x is not None else None for x in lays]
+    tracked = [x for x in lays if x is not None]
+    out = tracked[0]
+    for x in tracked[1:]:
+        out = ctx.couple(out, x)
+    for t, x in zip(args, lays):
+        if x is None:
+            untracked_operand(ctx, t, out, nd)
+    return out, None
 
 
 def _operand(ctx: RuleContext, t: Any, ids: np.ndarray | None, out: np.ndarray):
@@ -124,12 +128,12 @@ def cat_rule(ctx: RuleContext):
     along = any(x is not None and x.shape[dim] > 1 for x in lays)
     if not along:
         tracked = [x for x in lays if x is not None]
-        if len(tracked) < len(lays):
-            for x in tracked:
-                ctx.freeze(x, f"{ctx.describe()} joins these channels with an untracked tensor")
         out = tracked[0]
         for x in tracked[1:]:
             out = ctx.couple(out, x)
+        for t, x in zip(tensors, lays):  # a class token: a parameter of the model, cut alike
+            if x is None:
+                untracked_operand(ctx, t, out.reshape((1,) * (len(out_shape) - out.ndim) + out.shape), len(out_shape))
         return out, None
     parts, vparts = [], []
     other = [max((x.shape[d] for x in lays if x is not None), default=1) if d != dim else None
@@ -180,6 +184,11 @@ def getitem_rule(ctx: RuleContext):
         if isinstance(i, slice) and all(isinstance(s, (int, type(None))) for s in (i.start, i.stop, i.step)):
             np_idx.append(i if lay.shape[d] > 1 else slice(None))
             touched |= lay.shape[d] > 1 and i != slice(None)
+        elif isinstance(i, slice) and lay.shape[d] > 1 and (fixed := _run_time_slice(ctx, i, d, len(np_idx))):
+            # x[..., :x.shape[-1] // 2] (rotate_half): bounds computed at run time follow the axis'
+            # length, which must then stay whole
+            np_idx.append(fixed)
+            ctx.fix_axis(lay, d, f"{ctx.describe()} slices axis {d} at a position computed at run time")
         elif isinstance(i, int):
             np_idx.append(i if lay.shape[d] > 1 else 0)
             touched |= lay.shape[d] > 1
@@ -198,6 +207,22 @@ def getitem_rule(ctx: RuleContext):
     out = lay[tuple(np_idx)]
     v = ctx.values(src)
     return out, (v[tuple(np_idx)] if v is not None else None)
+
+
+def _run_time_slice(ctx: RuleContext, i: slice, d: int, out_axis: int) -> slice | None:
+    """The concrete slice of a slice with one bound computed at run time (a node), from the
+    input and output lengths; None when it cannot be told."""
+    if i.step not in (None, 1) or isinstance(i.start, fx.Node) and isinstance(i.stop, fx.Node):
+        return None
+    size, out = ctx.shape(ctx.node.args[0]), ctx.shape()
+    if size is None or out is None or out_axis >= len(out):
+        return None
+    n, m = size[d], out[out_axis]
+    if isinstance(i.stop, fx.Node) and i.start in (None, 0):
+        return slice(0, m)
+    if isinstance(i.start, fx.Node) and i.stop is None:
+        return slice(n - m, n)
+    return None
 
 
 def split_rule(ctx: RuleContext):
@@ -276,7 +301,8 @@ for _t in _BINARY:
 _UNARY_APPLY = [torch.relu, F.relu, F.relu6, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu,
                 F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.selu, F.hardtanh, F.mish, F.softplus,
                 torch.clamp, torch.exp, operator.neg, torch.neg, F.relu_, torch.relu_,
-                "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "exp", "neg", "hardtanh"]
+                "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "exp", "neg", "hardtanh",
+                torch.rsqrt, torch.sqrt, torch.abs, "rsqrt", "sqrt", "abs"]
 for _t in _UNARY_APPLY:
     register_rule(_t, passthrough("apply"))
 for _t in ("float", "double", "half", "bfloat16", "to", "type_as"):  # casts: a zero stays zero
@@ -310,6 +336,8 @@ def expand_rule(ctx: RuleContext):
 
 
 register_rule("expand", expand_rule)
+for _t in [torch.where, "where"]:
+    register_rule(_t, where_rule)
 for _t in [torch.cat, torch.concat, torch.stack]:
     register_rule(_t, cat_rule)
 register_rule(operator.getitem, getitem_rule)

@@ -1,0 +1,217 @@
+"""Attention heads: whole heads leave q, k, v and the output projection together, exactly.
+
+Each attention here is pruned by ChannelPrune and shrunk, and the shrunk model is compared with
+a hand-built reference: the same attention built with only the kept heads, its weights sliced by
+hand. Both must equal the masked model on fresh inputs."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import surgery
+from passes import ChannelPrune, Shrink
+from surgery.channels import channel_groups
+from surgery.pipeline import UnitMask
+from surgery.verify import max_abs_diff, run_eval
+
+
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention in the forms models use: separate or fused (timm) projections,
+    grouped-query attention by repeated kv heads (HF's repeat_kv) or SDPA's enable_gqa, eager
+    softmax(q k^T) v or SDPA, rotary embeddings, a per-head RMSNorm on q and k (Qwen3), and a
+    learned per-head bias on the scores (relative positions)."""
+
+    def __init__(self, d=24, heads=8, kv_heads=None, head_dim=4, fused=False, mode="sdpa", rotary=False,
+                 qk_norm=False, bias_len=0):
+        super().__init__()
+        self.h, self.kv, self.hd, self.fused, self.mode = heads, kv_heads or heads, head_dim, fused, mode
+        self.rotary, self.qk_norm = rotary, qk_norm
+        if fused:
+            self.qkv = nn.Linear(d, 3 * heads * head_dim)
+        else:
+            self.q, self.k = nn.Linear(d, heads * head_dim), nn.Linear(d, self.kv * head_dim)
+            self.v = nn.Linear(d, self.kv * head_dim)
+        self.o = nn.Linear(heads * head_dim, d)
+        if qk_norm:
+            self.q_norm, self.k_norm = nn.RMSNorm(head_dim), nn.RMSNorm(head_dim)
+            with torch.no_grad():
+                self.q_norm.weight.normal_(1, 0.2)
+                self.k_norm.weight.normal_(1, 0.2)
+        self.bias = nn.Parameter(torch.randn(heads, bias_len, bias_len) * 0.3) if bias_len else None
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        if self.fused:
+            q, k, v = self.qkv(x).reshape(B, T, 3, self.h, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = self.q(x).view(B, T, -1, self.hd).transpose(1, 2)
+            k = self.k(x).view(B, T, -1, self.hd).transpose(1, 2)
+            v = self.v(x).view(B, T, -1, self.hd).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary:
+            pos = torch.arange(T, dtype=x.dtype)[:, None] / 10 ** (torch.arange(self.hd // 2, dtype=x.dtype) / 2)
+            cos, sin = torch.cat([pos.cos()] * 2, -1), torch.cat([pos.sin()] * 2, -1)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if self.mode == "sdpa_gqa":
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            rep = self.h // self.kv
+            if rep > 1:  # Hugging Face's repeat_kv
+                b, hkv, s, hd = k.shape
+                k = k[:, :, None].expand(b, hkv, rep, s, hd).reshape(b, hkv * rep, s, hd)
+                v = v[:, :, None].expand(b, hkv, rep, s, hd).reshape(b, hkv * rep, s, hd)
+            if self.mode == "sdpa":
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+            else:
+                scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)
+                if self.bias is not None:
+                    scores = scores + self.bias
+                y = torch.softmax(scores, -1) @ v
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _kept_heads(masked, n):
+    (mask,) = [m for m in masked.modules() if isinstance(m, UnitMask) and len(m.kept()) == n]
+    return torch.nonzero(mask.kept()).flatten()
+
+
+def _reference(model: Attention, kv_kept: torch.Tensor) -> Attention:
+    """`model` with only the kv heads `kv_kept` (and the query heads they serve), by hand."""
+    rep, hd = model.h // model.kv, model.hd
+    q_kept = (kv_kept[:, None] * rep + torch.arange(rep)).flatten()
+    rows = lambda heads: (heads[:, None] * hd + torch.arange(hd)).flatten()  # noqa: E731
+    d = model.o.out_features
+    ref = Attention(d, len(q_kept), len(kv_kept), hd, model.fused, model.mode, model.rotary, model.qk_norm,
+                    0 if model.bias is None else model.bias.shape[-1])
+    with torch.no_grad():
+        if model.fused:
+            w = model.qkv.weight.view(3, model.h * hd, d)[:, rows(q_kept)]
+            ref.qkv.weight.copy_(w.reshape(-1, d))
+            ref.qkv.bias.copy_(model.qkv.bias.view(3, -1)[:, rows(q_kept)].reshape(-1))
+        else:
+            for name, r in (("q", rows(q_kept)), ("k", rows(kv_kept)), ("v", rows(kv_kept))):
+                getattr(ref, name).weight.copy_(getattr(model, name).weight[r])
+                getattr(ref, name).bias.copy_(getattr(model, name).bias[r])
+        ref.o.weight.copy_(model.o.weight[:, rows(q_kept)])
+        ref.o.bias.copy_(model.o.bias)
+        if model.qk_norm:
+            ref.q_norm.load_state_dict(model.q_norm.state_dict())
+            ref.k_norm.load_state_dict(model.k_norm.state_dict())
+        if model.bias is not None:
+            ref.bias.copy_(model.bias[q_kept])
+    return ref.eval()
+
+
+def _prune(model, x, ratio=0.5):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masked = surgery.compress(model.eval(), [ChannelPrune(ratio)], example_inputs=(x,))
+        small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
+    return masked, small
+
+
+CASES = {
+    "eager": dict(mode="eager"),
+    "sdpa": dict(mode="sdpa"),
+    "fused_qkv": dict(fused=True, mode="eager"),
+    "fused_qkv_sdpa": dict(fused=True, mode="sdpa"),
+    "gqa_8_2_repeat_kv": dict(kv_heads=2, mode="eager"),
+    "gqa_8_2_sdpa": dict(kv_heads=2, mode="sdpa_gqa"),
+    "rotary_gqa": dict(kv_heads=4, mode="sdpa", rotary=True),
+    "qk_norm_rotary": dict(mode="eager", rotary=True, qk_norm=True),
+    "head_bias": dict(mode="eager", bias_len=7),
+    "head_bias_sdpa": dict(mode="sdpa", bias_len=7),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_whole_heads_leave_exactly_as_a_hand_built_reference_says(case):
+    torch.manual_seed(0)
+    model = Attention(**CASES[case]).eval()
+    x = torch.randn(2, 7, 24)
+    (group,) = [g for g in channel_groups(surgery.capture(model, (x,))) if g.size == model.kv]
+    assert group.frozen is None and group.mask_points()
+    masked, small = _prune(model, x)
+    kv_kept = _kept_heads(masked, model.kv)
+    assert len(kv_kept) == model.kv // 2
+    ref = _reference(model, kv_kept)
+    x2 = torch.randn(3, 7, 24)
+    want = ref(x2)
+    assert max_abs_diff(run_eval(masked, (x2,)), want) < 1e-5
+    assert max_abs_diff(run_eval(small, (x2,)), want) < 1e-5
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+def test_a_head_mask_zeroes_whole_heads_of_the_attention_output():
+    """The mask of a head group sits on the heads axis of attention's output, or of v before it is
+    repeated for its query heads: never on a projection's output, where a zero would not remove
+    the head from the scores."""
+    model = Attention(kv_heads=2, mode="eager")
+    x = torch.randn(2, 7, 24)
+    (group,) = [g for g in channel_groups(surgery.capture(model, (x,))) if g.size == 2]
+    (node, dim), = group.mask_points()  # one mask: on v's 2 heads, before they are repeated for 8
+    assert node.meta["shape"][dim] == 2 and all(s != 8 for s in node.meta["shape"])
+
+
+def test_a_per_head_tensor_no_rule_follows_freezes_the_heads_with_the_culprit_named():
+    class Noisy(Attention):
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = (getattr(self, n)(x).view(B, T, -1, self.hd).transpose(1, 2) for n in "qkv")
+            scores = q @ k.transpose(-2, -1)
+            heads = torch.arange(scores.shape[1], dtype=x.dtype).view(1, -1, 1, 1)  # made at run time
+            return self.o((torch.softmax(scores * heads, -1) @ v).transpose(1, 2).reshape(B, T, -1))
+
+    gm = surgery.capture(Noisy().eval(), (torch.randn(2, 7, 24),))
+    (group,) = [g for g in channel_groups(gm) if g.size == 8]
+    assert group.frozen is not None and "whose channels are not tracked" in group.frozen
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: multi-head attention (GQA, rotary) and a SwiGLU MLP."""
+
+    def __init__(self, d, norm):
+        super().__init__()
+        self.n1, self.n2 = norm(d), norm(d)
+        self.attn = Attention(d, heads=4, kv_heads=2, head_dim=6, mode="sdpa", rotary=True)
+        self.gate, self.up, self.down = nn.Linear(d, 32), nn.Linear(d, 32), nn.Linear(32, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.n1(x))
+        h = self.n2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class LM(nn.Module):
+    def __init__(self, norm, d=24, vocab=13):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(Block(d, norm), Block(d, norm))
+        self.norm, self.head = norm(d), nn.Linear(d, 5)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.blocks(self.embed(ids))))
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
+def test_a_pre_norm_transformer_loses_stream_heads_and_mlp_units_exactly(norm):
+    torch.manual_seed(0)
+    model = LM(norm).eval()
+    ids = torch.randint(0, 13, (2, 9))
+    masked, small = _prune(model, ids)
+    ids2 = torch.randint(0, 13, (3, 5))  # another batch and length
+    assert max_abs_diff(run_eval(masked, (ids2,)), run_eval(small, (ids2,))) < 1e-5
+    d, kv, q, hd, mlp = 12, 1, 2, 6, 16  # half the stream, one kv head of two (its 2 query heads), half the MLP
+    nb = 2 if norm is nn.LayerNorm else 1
+    attn = (d * q * hd + q * hd) + 2 * (d * kv * hd + kv * hd) + (q * hd * d + d)
+    block = 2 * nb * d + attn + 2 * (d * mlp + mlp) + (mlp * d + d)
+    assert sum(p.numel() for p in small.parameters()) == 13 * d + 2 * block + nb * d + d * 5 + 5
