@@ -70,7 +70,8 @@ def dam_cnn(d, seed: int) -> dict:
 def dam_transformer(d, seed: int) -> dict:
     """DAM on every Linear of the digits transformer but the head: one mask per channel group,
     so the residual stream (embedding, positions, norms, q/k/v inputs, o and fc2 outputs) is
-    one decision and each MLP's hidden width another. Attention heads are not pruned yet."""
+    one decision, each block's attention heads (q, k, v and o's input) another, and each MLP's
+    hidden width a third."""
     base = train(make_transformer(seed=seed), d.x_train, d.y_train, epochs=TRANSFORMER_EPOCHS, lr=1e-2,
                  seed=seed, penalty=False, cosine=True)
     gm = surgery.compress(make_transformer(seed=seed), [DAM(select=nn.Linear, exclude="head", **DAM_TRANSFORMER)],
@@ -80,9 +81,11 @@ def dam_transformer(d, seed: int) -> dict:
         small, err = shrink_and_export(gm, d.x_test, Path(tmp), "dam_transformer")
     stream = small.get_submodule("embed").out_features
     hidden = sum(small.get_submodule(f"blocks.{i}.fc1").out_features for i in range(2))
+    head_dim = 32 // base.blocks[0].heads
+    heads = sum(small.get_submodule(f"blocks.{i}.q").out_features // head_dim for i in range(2))
     return dict(base=base, before=accuracy(base, d.x_test, d.y_test), masked=accuracy(gm, d.x_test, d.y_test),
-                after=accuracy(small, d.x_test, d.y_test), kept=stream + hidden, total=32 + 2 * 128, err=err,
-                stream=stream, hidden=hidden, params=(sum(p.numel() for p in base.parameters()),
+                after=accuracy(small, d.x_test, d.y_test), kept=stream + heads + hidden, total=32 + 2 * 4 + 2 * 128,
+                err=err, stream=stream, heads=heads, hidden=hidden, params=(sum(p.numel() for p in base.parameters()),
                                                       sum(p.numel() for p in small.parameters())))
 
 
@@ -155,8 +158,8 @@ def main(argv=None) -> None:
          pct(m["masked"]), pct(m["after"]), f"{m['err']:.1e}", "-", ">= 75% removed, within 1 pt"],
         ["DAM", "CNN 32-64-64", f"{c['kept']}/{c['total']}", pct(1 - c["kept"] / c["total"]), pct(c["before"]),
          pct(c["masked"]), pct(c["after"]), f"{c['err']:.1e}", "-", ">= 40% removed, within 2 pt"],
-        ["DAM", f"transformer d32, 2 blocks (stream {t['stream']}/32, MLP {t['hidden']}/256; params "
-                f"{t['params'][0]:,} -> {t['params'][1]:,})", f"{t['kept']}/{t['total']}",
+        ["DAM", f"transformer d32, 2 blocks (stream {t['stream']}/32, heads {t['heads']}/8, MLP {t['hidden']}/256; "
+                f"params {t['params'][0]:,} -> {t['params'][1]:,})", f"{t['kept']}/{t['total']}",
          pct(1 - t["kept"] / t["total"]), pct(t["before"]), pct(t["masked"]), pct(t["after"]), f"{t['err']:.1e}", "-",
          ">= 40% removed, within 2 pt"],
         ["GumbelMask", "frozen MLP, 'is it a 0' head", f"{g['kept']}/{g['total']}", pct(1 - g["kept"] / g["total"]),

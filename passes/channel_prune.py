@@ -60,7 +60,7 @@ def _module(node: fx.Node, path: str = "") -> tuple[str, nn.Module | None]:
         target = str(node.target)
     else:
         reads = [str(a.target).rpartition(".") for a in node.all_input_nodes if a.op == "get_attr"]
-        target = next((prefix for prefix, _, name in reads if prefix and name == "weight"
+        target = next((prefix for prefix, _, name in reads if prefix and name in ("weight", "in_proj_weight")
                        and type(submodule(gm, prefix)) is not nn.Module), None)
         if target is None:
             return node.name, None
@@ -90,7 +90,7 @@ class ChannelPrune:
     criterion: str = "l1"
     # "Conv1D": Hugging Face's GPT-2 linear layer (named, so transformers need not be imported)
     select: Selector = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                        nn.ConvTranspose3d, nn.Linear, "Conv1D")
+                        nn.ConvTranspose3d, nn.Linear, "Conv1D", nn.MultiheadAttention)
     exclude: Selector = None
     scope: str = "local"
     round_to: int = 1

@@ -28,7 +28,7 @@ from .copying import copy_module, copy_sharing_tensors, gc_paused, shareable_ten
 from .errors import SurgeryError, TraceFailure, first_line
 from .graph import graph_module_without_code, submodule
 from .inplace import rewrite_inplace
-from .layers import restore_layers, torch_layer_subclass
+from .layers import AS_OPS, restore_layers, torch_layer_subclass, traced_as_ops
 from .libraries import library_leaves
 from .shapes import annotate_shapes
 from .signature import (
@@ -77,6 +77,7 @@ class _Tracer(ConcreteTracing, fx.Tracer):
         self.stack: list[str] = []
         self.failure_stack: list[str] | None = None
         self.branched_on: list[fx.Node] = []
+        self.as_ops: nn.Module | None = None  # the layer being traced as plain ops (surgery.layers)
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
                              concrete_args: dict[str, Any] | tuple | None = None) -> tuple[Callable[..., Any], list]:
@@ -97,6 +98,8 @@ class _Tracer(ConcreteTracing, fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
+        if m is self.as_ops:
+            return False
         return super().is_leaf_module(m, module_qualified_name) or torch_layer_subclass(type(m))
 
     def create_arg(self, a: Any) -> Any:
@@ -114,6 +117,10 @@ class _Tracer(ConcreteTracing, fx.Tracer):
             qual = None  # a module built inside forward: failures belong to the caller
         if qual is not None:
             self.stack.append(qual)
+        ops = traced_as_ops(m, args, kwargs) if isinstance(m, AS_OPS) and not (
+            qual in self.leaf_names or self.leaf_types and isinstance(m, self.leaf_types)) else None
+        if ops is not None:  # traced as plain ops (see surgery.layers)
+            forward, self.as_ops = ops, m
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -121,6 +128,7 @@ class _Tracer(ConcreteTracing, fx.Tracer):
                 self.failure_stack = list(self.stack)
             raise
         finally:
+            self.as_ops = None
             if qual is not None:
                 self.stack.pop()
 

@@ -382,3 +382,11 @@ def test_seed_archives_load_and_cover_every_encoding(tmp_path):
         header, _ = split(blob)
         encodings |= {(r["encoding"], "pos" in r["sections"]) for r in header["tensors"]}
     assert encodings == {("raw", False), ("sparse", True), ("shared", True), ("shared", False)}
+
+
+@pytest.mark.parametrize("encoding", [[], {}, 3, None])
+def test_an_encoding_that_is_not_a_name_is_refused_as_unknown(encoding):
+    """Found by the archive fuzzer: a JSON list where the encoding's name goes raised TypeError."""
+    from surgery.weights.storage import section_lengths
+    with pytest.raises(ValueError, match="unknown encoding"):
+        section_lengths(encoding, {}, 128, torch.float32)

@@ -163,7 +163,7 @@ def section_lengths(encoding: str, params: object, numel: int, dtype: torch.dtyp
     stores as `encoding` (raw, sparse or shared) with `params`, once every param is checked: its
     type and range, and that they agree (nnz <= entries <= numel, clusters fit cluster_bits).
     Raises ValueError naming the wrong claim; computes, never allocates."""
-    if encoding not in _PARAMS:
+    if not isinstance(encoding, str) or encoding not in _PARAMS:  # a fuzzed file may hold any JSON value
         raise ValueError(f"unknown encoding {encoding!r}"[:80])
     need, opt = _PARAMS[encoding]
     p = params if isinstance(params, dict) else {}
