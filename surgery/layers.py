@@ -22,7 +22,6 @@ import functools
 import inspect
 from typing import Any, Callable
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
