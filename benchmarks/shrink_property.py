@@ -46,7 +46,9 @@ def main() -> None:
     tab = markdown_table(["examples run", "result", "wall s"], [[count["n"], status, f"{wall:.0f}"]])
     path = write_result("shrink_property", "Shrink property test: random DAGs and random masks",
                         "OMP_NUM_THREADS=2 python " + " ".join(["benchmarks/shrink_property.py", *sys.argv[1:]]),
-                        tab, "Each example: a random DAG of conv (incl. depthwise)/BN/ReLU/add/cat ending in "
+                        tab, "Each example: a random DAG of conv (incl. depthwise)/BN/ReLU/add/cat, channels-last "
+                        "LayerNorm/RMSNorm (module and decomposed), gated units, single-head attention and "
+                        "multi-head attention (grouped-query or not, eager or SDPA) ending in "
                         "flatten or mean + Linear, random BN statistics, random shared masks per channel group "
                         "(hard or soft, negative factors included) and up to two extra hard masks at random "
                         "layer outputs; checked on a fresh input of another batch size.")

@@ -1,6 +1,6 @@
 """Property test: Shrink is exact on random small DAGs of conv/BN/ReLU/add/cat/flatten/linear,
-channels-last LayerNorms and RMSNorms (module and decomposed), gated units (silu(g) * u) and
-attention over the pixels, with random masks (few examples here; benchmarks/shrink_property.py
+channels-last LayerNorms and RMSNorms (module and decomposed), gated units (silu(g) * u),
+single-head and multi-head (grouped-query, eager or SDPA) attention over the pixels, with random masks (few examples here; benchmarks/shrink_property.py
 runs hundreds)."""
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ class RandomDag(nn.Module):
                 for p in "qkv":
                     self.layers[f"{i}{p}"] = nn.Conv2d(chans[a], arg if p != "v" else chans[a], 1)
                 chans.append(chans[a])
+            elif op == "mha":  # multi-head (grouped-query) attention over the pixels, then o, added
+                h, kv, hd, _ = arg
+                for p, n in (("q", h), ("k", kv), ("v", kv)):
+                    self.layers[f"{i}{p}"] = nn.Conv2d(chans[a], n * hd, 1)
+                self.layers[f"{i}o"] = nn.Conv2d(h * hd, chans[a], 1)
+                chans.append(chans[a])
         self.last = len(chans) - 1
         feat = chans[-1] * (hw * hw if head == "flatten" else 1)
         self.fc = nn.Linear(feat, 3)
@@ -81,9 +87,21 @@ class RandomDag(nn.Module):
                 q, k, v = (self.layers[f"{i}{p}"](ts[a]).flatten(2).transpose(1, 2) for p in "qkv")
                 out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
                 ts.append(ts[a] + out.transpose(1, 2).reshape(ts[a].shape))
+            elif op == "mha":
+                ts.append(ts[a] + self.layers[f"{i}o"](self._mha(i, ts[a], *arg)))
         y = ts[-1]
         y = torch.flatten(y, 1) if self.head_kind == "flatten" else y.mean((2, 3))
         return self.fc(y)
+
+
+    def _mha(self, i: int, x, h: int, kv: int, hd: int, sdpa: bool):
+        B, _, H, W = x.shape
+        q, k, v = (self.layers[f"{i}{p}"](x).flatten(2).transpose(1, 2).reshape(B, H * W, -1, hd).transpose(1, 2)
+                   for p in "qkv")
+        if kv < h:  # Hugging Face's repeat_kv
+            k, v = (t[:, :, None].expand(B, kv, h // kv, H * W, hd).reshape(B, h, H * W, hd) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v) if sdpa else torch.softmax(q @ k.transpose(-2, -1), -1) @ v
+        return y.transpose(1, 2).reshape(B, H * W, h * hd).transpose(1, 2).reshape(B, h * hd, H, W)
 
 
 def draw_dag(data, hw: int = 4) -> RandomDag:
@@ -93,7 +111,7 @@ def draw_dag(data, hw: int = 4) -> RandomDag:
     n = data.draw(st.integers(2, 9), label="n_ops")
     for _ in range(n):
         op = data.draw(st.sampled_from(["conv", "conv", "bn", "relu", "add", "cat", "ln", "rms", "rms_decomposed",
-                                        "glu", "attn"]))
+                                        "glu", "attn", "mha"]))
         a = data.draw(st.integers(0, len(chans) - 1))
         if op == "conv":
             k = data.draw(st.sampled_from([1, 3]))
@@ -119,6 +137,11 @@ def draw_dag(data, hw: int = 4) -> RandomDag:
             chans.append(chans[a])
         elif op in ("ln", "rms", "rms_decomposed") and a > 0:
             spec.append((op, a, None, None))
+            chans.append(chans[a])
+        elif op == "mha":
+            h = data.draw(st.sampled_from([2, 4]))
+            arg = (h, data.draw(st.sampled_from([h, 1, 2])), data.draw(st.sampled_from([1, 2, 3])), data.draw(st.booleans()))
+            spec.append((op, a, None, arg))
             chans.append(chans[a])
         elif op in ("glu", "attn"):
             width = data.draw(st.sampled_from([2, 4, 6]))
