@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ...calling import typed_dict
 from ..rulebook import RuleContext, passthrough, register_rule, varying
 from .common import _nan_like, _owner, _vals, reshape_rule, untracked_operand
 
@@ -351,3 +352,22 @@ for _t in [torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.
     register_rule(_t, permute_rule)
 for _t in ["size", getattr, "numel"]:
     register_rule(_t, size_rule)
+
+
+def typed_dict_rule(ctx: RuleContext):
+    """A ModelOutput (or OrderedDict) built in the graph (:func:`surgery.calling.typed_dict`): its
+    fields keep their shapes, so the channels in them stay, each named by its field."""
+    name, fields = ctx.node.args[0], ctx.node.args[1]
+    to_output = any(u.op == "output" for u in ctx.node.users)
+    for key, value in fields.items():
+        nodes: list[fx.Node] = []
+        fx.node.map_arg(value, nodes.append)
+        for n in nodes:
+            lay = ctx.ids(n)
+            for part in (lay if isinstance(lay, tuple) else (lay,)):
+                ctx.freeze(part, f"reaches the model output as {key!r}" if to_output else
+                           f"is packed into {name.rpartition(':')[2]} as {key!r}, which the rules do not follow")
+    return None
+
+
+register_rule(typed_dict, typed_dict_rule)
