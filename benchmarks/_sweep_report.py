@@ -30,7 +30,8 @@ def _fmt(v, kind):
 
 # units of the table's columns (params, MACs, seconds, latency): the Hugging Face models here are
 # tiny (tens of thousands of parameters, sub-millisecond forwards) and get finer ones
-_UNITS = {"torchvision": ("M", "G", "s", "ms"), "timm": ("M", "G", "s", "ms"), "hf": ("K", "K", "s2", "ms2")}
+_UNITS = {"torchvision": ("M", "G", "s", "ms"), "timm": ("M", "G", "s", "ms"), "hf": ("K", "K", "s2", "ms2"),
+          "video": ("M", "G", "s", "ms")}
 _UNIT_NAMES = {"K": "K", "M": "M", "G": "G", "s": "s", "s2": "s", "ms": "ms", "ms2": "ms"}
 
 
@@ -48,7 +49,8 @@ def table(rows: list[dict], family: str = "torchvision") -> tuple[str, str]:
     tp = any("tp_time" in r or "tp_ok" in r for r in rows)
     pu, mu, su, lu = _UNITS[family]
     pn, mn = _UNIT_NAMES[pu], _UNIT_NAMES[mu]
-    first = {"torchvision": ["model"], "timm": ["family", "timm model", "input"], "hf": ["model", "kind"]}[family]
+    first = {"torchvision": ["model"], "timm": ["family", "timm model", "input"], "hf": ["model", "kind"],
+             "video": ["model", "input"]}[family]
     heads = first + ["exact", "rel. error", f"params {pn}", f"MACs {mn}", "surgery s (verify s)", "latency ms (b1)",
                      "export"]
     if tp:
@@ -64,6 +66,9 @@ def table(rows: list[dict], family: str = "torchvision") -> tuple[str, str]:
             lead = [r["model"], r.get("arch", "-"), f"{size[1]}x{size[2]}" if size else "-"]
         elif family == "hf":
             lead = [r["model"], r.get("kind", "-")]
+        elif family == "video":
+            size = r.get("input_size")
+            lead = [r["model"], "x".join(map(str, size[1:])) if size else "-"]
         else:
             lead = [r["model"]]
         if "skipped" in r:
@@ -140,5 +145,9 @@ def notes(family: str, size: int) -> str:
                 "(batch 2, 9 tokens; 32x32 pixels; 16x32 mel features); weights random (zero-initialised tensors and "
                 f"near-zero norm gains re-drawn); {exact} (every output tensor, fresh inputs of seed 1). Export "
                 "gets the fresh inputs' tensors (TorchScript takes no bool: use_cache=False stays as captured).")
+    if family == "video":
+        return ("torchvision's video classifiers; input 1x3xTxHxW (column input: 16x224x224 for MViT, S3D and Swin3D, "
+                "which are built for it, else 8x112x112); weights random (weights=None, zero-initialised tensors "
+                f"re-drawn, BN statistics random); {exact}. Torch-Pruning gets its torchvision settings.")
     return (f"Input 1x3x{size}x{size}; weights random (weights=None, zero-initialised tensors re-drawn, BN "
             f"statistics random); {exact}.")

@@ -20,6 +20,8 @@ figure, and after a gc.collect(), so neither pays for garbage the other left.
   fixed name rule that builds on CPU with pretrained=False; a family none of whose models builds
   is recorded as skipped), input its pretrained_cfg["input_size"], brought down to --size (224)
   per side where the model runs on that; shrink_sweep_timm.jsonl and shrink_sweep_timm.md.
+- video: torchvision's video classifiers (9), clips of 8x112x112 (16x224x224 for MViT, S3D, Swin3D);
+  shrink_sweep_video.jsonl and shrink_sweep_video.md.
 - hf: the 26 Hugging Face architectures of benchmarks/_hf_models.py (small configs, random
   weights, keyword inputs); exact compares every output tensor on fresh inputs (seed 1);
   shrink_sweep_hf.jsonl and shrink_sweep_hf.md.
@@ -76,7 +78,10 @@ from _torch_pruning import TP_MEMORY_GB, limit_memory, time_limit, tp_prune  # n
 from surgery.calling import call  # noqa: E402
 
 ROWS = HERE / "results" / "shrink_sweep.jsonl"
-FAMILIES = ("torchvision", "timm", "hf")
+FAMILIES = ("torchvision", "timm", "hf", "video")
+# a video clip per model: (frames, side); torchvision's MViT and Swin3D are built for 16x224x224
+VIDEO_INPUT = {"mvit_v1_b": (16, 224), "mvit_v2_s": (16, 224), "s3d": (16, 224), "swin3d_t": (16, 224),
+               "swin3d_s": (16, 224), "swin3d_b": (16, 224)}
 
 
 def result_name(family: str) -> str:
@@ -163,6 +168,15 @@ def subject(family: str, name: str, size: int) -> Subject:
         model = build()
         x, x2 = torch.randn(1, 3, size, size), torch.randn(1, 3, size, size)
         return Subject(model, (x,), (x2,), {}, build)
+    if family == "video":
+        import torchvision
+
+        def build():
+            return _prepare(torchvision.models.get_model(name, weights=None))
+        model = build()
+        t, side = VIDEO_INPUT.get(name, (8, 112))
+        x, x2 = torch.randn(1, 3, t, side, side), torch.randn(1, 3, t, side, side)
+        return Subject(model, (x,), (x2,), {"input_size": [3, t, side, side]}, build)
     if family == "timm":
         from _timm_models import build_timm, input_size
         model, arch, failed = build_timm(name)
@@ -200,6 +214,11 @@ def _ours(model, x, ratio: float, round_to: int):
     return small, time.perf_counter() - t
 
 
+def _tp_family(family: str) -> str:
+    """Torch-Pruning's settings for `family`: video models get the torchvision ones."""
+    return "torchvision" if family == "video" else family
+
+
 def warm_up(tool: str, ratio: float, family: str = "torchvision") -> None:
     """One untimed run of `tool` ("ours" or "tp") on a small model, so that neither tool's
     timing pays its one-time costs (imports, first calls, lazily built tables): resnet18 at 64 px
@@ -218,7 +237,7 @@ def warm_up(tool: str, ratio: float, family: str = "torchvision") -> None:
             model = _prepare(torchvision.models.get_model("resnet18", weights=None))
         x = (torch.randn(1, 3, 64, 64),)
     if tool == "tp":
-        tp_prune(model, x[0] if family == "torchvision" else x, ratio, family)
+        tp_prune(model, x[0] if family in ("torchvision", "video") else x, ratio, _tp_family(family))
     else:
         _ours(model, x, ratio, 1)
 
@@ -237,7 +256,7 @@ def run_tp(sub: Subject, ratio: float, family: str = "torchvision", repeats: int
     runs_for), each pruning run within `limit` seconds (0: no limit)."""
     import torch
     warm_up("tp", ratio, family)
-    x = sub.inputs[0] if family == "torchvision" else sub.inputs
+    x = sub.inputs[0] if family in ("torchvision", "video") else sub.inputs
     times = []
     while len(times) < (runs_for(times[0], repeats) if times else 1):  # a fresh model every run (TP prunes in place)
         model = None
@@ -249,7 +268,7 @@ def run_tp(sub: Subject, ratio: float, family: str = "torchvision", repeats: int
         gc.collect()
         t = time.perf_counter()
         with time_limit(limit):
-            tp_prune(model, x, ratio, family)
+            tp_prune(model, x, ratio, _tp_family(family))
         times.append(time.perf_counter() - t)
     with torch.no_grad():
         shapes = [t.shape for t in output_tensors(call(model, sub.inputs))]
@@ -360,6 +379,8 @@ def model_names(family: str, models: str = "") -> list[str]:
         from _hf_models import HF_MODELS
         return list(HF_MODELS)
     import torchvision
+    if family == "video":
+        return torchvision.models.list_models(module=torchvision.models.video)
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -406,7 +427,7 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tp_timeout is None:  # TP loops for good on some (Llama, BoTNet); it takes < 30 s on the rest
-        args.tp_timeout = {"torchvision": 0, "timm": 120, "hf": 60}[args.family]
+        args.tp_timeout = {"torchvision": 0, "timm": 120, "hf": 60, "video": 0}[args.family]
     if args.one:
         row = run_one(args.one, args.ratio, args.size, args.round_to, not args.no_tp, args.repeats, args.family,
                       args.tp_timeout)
@@ -458,19 +479,26 @@ def main() -> None:
         with rows_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         tqdm.write(_progress(name, row))
-    ordered = [done[n] for n in names if n in done]
+    # a --models run updates those rows; the table keeps every model of the rows file
+    everything = list(dict.fromkeys([*model_names(args.family), *names])) if args.models else names
+    ordered = [done[n] for n in everything if n in done]
     tab, text = table(ordered, args.family)
     print(text)
     if args.no_write:
         return
     from _report import write_result
     which = {"torchvision": "", "timm": " (timm, one model per architecture family)",
-             "hf": " (Hugging Face transformers)"}[args.family]
+             "hf": " (Hugging Face transformers)", "video": " (torchvision video classifiers)"}[args.family]
     threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python " + \
+        " ".join(["benchmarks/shrink_sweep.py", *sys.argv[1:]])
+    if args.models or args.table_only:  # rows of earlier runs into the same rows file are in the table too
+        full = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/shrink_sweep.py" + \
+            ("" if args.family == "torchvision" else f" --family {args.family}")
+        command = f"{full}, then {command}"
     path = write_result(result_name(args.family),
                         f"Shrink sweep{which}: ChannelPrune(ratio={args.ratio}) -> Shrink -> export",
-                        (f"OMP_NUM_THREADS={threads} " if threads else "") + "python "
-                        + " ".join(["benchmarks/shrink_sweep.py", *sys.argv[1:]]),
+                        command,
                         tab, text + "\n\n" + notes(args.family, args.size))
     print(f"wrote {path}")
 

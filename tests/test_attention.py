@@ -27,10 +27,11 @@ class Attention(nn.Module):
     """Multi-head attention in the forms models use: separate or fused (timm) projections,
     grouped-query attention by repeated kv heads (HF's repeat_kv) or SDPA's enable_gqa, eager
     softmax(q k^T) v or SDPA, rotary embeddings, a per-head RMSNorm on q and k (Qwen3), and a
-    learned per-head bias on the scores (relative positions)."""
+    learned per-head bias on the scores: a tensor, or gathered from a relative position table
+    (Swin, BEiT)."""
 
     def __init__(self, d=24, heads=8, kv_heads=None, head_dim=4, fused=False, mode="sdpa", rotary=False,
-                 qk_norm=False, bias_len=0):
+                 qk_norm=False, bias_len=0, table=False):
         super().__init__()
         self.h, self.kv, self.hd, self.fused, self.mode = heads, kv_heads or heads, head_dim, fused, mode
         self.rotary, self.qk_norm = rotary, qk_norm
@@ -45,7 +46,11 @@ class Attention(nn.Module):
             with torch.no_grad():
                 self.q_norm.weight.normal_(1, 0.2)
                 self.k_norm.weight.normal_(1, 0.2)
-        self.bias = nn.Parameter(torch.randn(heads, bias_len, bias_len) * 0.3) if bias_len else None
+        self.bias = nn.Parameter(torch.randn(heads, bias_len, bias_len) * 0.3) if bias_len and not table else None
+        self.table = nn.Parameter(torch.randn(2 * bias_len - 1, heads) * 0.3) if table else None
+        if table:  # a relative position bias: a table of (offset, head), gathered per (query, key) pair
+            pos = torch.arange(bias_len)
+            self.register_buffer("index", pos[:, None] - pos[None, :] + bias_len - 1)
 
     def forward(self, x):
         B, T, _ = x.shape
@@ -61,6 +66,9 @@ class Attention(nn.Module):
             pos = torch.arange(T, dtype=x.dtype)[:, None] / 10 ** (torch.arange(self.hd // 2, dtype=x.dtype) / 2)
             cos, sin = torch.cat([pos.cos()] * 2, -1), torch.cat([pos.sin()] * 2, -1)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        bias = self.bias
+        if self.table is not None:
+            bias = self.table[self.index.view(-1)].view(T, T, -1).permute(2, 0, 1).contiguous()
         if self.mode == "sdpa_gqa":
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         else:
@@ -70,11 +78,11 @@ class Attention(nn.Module):
                 k = k[:, :, None].expand(b, hkv, rep, s, hd).reshape(b, hkv * rep, s, hd)
                 v = v[:, :, None].expand(b, hkv, rep, s, hd).reshape(b, hkv * rep, s, hd)
             if self.mode == "sdpa":
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             else:
                 scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)
-                if self.bias is not None:
-                    scores = scores + self.bias
+                if bias is not None:
+                    scores = scores + bias
                 y = torch.softmax(scores, -1) @ v
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -90,8 +98,10 @@ def _reference(model: Attention, kv_kept: torch.Tensor) -> Attention:
     q_kept = (kv_kept[:, None] * rep + torch.arange(rep)).flatten()
     rows = lambda heads: (heads[:, None] * hd + torch.arange(hd)).flatten()  # noqa: E731
     d = model.o.out_features
-    ref = Attention(d, len(q_kept), len(kv_kept), hd, model.fused, model.mode, model.rotary, model.qk_norm,
-                    0 if model.bias is None else model.bias.shape[-1])
+    n = 0 if model.bias is None and model.table is None else \
+        (model.bias.shape[-1] if model.bias is not None else model.index.shape[0])
+    ref = Attention(d, len(q_kept), len(kv_kept), hd, model.fused, model.mode, model.rotary, model.qk_norm, n,
+                    model.table is not None)
     with torch.no_grad():
         if model.fused:
             w = model.qkv.weight.view(3, model.h * hd, d)[:, rows(q_kept)]
@@ -108,6 +118,8 @@ def _reference(model: Attention, kv_kept: torch.Tensor) -> Attention:
             ref.k_norm.load_state_dict(model.k_norm.state_dict())
         if model.bias is not None:
             ref.bias.copy_(model.bias[q_kept])
+        if model.table is not None:
+            ref.table.copy_(model.table[:, q_kept])
     return ref.eval()
 
 
@@ -130,6 +142,8 @@ CASES = {
     "qk_norm_rotary": dict(mode="eager", rotary=True, qk_norm=True),
     "head_bias": dict(mode="eager", bias_len=7),
     "head_bias_sdpa": dict(mode="sdpa", bias_len=7),
+    "relative_position_table": dict(mode="eager", bias_len=7, table=True),
+    "relative_position_table_sdpa": dict(mode="sdpa", bias_len=7, table=True),
 }
 
 
