@@ -56,12 +56,25 @@ def drop_dead_nodes(graph: fx.Graph) -> None:
     """``graph.eliminate_dead_code()`` without its lint (whoever edits the graph lints it once at
     the end, see :func:`finish`), and asking ``Node.is_impure`` only of nodes without users:
     the question looks up the module of every call_module node, which was most of the cost.
-    An in-place op is never dead (``x.mul_(2)`` has no users and changes ``x``), whatever fx says."""
+    An in-place op is never dead (``x.mul_(2)`` has no users and changes ``x``), whatever fx says,
+    and neither is a call of a model's own leaf function whose result goes unused: it is called for
+    what it does to its arguments (torchvision MViT's ``_add_shortcut`` adds in place)."""
     gm = graph.owning_module
     for node in reversed(graph.nodes):
         if not node.users and node.op not in ("placeholder", "output") and not node.is_impure() and \
-                inplace_kind(gm, node) is None:
+                inplace_kind(gm, node) is None and not _leaf_function_call(node):
             graph.erase_node(node)
+
+
+def _leaf_function_call(node: fx.Node) -> bool:
+    """A call of a function from outside torch and the standard library that fx kept whole (a
+    ``torch.fx.wrap``-ed or autowrapped function of the model's) with a tensor among its arguments."""
+    if node.op != "call_function":
+        return False
+    module = getattr(node.target, "__module__", None) or ""
+    if module.split(".")[0] in ("torch", "_operator", "operator", "builtins", "math", "surgery"):
+        return False
+    return any(isinstance(a, fx.Node) and a.op != "get_attr" for a in node.all_input_nodes)
 
 
 # ``x += y`` on a tensor changes x; the out-of-place operator computes the same value

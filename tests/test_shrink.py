@@ -437,3 +437,33 @@ def test_functional_shrink_leaves_its_input_alone():
     small = surgery.shrink(masked, (x,))
     assert all(torch.equal(before[k], v) for k, v in masked.state_dict().items())
     assert any(isinstance(m, UnitMask) for m in masked.modules()) and _params(small) < _params(masked)
+
+
+def _add_tail_in_place(x: Tensor, y: Tensor) -> Tensor:
+    """torchvision MViT's _add_shortcut: called for what it does to x."""
+    x[:, 1:] += y[:, 1:]
+    return x
+
+
+torch.fx.wrap("_add_tail_in_place")
+
+
+class InPlaceLeafCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.up, self.down = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        _add_tail_in_place(y, self.b(x))  # the result is not used: y is changed in place
+        return self.down(torch.relu(self.up(torch.relu(y))))
+
+
+def test_a_leaf_function_called_for_its_in_place_effect_survives_shrink():
+    torch.manual_seed(0)
+    model, x = InPlaceLeafCall().eval(), torch.randn(3, 4)
+    masked = surgery.compress(model, [ChannelPrune(0.5)], example_inputs=(x,))
+    small = surgery.compress(masked, [Shrink()], example_inputs=(x,))  # raised ShrinkMismatch when dropped
+    x2 = torch.randn(5, 4)
+    assert torch.allclose(run_eval(small, (x2,)), run_eval(masked, (x2,)), atol=1e-6)
+    assert small.up.in_features == 6 and small.down.in_features == 4  # y's channels stay, up's half go
