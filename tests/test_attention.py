@@ -24,19 +24,23 @@ def _rotate_half(x):
 
 
 class Attention(nn.Module):
-    """Multi-head attention in the forms models use: separate or fused (timm) projections,
+    """Multi-head attention in the forms models use: separate or fused (timm) projections (with
+    biases joined by torch.cat for F.linear, as BEiT's),
     grouped-query attention by repeated kv heads (HF's repeat_kv) or SDPA's enable_gqa, eager
     softmax(q k^T) v or SDPA, rotary embeddings, a per-head RMSNorm on q and k (Qwen3), and a
     learned per-head bias on the scores: a tensor, or gathered from a relative position table
     (Swin, BEiT)."""
 
     def __init__(self, d=24, heads=8, kv_heads=None, head_dim=4, fused=False, mode="sdpa", rotary=False,
-                 qk_norm=False, bias_len=0, table=False):
+                 qk_norm=False, bias_len=0, table=False, cat_bias=False):
         super().__init__()
         self.h, self.kv, self.hd, self.fused, self.mode = heads, kv_heads or heads, head_dim, fused, mode
-        self.rotary, self.qk_norm = rotary, qk_norm
+        self.rotary, self.qk_norm, self.cat_bias = rotary, qk_norm, cat_bias
         if fused:
-            self.qkv = nn.Linear(d, 3 * heads * head_dim)
+            self.qkv = nn.Linear(d, 3 * heads * head_dim, bias=not cat_bias)
+            if cat_bias:  # BEiT: q and v biases learned, k's a zero buffer, joined for one F.linear
+                self.q_bias, self.v_bias = (nn.Parameter(torch.randn(heads * head_dim)) for _ in "qv")
+                self.register_buffer("k_bias", torch.zeros(heads * head_dim))
         else:
             self.q, self.k = nn.Linear(d, heads * head_dim), nn.Linear(d, self.kv * head_dim)
             self.v = nn.Linear(d, self.kv * head_dim)
@@ -55,7 +59,9 @@ class Attention(nn.Module):
     def forward(self, x):
         B, T, _ = x.shape
         if self.fused:
-            q, k, v = self.qkv(x).reshape(B, T, 3, self.h, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+            qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias))) if self.cat_bias \
+                else self.qkv(x)
+            q, k, v = qkv.reshape(B, T, 3, self.h, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q = self.q(x).view(B, T, -1, self.hd).transpose(1, 2)
             k = self.k(x).view(B, T, -1, self.hd).transpose(1, 2)
@@ -101,12 +107,16 @@ def _reference(model: Attention, kv_kept: torch.Tensor) -> Attention:
     n = 0 if model.bias is None and model.table is None else \
         (model.bias.shape[-1] if model.bias is not None else model.index.shape[0])
     ref = Attention(d, len(q_kept), len(kv_kept), hd, model.fused, model.mode, model.rotary, model.qk_norm, n,
-                    model.table is not None)
+                    model.table is not None, model.cat_bias)
     with torch.no_grad():
         if model.fused:
             w = model.qkv.weight.view(3, model.h * hd, d)[:, rows(q_kept)]
             ref.qkv.weight.copy_(w.reshape(-1, d))
-            ref.qkv.bias.copy_(model.qkv.bias.view(3, -1)[:, rows(q_kept)].reshape(-1))
+            if model.cat_bias:
+                ref.q_bias.copy_(model.q_bias[rows(q_kept)])
+                ref.v_bias.copy_(model.v_bias[rows(q_kept)])
+            else:
+                ref.qkv.bias.copy_(model.qkv.bias.view(3, -1)[:, rows(q_kept)].reshape(-1))
         else:
             for name, r in (("q", rows(q_kept)), ("k", rows(kv_kept)), ("v", rows(kv_kept))):
                 getattr(ref, name).weight.copy_(getattr(model, name).weight[r])
@@ -136,6 +146,7 @@ CASES = {
     "sdpa": dict(mode="sdpa"),
     "fused_qkv": dict(fused=True, mode="eager"),
     "fused_qkv_sdpa": dict(fused=True, mode="sdpa"),
+    "fused_qkv_joined_biases": dict(fused=True, mode="sdpa", cat_bias=True),
     "gqa_8_2_repeat_kv": dict(kv_heads=2, mode="eager"),
     "gqa_8_2_sdpa": dict(kv_heads=2, mode="sdpa_gqa"),
     "rotary_gqa": dict(kv_heads=4, mode="sdpa", rotary=True),

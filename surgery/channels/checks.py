@@ -214,4 +214,7 @@ def _followed(use: fx.Node, read: fx.Node, nodes: set) -> bool:
     computed from `read` element by element (Gemma's ``1.0 + weight.float()``)."""
     if use in nodes:
         return True
+    if use.op == "call_function" and use.target in (torch.cat, torch.concat) and use.users and \
+            all(u in nodes for u in use.users):
+        return True  # parts of one bias, each cut where the layer that adds it is (BEiT's q/k/v biases)
     return _param_source(use) is read and bool(use.users) and all(_followed(u, read, nodes) for u in use.users)

@@ -74,18 +74,38 @@ def functional_linear_rule(ctx: RuleContext):
     n = ctx.node
     w = ctx.arg(1, "weight")
     bias = ctx.arg(2, "bias")
-    if not isinstance(w, fx.Node) or w.op != "get_attr" or isinstance(bias, fx.Node) and bias.op != "get_attr":
+    parts = _bias_parts(bias)
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or isinstance(bias, fx.Node) and parts is None:
         ctx.freeze_inputs(f"{ctx.describe()} uses a computed weight")
-        if ctx.ids(ctx.x) is not None:
-            return None
         return None
     wo, wn = _owner(ctx.g.gm, str(w.target))
     pp = [(wo, wn, 0)]
-    if isinstance(bias, fx.Node):
-        bo, bn_ = _owner(ctx.g.gm, str(bias.target))
-        pp.append((bo, bn_, 0))
+    if parts is not None and len(parts) == 1:
+        pp.append((*_owner(ctx.g.gm, str(parts[0].target)), 0))
     del n
-    return _linear(ctx, ctx.ids(ctx.x), [(wo, wn, 1)], [], pp, [])
+    out = _linear(ctx, ctx.ids(ctx.x), [(wo, wn, 1)], [], pp, [])
+    if parts is not None and len(parts) > 1:  # each part of the bias is cut with its outputs
+        start = 0
+        for part in parts:
+            size = part.meta["shape"][0]
+            ctx.place("local", out[..., start:start + size], -1, params=[(*_owner(ctx.g.gm, str(part.target)), 0)])
+            start += size
+    return out
+
+
+def _bias_parts(bias: object) -> list[fx.Node] | None:
+    """The model's tensors a bias is: itself (a get_attr), or those a ``torch.cat`` joins (BEiT's
+    ``cat((q_bias, k_bias, v_bias))`` for its fused qkv); None for anything else."""
+    if not isinstance(bias, fx.Node):
+        return None
+    if bias.op == "get_attr":
+        return [bias]
+    if bias.op == "call_function" and bias.target in (torch.cat, torch.concat) and not bias.kwargs and \
+            (len(bias.args) == 1 or bias.args[1] in (0, -1)) and isinstance(bias.args[0], (tuple, list)) and \
+            all(isinstance(t, fx.Node) and t.op == "get_attr" and isinstance(t.meta.get("shape"), torch.Size)
+                and len(t.meta["shape"]) == 1 for t in bias.args[0]):
+        return list(bias.args[0])
+    return None
 
 
 def _attr_of(ctx: RuleContext, arg: object) -> tuple[torch.nn.Module, str] | None:
