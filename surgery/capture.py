@@ -28,7 +28,7 @@ from .copying import copy_module, copy_sharing_tensors, gc_paused, shareable_ten
 from .errors import SurgeryError, TraceFailure, first_line
 from .graph import graph_module_without_code, submodule
 from .inplace import rewrite_inplace
-from .layers import AS_OPS, restore_layers, torch_layer_subclass, traced_as_ops
+from .layers import restore_layers, torch_layer_subclass, traced_as_ops, traced_as_ops_candidate
 from .libraries import library_leaves
 from .shapes import annotate_shapes
 from .signature import (
@@ -117,7 +117,7 @@ class _Tracer(ConcreteTracing, fx.Tracer):
             qual = None  # a module built inside forward: failures belong to the caller
         if qual is not None:
             self.stack.append(qual)
-        ops = traced_as_ops(m, args, kwargs) if isinstance(m, AS_OPS) and not (
+        ops = traced_as_ops(m, args, kwargs) if traced_as_ops_candidate(m) and not (
             qual in self.leaf_names or self.leaf_types and isinstance(m, self.leaf_types)) else None
         if ops is not None:  # traced as plain ops (see surgery.layers)
             forward, self.as_ops = ops, m

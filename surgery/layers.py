@@ -22,11 +22,13 @@ import functools
 import inspect
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["torch_layer_subclass", "restore_layers", "traced_as_ops", "attention_ops", "AS_OPS"]
+__all__ = ["torch_layer_subclass", "restore_layers", "traced_as_ops", "traced_as_ops_candidate", "attention_ops",
+           "window_attention_ops"]
 
 # methods a subclass may define and still compute exactly what its torch.nn base computes
 _SETUP_METHODS = frozenset({"__init__", "extra_repr", "reset_parameters", "__repr__", "__setstate__"})
@@ -54,7 +56,17 @@ def torch_layer_subclass(cls: type) -> bool:
 
 
 # torch.nn layers that hide other layers inside one call: traced as ops (:func:`traced_as_ops`)
-AS_OPS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+_AS_OPS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+def traced_as_ops_candidate(m: nn.Module) -> bool:
+    """Whether capture may trace a call of `m` as plain ops (:func:`traced_as_ops` decides per call)."""
+    return isinstance(m, _AS_OPS) or _is_tv_window_attention(m)
+
+
+def _is_tv_window_attention(m: nn.Module) -> bool:
+    # torchvision's Swin (v1) attention; V2's cosine attention and Swin3D's keep their one call
+    return type(m).__name__ == "ShiftedWindowAttention" and type(m).__module__ == "torchvision.models.swin_transformer"
 
 # layers whose functional form the channel rules follow, given the module that holds the tensors
 _LAYERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.Linear, nn.Embedding, nn.EmbeddingBag,
@@ -96,6 +108,8 @@ def traced_as_ops(m: nn.Module, args: tuple, kwargs: dict) -> Callable[..., Any]
     is a kernel no rule sees into), each layer, norm and MultiheadAttention called as a module."""
     if type(m) is nn.MultiheadAttention:
         return attention_ops(m, args, kwargs)
+    if _is_tv_window_attention(m):
+        return window_attention_ops(m)
     bound = dict(zip(("src", "mask" if type(m) is nn.TransformerEncoder else "src_mask", "src_key_padding_mask"),
                      args), **kwargs)
     if any(bound.get(k) is not None for k in ("mask", "src_mask", "src_key_padding_mask")) or bound.get("is_causal"):
@@ -147,4 +161,46 @@ def attention_ops(m: nn.Module, args: tuple, kwargs: dict) -> Callable[..., Any]
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=m.dropout if m.training else 0.0)
         y = F.linear(y.transpose(1, 2).reshape(b, t, -1), m.out_proj.weight, m.out_proj.bias)
         return (y if m.batch_first else y.transpose(0, 1)), None
+    return forward
+
+
+def window_attention_ops(m: nn.Module) -> Callable[..., Any]:
+    """torchvision Swin's ``ShiftedWindowAttention`` forward as plain ops: what its wrapped
+    ``shifted_window_attention`` computes, but with the head size the layer was built with where
+    that function derives it from the input's width, so that the stream and the heads can shrink
+    apart; the shift mask from ``arange`` comparisons where it fills a tensor slice by slice."""
+    heads, ws = m.num_heads, list(m.window_size)
+    hd = m.qkv.out_features // (3 * heads)
+    n = ws[0] * ws[1]
+
+    def forward(x):
+        B, H, W, C = x.shape
+        x = F.pad(x, (0, 0, 0, (ws[1] - W % ws[1]) % ws[1], 0, (ws[0] - H % ws[0]) % ws[0]))
+        _, ph, pw, _ = x.shape
+        shift = [0 if ws[0] >= ph else m.shift_size[0], 0 if ws[1] >= pw else m.shift_size[1]]
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        nw = (ph // ws[0]) * (pw // ws[1])
+        x = x.view(B, ph // ws[0], ws[0], pw // ws[1], ws[1], C).permute(0, 1, 3, 2, 4, 5).reshape(B * nw, n, C)
+        q, k, v = m.qkv(x).reshape(x.size(0), n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * hd ** -0.5).matmul(k.transpose(-2, -1))
+        bias = m.relative_position_bias_table[m.relative_position_index].view(n, n, -1).permute(2, 0, 1)
+        attn = attn + bias.contiguous().unsqueeze(0)
+        if sum(shift) > 0:
+            rows = (torch.arange(ph, device=x.device) >= ph - ws[0]).long() + \
+                (torch.arange(ph, device=x.device) >= ph - shift[0]).long()
+            cols = (torch.arange(pw, device=x.device) >= pw - ws[1]).long() + \
+                (torch.arange(pw, device=x.device) >= pw - shift[1]).long()
+            region = (rows[:, None] * 3 + cols[None, :]).to(x.dtype)  # torchvision's slice-by-slice count
+            region = region.view(ph // ws[0], ws[0], pw // ws[1], ws[1]).permute(0, 2, 1, 3).reshape(nw, n)
+            mask = region.unsqueeze(1) - region.unsqueeze(2)
+            mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+            attn = (attn.view(x.size(0) // nw, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, n, n)
+        attn = F.dropout(F.softmax(attn, dim=-1), p=m.attention_dropout, training=m.training)
+        x = m.proj(attn.matmul(v).transpose(1, 2).reshape(x.size(0), n, -1))
+        x = F.dropout(x, p=m.dropout, training=m.training)
+        x = x.view(B, ph // ws[0], pw // ws[1], ws[0], ws[1], -1).permute(0, 1, 3, 2, 4, 5).reshape(B, ph, pw, -1)
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return x[:, :H, :W, :].contiguous()
     return forward

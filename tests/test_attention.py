@@ -279,3 +279,20 @@ def test_multihead_attention_asked_for_its_weights_or_given_a_mask_stays_one_cal
     gm = surgery.capture(model, (x, pad))
     assert sorted(str(n.target) for n in gm.graph.nodes if n.op == "call_module") == ["a", "b"]
     assert all(torch.equal(u, v) for u, v in zip(gm(x, pad), model(x, pad)))
+
+
+def test_torchvision_swin_window_attention_loses_heads_exactly():
+    """torchvision's ShiftedWindowAttention is traced as plain ops (its wrapped function derives the
+    head size from the input width), shifted windows and relative position table included."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                               window_size=[4, 4], num_classes=5).eval()
+    x = torch.randn(2, 3, 24, 24)  # 12x12 tokens: padded to whole windows, shifted
+    gm = surgery.capture(model, (x,))
+    assert torch.allclose(gm(x), model(x), atol=1e-5)
+    masked, small = _prune(model, x)
+    x2 = torch.randn(1, 3, 24, 24)
+    assert max_abs_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
+    qkv = [m for n, m in small.named_modules() if n.endswith("attn.qkv")]
+    assert [m.out_features for m in qkv] == [3 * 8, 3 * 8, 3 * 16, 3 * 16]  # half the heads of 8 dims

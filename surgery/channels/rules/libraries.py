@@ -1,6 +1,7 @@
 """Channel rules for the layers of libraries that subclass torch.nn layers with a forward of their
 own (timm's norm-activation and padded or standardised convolutions), or stand in for one
-(Hugging Face's Conv1D, a Linear with its weight transposed). A subclass that defines
+(Hugging Face's Conv1D, a Linear with its weight transposed), and for functions libraries keep
+whole in a traced graph (torchvision Swin's ``_patch_merging_pad``). A subclass that defines
 ``forward`` never inherits its base's rule (:func:`surgery.channels.groups.find_rule`): each gets
 its own here, registered only when the library is installed.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..rulebook import RuleContext, channel_local, register_rule
+from ..rulebook import RuleContext, channel_local, register_rule, varying
 from .common import _BN_PARAMS, _linear, bn_values, conv_rule, no_folds
 
 
@@ -84,3 +85,25 @@ if _timm_layers is not None:
     for _name in ("StdConv2dSame", "ScaledStdConv2dSame", "StdConv2d", "ScaledStdConv2d"):
         if hasattr(_timm_layers, _name):
             register_rule(getattr(_timm_layers, _name), standardised_conv_rule)
+
+
+def patch_merging_rule(ctx: RuleContext):
+    """torchvision Swin's ``_patch_merging_pad(x)``: x (..., H, W, C) padded with zeros to even
+    sides, its four 2x2 phases joined on the channels, (..., H/2, W/2, 4C): each channel four times."""
+    lay = ctx.ids(ctx.x)
+    if lay is None:
+        return None
+    if varying(lay) != [lay.ndim - 1]:
+        ctx.freeze(lay, f"{ctx.describe()} moves entries along axes other than the channels")
+        return None
+    v = ctx.values(ctx.x)
+    return np.concatenate([lay] * 4, axis=-1), (np.concatenate([np.where(v == 0, 0.0, np.nan)] * 4, axis=-1)
+                                                if v is not None else None)
+
+
+try:
+    from torchvision.models import swin_transformer as _tv_swin
+except Exception:  # torchvision is optional here
+    _tv_swin = None
+if _tv_swin is not None and hasattr(_tv_swin, "_patch_merging_pad"):
+    register_rule(_tv_swin._patch_merging_pad, patch_merging_rule)
