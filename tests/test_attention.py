@@ -281,9 +281,10 @@ def test_multihead_attention_asked_for_its_weights_or_given_a_mask_stays_one_cal
     assert all(torch.equal(u, v) for u, v in zip(gm(x, pad), model(x, pad)))
 
 
-def test_torchvision_swin_window_attention_loses_heads_exactly():
+def test_torchvision_swin_loses_heads_and_stream_channels_exactly():
     """torchvision's ShiftedWindowAttention is traced as plain ops (its wrapped function derives the
-    head size from the input width), shifted windows and relative position table included."""
+    head size from the input width), shifted windows and relative position table included; heads
+    and streams shrink."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
@@ -296,3 +297,8 @@ def test_torchvision_swin_window_attention_loses_heads_exactly():
     assert max_abs_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
     qkv = [m for n, m in small.named_modules() if n.endswith("attn.qkv")]
     assert [m.out_features for m in qkv] == [3 * 8, 3 * 8, 3 * 16, 3 * 16]  # half the heads of 8 dims
+    # the streams too: patch merging joins four copies of each channel, and its norm's mask takes them
+    # four times over (a tiled mask)
+    assert small.get_submodule("features.0.0").out_channels == 8
+    merge = small.get_submodule("features.2.reduction")
+    assert (merge.in_features, merge.out_features) == (4 * 8, 16)

@@ -277,7 +277,7 @@ def _insert_shared(gm, group, mask, name):
     gm.add_submodule(name, mask)
     for node, dim in group.mask_points():
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim))
+            new = gm.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim, mask.units))
         node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
     gm.recompile()
 

@@ -25,8 +25,9 @@ def mask_points(group) -> list[tuple[fx.Node, int]]:
     after each op that adds a parameter of the model to the channels (a position embedding:
     ``x + pos`` is not zero where x is).
 
-    Only producers that carry every channel of the group in group order are listed (true
-    for convolutional and residual streams). Where a producer carries part of the group, or
+    Only producers that carry every channel of the group in group order (or in group order
+    several times over, :func:`_tiled`) are listed (true for convolutional and residual
+    streams). Where a producer carries part of the group, or
     repeats its channels (each attention head spans head_dim outputs of q, k and v), the points
     the rules recorded serve instead (a head axis: :mod:`.rules.attention`), else the readers'
     inputs (:func:`_reader_points`); a frozen group has none.
@@ -36,7 +37,7 @@ def mask_points(group) -> list[tuple[fx.Node, int]]:
     points = []
     whole = lambda p: len(p.channels) == group.size and np.array_equal(p.channels, np.arange(group.size))  # noqa: E731
     added = [p for p in group.locals if p.params and adds_parameter(p.node) and whole(p)]
-    if not all(whole(p) for p in group.producers):
+    if not all(whole(p) or _tiled(p, group.size) for p in group.producers):
         heads = [(p.node, p.dim - len(p.node.meta["shape"])) for p in group.points if whole(p)]
         return list(dict.fromkeys(heads)) if heads else _reader_points(group, whole)
     for p in group.producers + added:
@@ -51,6 +52,13 @@ def mask_points(group) -> list[tuple[fx.Node, int]]:
             dim = dim - len(shape)  # from the end, so one mask fits any batch shape
         points.append((node, dim))
     return list(dict.fromkeys(points))
+
+
+def _tiled(p, size: int) -> bool:
+    """The place holds the group's channels in order, several times over (the norm after Swin's
+    patch merging: four copies of each channel); a mask takes them with ``tile``."""
+    k = len(p.channels) // size if size else 0
+    return k > 1 and len(p.channels) == k * size and np.array_equal(p.channels, np.tile(np.arange(size), k))
 
 
 def _reader_points(group, whole) -> list[tuple[fx.Node, int]]:

@@ -151,9 +151,13 @@ class Editor:
             lay = self.cg.layouts.get(inp)
             nd = len(node.meta["shape"])
             dim = node.kwargs.get("dim", m.dim) % nd
-            if isinstance(lay, np.ndarray) and lay.shape[dim] == len(f):
+            tile = node.kwargs.get("tile", 1)
+            if isinstance(lay, np.ndarray) and lay.shape[dim] == len(f) * tile:
                 # one channel per position along dim (a head's channel is constant along its other axes)
-                f = f[torch.as_tensor(self.kept_line(np.moveaxis(lay, dim, 0).reshape(len(f), -1)[:, 0]))]
+                line = np.moveaxis(lay, dim, 0).reshape(len(f) * tile, -1)[:len(f), 0]
+                f = f[torch.as_tensor(self.kept_line(line))].repeat(tile)  # the units' copies (tile) alike
+            elif tile > 1:
+                f = f.repeat(tile)
             if bool((f == 1).all()):
                 node.replace_all_uses_with(inp)
                 g.erase_node(node)

@@ -372,6 +372,22 @@ for _t in [torch.roll, "roll"]:
     register_rule(_t, roll_rule)
 
 
+def flip_rule(ctx: RuleContext):
+    """``torch.flip(x, dims)``: reverses entries along `dims`, channels included (their layout
+    reverses with them; the op needs no size)."""
+    lay = ctx.ids(ctx.x)
+    if lay is None:
+        return None
+    dims = ctx.arg(1, "dims", None)
+    dims = tuple(d % lay.ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims]))
+    v = ctx.values(ctx.x)
+    return np.flip(lay, dims).copy(), (np.flip(v, dims).copy() if v is not None else None)
+
+
+for _t in [torch.flip, "flip"]:
+    register_rule(_t, flip_rule)
+
+
 def typed_dict_rule(ctx: RuleContext):
     """A ModelOutput (or OrderedDict) built in the graph (:func:`surgery.calling.typed_dict`): its
     fields keep their shapes, so the channels in them stay, each named by its field."""
