@@ -277,12 +277,15 @@ class WidthFromInput(nn.Module):
         return self.b(torch.relu(y)) + self.c(z), h
 
 
-def test_a_width_read_from_one_tensor_ties_the_axis_it_sizes_in_another():
+def test_a_width_read_from_one_tensor_does_not_decide_the_axis_it_sizes_in_another():
+    """Shrink writes the reshaped axis' own size where the count read from the other tensor was,
+    so the two widths need not be tied: a loses half its outputs while inner, returned, keeps 8."""
     gm = surgery.capture(WidthFromInput().eval(), (torch.randn(2, 5, 4),))
     (group,) = [g for g in surgery.channel_groups(gm) if any(p.node.name == "a" for p in g.producers)]
-    assert "reaches the model output" in group.frozen  # tied to inner's channels, which the output keeps
+    assert group.frozen is None and group.size == 8
     masked, small = _prune(WidthFromInput(), torch.randn(2, 5, 4))
-    assert small.get_submodule("a").out_features == 8
+    assert small.get_submodule("a").out_features == 4 and small.get_submodule("inner").out_features == 8
+    assert _params(small) == (4 * 4 + 4) + (4 * 8 + 8) + (4 * 3 + 3) + (8 * 3 + 3)
 
 
 class WithPositions(nn.Module):

@@ -133,6 +133,7 @@ class ChannelGraph:
         self.mask_nodes: list[fx.Node] = []
         self.rewrite: set[fx.Node] = set()   # nodes whose literal size arguments follow channels
         self.fixed: list[tuple[np.ndarray, int, str]] = []  # (layout, axis, reason): see RuleContext.fix_axis
+        self.decoupled: list[tuple[fx.Node, int]] = []  # (reshape, argument) Shrink sizes itself: checks.size_uses
 
     def new_elements(self, size: int, node: fx.Node) -> int:
         start = self.n

@@ -69,6 +69,7 @@ class Editor:
         self.params()
         self.masks()
         self.rewrites()
+        self.decouple()
 
     def chains(self) -> None:
         for start, end, dim in self.d.chains:
@@ -250,6 +251,20 @@ class Editor:
                 self._rewrite(node)
             except _Skip:
                 pass
+
+    def decouple(self) -> None:
+        """A reshape sized by a count read from another tensor (checks.size_uses): that argument
+        becomes the axis' own new size, so the other tensor's width no longer decides it."""
+        for node, j in self.cg.decoupled:
+            if node.graph is not self.gm.graph:
+                continue
+            new = self._new_shape(node) or list(node.meta["shape"])
+            packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+            sizes = list(node.args[1] if packed else node.args[1:])
+            if j >= len(sizes) or len(sizes) != len(new) or not isinstance(sizes[j], fx.Node):
+                continue
+            sizes[j] = int(new[j])
+            node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
     def _rewrite_shape_tail(self, node: fx.Node, shape: fx.Node) -> None:
         """``shape`` is ``sizes + (a, b)``, read by `node` alone: put the new sizes in (a, b)."""
