@@ -85,6 +85,9 @@ class Attention(nn.Module):
                 v = v[:, :, None].expand(b, hkv, rep, s, hd).reshape(b, hkv * rep, s, hd)
             if self.mode == "sdpa":
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            elif self.mode == "einsum":  # as MaxViT writes it
+                y = torch.einsum("b h i j, b h j d -> b h i d",
+                                 torch.softmax(torch.einsum("b h i d, b h j d -> b h i j", q, k) * self.hd ** -0.5, -1), v)
             else:
                 scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)
                 if bias is not None:
@@ -144,6 +147,7 @@ def _prune(model, x, ratio=0.5):
 CASES = {
     "eager": dict(mode="eager"),
     "sdpa": dict(mode="sdpa"),
+    "einsum": dict(mode="einsum"),
     "fused_qkv": dict(fused=True, mode="eager"),
     "fused_qkv_sdpa": dict(fused=True, mode="sdpa"),
     "fused_qkv_joined_biases": dict(fused=True, mode="sdpa", cat_bias=True),
