@@ -86,8 +86,8 @@ class Attention(nn.Module):
             if self.mode == "sdpa":
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             elif self.mode == "einsum":  # as MaxViT writes it
-                y = torch.einsum("b h i j, b h j d -> b h i d",
-                                 torch.softmax(torch.einsum("b h i d, b h j d -> b h i j", q, k) * self.hd ** -0.5, -1), v)
+                scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) * self.hd ** -0.5
+                y = torch.einsum("b h i j, b h j d -> b h i d", torch.softmax(scores, -1), v)
             else:
                 scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)
                 if bias is not None:
