@@ -100,16 +100,19 @@ def restore_layers(gm: fx.GraphModule, root: nn.Module) -> int:
     return done
 
 
-def traced_as_ops(m: nn.Module, args: tuple, kwargs: dict) -> Callable[..., Any] | None:
+def traced_as_ops(m: nn.Module, args: tuple, kwargs: dict, sizes_known: bool = True) -> Callable[..., Any] | None:
     """A forward that traces the call ``m(*args, **kwargs)`` as plain ops and calls of `m`'s own
     layers, for the torch.nn layers that hide other layers inside one call, or None to keep the
     call whole. ``nn.MultiheadAttention``: :func:`attention_ops`. ``nn.TransformerEncoderLayer``
     and ``nn.TransformerEncoder`` (with no masks): their own slow path (the fused fast path
-    is a kernel no rule sees into), each layer, norm and MultiheadAttention called as a module."""
+    is a kernel no rule sees into), each layer, norm and MultiheadAttention called as a module.
+    torchvision Swin's ``ShiftedWindowAttention`` (:func:`window_attention_ops`) only where the
+    input sizes are known (`sizes_known`: capture has example inputs), as its padding and shift
+    depend on them; without, its one call stays."""
     if type(m) is nn.MultiheadAttention:
         return attention_ops(m, args, kwargs)
     if _is_tv_window_attention(m):
-        return window_attention_ops(m)
+        return window_attention_ops(m) if sizes_known else None
     bound = dict(zip(("src", "mask" if type(m) is nn.TransformerEncoder else "src_mask", "src_key_padding_mask"),
                      args), **kwargs)
     if any(bound.get(k) is not None for k in ("mask", "src_mask", "src_key_padding_mask")) or bound.get("is_causal"):
