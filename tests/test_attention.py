@@ -306,3 +306,19 @@ def test_torchvision_swin_loses_heads_and_stream_channels_exactly():
     assert small.get_submodule("features.0.0").out_channels == 8
     merge = small.get_submodule("features.2.reduction")
     assert (merge.in_features, merge.out_features) == (4 * 8, 16)
+
+
+def test_torchvision_swin3d_window_attention_loses_heads_and_stream_channels_exactly():
+    pytest.importorskip("torchvision")
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+    torch.manual_seed(0)
+    model = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                              window_size=[2, 4, 4], num_classes=5).eval()
+    x = torch.randn(1, 3, 4, 32, 32)  # 2x8x8 tokens: shifted windows
+    gm = surgery.capture(model, (x,))
+    assert torch.allclose(gm(x), model(x), atol=1e-5)
+    masked, small = _prune(model, x)
+    assert max_abs_diff(run_eval(masked, (x,)), run_eval(small, (x,))) < 1e-5
+    qkv = [m for n, m in small.named_modules() if n.endswith("attn.qkv")]
+    assert [m.out_features for m in qkv] == [3 * 8, 3 * 8, 3 * 16, 3 * 16]
+    assert small.get_submodule("patch_embed.proj").out_channels == 8

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..rulebook import RuleContext, channel_local, register_rule, varying
+from ..rulebook import NO_CHANNELS, RuleContext, channel_local, register_rule, varying
 from .common import _BN_PARAMS, _linear, bn_values, conv_rule, no_folds
 
 
@@ -107,3 +107,10 @@ except Exception:  # torchvision is optional here
     _tv_swin = None
 if _tv_swin is not None and hasattr(_tv_swin, "_patch_merging_pad"):
     register_rule(_tv_swin._patch_merging_pad, patch_merging_rule)
+try:
+    from torchvision.models.video import swin_transformer as _tv_swin3d
+except Exception:
+    _tv_swin3d = None
+if _tv_swin3d is not None and hasattr(_tv_swin3d, "_compute_attention_mask_3d"):
+    # builds the shifted windows' mask from sizes; its tensor argument only lends dtype and device
+    register_rule(_tv_swin3d._compute_attention_mask_3d, lambda ctx: NO_CHANNELS)
