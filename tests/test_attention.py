@@ -322,3 +322,27 @@ def test_torchvision_swin3d_window_attention_loses_heads_and_stream_channels_exa
     qkv = [m for n, m in small.named_modules() if n.endswith("attn.qkv")]
     assert [m.out_features for m in qkv] == [3 * 8, 3 * 8, 3 * 16, 3 * 16]
     assert small.get_submodule("patch_embed.proj").out_channels == 8
+
+
+class ChannelAttention(nn.Module):
+    """DaViT's channel attention: each head attends over its own dimensions (k^T v), then mixes q."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.h, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.softmax((k * N ** -0.5).transpose(-1, -2) @ v, dim=-1)
+        y = (attn @ q.transpose(-1, -2)).transpose(-1, -2)
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+def test_channel_attention_loses_whole_heads_and_its_mask_skips_the_softmax():
+    torch.manual_seed(0)
+    model, x = ChannelAttention().eval(), torch.randn(2, 5, 16)
+    masked, small = _prune(model, x)
+    x2 = torch.randn(3, 5, 16)
+    assert max_abs_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
+    assert (small.qkv.out_features, small.proj.in_features) == (3 * 8, 8)  # 2 of 4 heads (the C // h is rewritten)

@@ -70,10 +70,10 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
     may have one of them read to size an axis that carries no channels (HF's
     ``attn.reshape(B, -1, T, v.shape[-1])``): that axis is appended to `fixes`, to stay whole.
 
-    With `decoupled`, a count that sizes one axis of a reshape of another tensor, as one of its
-    arguments (MaxViT's ``out.reshape(B, G, P, D)`` with D read from its input), ties nothing:
-    (reshape node, argument index) is appended, and Shrink writes that axis' own size there, so
-    the two widths may differ."""
+    With `decoupled`, a count (or a number computed from it, timm's ``C // num_heads``) that sizes
+    one axis of a reshape of another tensor, as one of its arguments (MaxViT's
+    ``out.reshape(B, G, P, D)`` with D read from its input), ties nothing: (reshape node, argument
+    index) is appended, and Shrink writes that axis' own size there, so the two widths may differ."""
     tensor = size_node.args[0]
     lay = g.layouts.get(tensor)
     vary = set(varying(lay)) if lay is not None else set()
@@ -128,12 +128,12 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
                     continue  # reshaping the tensor counted: the count is its own
                 out = g.layouts.get(u)
                 sizes = _sizes(u)
+                if decoupled is not None and dims is None and node not in packed and sizes.count(node) == 1:
+                    decoupled.append((u, sizes.index(node)))  # the count, or a number made from it (C // heads)
+                    continue
                 if dims is not None and sizes == [node]:  # x.view(y.shape)
                     slots = list(enumerate(dims))
                 elif axis is not None and node in sizes and node not in packed:
-                    if decoupled is not None and sizes.count(node) == 1:
-                        decoupled.append((u, sizes.index(node)))
-                        continue
                     slots = [(sizes.index(node), axis)]
                 elif axis is not None and isinstance(out, np.ndarray):
                     # inside a shape made at run time: the one axis of the result that is that long

@@ -36,7 +36,7 @@ def mask_points(group) -> list[tuple[fx.Node, int]]:
         return []
     points = []
     whole = lambda p: len(p.channels) == group.size and np.array_equal(p.channels, np.arange(group.size))  # noqa: E731
-    added = [p for p in group.locals if p.params and (adds_parameter(p.node) or _shifts(p.node)) and whole(p)]
+    added = [p for p in group.locals if p.params and (adds_parameter(p.node) or _shifts(p)) and whole(p)]
     if not all(whole(p) or _tiled(p, group.size) for p in group.producers):
         heads = [(p.node, p.dim - len(p.node.meta["shape"])) for p in group.points if whole(p)]
         return list(dict.fromkeys(heads)) if heads else _reader_points(group, whole)
@@ -54,13 +54,12 @@ def mask_points(group) -> list[tuple[fx.Node, int]]:
     return list(dict.fromkeys(points))
 
 
-def _shifts(node: fx.Node) -> bool:
-    """A BatchNorm on the stream (RepVGG's identity branch, a pre-activation block's first norm):
-    it maps a zero channel to a constant, so the group's mask goes after it too. After a producer
-    it is part of that producer's chain, and the two points are one."""
-    if node.op == "call_module":
-        return isinstance(submodule(node.graph.owning_module, str(node.target)), nn.modules.batchnorm._BatchNorm)
-    return node.op == "call_function" and node.target is F.batch_norm
+def _shifts(p) -> bool:
+    """A channel-local op with a bias on the stream (RepVGG's identity-branch BatchNorm, a
+    pre-activation norm, a depthwise conv with a bias as a position encoding): it maps a zero
+    channel to a constant, so the group's mask goes after it too. After a producer it is part of
+    that producer's chain, and the two points are one."""
+    return any(name == "bias" for _, name, _ in p.params)
 
 
 def _tiled(p, size: int) -> bool:

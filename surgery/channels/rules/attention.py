@@ -92,12 +92,32 @@ def head_matmul(ctx: RuleContext) -> tuple[np.ndarray, np.ndarray | None] | None
         if z is not None:
             zero = z if zero is None else zero | z
     values = np.broadcast_to(np.where(zero, 0.0, np.nan), out.shape).copy() if zero is not None else None
-    # the output is where one mask realises the heads when it carries them rather than contracting
-    # them: attn @ v (zero v head -> zero output head), not q @ k^T (a zero score is not a zero head)
-    contracts = ia is not None and ia.shape[-1] > 1 or ib is not None and ib.shape[-2] > 1
-    if not contracts:
+    # the output is where one mask realises the heads, unless a softmax normalises it: attn @ v
+    # (zero output head -> the output projection reads zero), not q @ k^T (a zero score is no zero head)
+    if not feeds_softmax(n):
         _points(ctx, out, b if ib is not None else a)
     return out, values
+
+
+_ON_THE_WAY = {"mul", "add", "sub", "truediv", "div", "to", "float", "contiguous", "masked_fill", "where", "dropout",
+               "maybe_add_mask", "permute", "transpose", "view", "reshape", "__mul__", "__add__", "__truediv__"}
+
+
+def feeds_softmax(node: fx.Node, depth: int = 8) -> bool:
+    """Whether `node`'s value reaches a softmax through element-wise ops and reshapes only (the
+    scores of attention: a mask there makes a uniform head, not a zero one)."""
+    for _ in range(depth):
+        users = [u for u in node.users if u.op in ("call_function", "call_method", "call_module")]
+        if not users:
+            return False
+        names = [u.target if u.op == "call_method" else getattr(u.target, "__name__", "") for u in users]
+        if any("softmax" in str(n) for n in names):
+            return True
+        nxt = [u for u, nm in zip(users, names) if nm in _ON_THE_WAY]
+        if len(nxt) != 1:
+            return False
+        node = nxt[0]
+    return False
 
 
 def _untracked_heads(ctx: RuleContext, others: list, heads: np.ndarray) -> bool:
@@ -281,8 +301,7 @@ def einsum_rule(ctx: RuleContext):
         for k, c in enumerate(batch):
             shape[out_letters.index(c)] = rep.shape[k]
         out = rep.reshape(shape)
-        contracted = {c for i in ins for c in i} - set(out_letters)
-        if not any(v & contracted for v in vary):
+        if not feeds_softmax(n):
             _points(ctx, out, ops[-1] if lays[-1] is not None else ops[0])
         return out, None
     tracked = [(x, i) for x, i in zip(lays, ins) if x is not None]
