@@ -162,13 +162,17 @@ def tensor_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner:
     return [Site(f"{owner}_{str(n.target)}", 0, [(tail(owner_of(n), n), -1)], [n]) for n in nodes]
 
 
-def axis_kwargs(node: fx.Node, dim: int, mask_dim: int) -> dict[str, int]:
-    """The keyword arguments of a mask's call at `node` with its units on axis `dim`: none when
-    that is the mask's own axis, else ``{"dim": dim}`` (see :class:`surgery.pipeline.UnitMask`)."""
+def axis_kwargs(node: fx.Node, dim: int, mask_dim: int, units: int | None = None) -> dict[str, int]:
+    """The keyword arguments of a mask's call at `node` with its `units` on axis `dim`: ``dim``
+    unless that is the mask's own axis, and ``tile`` where the axis holds the units several times
+    over (see :class:`surgery.pipeline.UnitMask`)."""
     shape = node.meta.get("shape")
     rank = len(shape) if isinstance(shape, torch.Size) else None
     same = dim == mask_dim or rank is not None and dim % rank == mask_dim % rank
-    return {} if same else {"dim": dim}
+    kw = {} if same else {"dim": dim}
+    if units and rank is not None and shape[dim] != units and shape[dim] % units == 0:
+        kw["tile"] = shape[dim] // units
+    return kw
 
 
 def insert_site(gm: fx.GraphModule, site: Site, module: nn.Module) -> list[fx.Node]:
@@ -184,7 +188,8 @@ def insert_site(gm: fx.GraphModule, site: Site, module: nn.Module) -> list[fx.No
         if owner_of(node) is not gm:
             raise SurgeryError(f"{site.name}: its points lie in different graphs; one mask cannot serve them")
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(target, (node,), axis_kwargs(node, dim, getattr(module, "dim", dim)))
+            new = gm.graph.call_module(target, (node,), axis_kwargs(node, dim, getattr(module, "dim", dim),
+                                                                  getattr(module, "units", None)))
         node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
         new_nodes.append(new)

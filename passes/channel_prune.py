@@ -136,7 +136,7 @@ class ChannelPrune:
             owner.add_submodule(name, mask)
             for node, dim in points[g.id]:
                 with owner.graph.inserting_after(node):
-                    new = owner.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim))
+                    new = owner.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim, mask.units))
                 node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
                 new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
             edited.add(owner)

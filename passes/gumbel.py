@@ -65,8 +65,8 @@ class GumbelGate(UnitMask):
         hard = (soft > 0.5).to(soft.dtype)
         return hard + (soft - soft.detach())  # exactly `hard` forward, the soft gradient backward
 
-    def forward(self, x: Tensor, dim: Optional[int] = None) -> Tensor:
-        return x * self.gate().to(x.dtype).reshape(self.shape_for(x, dim))
+    def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1) -> Tensor:
+        return x * self.unit_factors(x, self.gate(), dim, tile)
 
     def penalty(self) -> Tensor:
         return self.weight * self.logits.sum()

@@ -22,8 +22,8 @@ class OnesMask(UnitMask):
     def factors(self) -> Tensor:
         return torch.ones(self.units)
 
-    def forward(self, x: Tensor, dim: Optional[int] = None) -> Tensor:
-        self.shape_for(x, dim)
+    def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1) -> Tensor:
+        self.shape_for(x, dim, tile)
         return x
 
 

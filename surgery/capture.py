@@ -117,7 +117,8 @@ class _Tracer(ConcreteTracing, fx.Tracer):
             qual = None  # a module built inside forward: failures belong to the caller
         if qual is not None:
             self.stack.append(qual)
-        ops = traced_as_ops(m, args, kwargs) if traced_as_ops_candidate(m) and not (
+        known = self.example is not None or self.arguments is not None and bool(self.arguments.supplied)
+        ops = traced_as_ops(m, args, kwargs, known) if traced_as_ops_candidate(m) and not (
             qual in self.leaf_names or self.leaf_types and isinstance(m, self.leaf_types)) else None
         if ops is not None:  # traced as plain ops (see surgery.layers)
             forward, self.as_ops = ops, m

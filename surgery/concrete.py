@@ -32,6 +32,7 @@ import linecache
 import operator
 import os
 import sys
+import types
 from typing import Any, Iterator
 
 import torch
@@ -50,8 +51,16 @@ _STATIC_METHODS = frozenset({"dim", "ndimension", "is_floating_point", "is_compl
 
 
 def _getattr_path(root: Any, target: str) -> Any:
+    """The attribute at dotted `target` of `root`, read from modules' own tables where it is
+    there (no ``nn.Module.__getattr__``, which fx patches while tracing), else with getattr."""
     for part in target.split("."):
-        root = getattr(root, part)
+        d = root.__dict__ if hasattr(root, "__dict__") else {}
+        for table in ("_parameters", "_buffers", "_modules"):
+            if part in d.get(table, ()):
+                root = d[table][part]
+                break
+        else:
+            root = getattr(root, part)
     return root
 
 
@@ -259,6 +268,15 @@ class ConcreteTracing:
         kw = map_aggregate(kwargs, concrete)
         if missing:
             return _MISSING
+        if kind == "get_attr":  # read from the modules' tables: no patched __getattr__ on the way
+            value = _getattr_path(self.root, str(target))
+            return value.detach().clone() if isinstance(value, torch.Tensor) else value
+        if kind == "call_method" or kind == "call_function" and _plain_function(target):
+            try:  # a tensor method or a torch/operator function calls no module: fx's patches are harmless
+                with torch.no_grad():
+                    return target(*a, **kw) if kind == "call_function" else getattr(a[0], target)(*a[1:], **kw)
+            except Exception:
+                return _MISSING
         try:  # fx's patches (Module.__call__, __getattr__, wrapped functions) would trace these calls
             with torch.no_grad(), _maybe_revert_all_patches():
                 if kind == "call_function":
@@ -348,3 +366,18 @@ def specialised_dims(specialised: dict[fx.Node, set[int | None]], values: dict[f
         key = str(tensor.target) if tensor.op == "placeholder" else f"{tensor.name}{shape} (inside the graph)"
         out[key] = listed
     return out
+
+
+_PLAIN_MODULES = ("torch.nn.functional", "torch.functional", "_operator", "operator", "math", "torch._C")
+
+
+def _plain_function(target: Any) -> bool:
+    """A function that computes on its arguments and calls no module, so it may run while fx's
+    patches are in place (undoing and redoing them sets class attributes of nn.Module, which
+    invalidates Python's type caches: most of a concrete trace's time when done for every op):
+    a builtin (torch's C functions, operator's), or one from torch.nn.functional, torch.functional
+    or math."""
+    if isinstance(target, types.BuiltinFunctionType):
+        return True
+    module = getattr(target, "__module__", None) or ""
+    return module in _PLAIN_MODULES

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["torch_layer_subclass", "restore_layers", "traced_as_ops", "traced_as_ops_candidate", "attention_ops",
-           "window_attention_ops"]
+           "window_attention_ops", "window_attention_3d_ops"]
 
 # methods a subclass may define and still compute exactly what its torch.nn base computes
 _SETUP_METHODS = frozenset({"__init__", "extra_repr", "reset_parameters", "__repr__", "__setstate__"})
@@ -65,8 +65,10 @@ def traced_as_ops_candidate(m: nn.Module) -> bool:
 
 
 def _is_tv_window_attention(m: nn.Module) -> bool:
-    # torchvision's Swin (v1) attention; V2's cosine attention and Swin3D's keep their one call
-    return type(m).__name__ == "ShiftedWindowAttention" and type(m).__module__ == "torchvision.models.swin_transformer"
+    # torchvision's Swin (v1) and Swin3D attention; V2's cosine attention keeps its one call
+    return (type(m).__name__, type(m).__module__) in {
+        ("ShiftedWindowAttention", "torchvision.models.swin_transformer"),
+        ("ShiftedWindowAttention3d", "torchvision.models.video.swin_transformer")}
 
 # layers whose functional form the channel rules follow, given the module that holds the tensors
 _LAYERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.Linear, nn.Embedding, nn.EmbeddingBag,
@@ -100,16 +102,21 @@ def restore_layers(gm: fx.GraphModule, root: nn.Module) -> int:
     return done
 
 
-def traced_as_ops(m: nn.Module, args: tuple, kwargs: dict) -> Callable[..., Any] | None:
+def traced_as_ops(m: nn.Module, args: tuple, kwargs: dict, sizes_known: bool = True) -> Callable[..., Any] | None:
     """A forward that traces the call ``m(*args, **kwargs)`` as plain ops and calls of `m`'s own
     layers, for the torch.nn layers that hide other layers inside one call, or None to keep the
     call whole. ``nn.MultiheadAttention``: :func:`attention_ops`. ``nn.TransformerEncoderLayer``
     and ``nn.TransformerEncoder`` (with no masks): their own slow path (the fused fast path
-    is a kernel no rule sees into), each layer, norm and MultiheadAttention called as a module."""
+    is a kernel no rule sees into), each layer, norm and MultiheadAttention called as a module.
+    torchvision Swin's ``ShiftedWindowAttention`` (:func:`window_attention_ops`) only where the
+    input sizes are known (`sizes_known`: capture has example inputs), as its padding and shift
+    depend on them; without, its one call stays."""
     if type(m) is nn.MultiheadAttention:
         return attention_ops(m, args, kwargs)
     if _is_tv_window_attention(m):
-        return window_attention_ops(m)
+        if not sizes_known:
+            return None
+        return window_attention_3d_ops(m) if type(m).__name__.endswith("3d") else window_attention_ops(m)
     bound = dict(zip(("src", "mask" if type(m) is nn.TransformerEncoder else "src_mask", "src_key_padding_mask"),
                      args), **kwargs)
     if any(bound.get(k) is not None for k in ("mask", "src_mask", "src_key_padding_mask")) or bound.get("is_causal"):
@@ -203,4 +210,47 @@ def window_attention_ops(m: nn.Module) -> Callable[..., Any]:
         if sum(shift) > 0:
             x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
         return x[:, :H, :W, :].contiguous()
+    return forward
+
+
+def window_attention_3d_ops(m: nn.Module) -> Callable[..., Any]:
+    """torchvision Swin3D's ``ShiftedWindowAttention3d`` forward as plain ops, as
+    :func:`window_attention_ops` for 2-D windows; the padding and shift mask stay the calls of
+    torchvision's own wrapped helpers."""
+    from torchvision.models.video import swin_transformer as sw
+    heads = m.num_heads
+    hd = m.qkv.out_features // (3 * heads)
+
+    def forward(x):
+        b, t, h, w, c = x.shape
+        ws, shift = list(m.window_size), list(m.shift_size)
+        for i, size in enumerate((t, h, w)):
+            if size <= ws[i]:  # the window shrinks to a small input, and does not shift
+                ws[i], shift[i] = int(size), 0
+        vol = ws[0] * ws[1] * ws[2]
+        pad = sw._compute_pad_size_3d((t, h, w), (ws[0], ws[1], ws[2]))
+        x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+        _, tp, hp, wp, _ = x.shape
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1], -shift[2]), dims=(1, 2, 3))
+        nw = (tp // ws[0]) * (hp // ws[1]) * (wp // ws[2])
+        x = x.view(b, tp // ws[0], ws[0], hp // ws[1], ws[1], wp // ws[2], ws[2], c)
+        x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b * nw, vol, c)
+        q, k, v = m.qkv(x).reshape(x.size(0), vol, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * hd ** -0.5).matmul(k.transpose(-2, -1))
+        index = m.relative_position_index[:vol, :vol].flatten()
+        bias = m.relative_position_bias_table[index].view(vol, vol, -1).permute(2, 0, 1)
+        attn = attn + bias.contiguous().unsqueeze(0)
+        if sum(shift) > 0:
+            mask = sw._compute_attention_mask_3d(x, (tp, hp, wp), (ws[0], ws[1], ws[2]), (shift[0], shift[1], shift[2]))
+            attn = (attn.view(x.size(0) // nw, nw, heads, vol, vol) + mask.unsqueeze(1).unsqueeze(0))
+            attn = attn.view(-1, heads, vol, vol)
+        attn = F.dropout(F.softmax(attn, dim=-1), p=m.attention_dropout, training=m.training)
+        x = m.proj(attn.matmul(v).transpose(1, 2).reshape(x.size(0), vol, -1))
+        x = F.dropout(x, p=m.dropout, training=m.training)
+        x = x.view(b, tp // ws[0], hp // ws[1], wp // ws[2], ws[0], ws[1], ws[2], -1)
+        x = x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, tp, hp, wp, -1)
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(shift[0], shift[1], shift[2]), dims=(1, 2, 3))
+        return x[:, :t, :h, :w, :].contiguous()
     return forward

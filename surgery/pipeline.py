@@ -88,18 +88,24 @@ class UnitMask(nn.Module):
     def factors(self) -> Tensor:
         raise NotImplementedError
 
-    def shape_for(self, x: Tensor, dim: Optional[int] = None) -> list[int]:
+    def shape_for(self, x: Tensor, dim: Optional[int] = None, tile: int = 1) -> list[int]:
         axis = self.dim if dim is None else dim
         dim = axis if axis >= 0 else x.dim() + axis
-        if x.shape[dim] != self.units:
-            raise SurgeryError(f"{type(self).__name__}: expected {self.units} units on dim {axis}, "
-                               f"got a tensor of shape {tuple(x.shape)}")
+        if x.shape[dim] != self.units * tile:
+            raise SurgeryError(f"{type(self).__name__}: expected {self.units} units" + (f" {tile} times" if tile > 1
+                               else "") + f" on dim {axis}, got a tensor of shape {tuple(x.shape)}")
         shape = [1] * x.dim()
-        shape[dim] = self.units
+        shape[dim] = self.units * tile
         return shape
 
-    def forward(self, x: Tensor, dim: Optional[int] = None) -> Tensor:
-        return x * self.factors().to(x.dtype).reshape(self.shape_for(x, dim))
+    def unit_factors(self, x: Tensor, f: Tensor, dim: Optional[int] = None, tile: int = 1) -> Tensor:
+        """Per-unit factors `f` shaped to multiply `x` along the unit axis; with `tile`, the axis
+        holds the units `tile` times over (Swin's patch merging joins four copies of each channel)."""
+        f = f.to(x.dtype)
+        return (f.repeat(tile) if tile > 1 else f).reshape(self.shape_for(x, dim, tile))
+
+    def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1) -> Tensor:
+        return x * self.unit_factors(x, self.factors(), dim, tile)
 
     def kept(self) -> Tensor:
         return self.factors().detach() != 0

@@ -85,6 +85,9 @@ class Attention(nn.Module):
                 v = v[:, :, None].expand(b, hkv, rep, s, hd).reshape(b, hkv * rep, s, hd)
             if self.mode == "sdpa":
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            elif self.mode == "einsum":  # as MaxViT writes it
+                scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) * self.hd ** -0.5
+                y = torch.einsum("b h i j, b h j d -> b h i d", torch.softmax(scores, -1), v)
             else:
                 scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)
                 if bias is not None:
@@ -144,6 +147,7 @@ def _prune(model, x, ratio=0.5):
 CASES = {
     "eager": dict(mode="eager"),
     "sdpa": dict(mode="sdpa"),
+    "einsum": dict(mode="einsum"),
     "fused_qkv": dict(fused=True, mode="eager"),
     "fused_qkv_sdpa": dict(fused=True, mode="sdpa"),
     "fused_qkv_joined_biases": dict(fused=True, mode="sdpa", cat_bias=True),
@@ -281,9 +285,10 @@ def test_multihead_attention_asked_for_its_weights_or_given_a_mask_stays_one_cal
     assert all(torch.equal(u, v) for u, v in zip(gm(x, pad), model(x, pad)))
 
 
-def test_torchvision_swin_window_attention_loses_heads_exactly():
+def test_torchvision_swin_loses_heads_and_stream_channels_exactly():
     """torchvision's ShiftedWindowAttention is traced as plain ops (its wrapped function derives the
-    head size from the input width), shifted windows and relative position table included."""
+    head size from the input width), shifted windows and relative position table included; heads
+    and streams shrink."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
@@ -296,3 +301,48 @@ def test_torchvision_swin_window_attention_loses_heads_exactly():
     assert max_abs_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
     qkv = [m for n, m in small.named_modules() if n.endswith("attn.qkv")]
     assert [m.out_features for m in qkv] == [3 * 8, 3 * 8, 3 * 16, 3 * 16]  # half the heads of 8 dims
+    # the streams too: patch merging joins four copies of each channel, and its norm's mask takes them
+    # four times over (a tiled mask)
+    assert small.get_submodule("features.0.0").out_channels == 8
+    merge = small.get_submodule("features.2.reduction")
+    assert (merge.in_features, merge.out_features) == (4 * 8, 16)
+
+
+def test_torchvision_swin3d_window_attention_loses_heads_and_stream_channels_exactly():
+    pytest.importorskip("torchvision")
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+    torch.manual_seed(0)
+    model = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                              window_size=[2, 4, 4], num_classes=5).eval()
+    x = torch.randn(1, 3, 4, 32, 32)  # 2x8x8 tokens: shifted windows
+    gm = surgery.capture(model, (x,))
+    assert torch.allclose(gm(x), model(x), atol=1e-5)
+    masked, small = _prune(model, x)
+    assert max_abs_diff(run_eval(masked, (x,)), run_eval(small, (x,))) < 1e-5
+    qkv = [m for n, m in small.named_modules() if n.endswith("attn.qkv")]
+    assert [m.out_features for m in qkv] == [3 * 8, 3 * 8, 3 * 16, 3 * 16]
+    assert small.get_submodule("patch_embed.proj").out_channels == 8
+
+
+class ChannelAttention(nn.Module):
+    """DaViT's channel attention: each head attends over its own dimensions (k^T v), then mixes q."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.h, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.softmax((k * N ** -0.5).transpose(-1, -2) @ v, dim=-1)
+        y = (attn @ q.transpose(-1, -2)).transpose(-1, -2)
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+def test_channel_attention_loses_whole_heads_and_its_mask_skips_the_softmax():
+    torch.manual_seed(0)
+    model, x = ChannelAttention().eval(), torch.randn(2, 5, 16)
+    masked, small = _prune(model, x)
+    x2 = torch.randn(3, 5, 16)
+    assert max_abs_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
+    assert (small.qkv.out_features, small.proj.in_features) == (3 * 8, 8)  # 2 of 4 heads (the C // h is rewritten)

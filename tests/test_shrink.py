@@ -277,7 +277,7 @@ def _insert_shared(gm, group, mask, name):
     gm.add_submodule(name, mask)
     for node, dim in group.mask_points():
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim))
+            new = gm.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim, mask.units))
         node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
     gm.recompile()
 
@@ -467,3 +467,31 @@ def test_a_leaf_function_called_for_its_in_place_effect_survives_shrink():
     x2 = torch.randn(5, 4)
     assert torch.allclose(run_eval(small, (x2,)), run_eval(masked, (x2,)), atol=1e-6)
     assert small.up.in_features == 6 and small.down.in_features == 4  # y's channels stay, up's half go
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG/MobileOne's training-time block: 3x3 and 1x1 conv-BN branches plus a BN of the input."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.kxk, self.kxk_bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.one, self.one_bn = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.skip = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.kxk_bn(self.kxk(x)) + self.one_bn(self.one(x)) + self.skip(x))
+
+
+def test_a_batchnorm_on_the_stream_gets_the_groups_mask_so_its_constant_goes_too():
+    """BN(0) is a constant, which the next zero-padded conv cannot fold: a mask after the identity
+    branch's BN makes the channel zero there too, and it leaves exactly."""
+    torch.manual_seed(0)
+    net = _randomise(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RepVGGBlock(8), RepVGGBlock(8),
+                                   nn.Flatten(), nn.Linear(8 * 6 * 6, 2)))
+    x = torch.randn(2, 3, 6, 6)
+    masked = surgery.compress(net.eval(), [ChannelPrune(0.5)], example_inputs=(x,))
+    small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
+    x2 = torch.randn(3, 3, 6, 6)
+    assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-4
+    block = 4 * 4 * 9 + 4 * 4 + 3 * 2 * 4  # two convs, three BNs (weight, bias) of 4 channels
+    assert _params(small) == (3 * 4 * 9 + 4) + 2 * block + (4 * 36 * 2 + 2)

@@ -277,12 +277,15 @@ class WidthFromInput(nn.Module):
         return self.b(torch.relu(y)) + self.c(z), h
 
 
-def test_a_width_read_from_one_tensor_ties_the_axis_it_sizes_in_another():
+def test_a_width_read_from_one_tensor_does_not_decide_the_axis_it_sizes_in_another():
+    """Shrink writes the reshaped axis' own size where the count read from the other tensor was,
+    so the two widths need not be tied: a loses half its outputs while inner, returned, keeps 8."""
     gm = surgery.capture(WidthFromInput().eval(), (torch.randn(2, 5, 4),))
     (group,) = [g for g in surgery.channel_groups(gm) if any(p.node.name == "a" for p in g.producers)]
-    assert "reaches the model output" in group.frozen  # tied to inner's channels, which the output keeps
+    assert group.frozen is None and group.size == 8
     masked, small = _prune(WidthFromInput(), torch.randn(2, 5, 4))
-    assert small.get_submodule("a").out_features == 8
+    assert small.get_submodule("a").out_features == 4 and small.get_submodule("inner").out_features == 8
+    assert _params(small) == (4 * 4 + 4) + (4 * 8 + 8) + (4 * 3 + 3) + (8 * 3 + 3)
 
 
 class WithPositions(nn.Module):
@@ -359,3 +362,40 @@ class ShapeMadeAtRunTime(nn.Module):
 def test_shapes_made_at_run_time_are_rewritten_or_read_again():
     masked, small = _prune(ShapeMadeAtRunTime(), torch.randn(2, 5, 4))
     assert small.get_submodule("a").out_features == 4 and small.get_submodule("v").out_features == 4
+
+
+class TwoCopies(nn.Module):
+    """A channels-last stream joined to itself (as Swin's patch merging joins four phases), then
+    normalised: the norm's output holds each channel twice, and its mask takes them twice over."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.norm, self.down = nn.Linear(6, 8), nn.LayerNorm(16), nn.Linear(16, 3)
+        with torch.no_grad():
+            self.norm.weight.normal_(1, 0.2)
+            self.norm.bias.normal_(0, 0.2)
+
+    def forward(self, x):
+        y = self.up(x)
+        return self.down(self.norm(torch.cat([y, torch.roll(y, 1, 1)], -1)))
+
+
+def test_a_mask_takes_a_channel_that_a_tensor_holds_several_times_over():
+    masked, small = _prune(TwoCopies(), torch.randn(2, 5, 6))
+    assert [n.kwargs.get("tile") for n in masked.graph.nodes if n.op == "call_module" and "prune" in str(n.target)
+            and n.args[0].target == "norm"] == [2]
+    assert (small.up.out_features, small.down.in_features) == (4, 8)
+    assert _params(small) == (6 * 4 + 4) + 2 * 8 + (8 * 3 + 3)
+
+
+def test_flipped_channels_are_followed():
+    class Flip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).flip(-1))  # b reads channel 7 - j at position j
+
+    masked, small = _prune(Flip(), torch.randn(3, 4))
+    assert small.a.out_features == 4 and _params(small) == (4 * 4 + 4) + (4 * 2 + 2)

@@ -31,7 +31,7 @@ def check_sizes(cg: ChannelGraph) -> None:
     the channels stay."""
     for size_node, tensor in cg.size_nodes:
         fixes: list[int] = []
-        bad, pairs = size_uses(cg, size_node, fixes)
+        bad, pairs = size_uses(cg, size_node, fixes, cg.decoupled)
         for axis in fixes:
             cg.fixed.append((cg.layouts[tensor], axis, f"the length of axis {axis} of {tensor.name!r} (read by "
                              f"{size_node.name!r}) sizes an axis that carries no channels"))
@@ -61,14 +61,19 @@ def _sizes(u: fx.Node) -> list:
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
 
 
-def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None
+def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: list | None = None
               ) -> tuple[fx.Node | None, list[tuple[np.ndarray, np.ndarray]]]:
     """(None, couplings) when every use of a size read sizes reshapes as :func:`check_sizes`
     allows, with the element pairs to couple; else (the offending node, []).
 
     With `fixes`, a tensor whose channels vary along several axes (heads and head dimensions)
     may have one of them read to size an axis that carries no channels (HF's
-    ``attn.reshape(B, -1, T, v.shape[-1])``): that axis is appended to `fixes`, to stay whole."""
+    ``attn.reshape(B, -1, T, v.shape[-1])``): that axis is appended to `fixes`, to stay whole.
+
+    With `decoupled`, a count (or a number computed from it, timm's ``C // num_heads``) that sizes
+    one axis of a reshape of another tensor, as one of its arguments (MaxViT's
+    ``out.reshape(B, G, P, D)`` with D read from its input), ties nothing: (reshape node, argument
+    index) is appended, and Shrink writes that axis' own size there, so the two widths may differ."""
     tensor = size_node.args[0]
     lay = g.layouts.get(tensor)
     vary = set(varying(lay)) if lay is not None else set()
@@ -123,6 +128,9 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None
                     continue  # reshaping the tensor counted: the count is its own
                 out = g.layouts.get(u)
                 sizes = _sizes(u)
+                if decoupled is not None and dims is None and node not in packed and sizes.count(node) == 1:
+                    decoupled.append((u, sizes.index(node)))  # the count, or a number made from it (C // heads)
+                    continue
                 if dims is not None and sizes == [node]:  # x.view(y.shape)
                     slots = list(enumerate(dims))
                 elif axis is not None and node in sizes and node not in packed:

@@ -40,7 +40,7 @@ from .boundary import Boundary, annotated, check_boundary, prepare, shared_tenso
 from .checks import check_sizes, check_tensor_uses
 from .components import components
 from .points import mask_points
-from .rulebook import RULES, Ids, Rule, RuleContext, _RawPlace
+from .rulebook import NO_CHANNELS, RULES, Ids, Rule, RuleContext, _RawPlace
 from .rules.modules import mask_rule  # importing .rules registers the standard table
 
 __all__ = ["ChannelGroup", "Place", "ChannelGraph", "channel_groups", "group_of", "analyze", "analyze_tree"]
@@ -133,6 +133,7 @@ class ChannelGraph:
         self.mask_nodes: list[fx.Node] = []
         self.rewrite: set[fx.Node] = set()   # nodes whose literal size arguments follow channels
         self.fixed: list[tuple[np.ndarray, int, str]] = []  # (layout, axis, reason): see RuleContext.fix_axis
+        self.decoupled: list[tuple[fx.Node, int]] = []  # (reshape, argument) Shrink sizes itself: checks.size_uses
 
     def new_elements(self, size: int, node: fx.Node) -> int:
         start = self.n
@@ -171,6 +172,8 @@ class ChannelGraph:
                 except Exception as e:  # a rule that trips on an odd call must not crash the analysis
                     ctx.freeze_inputs(f"{ctx.describe()}: channel rule failed ({type(e).__name__}: {e})")
                     out = None
+            if out is NO_CHANNELS:
+                continue
             if isinstance(out, tuple) and len(out) == 2 and (out[0] is None or isinstance(out[0], (np.ndarray, tuple))):
                 out, vals = out
             else:

@@ -23,10 +23,11 @@ def mask_points(group) -> list[tuple[fx.Node, int]]:
     """(node, dim) pairs after which one shared per-channel mask of ``group.size`` units
     realises the group: after each producer and its trailing single-user BN/activation chain, and
     after each op that adds a parameter of the model to the channels (a position embedding:
-    ``x + pos`` is not zero where x is).
+    ``x + pos`` is not zero where x is) or shifts them (a BatchNorm on the stream).
 
-    Only producers that carry every channel of the group in group order are listed (true
-    for convolutional and residual streams). Where a producer carries part of the group, or
+    Only producers that carry every channel of the group in group order (or in group order
+    several times over, :func:`_tiled`) are listed (true for convolutional and residual
+    streams). Where a producer carries part of the group, or
     repeats its channels (each attention head spans head_dim outputs of q, k and v), the points
     the rules recorded serve instead (a head axis: :mod:`.rules.attention`), else the readers'
     inputs (:func:`_reader_points`); a frozen group has none.
@@ -35,8 +36,8 @@ def mask_points(group) -> list[tuple[fx.Node, int]]:
         return []
     points = []
     whole = lambda p: len(p.channels) == group.size and np.array_equal(p.channels, np.arange(group.size))  # noqa: E731
-    added = [p for p in group.locals if p.params and adds_parameter(p.node) and whole(p)]
-    if not all(whole(p) for p in group.producers):
+    added = [p for p in group.locals if p.params and (adds_parameter(p.node) or _shifts(p)) and whole(p)]
+    if not all(whole(p) or _tiled(p, group.size) for p in group.producers):
         heads = [(p.node, p.dim - len(p.node.meta["shape"])) for p in group.points if whole(p)]
         return list(dict.fromkeys(heads)) if heads else _reader_points(group, whole)
     for p in group.producers + added:
@@ -51,6 +52,21 @@ def mask_points(group) -> list[tuple[fx.Node, int]]:
             dim = dim - len(shape)  # from the end, so one mask fits any batch shape
         points.append((node, dim))
     return list(dict.fromkeys(points))
+
+
+def _shifts(p) -> bool:
+    """A channel-local op with a bias on the stream (RepVGG's identity-branch BatchNorm, a
+    pre-activation norm, a depthwise conv with a bias as a position encoding): it maps a zero
+    channel to a constant, so the group's mask goes after it too. After a producer it is part of
+    that producer's chain, and the two points are one."""
+    return any(name == "bias" for _, name, _ in p.params)
+
+
+def _tiled(p, size: int) -> bool:
+    """The place holds the group's channels in order, several times over (the norm after Swin's
+    patch merging: four copies of each channel); a mask takes them with ``tile``."""
+    k = len(p.channels) // size if size else 0
+    return k > 1 and len(p.channels) == k * size and np.array_equal(p.channels, np.tile(np.arange(size), k))
 
 
 def _reader_points(group, whole) -> list[tuple[fx.Node, int]]:

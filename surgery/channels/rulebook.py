@@ -28,12 +28,16 @@ from ..graph import submodule
 if TYPE_CHECKING:
     from .groups import ChannelGraph
 
-__all__ = ["RULES", "Rule", "register_rule", "RuleContext", "passthrough", "channel_local", "frozen", "varying",
-           "Ids"]
+__all__ = ["RULES", "Rule", "NO_CHANNELS", "register_rule", "RuleContext", "passthrough", "channel_local", "frozen",
+           "varying", "Ids"]
 
 Ids = np.ndarray  # int64, broadcastable to the tensor's shape
 
 Rule = Callable[["RuleContext"], Any]
+NO_CHANNELS = object()
+"""What a rule returns for an op whose output carries none of its inputs' channels by design (it
+reads only their shape, dtype or device): the channels stay free. Returning None says instead
+that the rule lost track of them, which freezes them unless it recorded a reader."""
 RULES: dict[Any, Rule] = {}
 """The rule table: module class, function, or method name (a str) -> rule. A rule receives a
 :class:`RuleContext` and returns the output layout, or ``(layout, values)``, or None (the output

@@ -69,6 +69,7 @@ class Editor:
         self.params()
         self.masks()
         self.rewrites()
+        self.decouple()
 
     def chains(self) -> None:
         for start, end, dim in self.d.chains:
@@ -151,9 +152,13 @@ class Editor:
             lay = self.cg.layouts.get(inp)
             nd = len(node.meta["shape"])
             dim = node.kwargs.get("dim", m.dim) % nd
-            if isinstance(lay, np.ndarray) and lay.shape[dim] == len(f):
+            tile = node.kwargs.get("tile", 1)
+            if isinstance(lay, np.ndarray) and lay.shape[dim] == len(f) * tile:
                 # one channel per position along dim (a head's channel is constant along its other axes)
-                f = f[torch.as_tensor(self.kept_line(np.moveaxis(lay, dim, 0).reshape(len(f), -1)[:, 0]))]
+                line = np.moveaxis(lay, dim, 0).reshape(len(f) * tile, -1)[:len(f), 0]
+                f = f[torch.as_tensor(self.kept_line(line))].repeat(tile)  # the units' copies (tile) alike
+            elif tile > 1:
+                f = f.repeat(tile)
             if bool((f == 1).all()):
                 node.replace_all_uses_with(inp)
                 g.erase_node(node)
@@ -246,6 +251,20 @@ class Editor:
                 self._rewrite(node)
             except _Skip:
                 pass
+
+    def decouple(self) -> None:
+        """A reshape sized by a count read from another tensor (checks.size_uses): that argument
+        becomes the axis' own new size, so the other tensor's width no longer decides it."""
+        for node, j in self.cg.decoupled:
+            if node.graph is not self.gm.graph:
+                continue
+            new = self._new_shape(node) or list(node.meta["shape"])
+            packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+            sizes = list(node.args[1] if packed else node.args[1:])
+            if j >= len(sizes) or len(sizes) != len(new) or not isinstance(sizes[j], fx.Node):
+                continue
+            sizes[j] = int(new[j])
+            node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
     def _rewrite_shape_tail(self, node: fx.Node, shape: fx.Node) -> None:
         """``shape`` is ``sizes + (a, b)``, read by `node` alone: put the new sizes in (a, b)."""

@@ -92,12 +92,32 @@ def head_matmul(ctx: RuleContext) -> tuple[np.ndarray, np.ndarray | None] | None
         if z is not None:
             zero = z if zero is None else zero | z
     values = np.broadcast_to(np.where(zero, 0.0, np.nan), out.shape).copy() if zero is not None else None
-    # the output is where one mask realises the heads when it carries them rather than contracting
-    # them: attn @ v (zero v head -> zero output head), not q @ k^T (a zero score is not a zero head)
-    contracts = ia is not None and ia.shape[-1] > 1 or ib is not None and ib.shape[-2] > 1
-    if not contracts:
+    # the output is where one mask realises the heads, unless a softmax normalises it: attn @ v
+    # (zero output head -> the output projection reads zero), not q @ k^T (a zero score is no zero head)
+    if not feeds_softmax(n):
         _points(ctx, out, b if ib is not None else a)
     return out, values
+
+
+_ON_THE_WAY = {"mul", "add", "sub", "truediv", "div", "to", "float", "contiguous", "masked_fill", "where", "dropout",
+               "maybe_add_mask", "permute", "transpose", "view", "reshape", "__mul__", "__add__", "__truediv__"}
+
+
+def feeds_softmax(node: fx.Node, depth: int = 8) -> bool:
+    """Whether `node`'s value reaches a softmax through element-wise ops and reshapes only (the
+    scores of attention: a mask there makes a uniform head, not a zero one)."""
+    for _ in range(depth):
+        users = [u for u in node.users if u.op in ("call_function", "call_method", "call_module")]
+        if not users:
+            return False
+        names = [u.target if u.op == "call_method" else getattr(u.target, "__name__", "") for u in users]
+        if any("softmax" in str(n) for n in names):
+            return True
+        nxt = [u for u, nm in zip(users, names) if nm in _ON_THE_WAY]
+        if len(nxt) != 1:
+            return False
+        node = nxt[0]
+    return False
 
 
 def _untracked_heads(ctx: RuleContext, others: list, heads: np.ndarray) -> bool:
@@ -239,6 +259,65 @@ def matmul_rule(ctx: RuleContext):
     return out, values
 
 
+def einsum_rule(ctx: RuleContext):
+    """``torch.einsum(equation, *operands)`` over heads, as MaxViT writes attention
+    (``"BGHID,BGHJD->BGHIJ"``, then ``"BGHIJ,BGHJD->BGHID"``): where channels vary along a
+    letter every operand and the output share (a batch letter: heads), each head is one channel
+    as in :func:`head_matmul`. A single operand whose channel letters all reach the output is
+    carried. Anything else freezes the channels."""
+    n = ctx.node
+    eq, ops = n.args[0], list(n.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], (tuple, list)):
+        ops = list(ops[0])
+    if not isinstance(eq, str) or "->" not in eq or "." in eq:
+        ctx.freeze_inputs(f"{ctx.describe()}: an equation the rules do not read")
+        return None
+    ins, out_letters = eq.replace(" ", "").split("->")
+    ins = ins.split(",")
+    lays = [ctx.ids(t) for t in ops]
+    if len(ins) != len(ops) or any(x is not None and x.ndim != len(i) for x, i in zip(lays, ins)):
+        ctx.freeze_inputs(f"{ctx.describe()}: operands that do not match its equation")
+        return None
+    batch = [c for c in out_letters if all(c in i for i in ins)]
+    vary = [{i[d] for d in varying(x)} for x, i in zip(lays, ins) if x is not None]
+    shape = [1] * len(out_letters)
+    if any(v & set(batch) for v in vary):  # heads: every operand's head slice is one channel
+        rep = None
+        for x, i in zip(lays, ins):
+            if x is None:
+                continue
+            r = x[tuple(slice(None) if c in batch else slice(0, 1) for c in i)]
+            ctx.couple(x, r)
+            r = np.moveaxis(r.reshape([x.shape[i.index(c)] if c in batch else 1 for c in i]),
+                            [i.index(c) for c in batch], range(len(batch)))
+            r = r.reshape([r.shape[k] for k in range(len(batch))])
+            rep = r if rep is None else ctx.couple(rep, r)
+        untracked = [t for t, x in zip(ops, lays) if x is None]
+        for t, i in zip(ops, ins):
+            s = ctx.shape(t) if t in untracked else None
+            if s is not None and any(s[i.index(c)] > 1 and rep.shape[k] > 1 for k, c in enumerate(batch)):
+                ctx.freeze(rep, f"{ctx.describe()} combines these heads with {t.name!r}, whose heads are not tracked")
+                return None
+        for k, c in enumerate(batch):
+            shape[out_letters.index(c)] = rep.shape[k]
+        out = rep.reshape(shape)
+        if not feeds_softmax(n):
+            _points(ctx, out, ops[-1] if lays[-1] is not None else ops[0])
+        return out, None
+    tracked = [(x, i) for x, i in zip(lays, ins) if x is not None]
+    if len(tracked) == 1 and vary[0] <= set(out_letters):  # carried to the output, letter by letter
+        x, i = tracked[0]
+        perm = [i.index(c) for c in out_letters if c in i]
+        moved = np.transpose(x.reshape(x.shape + (1,) * 0), perm) if perm else x
+        for c in out_letters:
+            shape[out_letters.index(c)] = x.shape[i.index(c)] if c in i and c in vary[0] else 1
+        return np.broadcast_to(moved.reshape([x.shape[i.index(c)] if c in i else 1 for c in out_letters]),
+                               shape).copy(), None
+    ctx.freeze_inputs(f"{ctx.describe()} mixes these channels in a way the rules cannot follow")
+    return None
+
+
+register_rule(torch.einsum, einsum_rule)
 for _t in [torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"]:
     register_rule(_t, matmul_rule)
 register_rule(F.scaled_dot_product_attention, sdpa_rule)

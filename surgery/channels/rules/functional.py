@@ -244,6 +244,25 @@ def pad_rule(ctx: RuleContext):
     return lay, None
 
 
+def normalize_rule(ctx: RuleContext):
+    """``F.normalize(x, p, dim)``: channel-local when no channels vary along `dim` (XCA normalises
+    q and k over the tokens); inside each unit when other axes carry the units too (each slice it
+    normalises is then one channel); across the channels alone it freezes them."""
+    lay = ctx.ids(ctx.x)
+    if lay is None:
+        return None
+    dim = ctx.arg(2, "dim", 1) % lay.ndim
+    v = ctx.values(ctx.x)
+    zero = np.where(v == 0, 0.0, np.nan) if v is not None else None
+    if lay.shape[dim] == 1:
+        return lay, zero
+    if set(varying(lay)) - {dim}:
+        ctx.couple(lay, np.take(lay, [0], axis=dim))
+        return lay, None
+    ctx.freeze(lay, f"{ctx.describe()} normalises across these channels")
+    return None
+
+
 def ignore_rule(ctx: RuleContext):
     """Ops that read metadata only (dim(), dtype, device)."""
     return None
@@ -253,6 +272,7 @@ for _t in [F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, 
            F.avg_pool2d, F.max_pool2d, F.avg_pool1d, F.max_pool1d]:
     register_rule(_t, pool_rule)
 register_rule(F.interpolate, spatial_keep_rule)
+register_rule(F.normalize, normalize_rule)
 for _t in [torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin", "std", "var",
            torch.std, torch.var]:
     register_rule(_t, reduce_rule)

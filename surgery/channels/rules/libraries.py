@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.fx as fx
 
-from ..rulebook import RuleContext, channel_local, register_rule, varying
-from .common import _BN_PARAMS, _linear, bn_values, conv_rule, no_folds
+from ..rulebook import NO_CHANNELS, RuleContext, channel_local, register_rule, varying
+from .common import _BN_PARAMS, _linear, bn_values, conv_rule, no_folds, untracked_operand
 
 
 def _bn_act_values(ctx: RuleContext, v: np.ndarray) -> np.ndarray | None:
@@ -107,3 +108,51 @@ except Exception:  # torchvision is optional here
     _tv_swin = None
 if _tv_swin is not None and hasattr(_tv_swin, "_patch_merging_pad"):
     register_rule(_tv_swin._patch_merging_pad, patch_merging_rule)
+try:
+    from torchvision.models.video import swin_transformer as _tv_swin3d
+except Exception:
+    _tv_swin3d = None
+if _tv_swin3d is not None and hasattr(_tv_swin3d, "_compute_attention_mask_3d"):
+    # builds the shifted windows' mask from sizes; its tensor argument only lends dtype and device
+    register_rule(_tv_swin3d._compute_attention_mask_3d, lambda ctx: NO_CHANNELS)
+
+
+def rearranging_rule(ctx: RuleContext):
+    """A library function that only moves entries between the other axes (timm's window_reverse,
+    grid_reverse, nest's deblockify): channels varying along one axis stay on it, when the output
+    has the same rank and that axis the same length. Else they freeze."""
+    lay, shape_in, shape_out = ctx.ids(ctx.x), ctx.shape(ctx.x), ctx.shape()
+    if lay is None:
+        return None
+    v = varying(lay)
+    if len(v) != 1 or shape_in is None or shape_out is None or len(shape_in) != len(shape_out) \
+            or shape_in[v[0]] != shape_out[v[0]]:
+        ctx.freeze(lay, f"{ctx.describe()} moves these channels in a way the rules cannot follow")
+        return None
+    return lay, ctx.values(ctx.x)
+
+
+def maybe_add_mask_rule(ctx: RuleContext):
+    """timm's ``maybe_add_mask(scores, mask)``: the scores, plus the mask where there is one."""
+    lay = ctx.ids(ctx.x)
+    mask = ctx.arg(1, "attn_mask")
+    if lay is None:
+        return None
+    if isinstance(mask, fx.Node):
+        untracked_operand(ctx, mask, lay, lay.ndim)
+    return lay, None
+
+
+_REARRANGING = {"window_reverse", "window_reverse_nchw", "grid_reverse", "grid_reverse_nchw", "deblockify",
+                "window_partition", "window_partition_nchw", "grid_partition", "grid_partition_nchw", "blockify"}
+if _timm_layers is not None:
+    try:
+        from timm.layers import _fx as _timm_fx
+        _timm_notrace = list(_timm_fx.get_notrace_functions())
+    except Exception:
+        _timm_notrace = []
+    for _fn in _timm_notrace:
+        if getattr(_fn, "__name__", "") in _REARRANGING:
+            register_rule(_fn, rearranging_rule)
+        elif getattr(_fn, "__name__", "") == "maybe_add_mask":
+            register_rule(_fn, maybe_add_mask_rule)

@@ -28,6 +28,14 @@ def mask_rule(ctx: RuleContext):
     dim = ctx.node.kwargs.get("dim", m.dim) % ids.ndim  # a call may name its own axis
     v = _vals(ctx, ctx.x, ids)
     f = m.factors().detach().double().cpu().numpy()
+    tile = ctx.node.kwargs.get("tile", 1)
+    if tile > 1 and ids.shape[dim] == len(f) * tile:
+        # the units `tile` times over on the axis: one factor for each unit's copies, one channel
+        first = np.take(ids, range(len(f)), axis=dim)
+        ctx.couple(ids, np.concatenate([first] * tile, axis=dim))
+        f = np.tile(f, tile)
+    else:
+        first = None
     if ids.shape[dim] != len(f):
         if ids.shape[dim] == 1 and not any(s > 1 for s in ids.shape):
             pass  # one channel broadcast: the mask scales positions we do not track
@@ -44,7 +52,7 @@ def mask_rule(ctx: RuleContext):
     shape[dim] = len(f)
     fb = f.reshape(shape)
     out = np.where(fb == 0, 0.0, v * fb)
-    ctx.place("mask", line, dim)
+    ctx.place("mask", line if first is None else np.take(line, range(len(f) // tile), axis=dim), dim)
     return ids, out
 
 

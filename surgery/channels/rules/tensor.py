@@ -354,24 +354,6 @@ for _t in ["size", getattr, "numel"]:
     register_rule(_t, size_rule)
 
 
-def roll_rule(ctx: RuleContext):
-    """``torch.roll(x, shifts, dims)``: moves entries along `dims`; channel-local when no channels
-    vary along them (Swin's cyclic shift of a channels-last map)."""
-    lay = ctx.ids(ctx.x)
-    if lay is None:
-        return None
-    dims = ctx.arg(2, "dims", None)
-    dims = [d % lay.ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims])] if dims is not None else None
-    if dims is None or any(lay.shape[d] > 1 for d in dims):
-        ctx.freeze(lay, f"{ctx.describe()} moves entries along the channels' axis")
-        return None
-    return lay, ctx.values(ctx.x)
-
-
-for _t in [torch.roll, "roll"]:
-    register_rule(_t, roll_rule)
-
-
 def typed_dict_rule(ctx: RuleContext):
     """A ModelOutput (or OrderedDict) built in the graph (:func:`surgery.calling.typed_dict`): its
     fields keep their shapes, so the channels in them stay, each named by its field."""
