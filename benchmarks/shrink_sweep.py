@@ -116,10 +116,20 @@ def _prepare(model, vectors: bool = False):
 
 
 def macs(model, inputs) -> int:
+    """Multiply-accumulates of one forward (FlopCounterMode). Parameters stop requiring grad
+    meanwhile: its module tracker hooks every tensor that requires grad and asserts on one made
+    under no_grad from a parameter (CaiT's expanded class token)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        call(model, inputs)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            call(model, inputs)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     return fc.get_total_flops() // 2
 
 
