@@ -8,24 +8,17 @@ import statistics
 __all__ = ["table", "summary", "notes"]
 
 
+# unit -> (scale, decimals)
+_FORMATS = {"K": (1e-3, 1), "M": (1e-6, 1), "G": (1e-9, 2), "ms": (1e3, 0), "ms2": (1e3, 2), "s": (1, 1), "s2": (1, 2)}
+
+
 def _fmt(v, kind):
     if v is None:
         return "-"
-    if kind == "K":
-        return f"{v / 1e3:.1f}"
-    if kind == "M":
-        return f"{v / 1e6:.1f}"
-    if kind == "G":
-        return f"{v / 1e9:.2f}"
-    if kind == "ms":
-        return f"{v * 1e3:.0f}"
-    if kind == "ms2":
-        return f"{v * 1e3:.2f}"
-    if kind == "s":
-        return f"{v:.1f}"
-    if kind == "s2":
-        return f"{v:.2f}"
-    return str(v)
+    if kind not in _FORMATS:
+        return str(v)
+    scale, digits = _FORMATS[kind]
+    return f"{v * scale:.{digits}f}"
 
 
 # units of the table's columns (params, MACs, seconds, latency): the Hugging Face models here are

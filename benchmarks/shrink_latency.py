@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
-from shrink_sweep import _prepare, macs  # noqa: E402
+from _sweep_models import macs, prepare  # noqa: E402
 
 import surgery  # noqa: E402
 from passes import ChannelPrune, Shrink  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    model = _prepare(torchvision.models.get_model(args.model, weights=None))
+    model = prepare(torchvision.models.get_model(args.model, weights=None))
     x1 = torch.randn(1, 3, 224, 224)
     small = surgery.compress(model, [ChannelPrune(ratio=args.ratio, round_to=args.round_to), Shrink()],
                              example_inputs=(x1,)).eval()

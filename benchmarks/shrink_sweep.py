@@ -53,7 +53,6 @@ resumable (models already there are skipped unless --redo).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -65,150 +64,25 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from _hf_models import output_tensors  # noqa: E402
+from _sweep_models import Subject, latency, macs, model_names, prepare, subject  # noqa: E402
 from _sweep_report import notes, table  # noqa: E402
 from _torch_pruning import TP_MEMORY_GB, limit_memory, time_limit, tp_prune  # noqa: E402
 
 from surgery.calling import call  # noqa: E402
 
+
 ROWS = HERE / "results" / "shrink_sweep.jsonl"
 FAMILIES = ("torchvision", "timm", "hf", "video")
-# a video clip per model: (frames, side); torchvision's MViT and Swin3D are built for 16x224x224
-VIDEO_INPUT = {"mvit_v1_b": (16, 224), "mvit_v2_s": (16, 224), "s3d": (16, 224), "swin3d_t": (16, 224),
-               "swin3d_s": (16, 224), "swin3d_b": (16, 224)}
-
 
 def result_name(family: str) -> str:
     """The results file stem of `family`: shrink_sweep (torchvision), shrink_sweep_timm, shrink_sweep_hf."""
     return "shrink_sweep" if family == "torchvision" else f"shrink_sweep_{family}"
-
-
-def _prepare(model, vectors: bool = False):
-    """Random (not zero) weights everywhere, random BN statistics: torchvision zero-initialises
-    some heads (ViT), which would make every model output the same and any check vacuous.
-
-    With `vectors` (timm and hf), also near-zero norm gains and layer scales (every parameter of
-    at most one dimension that is not a bias and whose entries are all below 1e-3, such as timm's
-    zero-initialised last BatchNorm of a residual block or its 1e-5 layer-scale gammas) are drawn
-    from [0.5, 1.5): a branch scaled by ~0 adds nothing to the output, and the exactness check
-    could not see a wrong channel in it."""
-    import torch
-    from torch import nn
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            for name, p in m.named_parameters(recurse=False):
-                if p.dim() >= 2 and not p.any():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-                elif (vectors and p.dim() <= 1 and p.numel() and p.is_floating_point() and "bias" not in name
-                      and float(p.abs().max()) < 1e-3):
-                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-    return model.eval()
-
-
-def macs(model, inputs) -> int:
-    """Multiply-accumulates of one forward (FlopCounterMode). Parameters stop requiring grad
-    meanwhile: its module tracker hooks every tensor that requires grad and asserts on one made
-    under no_grad from a parameter (CaiT's expanded class token)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            call(model, inputs)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    return fc.get_total_flops() // 2
-
-
-def latency(model, inputs, reps: int = 5) -> float:
-    """Median seconds per forward at batch 1 (after warm-up); `inputs` as for :func:`macs`."""
-    import torch
-    times = []
-    with torch.no_grad():
-        for _ in range(2):
-            call(model, inputs)
-        deadline = time.perf_counter() + 10
-        for _ in range(reps):
-            t = time.perf_counter()
-            call(model, inputs)
-            times.append(time.perf_counter() - t)
-            if time.perf_counter() > deadline and len(times) >= 3:
-                break
-    return statistics.median(times)
-
-
-@dataclasses.dataclass
-class Subject:
-    """One model of a sweep: the model (prepared), its example inputs (a tuple, or a dict of
-    keyword inputs), fresh inputs for the exactness check, what the row records about it, and how
-    to build the same model again (Torch-Pruning prunes in place: a fresh one every run)."""
-    model: Any
-    inputs: tuple | dict
-    fresh: tuple | dict
-    info: dict
-    rebuild: Callable[[], Any]
-
-
-def subject(family: str, name: str, size: int) -> Subject:
-    """Build model `name` of `family` (for timm a family name, see benchmarks/_timm_models.py)
-    and its inputs. torchvision: 1x3x`size`x`size`; timm: the model's own input size, sides over
-    `size` brought down to it where the model runs on that; hf: _hf_models' example inputs, and
-    those of seed 1 as the fresh ones. Raises _timm_models.NoModelBuilds for a timm family none
-    of whose models builds."""
-    import torch
-    torch.manual_seed(0)
-    if family == "torchvision":
-        import torchvision
-
-        def build():
-            return _prepare(torchvision.models.get_model(name, weights=None))
-        model = build()
-        x, x2 = torch.randn(1, 3, size, size), torch.randn(1, 3, size, size)
-        return Subject(model, (x,), (x2,), {}, build)
-    if family == "video":
-        import torchvision
-
-        def build():
-            return _prepare(torchvision.models.get_model(name, weights=None))
-        model = build()
-        t, side = VIDEO_INPUT.get(name, (8, 112))
-        x, x2 = torch.randn(1, 3, t, side, side), torch.randn(1, 3, t, side, side)
-        return Subject(model, (x,), (x2,), {"input_size": [3, t, side, side]}, build)
-    if family == "timm":
-        from _timm_models import build_timm, input_size
-        model, arch, failed = build_timm(name)
-        model = _prepare(model, vectors=True)
-        c, h, w = input_size(model, size)
-        info: dict = {"arch": arch, "input_size": [c, h, w]}
-        if failed:
-            info["not_built"] = failed
-
-        def build():
-            return _prepare(build_timm(name, [arch])[0], vectors=True)
-        torch.manual_seed(0)
-        x, x2 = torch.randn(1, c, h, w), torch.randn(1, c, h, w)
-        return Subject(model, (x,), (x2,), info, build)
-    if family == "hf":
-        from _hf_models import HF_MODELS, build_hf, example_inputs
-
-        def build():
-            return _prepare(build_hf(name)[0], vectors=True)
-        model = build()
-        return Subject(model, example_inputs(name), example_inputs(name, seed=1), {"kind": HF_MODELS[name][0]}, build)
-    raise ValueError(f"unknown family {family!r}")
 
 
 def _ours(model, x, ratio: float, round_to: int):
@@ -237,14 +111,14 @@ def warm_up(tool: str, ratio: float, family: str = "torchvision") -> None:
     if family == "hf":
         from _hf_models import build_hf
         model, x = build_hf("bert")
-        model = _prepare(model, vectors=True)
+        model = prepare(model, vectors=True)
     else:
         if family == "timm":
             import timm
-            model = _prepare(timm.create_model("resnet18", pretrained=False), vectors=True)
+            model = prepare(timm.create_model("resnet18", pretrained=False), vectors=True)
         else:
             import torchvision
-            model = _prepare(torchvision.models.get_model("resnet18", weights=None))
+            model = prepare(torchvision.models.get_model("resnet18", weights=None))
         x = (torch.randn(1, 3, 64, 64),)
     if tool == "tp":
         tp_prune(model, x[0] if family in ("torchvision", "video") else x, ratio, _tp_family(family))
@@ -375,23 +249,6 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
         except Exception as e:
             row.update(tp_ok=False, tp_error=f"{type(e).__name__}: {str(e)[:200]}")
     return row
-
-
-def model_names(family: str, models: str = "") -> list[str]:
-    """The names a sweep of `family` runs: --models, or every classification model / timm
-    family / Hugging Face architecture."""
-    if models:
-        return list(dict.fromkeys(n for n in models.split(",") if n))
-    if family == "timm":
-        from _timm_models import families
-        return list(families())
-    if family == "hf":
-        from _hf_models import HF_MODELS
-        return list(HF_MODELS)
-    import torchvision
-    if family == "video":
-        return torchvision.models.list_models(module=torchvision.models.video)
-    return torchvision.models.list_models(module=torchvision.models)
 
 
 def _progress(name: str, row: dict) -> str:

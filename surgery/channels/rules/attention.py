@@ -178,11 +178,6 @@ def sdpa_rule(ctx: RuleContext):
         ctx.freeze_inputs(f"{ctx.describe()} attends over these channels with no head axis (its scale depends "
                           "on their count)")
         return None
-    for t in (q, k, v):
-        lay = ctx.ids(t)
-        if lay is not None and ctx.shape(t) is not None and len(ctx.shape(t)) > nd:
-            ctx.freeze_inputs(f"{ctx.describe()}: unexpected operand shapes")
-            return None
     q_heads = ctx.shape(q)[-3] if ctx.shape(q) is not None and len(ctx.shape(q)) >= 3 else 1
     reps = []
     for t, x in zip((q, k, v), ids):
