@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .attributes import IndexedAttributes
 from .calling import as_inputs, entry_shell, traced_entry
 from .concrete import ConcreteTracing, failing_line, specialised_dims
 from .copying import copy_module, copy_sharing_tensors, gc_paused, shareable_tensors
@@ -60,7 +61,7 @@ _PLAIN_ARGS = frozenset({fx.Proxy, tuple, list, dict, int, float, bool, str, typ
                          torch.dtype, torch.device, torch.memory_format, torch.layout})
 
 
-class _Tracer(ConcreteTracing, fx.Tracer):
+class _Tracer(ConcreteTracing, IndexedAttributes, fx.Tracer):
     """An fx Tracer that keeps user/opaque leaves, traces the top-level forward's constant
     arguments as constants (see :mod:`surgery.signature`), and remembers which module was being
     traced when tracing failed (the innermost module on the call stack) and which proxies it

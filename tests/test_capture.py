@@ -5,6 +5,7 @@ import torch
 import torch.fx as fx
 import torchvision.models as tvm
 from torch import nn
+from torch.nn import functional as F
 
 import surgery
 from surgery import TraceFailure
@@ -301,9 +302,14 @@ class _Shortcuts(nn.Module):
         self.pool2 = nn.AdaptiveAvgPool2d((None, 3))
         self.pool3 = nn.AdaptiveAvgPool3d(1)
         self.lin = nn.Linear(5, 7)
+        self.register_buffer("mean", torch.zeros(6))
+        self.register_buffer("var", torch.ones(6))
+        self.gamma = nn.Parameter(torch.ones(5))
 
     def forward(self, x):
         y = self.valid(self.same(self.c1(x)))                     # (2, 6, L)
+        y = F.batch_norm(y, self.mean, self.var, weight=self.var, training=False)
+        y = F.layer_norm(y, (y.shape[-1],)) + F.layer_norm(y[..., :5], [5], self.gamma)[..., :1]
         z = self.c2(y.unsqueeze(-1))                               # (2, 4, L', 1)
         v = self.c3(z.unsqueeze(-1).expand(-1, -1, -1, 2, 2))      # (2, 2, L'-1, 1, 1)
         k = (x[:, 0, :3] * 10).long()                              # int64 (2, 3)
@@ -326,16 +332,31 @@ def test_meta_shape_shortcuts_equal_the_real_run(monkeypatch):
     assert got[add.name] == (torch.Size([2, 3]), torch.float32)
 
 
+class _FunctionalNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x):
+        return F.layer_norm(F.batch_norm(x, self.mean, self.var), [4])
+
+
 @pytest.mark.parametrize("model,x,message", [
     (nn.Sequential(nn.Conv2d(3, 4, 3)), torch.rand(1, 5, 8, 8), "expected input.*to have 3 channels"),
     (nn.Sequential(nn.Conv2d(3, 4, 5)), torch.rand(1, 3, 4, 4), "Kernel size can't be greater"),
     (nn.Sequential(nn.Linear(4, 2)), torch.rand(3, 5), "cannot be multiplied"),
+    (nn.Sequential(nn.BatchNorm2d(4)), torch.rand(1, 5, 8, 8), "running_mean should contain 5 elements"),
+    (nn.Sequential(nn.BatchNorm2d(4)), torch.rand(1, 4, 8), "expected 4D input"),
+    (nn.Sequential(nn.LayerNorm(4)), torch.rand(1, 8, 5), "normalized_shape=\\[4\\]"),
+    (_FunctionalNorm(), torch.rand(2, 5, 3), "running_mean should contain 5 elements"),
+    (_FunctionalNorm(), torch.rand(2, 4, 3), "normalized_shape=\\[4\\]"),
 ])
 def test_meta_shape_shortcuts_leave_bad_input_to_the_layer(model, x, message, monkeypatch):
     devices = _runs_on(monkeypatch)
     with pytest.raises(surgery.ShapePropagationFailure, match=message) as info:
         surgery.capture(model, (x,))
-    assert isinstance(info.value.__cause__, RuntimeError)
+    assert isinstance(info.value.__cause__, (RuntimeError, ValueError))  # the layer's own error
     assert devices == ["meta", "cpu"]  # the shortcut declined, the layer failed on meta, the real run raised
 
 
@@ -372,3 +393,45 @@ def test_graph_module_without_code_is_fx_graph_module_once_compiled(name):
     x = x224[0] if name == "vit_b_16" else x64[0]
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x)) and torch.equal(torch.jit.script(ours)(x), theirs(x))
+
+
+class _FunctionalNorms(nn.Module):
+    """Reads its parameters and buffers as attributes and passes them to functions (as timm's
+    BatchNormAct2d does), one weight shared under two names."""
+
+    def __init__(self, depth: int = 6):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(depth))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(4) for _ in range(depth))
+        self.shared = self.convs[0].weight  # a second name for a tensor the tree already holds
+
+    def forward(self, x):
+        for conv, bn in zip(self.convs, self.norms):
+            x = torch.nn.functional.batch_norm(conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        return x * self.shared.mean()
+
+
+def test_attributes_read_in_forward_get_fx_names_without_a_search_per_read(monkeypatch):
+    model = _FunctionalNorms().eval()
+    for bn in model.norms:  # statistics that make a wrong buffer visible in the output
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    calls = {"n": 0}
+    named_parameters = nn.Module.named_parameters
+
+    def counted(self, *a, **k):
+        calls["n"] += 1
+        return named_parameters(self, *a, **k)
+    monkeypatch.setattr(nn.Module, "named_parameters", counted)
+    gm = surgery.capture(model)
+    monkeypatch.undo()
+    # the names fx gives: a shared tensor's first name in named_parameters (the root's own
+    # come first), every buffer as a get_attr
+    reads = sorted(str(n.target) for n in gm.graph.nodes if n.op == "get_attr")
+    assert next(n for n, p in model.named_parameters() if p is model.shared) == "shared"
+    assert "shared" in reads and "convs.0.weight" not in reads
+    assert {f"norms.{i}.running_mean" for i in range(6)} <= set(reads)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(gm(x), model(x))
+    # fx searches every parameter per read (2 x 6 norms + 1): that would be 13 searches or more
+    assert calls["n"] < 6, calls["n"]
