@@ -90,7 +90,7 @@ class ChannelPrune:
     criterion: str = "l1"
     # "Conv1D": Hugging Face's GPT-2 linear layer (named, so transformers need not be imported)
     select: Selector = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                        nn.ConvTranspose3d, nn.Linear, "Conv1D", nn.MultiheadAttention)
+                        nn.ConvTranspose3d, nn.Linear, "Conv1D", nn.MultiheadAttention, nn.Embedding)
     exclude: Selector = None
     scope: str = "local"
     round_to: int = 1

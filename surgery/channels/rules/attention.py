@@ -44,7 +44,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..rulebook import RuleContext, register_rule, varying
-from .common import untracked_operand
+from .operands import untracked_operand
 
 _CARRIERS = {"view", "reshape", "expand", "getitem", "contiguous", "repeat_interleave", "unsqueeze", "clone"}
 

@@ -1,0 +1,113 @@
+"""Patterns met in Hugging Face task models, each in miniature: pruned exactly, with the parameter
+count that the kept widths give (see test_streams for the helper's checks)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import surgery
+from passes import ChannelPrune, Shrink
+from test_streams import _params, _prune
+
+
+class _InlineActivation(nn.Module):
+    """DistilBERT's classification head: ``nn.ReLU()(x)``, a module built inside forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(nn.ReLU()(self.pre(x)))
+
+
+def test_a_module_built_inside_forward_is_traced_as_its_ops():
+    model, x = _InlineActivation().eval(), torch.randn(4, 8)
+    gm = surgery.capture(model, (x,))
+    assert gm.meta["surgery"]["opaque"] == {}
+    assert any(n.target in (torch.relu, F.relu) for n in gm.graph.nodes)
+    assert torch.equal(gm(x), model(x))
+    _, small = _prune(model, x)
+    assert _params(small) == 8 * 8 + 8 + 8 * 3 + 3
+
+
+class _FactorisedEmbedding(nn.Module):
+    """ALBERT's and ELECTRA's embeddings: narrower than the stream, normalised, then projected.
+    Only embeddings produce that width, so ChannelPrune must select them by default."""
+
+    def __init__(self, vocab=20, e=8, d=12):
+        super().__init__()
+        self.words, self.positions = nn.Embedding(vocab, e), nn.Embedding(10, e)
+        self.norm, self.proj, self.head = nn.LayerNorm(e), nn.Linear(e, d), nn.Linear(d, 2)
+
+    def forward(self, ids):
+        h = self.norm(self.words(ids) + self.positions.weight[: ids.shape[1]])
+        return self.head(torch.tanh(self.proj(h)))
+
+
+def test_a_width_only_embeddings_produce_is_pruned_by_default():
+    ids = torch.randint(0, 20, (2, 6))
+    _, small = _prune(_FactorisedEmbedding(), ids)
+    e, d = 4, 6
+    assert _params(small) == 20 * e + 10 * e + 2 * e + e * d + d + d * 2 + 2
+    masked = surgery.compress(_FactorisedEmbedding().eval(), [ChannelPrune(0.5, exclude=nn.Embedding)], (ids,))
+    small = surgery.compress(masked, [Shrink()], (ids,))
+    assert small.get_submodule("words").weight.shape == (20, 8)  # excluded: nothing else produces it
+
+
+class _ClassToken(nn.Module):
+    """CLIP's vision embeddings: a 1-D class embedding expanded to (B, 1, D) and put in front of
+    the patches; Dinov2's reads the position table's length (not its width) to decide whether to
+    interpolate it."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, 4)
+        self.cls = nn.Parameter(torch.randn(d))
+        self.pos = nn.Parameter(torch.randn(1, 5, d))
+        self.fc, self.head = nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        p = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(x.shape[0], 1, -1), p], dim=1)
+        if h.shape[1] - 1 == self.pos.shape[1] - 1:  # the table's length: no channel is read
+            h = h + self.pos
+        h = h + self.fc(torch.relu(h))
+        return self.head(h[:, 0])
+
+
+def test_a_class_embedding_and_a_position_table_lose_channels_with_the_stream():
+    x = torch.randn(2, 3, 8, 8)
+    gm = surgery.capture(_ClassToken().eval(), (x,))
+    assert [g.frozen for g in surgery.channel_groups(gm)] == [None, "reaches the model output through 'head'"]
+    _, small = _prune(_ClassToken(), x)
+    d = 4
+    assert small.get_parameter("cls").shape == (d,) and small.get_parameter("pos").shape == (1, 5, d)
+    assert _params(small) == 3 * 16 * d + d + d + 5 * d + d * d + d + d * 3 + 3
+
+
+class _MaskedScores(nn.Module):
+    """DeBERTa fills masked attention scores with the dtype's minimum (``masked_fill``)."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.heads, self.q, self.k, self.v, self.o = heads, *(nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, keep):
+        b, n, d = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~keep[:, None, None, :], torch.finfo(x.dtype).min)
+        out = scores.softmax(-1) @ v
+        return self.o(out.transpose(1, 2).reshape(b, n, d))
+
+
+def test_masked_fill_on_attention_scores_keeps_the_heads_prunable():
+    x, keep = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    gm = surgery.capture(_MaskedScores().eval(), (x, keep))
+    heads = [g for g in surgery.channel_groups(gm) if g.size == 2]
+    assert len(heads) == 1 and heads[0].frozen is None
+    masked = surgery.compress(_MaskedScores().eval(), [ChannelPrune(0.5)], (x, keep))
+    small = surgery.compress(masked, [Shrink()], (x, keep))
+    x2 = torch.randn(2, 5, 8)
+    assert torch.allclose(masked(x2, keep), small(x2, keep), atol=1e-6)
+    assert _params(small) == 3 * (8 * 4 + 4) + 4 * 8 + 8
