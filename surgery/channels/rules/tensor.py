@@ -336,7 +336,10 @@ def expand_rule(ctx: RuleContext):
     if varying(lay):
         ctx.g.rewrite.add(ctx.node)
     nd = len(ctx.shape())
-    return lay.reshape((1,) * (nd - lay.ndim) + lay.shape), None
+    v = ctx.values(ctx.x)  # copies of the same values: zeros stay zeros (repeat_kv's expand)
+    lift = (1,) * (nd - lay.ndim)
+    carried = v.reshape(lift + v.shape) if v is not None and v.shape == lay.shape else None
+    return lay.reshape(lift + lay.shape), carried
 
 
 register_rule("expand", expand_rule)
