@@ -127,3 +127,30 @@ def test_a_pre_norm_block_loses_stream_head_dims_and_mlp_units_together(norm):
     assert sum(p.numel() for p in small.parameters()) == want
     with pytest.raises(surgery.ConfigError, match="attention"):
         ChannelPrune(0.5, attention="dims")
+
+
+def test_trained_masks_reach_head_dimensions_too():
+    """GumbelMask(attention="head_dims") puts one gate on q/k positions and one on v positions
+    per attention; units a gate turns off leave exactly, as ChannelPrune's do."""
+    from passes import GumbelMask
+    torch.manual_seed(0)
+    model = Attention(kv_heads=2, mode="sdpa", head_dim=6).eval()
+    x = torch.randn(2, 7, 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gated = surgery.compress(model, [GumbelMask(attention="head_dims")], (x,))
+    gates = {n.args[0].name: gated.get_submodule(n.target) for n in gated.graph.nodes
+             if n.op == "call_module" and n.target.startswith("gumbel_")}
+    assert sorted(gates) == ["k", "q", "v"] and gates["q"] is gates["k"] and len(gates["v"].logits) == 6
+    with torch.no_grad():
+        gates["q"].logits[[0, 2]] = -10.0
+        gates["v"].logits[[1, 3, 5]] = -10.0
+    gated.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = surgery.compress(gated, [Shrink()], (x,))
+    x2 = torch.randn(3, 7, 24)
+    want = _reference(model, x2, torch.tensor([1, 3, 4, 5]), torch.tensor([0, 2, 4]))
+    assert max_abs_diff(run_eval(small, (x2,)), want) < 1e-5
+    assert small.get_submodule("q").weight.shape == (8 * 4, 24)
+    assert small.get_submodule("v").weight.shape == (2 * 3, 24)
