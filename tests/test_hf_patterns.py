@@ -111,3 +111,33 @@ def test_masked_fill_on_attention_scores_keeps_the_heads_prunable():
     x2 = torch.randn(2, 5, 8)
     assert torch.allclose(masked(x2, keep), small(x2, keep), atol=1e-6)
     assert _params(small) == 3 * (8 * 4 + 4) + 4 * 8 + 8
+
+
+class _HeadsInBatch(nn.Module):
+    """DeBERTa's attention: heads merged into the batch axis for bmm, ``(B*H, N, d)``, split off
+    again after it, and the scale computed from the head size read at run time."""
+
+    def __init__(self, d=8, heads=4):
+        super().__init__()
+        self.heads, self.q, self.k, self.v, self.o = heads, *(nn.Linear(d, d) for _ in range(4))
+
+    def _split(self, t):
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, -1).permute(0, 2, 1, 3).contiguous().view(-1, n, t.size(-1) // self.heads)
+
+    def forward(self, x):
+        q, k, v = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
+        scale = torch.sqrt(torch.tensor(q.size(-1), dtype=torch.float))
+        probs = torch.bmm(q, k.transpose(-1, -2) / scale).softmax(-1)
+        out = torch.bmm(probs, v)
+        out = out.view(-1, self.heads, out.size(-2), out.size(-1)).permute(0, 2, 1, 3).contiguous()
+        return self.o(out.view(out.size(0), out.size(1), -1))
+
+
+def test_heads_merged_into_the_batch_axis_are_pruned_whole():
+    x = torch.randn(2, 5, 8)
+    gm = surgery.capture(_HeadsInBatch().eval(), (x,))
+    heads = [g for g in surgery.channel_groups(gm) if g.size == 4]
+    assert len(heads) == 1 and heads[0].frozen is None
+    _, small = _prune(_HeadsInBatch(), x)
+    assert _params(small) == 3 * (8 * 4 + 4) + 4 * 8 + 8

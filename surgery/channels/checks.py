@@ -161,6 +161,8 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
                         return u, []
                     if not np.array_equal(np.sort(a), np.sort(b)):  # the same channels, maybe shuffled: nothing to tie
                         pairs.append((a, b))
+            elif fixes is not None and len(vary) > 1 and read is not None:
+                fixes.append(read)  # one axis of several, used as a number (DeBERTa's sqrt(head size)): kept whole
             else:
                 return u, []
     return None, pairs

@@ -142,7 +142,26 @@ def reshape_rule(ctx: RuleContext):
     if varying(lay) and ctx.node.op == "call_method" and ctx.node.target in ("view", "reshape") or \
             ctx.node.target is torch.reshape:
         ctx.g.rewrite.add(ctx.node)
-    return out, (_reshape(v, a, b) if v is not None else None)
+    vals = _reshape(v, a, b) if v is not None else None
+    return _compact(out, vals)  # DeBERTa's heads, merged into the batch axis and split off again
+
+
+def _compact(lay: np.ndarray, vals: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`lay` with every axis along which it holds the same ids at each position cut to length 1
+    (a reshape that splits (B*H) back into (B, H) spreads the heads' ids over B too); `vals`
+    (the known values, same shape) alike, a value kept where it is the same all along."""
+    if vals is not None and vals.shape != lay.shape:
+        vals = None
+    for d in range(lay.ndim):
+        if lay.shape[d] > 1:
+            first = np.take(lay, [0], axis=d)
+            if (lay == first).all():
+                lay = first
+                if vals is not None:
+                    v0 = np.take(vals, [0], axis=d)
+                    same = ((vals == v0) | (np.isnan(vals) & np.isnan(v0))).all(axis=d, keepdims=True)
+                    vals = np.where(same, v0, np.nan)
+    return lay, vals
 
 
 def _reshape(lay: np.ndarray, a: tuple, b: tuple) -> np.ndarray | None:
