@@ -1,6 +1,5 @@
 """Patterns met in Hugging Face task models, each in miniature: pruned exactly, with the parameter
 count that the kept widths give (see test_streams for the helper's checks)."""
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
