@@ -1,5 +1,5 @@
-"""Patterns met in Hugging Face task models, each in miniature: pruned exactly, with the parameter
-count that the kept widths give (see test_streams for the helper's checks)."""
+"""Patterns met in Hugging Face task models and timm models, each in miniature: pruned exactly,
+with the parameter count that the kept widths give (see test_streams for the helper's checks)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -140,3 +140,37 @@ def test_heads_merged_into_the_batch_axis_are_pruned_whole():
     assert len(heads) == 1 and heads[0].frozen is None
     _, small = _prune(_HeadsInBatch(), x)
     assert _params(small) == 3 * (8 * 4 + 4) + 4 * 8 + 8
+
+
+class _WrittenSizes(nn.Module):
+    """timm's MaxViT/GCViT relative position bias, ``table[index].view(N, N, heads)`` with the head
+    count written in, and MetaFormer's ``scale.view(C, 1, 1)``: the parameters lose heads and
+    channels, and the lengths written on their way must follow."""
+
+    def __init__(self, c=8, heads=4, n=6):
+        super().__init__()
+        self.heads, self.n = heads, n
+        self.conv, self.scale = nn.Conv2d(3, c, 1), nn.Parameter(torch.rand(c) + 0.5)
+        self.q, self.k, self.v, self.o = (nn.Linear(c, c) for _ in range(4))
+        self.table = nn.Parameter(torch.randn(2 * n - 1, heads))
+        pos = torch.arange(n)
+        self.register_buffer("index", (pos[:, None] - pos[None, :] + n - 1).flatten())
+        self.head = nn.Linear(c, 2)
+
+    def forward(self, x):
+        h = self.conv(x) * self.scale.view(8, 1, 1)
+        h = h.flatten(2).transpose(1, 2)                              # (B, n, C)
+        b = h.shape[0]
+        q, k, v = (f(h).view(b, self.n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        bias = self.table[self.index].view(self.n, self.n, 4).permute(2, 0, 1)
+        y = torch.softmax(q @ k.transpose(-1, -2) + bias, -1) @ v
+        return self.head(h + self.o(y.transpose(1, 2).reshape(b, self.n, -1)))
+
+
+def test_lengths_written_into_views_of_a_parameter_follow_its_cut():
+    x = torch.randn(2, 3, 2, 3)
+    _, small = _prune(_WrittenSizes(), x)
+    assert small.get_parameter("table").shape == (11, 2) and small.get_parameter("scale").shape == (4,)
+    c, heads = 4, 2
+    assert _params(small) == 3 * c + c + c + 3 * (c * 2 * heads + 2 * heads) + (2 * heads * c + c) + 11 * heads \
+        + c * 2 + 2

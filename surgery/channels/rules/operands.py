@@ -133,6 +133,29 @@ def _axes_after(axes: list, shape: tuple, chain: list[fx.Node]) -> list | None:
     return axes
 
 
+def _sized_on_the_way(ctx: RuleContext, source: fx.Node, t: fx.Node, axis: int, line: np.ndarray) -> None:
+    """The parameter `source` loses channels `line` along `axis` on its way to `t`: a view or
+    reshape on that way with the length written in (timm's ``table[index].view(N, N, heads)``,
+    a scale's ``gamma.view(C, 1, 1)``) gets the channels' layout, so Shrink rewrites that length."""
+    src = source.meta.get("shape")
+    chain, n = [], t
+    while n is not source:
+        chain.append(n)
+        n = n.args[0] if n.target in _VIEWS | _MOVES or n.target is operator.getitem else n.all_input_nodes[0]
+    chain.reverse()
+    for i, n in enumerate(chain):
+        if not (n.op == "call_method" and n.target in ("view", "reshape") or n.target is torch.reshape):
+            continue
+        axes = _axes_after(list(range(len(src))), src, chain[:i + 1])
+        shape = n.meta.get("shape")
+        if axes is None or axis not in axes or not isinstance(shape, torch.Size) or n in ctx.g.layouts:
+            continue
+        k = axes.index(axis)
+        if shape[k] == len(line):
+            ctx.g.layouts[n] = line.reshape([len(line) if d == k else 1 for d in range(len(shape))])
+            ctx.g.rewrite.add(n)
+
+
 def untracked_operand(ctx: RuleContext, t: Any, tracked: np.ndarray | None, nd: int) -> None:
     """An element-wise op combines channels (layout `tracked`, `nd` axes) with an untracked tensor
     `t`. Where `t` varies along an axis the channels vary along, removing a channel would need `t`
@@ -153,6 +176,8 @@ def untracked_operand(ctx: RuleContext, t: Any, tracked: np.ndarray | None, nd: 
     if axis is not None and len(varying(tracked)) == 1:
         owner, attr = _owner(ctx.g.gm, str(source.target))
         ctx.place("local", tracked, clash[0], params=[(owner, attr, axis)])
+        line = np.moveaxis(tracked, clash[0], 0).reshape(tracked.shape[clash[0]], -1)[:, 0]
+        _sized_on_the_way(ctx, source, t, axis, line)
     elif len(clash) < len(varying(tracked)):
         # it varies along some of the channels' axes only (a rotary table along each head's
         # dimensions): the others stay prunable, these stay whole
