@@ -22,14 +22,14 @@ _VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, inter
                patch_size=8)
 HF_MODELS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     # encoders
-    "bert": ("encoder", "BertConfig", _SMALL, "BertModel"),
-    "roberta": ("encoder", "RobertaConfig", _SMALL, "RobertaModel"),
+    "bert": ("encoder", "BertConfig", _SMALL, "BertForSequenceClassification"),
+    "roberta": ("encoder", "RobertaConfig", _SMALL, "RobertaForSequenceClassification"),
     "distilbert": ("encoder", "DistilBertConfig", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **_TEXT),
-                   "DistilBertModel"),
-    "albert": ("encoder", "AlbertConfig", dict(_SMALL, embedding_size=16), "AlbertModel"),
-    "electra": ("encoder", "ElectraConfig", dict(_SMALL, embedding_size=16), "ElectraModel"),
-    "deberta_v2": ("encoder", "DebertaV2Config", _SMALL, "DebertaV2Model"),
-    "mpnet": ("encoder", "MPNetConfig", _SMALL, "MPNetModel"),
+                   "DistilBertForSequenceClassification"),
+    "albert": ("encoder", "AlbertConfig", dict(_SMALL, embedding_size=16), "AlbertForSequenceClassification"),
+    "electra": ("encoder", "ElectraConfig", dict(_SMALL, embedding_size=16), "ElectraForSequenceClassification"),
+    "deberta_v2": ("encoder", "DebertaV2Config", _SMALL, "DebertaV2ForSequenceClassification"),
+    "mpnet": ("encoder", "MPNetConfig", _SMALL, "MPNetForSequenceClassification"),
     # decoder language models
     "gpt2": ("decoder", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, **_TEXT),
              "GPT2LMHeadModel"),
@@ -54,20 +54,23 @@ HF_MODELS: dict[str, tuple[str, str, dict[str, Any], str]] = {
                                                    max_position_embeddings=64, **_TEXT),
              "BartForConditionalGeneration"),
     # vision
-    "vit": ("vision", "ViTConfig", _VISION, "ViTModel"),
-    "deit": ("vision", "DeiTConfig", _VISION, "DeiTModel"),
-    "beit": ("vision", "BeitConfig", dict(_VISION, use_mask_token=False), "BeitModel"),
-    "dinov2": ("vision", "Dinov2Config", _VISION, "Dinov2Model"),
+    "vit": ("vision", "ViTConfig", _VISION, "ViTForImageClassification"),
+    "deit": ("vision", "DeiTConfig", _VISION, "DeiTForImageClassification"),
+    "beit": ("vision", "BeitConfig", dict(_VISION, use_mask_token=False), "BeitForImageClassification"),
+    "dinov2": ("vision", "Dinov2Config", _VISION, "Dinov2ForImageClassification"),
     "swin": ("vision", "SwinConfig", dict(embed_dim=16, depths=[1, 1], num_heads=[2, 4], image_size=32,
-                                          patch_size=4, window_size=4), "SwinModel"),
+                                          patch_size=4, window_size=4), "SwinForImageClassification"),
     "convnext": ("vision", "ConvNextConfig", dict(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, image_size=32),
-                 "ConvNextModel"),
-    "clip_vision": ("vision", "CLIPVisionConfig", _VISION, "CLIPVisionModel"),
+                 "ConvNextForImageClassification"),
+    "clip_vision": ("vision", "CLIPConfig", dict(vision_config=_VISION, text_config=dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
+        bos_token_id=1, eos_token_id=2)), "CLIPForImageClassification"),
     "whisper_encoder": ("audio", "WhisperConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2,
                                                        encoder_attention_heads=4, decoder_attention_heads=4,
                                                        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
                                                        max_source_positions=16, max_target_positions=16,
-                                                       decoder_start_token_id=1, **_TEXT), "WhisperModel"),
+                                                       decoder_start_token_id=1, **_TEXT),
+                        "WhisperForAudioClassification"),
 }
 
 
@@ -90,16 +93,16 @@ def example_inputs(name: str, seed: int = 0, batch: int = 2, length: int = 9) ->
 
 
 def build_hf(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The model (eval mode, random weights from `seed`) and its example inputs. Whisper is
-    represented by its encoder (the audio backbone)."""
+    """The model (eval mode, random weights from `seed`) and its example inputs. Encoders and
+    vision models come with the classification head a user fine-tunes (their base models return
+    the residual stream itself, whose width then cannot change); Whisper is represented by its
+    encoder, with an audio-classification head."""
     import transformers
 
     kind, config_name, kwargs, model_name = HF_MODELS[name]
     config = getattr(transformers, config_name)(**kwargs)
     torch.manual_seed(seed)
     model: torch.nn.Module = getattr(transformers, model_name)(config)
-    if name == "whisper_encoder":
-        model = model.get_encoder()
     return model.eval(), example_inputs(name, seed)
 
 

@@ -80,12 +80,14 @@ from surgery.calling import call  # noqa: E402
 ROWS = HERE / "results" / "shrink_sweep.jsonl"
 FAMILIES = ("torchvision", "timm", "hf", "video")
 
-def result_name(family: str) -> str:
-    """The results file stem of `family`: shrink_sweep (torchvision), shrink_sweep_timm, shrink_sweep_hf."""
-    return "shrink_sweep" if family == "torchvision" else f"shrink_sweep_{family}"
+def result_name(family: str, attention: str = "heads") -> str:
+    """The results file stem of `family`: shrink_sweep (torchvision), shrink_sweep_timm, shrink_sweep_hf;
+    with ``attention="head_dims"``, ..._head_dims."""
+    stem = "shrink_sweep" if family == "torchvision" else f"shrink_sweep_{family}"
+    return stem if attention == "heads" else f"{stem}_{attention}"
 
 
-def _ours(model, x, ratio: float, round_to: int):
+def _ours(model, x, ratio: float, round_to: int, attention: str = "heads"):
     """What a user writes: compress(model, [ChannelPrune, Shrink]). Capture runs one forward
     for shapes, ChannelPrune none, Shrink the masked and the shrunk model once each to verify
     itself. `x`: the example inputs (a tuple, or a dict of keyword inputs). Returns (shrunk
@@ -94,7 +96,7 @@ def _ours(model, x, ratio: float, round_to: int):
     from passes import ChannelPrune, Shrink
     gc.collect()  # both tools start with no garbage pending (see run_tp)
     t = time.perf_counter()
-    small = surgery.compress(model, [ChannelPrune(ratio=ratio, round_to=round_to), Shrink()], x)
+    small = surgery.compress(model, [ChannelPrune(ratio=ratio, round_to=round_to, attention=attention), Shrink()], x)
     return small, time.perf_counter() - t
 
 
@@ -181,7 +183,7 @@ def _error(e: BaseException) -> str:
 
 
 def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, repeats: int = 1,
-            family: str = "torchvision", tp_limit: float = 0) -> dict:
+            family: str = "torchvision", tp_limit: float = 0, attention: str = "heads") -> dict:
     import torch
 
     import surgery
@@ -210,10 +212,11 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
         times = []
         while len(times) < (runs_for(times[0], repeats) if times else 1):
             small = None
-            small, t = _ours(model, x, ratio, round_to)
+            small, t = _ours(model, x, ratio, round_to, attention)
             times.append(t)
         row["surgery_time"], row["surgery_times"] = statistics.median(times), times
-        masked = surgery.compress(model, [ChannelPrune(ratio=ratio, round_to=round_to)], x)  # the same masks
+        masked = surgery.compress(model, [ChannelPrune(ratio=ratio, round_to=round_to, attention=attention)],
+                                  x)  # the same masks
         row["verify_time"] = surgery.shrink_report(small).verify_seconds
         row["rel_error"] = max_rel_diff(output_tensors(run_eval(masked, x2)), output_tensors(run_eval(small, x2)))
         row["exact"] = row["rel_error"] < 1e-4
@@ -275,6 +278,8 @@ def main() -> None:
     ap.add_argument("--models", default="", help="comma-separated names (timm: family names; default: all)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many models (after --models)")
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--attention", choices=("heads", "head_dims"), default="heads",
+                    help="ChannelPrune's attention units (head_dims: tables named ..._head_dims)")
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--size", type=int, default=224,
                     help="input side (timm: the largest side, where the model runs on it)")
@@ -297,7 +302,7 @@ def main() -> None:
         args.tp_timeout = {"torchvision": 0, "timm": 120, "hf": 60, "video": 0}[args.family]
     if args.one:
         row = run_one(args.one, args.ratio, args.size, args.round_to, not args.no_tp, args.repeats, args.family,
-                      args.tp_timeout)
+                      args.tp_timeout, args.attention)
         print("ROW " + json.dumps(row), flush=True)
         return
     names = model_names(args.family, args.models)
@@ -312,7 +317,7 @@ def main() -> None:
             print(f"{n:42s} {reps[n][0]:40s} ({len(reps[n])} models)" if n in reps else n)
         print(f"{len(names)} {'families' if args.family == 'timm' else 'models'}")
         return
-    rows_path = Path(args.rows) if args.rows else HERE / "results" / f"{result_name(args.family)}.jsonl"
+    rows_path = Path(args.rows) if args.rows else HERE / "results" / f"{result_name(args.family, args.attention)}.jsonl"
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     done = {}
     if rows_path.exists():
@@ -326,7 +331,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--one", name, "--family", args.family, "--ratio", str(args.ratio),
                "--size", str(args.size), "--round-to", str(args.round_to), "--repeats", str(args.repeats),
-               "--tp-timeout", str(args.tp_timeout)] + \
+               "--tp-timeout", str(args.tp_timeout), "--attention", args.attention] + \
             (["--no-tp"] if args.no_tp else [])
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -363,8 +368,9 @@ def main() -> None:
         full = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/shrink_sweep.py" + \
             ("" if args.family == "torchvision" else f" --family {args.family}")
         command = f"{full}, then {command}"
-    path = write_result(result_name(args.family),
-                        f"Shrink sweep{which}: ChannelPrune(ratio={args.ratio}) -> Shrink -> export",
+    units = "" if args.attention == "heads" else f", attention={args.attention!r}"
+    path = write_result(result_name(args.family, args.attention),
+                        f"Shrink sweep{which}: ChannelPrune(ratio={args.ratio}{units}) -> Shrink -> export",
                         command,
                         tab, text + "\n\n" + notes(args.family, args.size))
     print(f"wrote {path}")

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from surgery.channels import ChannelGraph, ChannelGroup, analyze_tree
+from surgery.channels import ChannelGraph, ChannelGroup, analyze_tree, set_attention_units
 from surgery.errors import SelectionError
 from surgery.graph import submodule, unique_name
 from surgery.pipeline import Context, UnitMask
@@ -81,6 +81,11 @@ class ChannelPrune:
         scope: "local" or "global" ranking.
         round_to: keep a multiple of this many channels per group (8 suits vector hardware).
         seed: for criterion="random".
+        attention: what a unit of attention is. "heads" (default): whole heads go, every head
+            keeping its size. "head_dims": every head keeps the same positions of its
+            dimension (q with k, v with the output projection's columns), so heads stay and get
+            narrower; rotary embeddings keep q and k whole. Recorded in
+            ``gm.meta["surgery"]["attention_units"]``, which Shrink's analysis reads back.
 
     Frozen groups and the model's output channels are never masked; every group keeps at
     least one channel (and at least one per group of a grouped convolution).
@@ -90,11 +95,12 @@ class ChannelPrune:
     criterion: str = "l1"
     # "Conv1D": Hugging Face's GPT-2 linear layer (named, so transformers need not be imported)
     select: Selector = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                        nn.ConvTranspose3d, nn.Linear, "Conv1D", nn.MultiheadAttention)
+                        nn.ConvTranspose3d, nn.Linear, "Conv1D", nn.MultiheadAttention, nn.Embedding)
     exclude: Selector = None
     scope: str = "local"
     round_to: int = 1
     seed: int = 0
+    attention: str = "heads"
     keeps_shapes: ClassVar[bool] = True     # mask nodes get their input's shape
     writes_tensors: ClassVar[bool] = False  # reads weights to score them, adds masks
     needs_code: ClassVar[bool] = False      # reads the graph and the weights only
@@ -109,11 +115,13 @@ class ChannelPrune:
         check.choice("ChannelPrune", "scope", self.scope, ("local", "global"))
         check.number("ChannelPrune", "round_to", self.round_to, lo=1, integer=True)
         check.number("ChannelPrune", "seed", self.seed, lo=0, hi=check.SEED_MAX, integer=True)
+        check.choice("ChannelPrune", "attention", self.attention, ("heads", "head_dims"))
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         # a selection that matches nothing raises SelectionError with the nearest names, as in
         # Identity and the mask passes; otherwise a typo would return the model unpruned
         selected = select_tree(gm, self.select, self.exclude, skip=(UnitMask,))
+        set_attention_units(gm, self.attention)
         tree = analyze_tree(gm)  # gm's graph, and those nested under eager code in it (a shell's)
         groups = [g for cg in tree.values() for g in cg.groups]
         self._check_producers(selected, groups)

@@ -114,10 +114,9 @@ class _Tracer(ConcreteTracing, IndexedAttributes, fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         try:
             qual = self.path_of_module(m)
-        except NameError:
-            qual = None  # a module built inside forward: failures belong to the caller
-        if qual is not None:
-            self.stack.append(qual)
+        except NameError:  # a module built inside forward (`nn.ReLU()(x)`): its ops are the caller's
+            return forward(*args, **kwargs)
+        self.stack.append(qual)
         known = self.example is not None or self.arguments is not None and bool(self.arguments.supplied)
         ops = traced_as_ops(m, args, kwargs, known) if traced_as_ops_candidate(m) and not (
             qual in self.leaf_names or self.leaf_types and isinstance(m, self.leaf_types)) else None
@@ -131,8 +130,7 @@ class _Tracer(ConcreteTracing, IndexedAttributes, fx.Tracer):
             raise
         finally:
             self.as_ops = None
-            if qual is not None:
-                self.stack.pop()
+            self.stack.pop()
 
 
 def _split_leaves(leaf_modules: Iterable[LeafSpec]) -> tuple[tuple[type, ...], set[str], tuple[Callable, ...]]:

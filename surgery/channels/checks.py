@@ -4,7 +4,7 @@ number, and a sliced tensor with a use no rule followed (a tied holder, a get_at
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch.fx as fx
 from ..copying import held_tensor, tied_tensors
 from ..graph import submodule
 from .rulebook import varying
-from .rules.common import _param_source
+from .rules.operands import _param_source
 
 if TYPE_CHECKING:
     from .groups import ChannelGraph
@@ -161,6 +161,8 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
                         return u, []
                     if not np.array_equal(np.sort(a), np.sort(b)):  # the same channels, maybe shuffled: nothing to tie
                         pairs.append((a, b))
+            elif fixes is not None and len(vary) > 1 and read is not None:
+                fixes.append(read)  # one axis of several, used as a number (DeBERTa's sqrt(head size)): kept whole
             else:
                 return u, []
     return None, pairs
@@ -207,7 +209,7 @@ def check_tensor_uses(cg: ChannelGraph) -> None:
             reason = (f"{names[0]} is tied to {', '.join(names[1:])} (one tensor), and the use of {missing[0]} "
                       f"along axis {dim} is not followed by the channel rules")
         for g in reads.get(tid, ()) if reason is None else ():
-            unfollowed = [u for u in g.users if not _followed(u, g, nodes)]
+            unfollowed = [u for u in g.users if not _followed(u, g, nodes) and not _reads_other_axes(u, g, dim)]
             if unfollowed:
                 reason = (f"node {unfollowed[0].name!r} reads {g.target!r} as a whole tensor, which the channel "
                           f"rules do not follow along axis {dim}")
@@ -215,6 +217,29 @@ def check_tensor_uses(cg: ChannelGraph) -> None:
         if reason is not None:
             for lay in ids:
                 cg.frozen.append((np.unique(lay), reason))
+
+
+_METADATA = frozenset({"dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"})
+
+
+def _reads_other_axes(use: fx.Node, read: fx.Node, dim: int) -> bool:
+    """Whether `use` only reads `read`'s metadata, or sizes of axes other than `dim` (Dinov2's
+    ``self.position_embeddings.shape[1] - 1``, which counts positions, not channels)."""
+    shape = read.meta.get("shape")
+    if not isinstance(shape, torch.Size):
+        return False
+
+    def other(k: Any) -> bool:
+        return isinstance(k, int) and -len(shape) <= k < len(shape) and k % len(shape) != dim
+
+    if use.op == "call_function" and use.target is getattr and len(use.args) == 2:
+        if use.args[1] in _METADATA:
+            return True
+        return use.args[1] == "shape" and bool(use.users) and all(
+            u.op == "call_function" and u.target is operator.getitem and other(u.args[1]) for u in use.users)
+    if use.op == "call_method" and use.target in ("dim", "ndimension"):
+        return True
+    return use.op == "call_method" and use.target == "size" and len(use.args) == 2 and other(use.args[1])
 
 
 def _followed(use: fx.Node, read: fx.Node, nodes: set) -> bool:

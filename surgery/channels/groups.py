@@ -40,7 +40,7 @@ from .boundary import Boundary, annotated, check_boundary, prepare, shared_tenso
 from .checks import check_sizes, check_tensor_uses
 from .components import components
 from .points import mask_points
-from .rulebook import NO_CHANNELS, RULES, Ids, Rule, RuleContext, _RawPlace
+from .rulebook import NO_CHANNELS, RULES, Ids, Rule, RuleContext, _RawPlace, varying
 from .rules.modules import mask_rule  # importing .rules registers the standard table
 
 __all__ = ["ChannelGroup", "Place", "ChannelGraph", "channel_groups", "group_of", "analyze", "analyze_tree"]
@@ -215,6 +215,10 @@ class ChannelGraph:
             a = b = np.zeros(0, dtype=np.int64)
         chan = components(n, a, b)
         self.chan_of_elem = chan            # element -> global channel id
+        for lay, axis, reason in self.fixed:  # channels along a fixed axis and nothing else cannot go
+            c = chan[lay]
+            if all((c == np.take(c, [0], axis=d)).all() for d in varying(c) if d != axis):
+                self.frozen.append((np.unique(lay), reason))
         chains: set = set()
         self.places = [p for p in self.places if p.role != "point" or p.arg not in chains and
                        self._one_per_position(p) and not chains.add(p.arg)]
@@ -353,12 +357,24 @@ def analyze_tree(gm: fx.GraphModule) -> dict[str, ChannelGraph]:
     if not subs:  # the common case: one graph, analysed as it always was
         return tree
     shared, first = shared_tensors(gm), len(tree[""].groups)
+    units = gm.meta.get("surgery", {}).get("attention_units")
     for path, sub in subs.items():
+        if units is not None:  # nested graphs take their root's setting
+            sub.meta.setdefault("surgery", {})["attention_units"] = units
         if annotated(sub):
             prepare(sub)
             tree[path] = ChannelGraph(sub, Boundary(path, shared), first).run()
             first += len(tree[path].groups)
     return tree
+
+
+def set_attention_units(gm: fx.GraphModule, units: str) -> None:
+    """Make the analysis of `gm` (and of the graphs nested in it) treat attention by whole
+    "heads" (the default) or by "head_dims" (see :mod:`surgery.channels.rules.attention`). Kept in
+    ``gm.meta["surgery"]``, so that a later analysis of the same graph (Shrink's) agrees."""
+    if units not in ("heads", "head_dims"):
+        raise ValueError(f"attention units are 'heads' or 'head_dims', not {units!r}")
+    gm.meta.setdefault("surgery", {})["attention_units"] = units
 
 
 def channel_groups(gm: fx.GraphModule, rules: dict | None = None) -> list[ChannelGroup]:

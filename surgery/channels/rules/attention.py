@@ -15,6 +15,9 @@ head's output is zero: that is where a mask goes (a *point*: the output of ``att
 ``scaled_dot_product_attention`` on its head axis, or ``v`` before it is repeated for its query
 heads). Nothing about a head's size changes, so the softmax scale stays as it was.
 
+With ``gm.meta["surgery"]["attention_units"] == "head_dims"`` (``ChannelPrune(attention=
+"head_dims")``) the unit is a position of every head instead: see :mod:`.head_dims`.
+
 Example::
 
     >>> import torch, surgery
@@ -44,13 +47,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..rulebook import RuleContext, register_rule, varying
-from .common import untracked_operand
+from .head_dims import _across_heads, _either_zero, _lift, _one_head_values, _sdpa_dims, head_dims
+from .operands import untracked_operand
 
 _CARRIERS = {"view", "reshape", "expand", "getitem", "contiguous", "repeat_interleave", "unsqueeze", "clone"}
-
-
-def _lift(x: np.ndarray | None, nd: int) -> np.ndarray | None:
-    return x.reshape((1,) * (nd - x.ndim) + x.shape) if x is not None else None
 
 
 def _heads(ctx: RuleContext, x: np.ndarray) -> np.ndarray:
@@ -178,6 +178,8 @@ def sdpa_rule(ctx: RuleContext):
         ctx.freeze_inputs(f"{ctx.describe()} attends over these channels with no head axis (its scale depends "
                           "on their count)")
         return None
+    if head_dims(ctx):
+        return _sdpa_dims(ctx, (q, k, v), ids)
     q_heads = ctx.shape(q)[-3] if ctx.shape(q) is not None and len(ctx.shape(q)) >= 3 else 1
     reps = []
     for t, x in zip((q, k, v), ids):
@@ -220,7 +222,16 @@ def matmul_rule(ctx: RuleContext):
         ctx.freeze_inputs(f"{ctx.describe()} multiplies vectors")
         return None
     if has_heads(ia, len(out_shape)) or has_heads(ib, len(out_shape)):
-        return head_matmul(ctx)
+        if not head_dims(ctx):
+            return head_matmul(ctx)
+        nd = len(out_shape)
+        ia, ib = (_across_heads(ctx, _lift(x, nd), "channels") if x is not None else None for x in (ia, ib))
+        if ia is None and ib is None:
+            return None
+        vals = [_one_head_values(ctx, t, x, nd) for t, x in ((a, ia), (b, ib))]
+    else:
+        vals = [ctx.values(t) if x is not None and ctx.values(t) is not None and ctx.values(t).shape == x.shape
+                else None for t, x in ((a, ia), (b, ib))]
     outs = []
     contracted = []
     for x, k, pos in ((ia, -1, 0), (ib, -2, 1)):
@@ -232,13 +243,22 @@ def matmul_rule(ctx: RuleContext):
             if v != [kd]:
                 ctx.freeze_inputs(f"{ctx.describe()} contracts channels that also vary along other axes")
                 return None
-            ctx.place("reader", x, kd, arg=pos, kind="zero", values=ctx.values(n.args[pos]))
-            contracted.append(x.reshape(-1))
+            contracted.append((x, kd, pos))
         elif v:
             outs.append(x)
             carried = pos
-    if len(contracted) == 2 and len(contracted[0]) == len(contracted[1]):
-        ctx.couple(contracted[0], contracted[1])
+    lines = [x.reshape(-1) for x, _, _ in contracted]
+    if len(lines) == 2 and len(lines[0]) == len(lines[1]):
+        # one position of both: a zero on either side drops it from the product
+        ctx.couple(lines[0], lines[1])
+        (x, kd, pos), (_, _, pos2) = contracted
+        va, vb = (vals[p].reshape(-1) if vals[p] is not None and vals[p].size == len(lines[0]) else None
+                  for p in (pos, pos2))
+        either = _either_zero(va, vb, lines[0].shape)
+        contracted = [(x, kd, pos)]
+        vals = [either.reshape(x.shape) if either is not None and k == pos else None for k in range(2)]
+    for x, kd, pos in contracted:
+        ctx.place("reader", x, kd, arg=pos, kind="zero", values=vals[pos])
     nd = len(out_shape)
     outs = [x.reshape((1,) * (nd - x.ndim) + x.shape) for x in outs]
     if not outs:
@@ -247,8 +267,8 @@ def matmul_rule(ctx: RuleContext):
     for x in outs[1:]:
         out = ctx.couple(out, x)
     values = None
-    vc = ctx.values(n.args[carried]) if len(outs) == 1 else None
-    if vc is not None and vc.shape == ctx.ids(n.args[carried]).shape:
+    vc = vals[carried] if len(outs) == 1 else None
+    if vc is not None and vc.size == out.size:
         # a column of b (a row of a) that is zero throughout gives a zero column (row) of a @ b
         values = np.where(vc == 0, 0.0, np.nan).reshape(out.shape)
     return out, values

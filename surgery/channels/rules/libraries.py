@@ -12,7 +12,8 @@ import torch
 import torch.fx as fx
 
 from ..rulebook import NO_CHANNELS, RuleContext, channel_local, register_rule, varying
-from .common import _BN_PARAMS, _linear, bn_values, conv_rule, no_folds, untracked_operand
+from .common import _BN_PARAMS, _linear, bn_values, conv_rule, no_folds
+from .operands import untracked_operand
 
 
 def _bn_act_values(ctx: RuleContext, v: np.ndarray) -> np.ndarray | None:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ...calling import typed_dict
 from ..rulebook import RuleContext, passthrough, register_rule, varying
-from .common import _nan_like, _owner, _vals, reshape_rule, untracked_operand
+from .common import _nan_like, _owner, _vals, reshape_rule
+from .operands import untracked_operand
 
 
 # ----------------------------------------------------------------------------------------- functions
@@ -39,9 +40,11 @@ def binary_rule(ctx: RuleContext):
 
 
 def where_rule(ctx: RuleContext):
-    """``torch.where(cond, x, y)``: element-wise, like :func:`binary_rule` over three operands."""
+    """``torch.where(cond, x, y)`` and ``x.masked_fill(mask, value)``: element-wise, like
+    :func:`binary_rule` over three operands."""
     n = ctx.node  # the order does not matter here (torch.where(c, x, y) or x.where(c, y))
-    args = list(n.args[:3]) + [n.kwargs[k] for k in ("condition", "input", "self", "other") if k in n.kwargs]
+    args = list(n.args[:3]) + [n.kwargs[k] for k in ("condition", "input", "self", "other", "mask", "value")
+                               if k in n.kwargs]
     out_shape = ctx.shape()
     lays = [ctx.ids(t) for t in args]
     if all(x is None for x in lays) or out_shape is None:
@@ -333,11 +336,14 @@ def expand_rule(ctx: RuleContext):
     if varying(lay):
         ctx.g.rewrite.add(ctx.node)
     nd = len(ctx.shape())
-    return lay.reshape((1,) * (nd - lay.ndim) + lay.shape), None
+    v = ctx.values(ctx.x)  # copies of the same values: zeros stay zeros (repeat_kv's expand)
+    lift = (1,) * (nd - lay.ndim)
+    carried = v.reshape(lift + v.shape) if v is not None and v.shape == lay.shape else None
+    return lay.reshape(lift + lay.shape), carried
 
 
 register_rule("expand", expand_rule)
-for _t in [torch.where, "where"]:
+for _t in [torch.where, "where", torch.masked_fill, "masked_fill"]:
     register_rule(_t, where_rule)
 for _t in [torch.cat, torch.concat, torch.stack]:
     register_rule(_t, cat_rule)

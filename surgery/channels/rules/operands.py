@@ -1,0 +1,189 @@
+"""Tensors the rules do not track, met in an element-wise op with tracked channels: a parameter
+of the model read through ``get_attr`` (a per-channel scale, a class token, a position table,
+a relative position bias gathered per token pair) is cut with the channels, along the axis
+:func:`_param_axis` follows op by op; anything else keeps the channels whole
+(:func:`untracked_operand`)."""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..rulebook import RuleContext, varying
+from .common import _owner, _reshape
+
+_ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
+                torch.mul, "add", "sub", "mul", "div", "float", "to", "type_as", "neg", "__radd__", "__rsub__",
+                "__rmul__"}
+
+
+_VIEWS = {"reshape", "view", "unsqueeze", "expand", torch.reshape, torch.unsqueeze}
+_MOVES = {"permute", "transpose", "contiguous", torch.permute, torch.transpose}
+
+
+def _param_source(t: fx.Node) -> fx.Node | None:
+    """The get_attr that `t` is, or is computed from element by element with numbers (Gemma's
+    ``1.0 + weight``, a ``weight.float()``), reshaped or permuted from (ConvNeXt's
+    ``gamma.reshape(1, -1, 1, 1)``), or gathered from by rows (a relative position bias
+    ``table[index].view(N, N, -1).permute(2, 0, 1)``): cutting that tensor cuts `t` alike
+    (:func:`_param_axis` says along which axis). Else None."""
+    while t.op != "get_attr":
+        if t.op not in ("call_function", "call_method") or t.kwargs or \
+                t.target not in _ELEMENTWISE | _VIEWS | _MOVES and t.target is not operator.getitem:
+            return None
+        if (t.target in _VIEWS | _MOVES or t.target is operator.getitem) and isinstance(t.args[0], fx.Node):
+            t = t.args[0]  # the other arguments are sizes (x.shape[0]), axes or an index
+            continue
+        if len(t.all_input_nodes) != 1:
+            return None
+        t = t.all_input_nodes[0]
+    return t
+
+
+def _param_axis(source: fx.Node, t: fx.Node, axis: int) -> int | None:
+    """The axis of `source` (a get_attr) that axis `axis` of `t`, computed from it, runs along,
+    followed op by op (:func:`_axes_after`); failing that, the same axis when no view changed
+    its shape, else its one axis longer than 1."""
+    src, out = source.meta.get("shape"), t.meta.get("shape")
+    if not isinstance(src, torch.Size) or not isinstance(out, torch.Size):
+        return None
+    chain = []
+    n = t
+    while n is not source:
+        chain.append(n)
+        n = n.args[0] if n.target in _VIEWS | _MOVES or n.target is operator.getitem else n.all_input_nodes[0]
+    axes = _axes_after(list(range(len(src))), src, chain[::-1])
+    if axes is not None and axis < len(axes) and axes[axis] is not None and src[axes[axis]] == out[axis]:
+        return axes[axis]
+    if src == out or len(src) == len(out) and all(s in (1, o) for s, o in zip(src, out)) and src[axis] == out[axis]:
+        return axis  # unchanged, or expanded along other axes (a class token per batch entry)
+    long = [d for d, n in enumerate(src) if n > 1]
+    return long[0] if len(long) == 1 and [n for n in out if n > 1] == [src[long[0]]] else None
+
+
+def _axes_indexed(axes: list, idx: tuple) -> list | None:
+    """`axes` after basic indexing by `idx` (slices, ints, None, one Ellipsis): an int drops its
+    axis, None adds one, a slice keeps it (shorter, maybe: :func:`_param_axis` compares lengths)."""
+    if sum(i is Ellipsis for i in idx) > 1:
+        return None
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        named = sum(i is not None for i in idx if i is not Ellipsis)
+        idx = idx[:k] + (slice(None),) * (len(axes) - named) + idx[k + 1:]
+    out, k = [], 0
+    for i in idx:
+        if i is None:
+            out.append(None)
+            continue
+        if k >= len(axes):
+            return None
+        if isinstance(i, slice):
+            out.append(axes[k])
+        k += 1
+    return out + axes[k:]
+
+
+def _axes_after(axes: list, shape: tuple, chain: list[fx.Node]) -> list | None:
+    """For each axis of the result of `chain` (ops applied in turn to a tensor of `shape` whose
+    axis k runs along source axis ``axes[k]``, or None), the source axis it runs along."""
+    for n in chain:
+        new = n.meta.get("shape")
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if not isinstance(new, torch.Size):
+            return None
+        if n.target is operator.getitem:
+            idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+            if all(isinstance(i, (slice, int)) or i is None or i is Ellipsis for i in idx):
+                axes = _axes_indexed(axes, idx)  # basic indexing (a position table cut to a length)
+                if axes is None:
+                    return None
+            elif not isinstance(idx[0], fx.Node) or len(idx) != 1 or \
+                    not isinstance(idx[0].meta.get("shape"), torch.Size):
+                return None  # only rows gathered by one index tensor: its axes, then the rest
+            else:
+                axes = [None] * len(idx[0].meta["shape"]) + axes[1:]
+        elif name in ("permute", "transpose"):
+            rest = [a for a in n.args[1:]]
+            if name == "permute":
+                perm = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            else:
+                perm = list(range(len(axes)))
+                i, j = rest[0] % len(axes), rest[1] % len(axes)
+                perm[i], perm[j] = perm[j], perm[i]
+            axes = [axes[p % len(axes)] for p in perm]
+        elif name in ("view", "reshape", "unsqueeze"):
+            out: list = [None] * len(new)
+            for k, a in enumerate(axes):  # an axis survives a reshape when it is one output axis alone
+                if a is None or shape[k] == 1:
+                    continue
+                lay = np.arange(shape[k]).reshape([shape[k] if d == k else 1 for d in range(len(shape))])
+                moved = _reshape(lay, tuple(shape), tuple(new))
+                if moved is None or len(varying(moved)) != 1:
+                    return None
+                out[varying(moved)[0]] = a
+            axes = out
+        elif name == "expand" and len(new) > len(axes):  # new axes go in front (CLIP's class embedding)
+            axes = [None] * (len(new) - len(axes)) + axes
+        elif len(new) != len(axes):
+            return None
+        shape = tuple(new)
+    return axes
+
+
+def _sized_on_the_way(ctx: RuleContext, source: fx.Node, t: fx.Node, axis: int, line: np.ndarray) -> None:
+    """The parameter `source` loses channels `line` along `axis` on its way to `t`: a view or
+    reshape on that way with the length written in (timm's ``table[index].view(N, N, heads)``,
+    a scale's ``gamma.view(C, 1, 1)``) gets the channels' layout, so Shrink rewrites that length."""
+    src = source.meta.get("shape")
+    chain, n = [], t
+    while n is not source:
+        chain.append(n)
+        n = n.args[0] if n.target in _VIEWS | _MOVES or n.target is operator.getitem else n.all_input_nodes[0]
+    chain.reverse()
+    for i, n in enumerate(chain):
+        if not (n.op == "call_method" and n.target in ("view", "reshape") or n.target is torch.reshape):
+            continue
+        axes = _axes_after(list(range(len(src))), src, chain[:i + 1])
+        shape = n.meta.get("shape")
+        if axes is None or axis not in axes or not isinstance(shape, torch.Size) or n in ctx.g.layouts:
+            continue
+        k = axes.index(axis)
+        if shape[k] == len(line):
+            ctx.g.layouts[n] = line.reshape([len(line) if d == k else 1 for d in range(len(shape))])
+            ctx.g.rewrite.add(n)
+
+
+def untracked_operand(ctx: RuleContext, t: Any, tracked: np.ndarray | None, nd: int) -> None:
+    """An element-wise op combines channels (layout `tracked`, `nd` axes) with an untracked tensor
+    `t`. Where `t` varies along an axis the channels vary along, removing a channel would need `t`
+    sliced too: a parameter of the model is (a per-channel scale read through get_attr); a table
+    that varies along some of the channels' axes only (rotary tables along each head's dimensions)
+    keeps those axes whole; anything else freezes the channels."""
+    if tracked is None or not isinstance(t, fx.Node):
+        return
+    ts = ctx.shape(t)
+    if ts is None:
+        return
+    full = (1,) * (nd - len(ts)) + tuple(ts)
+    clash = [d for d in varying(tracked) if full[d] > 1]
+    if not clash:
+        return
+    source = _param_source(t)
+    axis = _param_axis(source, t, clash[0] - (nd - len(ts))) if source is not None and len(clash) == 1 else None
+    if axis is not None and len(varying(tracked)) == 1:
+        owner, attr = _owner(ctx.g.gm, str(source.target))
+        ctx.place("local", tracked, clash[0], params=[(owner, attr, axis)])
+        line = np.moveaxis(tracked, clash[0], 0).reshape(tracked.shape[clash[0]], -1)[:, 0]
+        _sized_on_the_way(ctx, source, t, axis, line)
+    elif len(clash) < len(varying(tracked)):
+        # it varies along some of the channels' axes only (a rotary table along each head's
+        # dimensions): the others stay prunable, these stay whole
+        for d in clash:
+            ctx.fix_axis(tracked, d, f"{ctx.describe()} combines these channels with {t.name!r} along "
+                                     f"axis {d}, whose channels are not tracked")
+    else:
+        ctx.freeze(tracked, f"{ctx.describe()} combines these channels with {t.name!r}, whose channels "
+                            "are not tracked")
