@@ -6,6 +6,7 @@ hand. Both must equal the masked model on fresh inputs."""
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -346,3 +347,61 @@ def test_channel_attention_loses_whole_heads_and_its_mask_skips_the_softmax():
     x2 = torch.randn(3, 5, 16)
     assert max_abs_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
     assert (small.qkv.out_features, small.proj.in_features) == (3 * 8, 8)  # 2 of 4 heads (the C // h is rewritten)
+
+
+def test_a_mask_on_the_one_kv_head_of_grouped_query_attention_is_read_per_copy():
+    """One kv head serving two query heads: its group has one unit, and the mask over it is
+    called with tile=2 on the repeated heads. Shrink reads its factor once per copy (an
+    IndexError before), keeps the last head, and stays exact."""
+    from test_shrink import Scale, _insert_shared
+    torch.manual_seed(0)
+    model = Attention(heads=2, kv_heads=1, mode="eager").eval()
+    x = torch.randn(2, 7, 24)
+    gm = surgery.capture(model, (x,))
+    (group,) = [g for g in channel_groups(gm) if g.size == 1 and g.frozen is None]
+    _insert_shared(gm, group, Scale(torch.tensor([0.5]), group.mask_points()[0][1]), "hm")
+    small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
+    x2 = torch.randn(3, 7, 24)
+    assert max_abs_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5
+
+
+class _InterleavedRotary(Attention):
+    """EVA's rotary embedding: a head's dimensions in pairs (0, 1), (2, 3)... through strided
+    slices, ``torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)``."""
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (getattr(self, n)(x).view(B, T, -1, self.hd).transpose(1, 2) for n in "qkv")
+        angle = torch.arange(T, dtype=x.dtype)[:, None] * torch.arange(1, self.hd + 1, dtype=x.dtype)
+        cos, sin = angle.cos(), angle.sin()
+
+        def rot(t):
+            return torch.stack([-t[..., 1::2], t[..., ::2]], -1).reshape(t.shape)
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def test_strided_slices_inside_the_heads_keep_their_step():
+    torch.manual_seed(0)
+    model = _InterleavedRotary().eval()
+    x = torch.randn(2, 7, 24)
+    masked, small = _prune(model, x)
+    x2 = torch.randn(3, 7, 24)
+    assert max_abs_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
+    # the heads stay whole here (the rules do not follow a stack of strided slices per head): what
+    # this checks is that the slices keep their step where their axis loses nothing (EVA failed)
+    assert small.get_submodule("q").weight.shape == (32, 24)
+
+
+def test_a_strided_slice_of_an_axis_that_loses_positions():
+    from surgery.errors import SurgeryError
+    from surgery.shrink.edits import _slice_of_kept
+    from types import SimpleNamespace
+    kept = np.array([1, 0, 1, 1, 1, 0, 1, 1], dtype=bool)  # positions 0, 2, 3, 4, 6, 7 become 0..5
+    node = SimpleNamespace(name="getitem_3")
+    assert _slice_of_kept(slice(2, 5), kept, node) == slice(1, 4)             # 2, 3, 4
+    assert _slice_of_kept(slice(1, None, 2), kept, node) == slice(2, 6, 3)    # 3, 7 -> 2, 5
+    assert _slice_of_kept(slice(None, None, 4), kept, node) == slice(0, 4, 3)  # 0, 4 -> 0, 3
+    with pytest.raises(SurgeryError, match="getitem_3.*not evenly spaced"):
+        _slice_of_kept(slice(None, None, 2), kept, node)                      # 0, 2, 4, 6 -> 0, 1, 3, 4

@@ -322,10 +322,10 @@ class Editor:
                     out.append(i)
                     continue
                 a = axes[d] if d < len(axes) else None
-                if a is not None and isinstance(i, slice):
-                    start, stop, _ = i.indices(len(a))
-                    ns = int(a[:start].sum())
-                    out.append(slice(ns, ns + int(a[start:stop].sum())))
+                if a is not None and isinstance(i, slice) and a.all():
+                    out.append(i)  # nothing leaves this axis: the slice stands (its step too)
+                elif a is not None and isinstance(i, slice):
+                    out.append(_slice_of_kept(i, a, node))
                 elif a is not None and isinstance(i, int):
                     out.append(int(a[:i % len(a)].sum()))
                 else:
@@ -367,3 +367,16 @@ class _Skip(Exception):
     pass
 
 
+def _slice_of_kept(i: slice, kept: np.ndarray, node: fx.Node) -> slice:
+    """The slice of the kept positions that takes what `i` took of the kept ones among the
+    original positions `kept` (a boolean mask); a step survives where they stay evenly spaced."""
+    start, stop, step = i.indices(len(kept))
+    new = np.cumsum(kept) - 1  # original position -> its index after the cut
+    wanted = [new[p] for p in range(start, stop, step) if kept[p]]
+    if step == 1 or len(wanted) < 2:
+        ns = int(kept[:start].sum()) if step == 1 or not wanted else int(wanted[0])
+        return slice(ns, ns + (int(kept[start:stop].sum()) if step == 1 else len(wanted)))
+    gaps = set(np.diff(wanted).tolist())
+    if len(gaps) != 1:
+        raise SurgeryError(f"Shrink: the kept positions of {node.name!r}'s strided slice are not evenly spaced")
+    return slice(int(wanted[0]), int(wanted[-1]) + 1, int(gaps.pop()))

@@ -56,6 +56,8 @@ class Decider:
         for p in cg.places:
             if p.role == "mask":
                 f = submodule(gm, str(p.node.target)).factors().detach().cpu().numpy()
+                if len(f) != len(p.ids) and len(f) and len(p.ids) % len(f) == 0:
+                    f = np.tile(f, len(p.ids) // len(f))  # a mask called with tile=k: its units k times over
                 self.candidate[self.chan[p.ids[f == 0]]] = True
         frozen: dict[str, list[int]] = {}
         for c, r in cg.frozen_chan.items():

@@ -147,13 +147,15 @@ def reshape_rule(ctx: RuleContext):
 
 
 def _compact(lay: np.ndarray, vals: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """`lay` with every axis along which it holds the same ids at each position cut to length 1
-    (a reshape that splits (B*H) back into (B, H) spreads the heads' ids over B too); `vals`
-    (the known values, same shape) alike, a value kept where it is the same all along."""
+    """`lay` with its leading (batch) axis cut to length 1 where it holds the same ids at each
+    position (a reshape that splits (B*H) back into (B, H) spreads the heads' ids over B too);
+    `vals` (the known values, same shape) alike, a value kept where it is the same all along.
+    Other axes keep their length: a channel held at several positions of one (a kv head repeated
+    for its query heads) is a layout the mask and shrink rules read position by position."""
     if vals is not None and vals.shape != lay.shape:
         vals = None
-    for d in range(lay.ndim):
-        if lay.shape[d] > 1:
+    for d in range(min(lay.ndim, 1)):
+        if lay.shape[d] > 1 and lay.ndim > 1:
             first = np.take(lay, [0], axis=d)
             if (lay == first).all():
                 lay = first
