@@ -42,22 +42,22 @@ def _across_heads(ctx: RuleContext, x: np.ndarray, what: str) -> np.ndarray | No
 
 
 def _either_zero(a: np.ndarray | None, b: np.ndarray | None, shape: tuple) -> np.ndarray | None:
-    """0 where either operand of a contraction is known zero at that position (else 1); None
-    where neither is known. `shape`: the shape of one side's positions."""
+    """0 where either operand of a contraction is known zero at that position (else NaN: not
+    known); None where neither is known. `shape`: the shape of one side's positions."""
     flags = [np.broadcast_to(v[..., :1, :] if v.ndim >= 2 else v, shape) == 0 for v in (a, b) if v is not None]
     if not flags:
         return None
-    return np.where(np.logical_or.reduce(flags), 0.0, 1.0)
+    return np.where(np.logical_or.reduce(flags), 0.0, np.nan)
 
 
 def _one_head_values(ctx: RuleContext, t: Any, rep: np.ndarray | None, nd: int) -> np.ndarray | None:
-    """The constant values of `t` for the layout `rep` of :func:`_across_heads`: 0 where a
-    position is zero in every head (else 1), or None where unknown."""
+    """The known values of `t` for the layout `rep` of :func:`_across_heads`: 0 where a position
+    is zero in every head, NaN (not known) elsewhere; None where nothing is known."""
     v = ctx.values(t)
     if rep is None or v is None or v.shape != ctx.ids(t).shape:
         return None
     zero = (_lift(v, nd) == 0).all(axis=tuple(range(nd - 2)), keepdims=True)
-    return np.where(zero, 0.0, 1.0) if zero.shape == rep.shape else None
+    return np.where(zero, 0.0, np.nan) if zero.shape == rep.shape else None
 
 
 def _sdpa_dims(ctx: RuleContext, qkv: tuple, ids: list) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -90,5 +90,4 @@ def _sdpa_dims(ctx: RuleContext, qkv: tuple, ids: list) -> tuple[np.ndarray, np.
         ctx.place("reader", r, nd - 1, arg=pos, kind="zero", values=vals, edit=keep_scale)
     if rv is None:
         return None
-    vals = _one_head_values(ctx, v, rv, nd)
-    return rv, (np.where(vals == 0, 0.0, np.nan) if vals is not None else None)
+    return rv, _one_head_values(ctx, v, rv, nd)
