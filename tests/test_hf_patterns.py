@@ -174,3 +174,23 @@ def test_lengths_written_into_views_of_a_parameter_follow_its_cut():
     c, heads = 4, 2
     assert _params(small) == 3 * c + c + c + 3 * (c * 2 * heads + 2 * heads) + (2 * heads * c + c) + 11 * heads \
         + c * 2 + 2
+
+
+class _Clipped(nn.Module):
+    """Gemma 4's clippable linear layers: ``torch.clamp(x, self.input_min, self.input_max)`` with
+    one-element buffers as bounds, between the layers whose units go."""
+
+    def __init__(self, lo=-3.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 2)
+        self.register_buffer("lo", torch.tensor(lo))
+        self.register_buffer("hi", torch.tensor(3.0))
+
+    def forward(self, x):
+        return self.fc2(torch.clamp(torch.relu(self.fc1(x)), self.lo, self.hi))
+
+
+def test_a_clamp_with_buffer_bounds_keeps_a_zero_zero():
+    x = torch.randn(4, 6)
+    _, small = _prune(_Clipped(), x)
+    assert _params(small) == 6 * 4 + 4 + 4 * 2 + 2

@@ -14,6 +14,8 @@ Example: a custom per-channel scale module, pruned through like BatchNorm::
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -273,17 +275,31 @@ def _values(ctx: RuleContext, how) -> np.ndarray | None:
     # "apply": run the op itself on the constants (the op is element-wise)
     try:
         t = torch.as_tensor(v, dtype=torch.float64)
+        args = [_scalar(ctx.g.gm, a) for a in ctx.node.args[1:]]
+        kwargs = {k: _scalar(ctx.g.gm, a) for k, a in ctx.node.kwargs.items()}
         with torch.no_grad():
             if ctx.node.op == "call_module":
                 out = _apply_module(ctx.module, t)
             elif ctx.node.op == "call_function":
-                out = ctx.node.target(t, *ctx.node.args[1:], **ctx.node.kwargs)
+                out = ctx.node.target(t, *args, **kwargs)
             else:
-                out = getattr(t, ctx.node.target)(*ctx.node.args[1:], **ctx.node.kwargs)
+                out = getattr(t, ctx.node.target)(*args, **kwargs)
         out = out.detach().double().numpy()
         return out if out.shape == v.shape else None
     except Exception:
         return None
+
+
+def _scalar(gm: fx.GraphModule, a: Any) -> Any:
+    """`a`, or for a get_attr of a one-element tensor (Gemma 4's clamp bounds) its value; any
+    other node cannot be applied to constants (ValueError)."""
+    if not isinstance(a, fx.Node):
+        return a
+    if a.op == "get_attr":
+        t = functools.reduce(getattr, str(a.target).split("."), gm)
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            return float(t.detach().reshape(()))
+    raise ValueError(f"{a.name} is no constant")
 
 
 def _apply_module(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
