@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from surgery.channels import ChannelGraph, ChannelGroup, analyze_tree, set_attention_units
+from surgery.channels import ATTENTION_UNITS, ChannelGraph, ChannelGroup, analyze_tree, set_attention_units
 from surgery.errors import SelectionError
 from surgery.graph import submodule, unique_name
 from surgery.pipeline import Context, UnitMask
@@ -115,7 +115,7 @@ class ChannelPrune:
         check.choice("ChannelPrune", "scope", self.scope, ("local", "global"))
         check.number("ChannelPrune", "round_to", self.round_to, lo=1, integer=True)
         check.number("ChannelPrune", "seed", self.seed, lo=0, hi=check.SEED_MAX, integer=True)
-        check.choice("ChannelPrune", "attention", self.attention, ("heads", "head_dims"))
+        check.choice("ChannelPrune", "attention", self.attention, ATTENTION_UNITS)
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         # a selection that matches nothing raises SelectionError with the nearest names, as in

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from surgery.channels import ATTENTION_UNITS
 from surgery.pipeline import Context, UnitMask
 from surgery.select import Selector
 
@@ -94,7 +95,7 @@ class DAM:
     def __post_init__(self) -> None:
         check.selector("DAM", "select", self.select, empty_ok=False)
         check.selector("DAM", "exclude", self.exclude)
-        check.choice("DAM", "attention", self.attention, ("heads", "head_dims"))
+        check.choice("DAM", "attention", self.attention, ATTENTION_UNITS)
         check.number("DAM", "lam", self.lam, lo=0)
         check.number("DAM", "cold_start", self.cold_start, lo=0, integer=True)
 

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from surgery.channels import ATTENTION_UNITS
 from surgery.errors import ConfigError, SelectionError, SurgeryError
 from surgery.pipeline import Context, UnitMask, masks
 from surgery.select import Selector, describe, select_modules
@@ -99,7 +100,7 @@ class GumbelMask:
     def __post_init__(self) -> None:
         check.selector("GumbelMask", "select", self.select, empty_ok=False)
         check.selector("GumbelMask", "exclude", self.exclude)
-        check.choice("GumbelMask", "attention", self.attention, ("heads", "head_dims"))
+        check.choice("GumbelMask", "attention", self.attention, ATTENTION_UNITS)
         check.number("GumbelMask", "alpha", self.alpha, lo=0)
         check.number("GumbelMask", "tau", self.tau, lo=0, lo_open=True)
         check.number("GumbelMask", "init", self.init, lo=-check.FLOAT32_MAX, hi=check.FLOAT32_MAX,

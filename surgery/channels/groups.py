@@ -368,11 +368,14 @@ def analyze_tree(gm: fx.GraphModule) -> dict[str, ChannelGraph]:
     return tree
 
 
+ATTENTION_UNITS = ("heads", "head_dims")  # what a unit of attention may be
+
+
 def set_attention_units(gm: fx.GraphModule, units: str) -> None:
     """Make the analysis of `gm` (and of the graphs nested in it) treat attention by whole
     "heads" (the default) or by "head_dims" (see :mod:`surgery.channels.rules.attention`). Kept in
     ``gm.meta["surgery"]``, so that a later analysis of the same graph (Shrink's) agrees."""
-    if units not in ("heads", "head_dims"):
+    if units not in ATTENTION_UNITS:
         raise ValueError(f"attention units are 'heads' or 'head_dims', not {units!r}")
     gm.meta.setdefault("surgery", {})["attention_units"] = units
 

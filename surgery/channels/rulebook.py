@@ -14,8 +14,6 @@ Example: a custom per-channel scale module, pruned through like BatchNorm::
 """
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -296,7 +294,8 @@ def _scalar(gm: fx.GraphModule, a: Any) -> Any:
     if not isinstance(a, fx.Node):
         return a
     if a.op == "get_attr":
-        t = functools.reduce(getattr, str(a.target).split("."), gm)
+        prefix, _, name = str(a.target).rpartition(".")
+        t = getattr(submodule(gm, prefix), name, None)
         if isinstance(t, torch.Tensor) and t.numel() == 1:
             return float(t.detach().reshape(()))
     raise ValueError(f"{a.name} is no constant")

@@ -372,11 +372,12 @@ def _slice_of_kept(i: slice, kept: np.ndarray, node: fx.Node) -> slice:
     original positions `kept` (a boolean mask); a step survives where they stay evenly spaced."""
     start, stop, step = i.indices(len(kept))
     new = np.cumsum(kept) - 1  # original position -> its index after the cut
-    wanted = [new[p] for p in range(start, stop, step) if kept[p]]
-    if step == 1 or len(wanted) < 2:
-        ns = int(kept[:start].sum()) if step == 1 or not wanted else int(wanted[0])
-        return slice(ns, ns + (int(kept[start:stop].sum()) if step == 1 else len(wanted)))
-    gaps = set(np.diff(wanted).tolist())
-    if len(gaps) != 1:
+    wanted = [int(new[p]) for p in range(start, stop, step) if kept[p]]
+    if not wanted:
+        at = int(kept[:start].sum())
+        return slice(at, at)
+    gaps = set(np.diff(wanted).tolist()) or {1}
+    if len(gaps) != 1 or step < 0:
         raise SurgeryError(f"Shrink: the kept positions of {node.name!r}'s strided slice are not evenly spaced")
-    return slice(int(wanted[0]), int(wanted[-1]) + 1, int(gaps.pop()))
+    gap = gaps.pop()
+    return slice(wanted[0], wanted[-1] + 1, gap if gap != 1 else None)

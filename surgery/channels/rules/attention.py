@@ -323,7 +323,7 @@ def einsum_rule(ctx: RuleContext):
     if len(tracked) == 1 and vary[0] <= set(out_letters):  # carried to the output, letter by letter
         x, i = tracked[0]
         perm = [i.index(c) for c in out_letters if c in i]
-        moved = np.transpose(x.reshape(x.shape + (1,) * 0), perm) if perm else x
+        moved = np.transpose(x, perm) if perm else x
         for c in out_letters:
             shape[out_letters.index(c)] = x.shape[i.index(c)] if c in i and c in vary[0] else 1
         return np.broadcast_to(moved.reshape([x.shape[i.index(c)] if c in i else 1 for c in out_letters]),

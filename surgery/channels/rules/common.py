@@ -154,16 +154,12 @@ def _compact(lay: np.ndarray, vals: np.ndarray | None) -> tuple[np.ndarray, np.n
     for its query heads) is a layout the mask and shrink rules read position by position."""
     if vals is not None and vals.shape != lay.shape:
         vals = None
-    for d in range(min(lay.ndim, 1)):
-        if lay.shape[d] > 1 and lay.ndim > 1:
-            first = np.take(lay, [0], axis=d)
-            if (lay == first).all():
-                lay = first
-                if vals is not None:
-                    v0 = np.take(vals, [0], axis=d)
-                    same = ((vals == v0) | (np.isnan(vals) & np.isnan(v0))).all(axis=d, keepdims=True)
-                    vals = np.where(same, v0, np.nan)
-    return lay, vals
+    if lay.ndim < 2 or lay.shape[0] == 1 or not (lay == lay[:1]).all():
+        return lay, vals
+    if vals is not None:
+        same = ((vals == vals[:1]) | (np.isnan(vals) & np.isnan(vals[:1]))).all(axis=0, keepdims=True)
+        vals = np.where(same, vals[:1], np.nan)
+    return lay[:1], vals
 
 
 def _reshape(lay: np.ndarray, a: tuple, b: tuple) -> np.ndarray | None:

@@ -43,6 +43,16 @@ def _param_source(t: fx.Node) -> fx.Node | None:
     return t
 
 
+def _chain(source: fx.Node, t: fx.Node) -> list[fx.Node]:
+    """The ops from `source` (exclusive) to `t` (inclusive), in order, as :func:`_param_source`
+    walked them."""
+    chain, n = [], t
+    while n is not source:
+        chain.append(n)
+        n = n.args[0] if n.target in _VIEWS | _MOVES or n.target is operator.getitem else n.all_input_nodes[0]
+    return chain[::-1]
+
+
 def _param_axis(source: fx.Node, t: fx.Node, axis: int) -> int | None:
     """The axis of `source` (a get_attr) that axis `axis` of `t`, computed from it, runs along,
     followed op by op (:func:`_axes_after`); failing that, the same axis when no view changed
@@ -50,12 +60,7 @@ def _param_axis(source: fx.Node, t: fx.Node, axis: int) -> int | None:
     src, out = source.meta.get("shape"), t.meta.get("shape")
     if not isinstance(src, torch.Size) or not isinstance(out, torch.Size):
         return None
-    chain = []
-    n = t
-    while n is not source:
-        chain.append(n)
-        n = n.args[0] if n.target in _VIEWS | _MOVES or n.target is operator.getitem else n.all_input_nodes[0]
-    axes = _axes_after(list(range(len(src))), src, chain[::-1])
+    axes = _axes_after(list(range(len(src))), src, _chain(source, t))
     if axes is not None and axis < len(axes) and axes[axis] is not None and src[axes[axis]] == out[axis]:
         return axes[axis]
     if src == out or len(src) == len(out) and all(s in (1, o) for s, o in zip(src, out)) and src[axis] == out[axis]:
@@ -138,11 +143,7 @@ def _sized_on_the_way(ctx: RuleContext, source: fx.Node, t: fx.Node, axis: int, 
     reshape on that way with the length written in (timm's ``table[index].view(N, N, heads)``,
     a scale's ``gamma.view(C, 1, 1)``) gets the channels' layout, so Shrink rewrites that length."""
     src = source.meta.get("shape")
-    chain, n = [], t
-    while n is not source:
-        chain.append(n)
-        n = n.args[0] if n.target in _VIEWS | _MOVES or n.target is operator.getitem else n.all_input_nodes[0]
-    chain.reverse()
+    chain = _chain(source, t)
     for i, n in enumerate(chain):
         if not (n.op == "call_method" and n.target in ("view", "reshape") or n.target is torch.reshape):
             continue
