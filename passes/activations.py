@@ -68,6 +68,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from surgery.activations.memory import saved_tensors_hooks
+from surgery.copying import copy_module, storage_key
 from surgery.errors import SelectionError, SurgeryError
 from surgery.graph import extract, finish
 from surgery.pipeline import Context
@@ -146,9 +147,9 @@ class CompressedRegion(nn.Module):
 
     def _hooks(self, inputs: tuple = ()):
         codec, exact = self.codec, IntegerCodec()
-        fixed = {t.untyped_storage().data_ptr() for t in _tensors_outside(self.inner)}
+        fixed = {storage_key(t) for t in _tensors_outside(self.inner)}
         # integer tensors the caller holds anyway (ids, targets): a packed copy would only add bytes
-        given = {t.untyped_storage().data_ptr() for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)}
+        given = {storage_key(t) for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)}
         # id(tensor) -> (weakref, version, packed): one pack per tensor saved several times; the
         # weakref guards against a freed tensor's id being reused, the version against in-place edits
         cache: dict[int, tuple[Any, int, Any]] = {}
@@ -157,7 +158,7 @@ class CompressedRegion(nn.Module):
         where = type(self).__name__ + f"({codec.name})"
 
         def kept(t: Tensor, integer: bool) -> bool:
-            ptr = t.untyped_storage().data_ptr()
+            ptr = storage_key(t)
             if keep_as_is or t.numel() == 0 or ptr in fixed:
                 return True
             if integer:
@@ -308,8 +309,7 @@ def _nothing_selected(p: CompressActivations, gm: fx.GraphModule) -> tuple[str, 
 def strip_compression(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of `gm` with every CompressedRegion replaced by its plain inner module (for export,
     torch.compile or scripting, none of which run Python saved-tensor hooks)."""
-    import copy
-    out = copy.deepcopy(gm)
+    out = copy_module(gm)
     while True:  # outermost first; names below a replaced region change, so look again
         name = next((n for n, m in out.named_modules() if isinstance(m, CompressedRegion)), None)
         if name is None:

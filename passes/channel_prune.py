@@ -102,7 +102,6 @@ class ChannelPrune:
     seed: int = 0
     attention: str = "heads"
     keeps_shapes: ClassVar[bool] = True     # mask nodes get their input's shape
-    writes_tensors: ClassVar[bool] = False  # reads weights to score them, adds masks
     needs_code: ClassVar[bool] = False      # reads the graph and the weights only
     # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
     inserts: ClassVar[tuple] = ("prune_g*", HardMask)

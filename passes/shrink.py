@@ -23,7 +23,6 @@ class Shrink:
 
     tol: float = 1e-4
     keeps_shapes: ClassVar[bool] = True     # its verification run annotates the shrunk graph
-    writes_tensors: ClassVar[bool] = False  # every edit makes new tensors
     needs_code: ClassVar[bool] = False      # runs the masked graph through ShapeProp, recompiles at the end
     # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
     inserts: ClassVar[tuple] = ()

@@ -25,7 +25,7 @@ from torch import nn
 from .attributes import IndexedAttributes
 from .calling import as_inputs, entry_shell, traced_entry
 from .concrete import ConcreteTracing, failing_line, specialised_dims
-from .copying import copy_module, copy_sharing_tensors, gc_paused, shareable_tensors
+from .copying import copy_module, gc_paused
 from .errors import SurgeryError, TraceFailure, first_line
 from .graph import graph_module_without_code, submodule
 from .inplace import rewrite_inplace
@@ -290,14 +290,15 @@ def capture(
     autowrap_functions: Sequence[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
     descend: bool = True,
-    share_weights: bool = False,
-    _share_tensors: dict[int, torch.Tensor] | None = None,
     _code: bool = True,
 ) -> fx.GraphModule:
     """Trace a copy of `model` into a GraphModule that keeps its qualified module names.
 
     Args:
-        model: any nn.Module; it is never mutated (a deep copy is traced).
+        model: any nn.Module; it is never mutated. A copy is traced, whose parameters and buffers
+            are copy-on-write (:func:`surgery.copying.lazy_copy`): they share the caller's memory
+            until either side writes into them, so the capture of a large model does not hold
+            its weights twice, and training the captured module never changes the caller's.
         example_inputs: a tensor or tuple of positional inputs, or a dict of keyword inputs (its
             keys name the forward's arguments, or go to its ``**kwargs``; they become the captured
             module's arguments, so ``gm(**example_inputs)`` runs it). When given, every node is
@@ -310,9 +311,6 @@ def capture(
         autowrap_functions: functions to keep opaque: each call is one node, never traced into.
             timm's registries (``register_notrace_module``/``register_notrace_function``) are
             honoured without being named, whenever timm is loaded.
-        share_weights: hand the graph the caller's parameters (and torch.nn layers' buffers)
-            instead of copies: no second copy of a large model's weights, but training the
-            result trains the caller's model too.
         concrete_args: argument name -> value to trace it at, for arguments that steer control
             flow; wins over the example inputs and the defaults. Constants are traced as above;
             anything else (``torch.fx.PH`` structures) goes to ``torch.fx.Tracer.trace``.
@@ -328,9 +326,7 @@ def capture(
     so does a forward argument without a default that the example inputs leave out. A failure
     while recording shapes raises :class:`~surgery.errors.ShapePropagationFailure` naming the node and its module.
 
-    ``_share_tensors`` is for :func:`surgery.compress` alone: the copy keeps these tensors of
-    the caller's (its :func:`surgery.copying.shareable_tensors`), and compress clones whatever is
-    still shared before it returns. So is ``_code=False``: the GraphModule's code is not
+    ``_code=False`` is for :func:`surgery.compress` alone: the GraphModule's code is not
     generated (compress edits the graph first and recompiles before anything calls it).
     """
     if not isinstance(model, nn.Module):
@@ -338,10 +334,8 @@ def capture(
     inputs = as_inputs(example_inputs, model)
     arguments = bind_arguments(model, inputs, concrete_args)  # before the copy: a wrong call fails fast
     leaf_modules = (*leaf_modules, *autowrap_functions)
-    if share_weights and _share_tensors is None:
-        _share_tensors = shareable_tensors(model)
     try:
-        root = copy_sharing_tensors(model, _share_tensors)[0] if _share_tensors is not None else copy_module(model)
+        root = copy_module(model)
     except Exception as e:
         raise SurgeryError(f"cannot copy {type(model).__name__} before tracing ({first_line(e)}); "
                            "surgery never traces the caller's model in place") from e

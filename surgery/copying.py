@@ -1,10 +1,11 @@
-"""Module copies and tensor sharing: the working copies that capture, compress and Shrink make
-of a user's model, and the garbage-collector pause that keeps copying cheap.
+"""Module copies: the working copies that capture, compress and Shrink make of a user's model,
+and the garbage-collector pause that keeps copying cheap.
 
 :func:`copy_module` is ``copy.deepcopy`` for module trees, minus deepcopy's per-object overhead
-where a module is plain; :func:`copy_sharing_tensors` copies a tree but keeps the original
-parameter (and torch.nn buffer) objects, for a copy whose weights are about to be replaced;
-:func:`unshare` clones whatever is still shared before a copy is handed to a user.
+where a module is plain, and with copy-on-write tensors: a copied parameter or buffer shares the
+original's memory until either side writes into it (:func:`lazy_copy`). The copy never aliases
+the caller's model, yet capturing a model that barely fits in memory does not need a second copy
+of its weights.
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["gc_paused", "copy_module", "copy_sharing_tensors", "shareable_tensors", "unshare", "held_tensor",
-           "tensor_key", "tied_tensors"]
+__all__ = ["gc_paused", "copy_module", "lazy_copy", "storage_key", "held_tensor", "tensor_key", "tied_tensors"]
 
 
 @contextmanager
@@ -63,17 +63,61 @@ def _atomic(v: Any) -> bool:
     return type(v) in _ATOMIC or (type(v) is tuple and all(type(e) in _ATOMIC for e in v))
 
 
+_LAZY = getattr(torch, "_lazy_clone", None)  # torch >= 2.3
+# devices whose kernels are audited to materialise a copy-on-write tensor before writing it
+_LAZY_DEVICES = ("cpu", "cuda")
+
+
+def lazy_copy(t: torch.Tensor) -> torch.Tensor | None:
+    """A copy of `t` that shares its memory until either one is written (copy-on-write): the
+    first in-place write on either side (an optimizer step, ``copy_``, ``load_state_dict``, a
+    BatchNorm statistics update) gives the writer its own memory first. A parameter stays a
+    parameter with the same ``requires_grad``.
+
+    None where a plain tensor or parameter on the CPU or a CUDA device is not what `t` is (a
+    tensor subclass, a sparse or meta tensor, a plain tensor with a gradient or attributes of its
+    own, which deepcopy would copy; memory that torch.load, ``from_numpy`` or a memory map
+    handed over), or where this torch has no lazy clone: the caller deep-copies those. A parameter's gradient and attributes are left behind, as deepcopy leaves them.
+    """
+    cls = type(t)
+    if _LAZY is None or cls not in (torch.Tensor, nn.Parameter) or t.layout != torch.strided:
+        return None
+    # a storage torch.load, from_numpy or mmap made has no allocator of its own: torch would
+    # crash materialising a lazy copy of it (torch 2.14), and only allocator-made ones are resizable
+    if t.device.type not in _LAZY_DEVICES or not t.untyped_storage().resizable():
+        return None
+    if cls is torch.Tensor and (not t.is_leaf or t.grad is not None or t.__dict__):
+        return None
+    data = _LAZY(t.detach())
+    return nn.Parameter(data, t.requires_grad) if cls is nn.Parameter else data.requires_grad_(t.requires_grad)
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """What identifies the memory `t` lives in (its views share it), without touching it:
+    ``untyped_storage().data_ptr()`` would materialise a copy-on-write tensor (:func:`lazy_copy`)."""
+    return t.untyped_storage()._cdata
+
+
 def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     """``copy.deepcopy(module, memo)``, faster on ordinary module trees (1.3-1.8x on torchvision
-    models, more when `memo` shares the tensors).
+    models), and with copy-on-write parameters and buffers (:func:`lazy_copy`): the copy costs no
+    memory for its weights until it or the original writes into them.
 
     Modules whose class keeps nn.Module's own pickling hooks are rebuilt directly: children
     recursively, tensors through deepcopy (so `memo` can share them), immutable attributes
     (numbers, strings, dtypes, tuples of them) shared, empty hook dictionaries made anew,
     anything else deep-copied. Any other module (a GraphModule, a parametrized module, one
-    with its own ``__deepcopy__``) goes to ``copy.deepcopy`` whole.
+    with its own ``__deepcopy__``) goes to ``copy.deepcopy`` whole, with the lazy copies of
+    its tensors in `memo`.
     """
-    memo = {} if memo is None else memo
+    if memo is None:
+        memo = {}
+        for m in module.modules():
+            for t in (*m._parameters.values(), *m._buffers.values()):
+                if t is not None and id(t) not in memo:
+                    lazy = lazy_copy(t)
+                    if lazy is not None:
+                        memo[id(t)] = lazy
     if id(module) in memo:
         return memo[id(module)]
     cls = type(module)
@@ -95,51 +139,6 @@ def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
             state[k] = copy.deepcopy(v, memo)
     new.__setstate__(state)
     return new
-
-
-def shareable_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
-    """The tensors a working copy of `module` may share with it, by ``id``: every parameter, and
-    the buffers of torch.nn layers. Those layers write their buffers only in training mode
-    (BatchNorm's running statistics), and surgery runs models in eval mode; a buffer of any
-    other class may be written by its forward even then, so it is never shared."""
-    out = {id(t): t for t in module.parameters()}
-    for m in module.modules():
-        if m._buffers and type(m).__module__.startswith("torch.nn."):
-            out.update((id(b), b) for b in m._buffers.values() if b is not None)
-    return out
-
-
-def copy_sharing_tensors(module: nn.Module, shared: dict[int, torch.Tensor] | None = None
-                         ) -> tuple[nn.Module, dict[int, torch.Tensor]]:
-    """A deep copy of `module` that keeps the original objects of its :func:`shareable_tensors`
-    (or of `shared`, when the caller has them already).
-
-    Returns ``(copy, shared)`` with `shared` mapping ``id(tensor)`` to each shared tensor. The
-    module tree, the graph and every other attribute are copied; those tensors are not, which
-    saves the time (and fresh memory) of cloning every weight of a model whose weights are about
-    to be replaced anyway (Shrink), and BatchNorm statistics are the costliest tensors to copy
-    one by one. Whoever holds the copy must never write into a shared tensor and must call
-    :func:`unshare` before handing the copy to a user.
-    """
-    shared = shareable_tensors(module) if shared is None else shared
-    return copy_module(module, memo=dict(shared)), shared
-
-
-def unshare(module: nn.Module, shared: dict[int, torch.Tensor]) -> None:
-    """Clone, in place in `module`'s tree, every parameter and buffer still listed in `shared`.
-    A tensor held by several modules (tied weights) gets one clone that all of them hold."""
-    if not shared:
-        return
-    clones: dict[int, torch.Tensor] = {}
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and id(p) in shared:
-                if id(p) not in clones:
-                    clones[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-                m._parameters[name] = clones[id(p)]
-        for name, b in list(m._buffers.items()):
-            if b is not None and id(b) in shared:
-                m._buffers[name] = clones.setdefault(id(b), b.clone())
 
 
 def held_tensor(owner: nn.Module, name: str) -> torch.Tensor | None:

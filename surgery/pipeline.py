@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .calling import as_inputs
 from .capture import capture, surgery_meta
-from .copying import copy_module, copy_sharing_tensors, gc_paused, shareable_tensors, unshare
+from .copying import copy_module, gc_paused
 from .errors import SurgeryError
 from .shapes import annotate_shapes
 
@@ -58,9 +58,7 @@ class Pass(Protocol):
 
     Optional class attributes (``ClassVar[bool]``) let :func:`compress` skip work:
     ``keeps_shapes = True`` says every node's ``meta["shape"]`` is right after the pass (no
-    re-annotation run needed); ``writes_tensors = False`` says the pass never writes into an
-    existing parameter or buffer (it may replace them), so compress need not clone the model's
-    weights up front; ``needs_code = False`` says the pass never calls the GraphModule's
+    re-annotation run needed); ``needs_code = False`` says the pass never calls the GraphModule's
     generated code (it reads the graph, runs it through an interpreter such as
     :class:`ShapeProp`), so compress need not recompile before it. Leaving them out is always safe.
     """
@@ -153,33 +151,24 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
     (re)annotated before the passes run and after each pass that does not declare
     ``keeps_shapes = True``.
 
-    When every pass declares ``writes_tensors = False``, the working copy starts out sharing the
-    caller's parameters and its torch.nn layers' buffers instead of cloning them (Shrink replaces
-    most of them anyway; see :func:`surgery.copying.shareable_tensors`);
-    whatever is still shared at the end is cloned, so the result never aliases the caller's
-    model, and a pass that writes into a shared tensor after all is named in an error.
+    The working copy is copy-on-write (:func:`surgery.copying.copy_module`): it shares the caller's
+    weights until a pass writes into one, so compressing a large model does not hold its weights
+    twice, and the result never aliases the caller's model.
     """
     inputs = as_inputs(example_inputs, model)
     for p in passes:
         if not callable(getattr(p, "apply", None)):
             raise SurgeryError(f"{p!r} is not a pass: it has no apply(gm, ctx) method")
-    share = not inplace and all(getattr(p, "writes_tensors", True) is False for p in passes)
-    tensors = shareable_tensors(model) if share and isinstance(model, nn.Module) else None
     if isinstance(model, fx.GraphModule):
-        if inplace:
-            gm = model
-        else:
-            gm = copy_sharing_tensors(model, tensors)[0] if share else copy_module(model)
+        gm = model if inplace else copy_module(model)
         if inputs is not None:
             annotate_shapes(gm, inputs)
     elif isinstance(model, nn.Module):
         if inplace:
             raise SurgeryError("inplace=True needs a GraphModule; an nn.Module is always captured as a copy")
-        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _share_tensors=tensors,
-                     _code=False)
+        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _code=False)
     else:
         raise SurgeryError(f"compress expects an nn.Module, got {type(model).__name__}")
-    shared = {k: (t, t._version) for k, t in tensors.items()} if tensors is not None else {}
     ctx = Context(example_inputs=inputs)
     stale = not isinstance(model, fx.GraphModule)  # the code is older than the graph (capture left it out)
     for p in passes:
@@ -190,10 +179,6 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
         if not isinstance(out, fx.GraphModule):
             raise SurgeryError(f"{type(p).__name__}.apply returned {type(out).__name__}, not a GraphModule")
         gm = out
-        written = [t for t, version in shared.values() if t._version != version]
-        if written:
-            raise SurgeryError(f"{type(p).__name__} declares writes_tensors = False but wrote into {len(written)} "
-                               "parameter(s) or buffer(s) of the model being compressed; please report this pass")
         stale = gm._code is code_before  # the pass left recompiling to us (one that recompiled is current)
         if stale:
             gm.graph.lint()  # a pass that recompiled has had its graph checked by codegen (graph.finish lints)
@@ -202,6 +187,4 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
             annotate_shapes(gm, inputs)  # interprets the graph: fresh code not needed
     if stale:
         gm.recompile()
-    if shared:
-        unshare(gm, {k: t for k, (t, _) in shared.items()})
     return gm

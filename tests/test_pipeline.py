@@ -74,59 +74,80 @@ def test_compress_never_mutates_callers_model():
 
 
 @pytest.mark.parametrize("as_graph", [False, True])
-def test_compress_sharing_weights_still_returns_its_own_tensors(as_graph):
-    # ChannelPrune and Shrink declare writes_tensors = False: compress works on the caller's
-    # parameter objects and clones what is left of them at the end
+def test_compress_result_shares_no_memory_with_the_callers_model(as_graph):
     from passes import ChannelPrune, Shrink
+    from surgery.copying import storage_key
     torch.manual_seed(0)
     model = tvm.resnet18(weights=None).eval()
     x = torch.rand(1, 3, 32, 32)
     src = surgery.capture(model, (x,)) if as_graph else model
     before = {k: (v.clone(), v._version) for k, v in src.state_dict().items()}
     small = surgery.compress(src, passes=[ChannelPrune(ratio=0.5), Shrink()], example_inputs=(x,))
-    theirs = {t.untyped_storage().data_ptr() for t in (*src.parameters(), *src.buffers())}
-    ours = [t for t in (*small.parameters(), *small.buffers()) if t.numel()]
-    assert not any(t.untyped_storage().data_ptr() in theirs for t in ours)
+    theirs = {storage_key(t) for t in (*src.parameters(), *src.buffers())}
+    assert not any(storage_key(t) in theirs for t in (*small.parameters(), *small.buffers()))
     assert all(torch.equal(before[k][0], v) and before[k][1] == v._version for k, v in src.state_dict().items())
     masked = surgery.compress(src, passes=[ChannelPrune(ratio=0.5)], example_inputs=(x,))
     assert surgery.verify.max_rel_diff(surgery.verify.run_eval(masked, (x,)), surgery.verify.run_eval(small, (x,))) < 1e-5
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 
-def test_a_pass_that_breaks_its_no_write_promise_is_named():
-    from typing import ClassVar
+def test_copies_are_copy_on_write_until_either_side_writes():
+    # the captured copy holds no second copy of the weights, yet training it (or a pass writing
+    # into it, or the caller writing into its own model) never shows on the other side
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    x = torch.randn(4, 3, 8, 8)
+    before = copy.deepcopy(net.state_dict())
+    gm = surgery.capture(net, (x,))
+    assert all(torch._C._is_cow_tensor(t) for t in (*gm.parameters(), *gm.buffers()))
+    assert isinstance(gm.get_submodule("0").weight, nn.Parameter)
+    gm.train()
+    opt = torch.optim.Adam(gm.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        gm(x).square().mean().backward()
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(not torch.equal(before[k], v) for k, v in gm.state_dict().items())  # BN statistics too
+    gm2 = surgery.capture(net, (x,))
+    with torch.no_grad():
+        net[0].weight.zero_()
+    assert torch.equal(gm2.get_submodule("0").weight, before["0.weight"])
 
     @dataclass
-    class Sneaky:
-        writes_tensors: ClassVar[bool] = False
-
+    class Writes:  # a pass that writes into the copy's weights and statistics in place
         def apply(self, gm, ctx):
             with torch.no_grad():
                 next(gm.parameters()).add_(1.0)
-            return gm
-
-    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    with pytest.raises(SurgeryError, match="Sneaky declares writes_tensors = False but wrote into 1 parameter"):
-        surgery.compress(net, passes=[Sneaky()], example_inputs=(torch.randn(2, 4),))
-
-    @dataclass
-    class SneakyStats:  # BatchNorm's statistics are shared too
-        writes_tensors: ClassVar[bool] = False
-
-        def apply(self, gm, ctx):
-            gm.get_submodule("1").running_mean.add_(1.0)
+                gm.get_submodule("1").running_mean.add_(1.0)
             return gm
 
     net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
-    with pytest.raises(SurgeryError, match="SneakyStats declares .* wrote into 1 parameter.s. or buffer"):
-        surgery.compress(net, passes=[SneakyStats()], example_inputs=(torch.randn(2, 4),))
-    assert torch.equal(net[1].running_mean, torch.ones(8))  # the error came; the write was the pass's
+    before = copy.deepcopy(net.state_dict())
+    out = surgery.compress(net, passes=[Writes()], example_inputs=(torch.randn(2, 4),))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert torch.equal(out.get_submodule("1").running_mean, torch.ones(8))
 
 
-def test_buffers_of_user_classes_are_never_shared():
-    # a forward may write its own buffer even in eval mode: compress's copy must own it
+def test_lazy_copy_keeps_the_tensor_kind(tmp_path):
+    from surgery.copying import lazy_copy
+    p = nn.Parameter(torch.randn(3), requires_grad=False)
+    q = lazy_copy(p)
+    assert type(q) is nn.Parameter and not q.requires_grad and torch.equal(p, q)
+    b = torch.randn(3)
+    assert type(lazy_copy(b)) is torch.Tensor and not lazy_copy(b).requires_grad
+    assert lazy_copy(torch.randn(3).to_sparse()) is None  # deep-copied instead
+    assert lazy_copy(torch.empty(3, device="meta")) is None
+    assert lazy_copy(torch.nn.parameter.UninitializedParameter()) is None
+    # memory torch.load handed over has no allocator: a lazy copy of it would crash when written
+    torch.save(torch.ones(3), tmp_path / "t.pt")
+    assert lazy_copy(torch.load(tmp_path / "t.pt")) is None
+    assert lazy_copy(torch.from_numpy(b.numpy())) is None
+
+
+def test_buffers_a_forward_writes_stay_the_copys():
+    # a forward may write its own buffer even in eval mode: the caller's never changes
     from passes import ChannelPrune, Shrink
-    from surgery.copying import shareable_tensors
 
     class Counts(nn.Module):
         def __init__(self):
@@ -138,8 +159,6 @@ def test_buffers_of_user_classes_are_never_shared():
             return x
 
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), Counts(), nn.Conv2d(8, 4, 3)).eval()
-    shared = shareable_tensors(net)
-    assert id(net[1].running_var) in shared and id(net[2].calls) not in shared and id(net[0].weight) in shared
     small = surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink()], (torch.randn(1, 3, 8, 8),),
                              leaf_modules=[Counts])
     assert net[2].calls.item() == 0 and small.get_submodule("2").calls.item() > 0

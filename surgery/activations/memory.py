@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..calling import as_inputs, call, input_values
+from ..copying import storage_key
 from ..errors import SurgeryError
 
 __all__ = ["HookedRegion", "saved_tensors_hooks", "hooks_disabled", "SavedBytes", "ActivationMemory",
@@ -67,7 +68,7 @@ class SavedBytes:
     def __init__(self, model: nn.Module, inputs: Any = ()):
         fixed = [*model.parameters(), *model.buffers()]
         fixed += [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)]
-        self.skip = {t.untyped_storage().data_ptr() for t in fixed}
+        self.skip = {storage_key(t) for t in fixed}
         self.seen: set[int] = set()
         self.bytes = 0
         self.tensors = 0
@@ -77,7 +78,7 @@ class SavedBytes:
             if t.layout != torch.strided or t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
-            ptr = storage.data_ptr()
+            ptr = storage_key(t)
             if ptr in self.skip or ptr in self.seen:
                 continue
             self.seen.add(ptr)

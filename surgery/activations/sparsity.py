@@ -14,13 +14,13 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..calling import call
+from ..copying import copy_module
 from ..errors import SurgeryError
 from ..verify import eval_mode
 
@@ -35,7 +35,7 @@ def sparsifiers(gm: nn.Module) -> dict[str, nn.Module]:
 def harden(gm: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Swap every soft sparsifier for its exact hard threshold. Returns a hardened copy
     (`gm` itself with ``inplace=True``)."""
-    out = gm if inplace else copy.deepcopy(gm)
+    out = gm if inplace else copy_module(gm)
     for m in sparsifiers(out).values():
         m.harden()
     return out

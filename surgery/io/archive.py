@@ -27,7 +27,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..copying import copy_module
 from ..errors import BadModelFile, ConfigError, SurgeryError, first_line
 from ..weights.storage import (_gaps, _int_in, _INT_VIEW, best_index_bits, bit_view, pack_bits,
                                positions_in_steps, relative_codes, section_lengths, unpack_bits)
@@ -382,7 +382,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *,
             raise _corrupt(path, f"cannot be decoded ({first_line(e)})", ent.name) from None
     if model is None:
         return out
-    loaded = copy.deepcopy(model)
+    loaded = copy_module(model)
     try:
         loaded.load_state_dict(out, strict=True)
     except RuntimeError as e:

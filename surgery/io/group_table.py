@@ -3,7 +3,6 @@ plain dicts of names (for JSON) and as text lines (for the table).
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Sequence
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 
 from ..capture import capture
 from ..channels.groups import channel_groups
+from ..copying import copy_module
 from ..errors import SurgeryError
 from ..shapes import ShapeProp
 
@@ -43,7 +43,7 @@ def channel_groups_of(model: nn.Module, inputs: tuple | None) -> tuple[list[dict
         return None, "channel groups: need an input shape (--input-shape) to follow tensor shapes"
     try:
         if isinstance(model, fx.GraphModule):
-            gm = copy.deepcopy(model)  # ShapeProp writes node metadata: leave the caller's graph alone
+            gm = copy_module(model)  # ShapeProp writes node metadata: leave the caller's graph alone
             ShapeProp(gm).propagate(*inputs)
         else:
             gm = capture(model, inputs)

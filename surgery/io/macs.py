@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..calling import as_inputs, call, input_values
+from ..copying import storage_key
 from ..errors import SurgeryError, first_line
 from ..verify import eval_mode
 
@@ -33,7 +34,7 @@ ROOT = "(root)"
 
 def _storage(t: Tensor) -> int:
     try:
-        return t.untyped_storage().data_ptr()
+        return storage_key(t)
     except Exception:  # tensors without storage (meta, functional wrappers)
         return 0
 

@@ -33,7 +33,7 @@ from torch import nn
 from ..calling import as_inputs, bind_placeholders
 from ..capture import surgery_meta
 from ..channels.groups import ChannelGraph, analyze_tree
-from ..copying import copy_sharing_tensors, gc_paused, unshare
+from ..copying import copy_module, gc_paused
 from ..errors import ShrinkMismatch, SurgeryError
 from ..graph import drop_dead_nodes, finish
 from ..nested import recording_calls, replay
@@ -154,9 +154,7 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
         raise SurgeryError("Shrink needs example_inputs: pass them to compress(..., example_inputs=(x,))")
     if not isinstance(gm, fx.GraphModule):
         raise SurgeryError(f"Shrink needs a captured GraphModule, got {type(gm).__name__}")
-    # copy the modules and the graph, share the tensors: every edit below makes new tensors,
-    # and whatever is still shared at the end is cloned (cheaper than deep-copying them all)
-    work, shared = (gm, {}) if inplace else copy_sharing_tensors(gm)
+    work = gm if inplace else copy_module(gm)  # copy-on-write tensors: the edits make new ones anyway
     params_before = _n_params(gm)
     t0 = time.perf_counter()
     # the masked model's output, and fresh shapes for the analysis; through the graph, not the
@@ -166,7 +164,6 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
         ref = ShapeProp(work).propagate(*args)
     verify_seconds = time.perf_counter() - t0
     edits = [_edit(cg) for cg in analyze_tree(work).values()]  # work's graph, and any nested under eager code
-    unshare(work, shared)
     try:
         t0 = time.perf_counter()
         with recording_calls(work) as again:

@@ -15,12 +15,11 @@ Example::
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..copying import copy_module
 from ..errors import SurgeryError
 from ..select import Selector, select_modules
 
@@ -87,7 +86,7 @@ def finalize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Returns a copy unless ``inplace=True``.
     """
-    out = model if inplace else copy.deepcopy(model)
+    out = model if inplace else copy_module(model)
     for name, mod in list(out.named_modules()):
         if not parametrize.is_parametrized(mod):
             continue
