@@ -112,6 +112,8 @@ class _Tracer(ConcreteTracing, IndexedAttributes, fx.Tracer):
         return super().create_arg(a)
 
     def call_module(self, m, forward, args, kwargs):
+        if self.computing:  # a node's value being computed (see ConcreteTracing): nothing to trace or record
+            return super().call_module(m, forward, args, kwargs)
         try:
             qual = self.path_of_module(m)
         except NameError:  # a module built inside forward (`nn.ReLU()(x)`): its ops are the caller's

@@ -37,7 +37,6 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
-from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.node import map_aggregate
 
 __all__ = ["ConcreteTracing", "ConcreteProxy", "failing_line", "sizes_read", "specialised_dims"]
@@ -224,6 +223,7 @@ class ConcreteTracing:
     before ``trace``); with it None, tracing is plain fx."""
 
     example: dict[str, Any] | None = None
+    computing = False  # True while a node's value is computed (see _compute)
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         with _factories_recorded(self):
@@ -277,15 +277,17 @@ class ConcreteTracing:
                     return target(*a, **kw) if kind == "call_function" else getattr(a[0], target)(*a[1:], **kw)
             except Exception:
                 return _MISSING
-        try:  # fx's patches (Module.__call__, __getattr__, wrapped functions) would trace these calls
-            with torch.no_grad(), _maybe_revert_all_patches():
+        # fx's patches (Module.__call__, __getattr__) would trace these calls: while `computing`,
+        # call_module and getattr below hand back the real thing instead (reverting the patches
+        # would set attributes on nn.Module, which invalidates the type caches of every subclass
+        # loaded: about 1 ms a node with transformers imported); wrapped functions see no proxy
+        was_computing, self.computing = self.computing, True
+        try:
+            with torch.no_grad():
                 if kind == "call_function":
                     return target(*a, **kw)
                 if kind == "call_method":
                     return getattr(a[0], target)(*a[1:], **kw)
-                if kind == "get_attr":
-                    value = _getattr_path(self.root, str(target))
-                    return value.detach().clone() if isinstance(value, torch.Tensor) else value
                 if kind == "call_module":
                     module = self.root.get_submodule(str(target))
                     was = module.training
@@ -296,7 +298,19 @@ class ConcreteTracing:
                         module.train(was)
         except Exception:  # a value we cannot compute: that node behaves as in plain fx
             return _MISSING
+        finally:
+            self.computing = was_computing
         return _MISSING
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if self.computing:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
+        if self.computing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     # --- the questions fx refuses to answer
     def guard(self, proxy: fx.Proxy, value: Any, what: str) -> None:
