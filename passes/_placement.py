@@ -115,18 +115,18 @@ def tail(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return cur
 
 
-def unit_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner: str, attention: str = "heads"
-               ) -> tuple[list[Site], dict[str, str]]:
+def unit_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner: str, attention: str = "heads",
+               normalised: bool = True) -> tuple[list[Site], dict[str, str]]:
     """The mask sites for the selected ops, and the selected ops left unmasked (name -> why).
 
     One site per channel group that a selected op produces, placed at the group's mask points
     (every producer of the group, after its BN/activation), so a selected op masks its whole
     group. Frozen groups (the model output, ops the channel rules cannot follow) and groups
-    whose producers do not carry all their channels get no mask. `attention`: whole "heads" or
-    "head_dims" as units (:func:`surgery.channels.set_attention_units`).
+    whose producers do not carry all their channels get no mask. `attention` and `normalised`:
+    see :func:`surgery.channels.set_analysis`.
     """
     nodes = select_tree(gm, select, exclude, skip=(UnitMask,))
-    channels.set_attention_units(gm, attention)
+    channels.set_analysis(gm, attention, normalised)
     groups = channels.channel_groups(gm)
     sites: list[Site] = []
     skipped: dict[str, str] = {}

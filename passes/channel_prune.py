@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from surgery.channels import ATTENTION_UNITS, ChannelGraph, ChannelGroup, analyze_tree, set_attention_units
+from surgery.channels import ATTENTION_UNITS, ChannelGraph, ChannelGroup, analyze_tree, set_analysis
 from surgery.errors import SelectionError
 from surgery.graph import submodule, unique_name
 from surgery.pipeline import Context, UnitMask
@@ -86,6 +86,11 @@ class ChannelPrune:
             dimension (q with k, v with the output projection's columns), so heads stay and get
             narrower; rotary embeddings keep q and k whole. Recorded in
             ``gm.meta["surgery"]["attention_units"]``, which Shrink's analysis reads back.
+        normalised: whether channels that a LayerNorm, an RMSNorm or a mean over channels reads
+            may go (a transformer's residual stream, ConvNeXt's channels). Exact in the graph
+            form: Shrink rewrites each such op to keep dividing by the original width. A model's
+            own classes cannot do that, so pair ``normalised=False`` with ``Shrink(into="modules")``.
+            Recorded in ``gm.meta["surgery"]["normalised"]`` for Shrink's analysis.
 
     Frozen groups and the model's output channels are never masked; every group keeps at
     least one channel (and at least one per group of a grouped convolution).
@@ -101,6 +106,7 @@ class ChannelPrune:
     round_to: int = 1
     seed: int = 0
     attention: str = "heads"
+    normalised: bool = True
     keeps_shapes: ClassVar[bool] = True     # mask nodes get their input's shape
     needs_code: ClassVar[bool] = False      # reads the graph and the weights only
     # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
@@ -115,12 +121,13 @@ class ChannelPrune:
         check.number("ChannelPrune", "round_to", self.round_to, lo=1, integer=True)
         check.number("ChannelPrune", "seed", self.seed, lo=0, hi=check.SEED_MAX, integer=True)
         check.choice("ChannelPrune", "attention", self.attention, ATTENTION_UNITS)
+        check.flag("ChannelPrune", "normalised", self.normalised)
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         # a selection that matches nothing raises SelectionError with the nearest names, as in
         # Identity and the mask passes; otherwise a typo would return the model unpruned
         selected = select_tree(gm, self.select, self.exclude, skip=(UnitMask,))
-        set_attention_units(gm, self.attention)
+        set_analysis(gm, self.attention, self.normalised)
         tree = analyze_tree(gm)  # gm's graph, and those nested under eager code in it (a shell's)
         groups = [g for cg in tree.values() for g in cg.groups]
         self._check_producers(selected, groups)

@@ -87,6 +87,7 @@ class DAM:
     select: Selector = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     exclude: Selector = None
     attention: str = "heads"  # or "head_dims": what a unit of attention is (see ChannelPrune)
+    normalised: bool = True  # False: no masks on channels a norm reads (see ChannelPrune; Shrink(into="modules"))
     lam: float = 0.1
     cold_start: int = 0
     # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
@@ -96,11 +97,12 @@ class DAM:
         check.selector("DAM", "select", self.select, empty_ok=False)
         check.selector("DAM", "exclude", self.exclude)
         check.choice("DAM", "attention", self.attention, ATTENTION_UNITS)
+        check.flag("DAM", "normalised", self.normalised)
         check.number("DAM", "lam", self.lam, lo=0)
         check.number("DAM", "cold_start", self.cold_start, lo=0, integer=True)
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
-        sites, skipped = unit_sites(gm, self.select, self.exclude, "dam", self.attention)
+        sites, skipped = unit_sites(gm, self.select, self.exclude, "dam", self.attention, self.normalised)
         ctx.notes.setdefault("dam", {})["unmasked"] = skipped
         for site in sites:
             insert_site(gm, site, DAMMask(site.units, site.dim, self.lam / len(sites), self.cold_start))

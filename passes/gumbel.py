@@ -89,6 +89,7 @@ class GumbelMask:
     select: Selector = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     exclude: Selector = None
     attention: str = "heads"  # or "head_dims": what a unit of attention is (see ChannelPrune)
+    normalised: bool = True  # False: no masks on channels a norm reads (see ChannelPrune; Shrink(into="modules"))
     alpha: float = 1e-4
     tau: float = 1.0
     init: float = 2.0
@@ -101,6 +102,7 @@ class GumbelMask:
         check.selector("GumbelMask", "select", self.select, empty_ok=False)
         check.selector("GumbelMask", "exclude", self.exclude)
         check.choice("GumbelMask", "attention", self.attention, ATTENTION_UNITS)
+        check.flag("GumbelMask", "normalised", self.normalised)
         check.number("GumbelMask", "alpha", self.alpha, lo=0)
         check.number("GumbelMask", "tau", self.tau, lo=0, lo_open=True)
         check.number("GumbelMask", "init", self.init, lo=-check.FLOAT32_MAX, hi=check.FLOAT32_MAX,
@@ -113,7 +115,7 @@ class GumbelMask:
                               "only means something with freeze_weights=True (everything trains otherwise)")
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
-        sites, skipped = unit_sites(gm, self.select, self.exclude, "gumbel", self.attention)
+        sites, skipped = unit_sites(gm, self.select, self.exclude, "gumbel", self.attention, self.normalised)
         ctx.notes.setdefault("gumbel", {})["unmasked"] = skipped
         for site in sites:
             insert_site(gm, site, GumbelGate(site.units, site.dim, self.alpha, self.tau, self.init))

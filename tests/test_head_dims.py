@@ -14,7 +14,7 @@ from torch import nn
 
 import surgery
 from passes import ChannelPrune, Shrink
-from surgery.channels import channel_groups, set_attention_units
+from surgery.channels import channel_groups, set_analysis
 from surgery.verify import max_abs_diff, run_eval
 from test_attention import Attention
 
@@ -86,7 +86,7 @@ def test_rotary_embeddings_keep_q_and_k_whole_and_v_still_narrows():
     model = Attention(kv_heads=4, mode="sdpa", rotary=True).eval()
     x = torch.randn(2, 7, 24)
     gm = surgery.capture(model, (x,))
-    set_attention_units(gm, "head_dims")
+    set_analysis(gm, "head_dims")
     qk = [g for g in channel_groups(gm) if any(p.node.name == "q" for p in g.producers)]
     assert len(qk) == 1 and "along axis 3" in qk[0].frozen
     masked, small = _prune(model, x)

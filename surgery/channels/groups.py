@@ -357,10 +357,9 @@ def analyze_tree(gm: fx.GraphModule) -> dict[str, ChannelGraph]:
     if not subs:  # the common case: one graph, analysed as it always was
         return tree
     shared, first = shared_tensors(gm), len(tree[""].groups)
-    units = gm.meta.get("surgery", {}).get("attention_units")
+    options = {k: v for k, v in gm.meta.get("surgery", {}).items() if k in ("attention_units", "normalised")}
     for path, sub in subs.items():
-        if units is not None:  # nested graphs take their root's setting
-            sub.meta.setdefault("surgery", {})["attention_units"] = units
+        sub.meta.setdefault("surgery", {}).update(options)  # nested graphs take their root's settings
         if annotated(sub):
             prepare(sub)
             tree[path] = ChannelGraph(sub, Boundary(path, shared), first).run()
@@ -371,13 +370,15 @@ def analyze_tree(gm: fx.GraphModule) -> dict[str, ChannelGraph]:
 ATTENTION_UNITS = ("heads", "head_dims")  # what a unit of attention may be
 
 
-def set_attention_units(gm: fx.GraphModule, units: str) -> None:
-    """Make the analysis of `gm` (and of the graphs nested in it) treat attention by whole
-    "heads" (the default) or by "head_dims" (see :mod:`surgery.channels.rules.attention`). Kept in
-    ``gm.meta["surgery"]``, so that a later analysis of the same graph (Shrink's) agrees."""
-    if units not in ATTENTION_UNITS:
-        raise ValueError(f"attention units are 'heads' or 'head_dims', not {units!r}")
-    gm.meta.setdefault("surgery", {})["attention_units"] = units
+def set_analysis(gm: fx.GraphModule, attention: str = "heads", normalised: bool = True) -> None:
+    """How the analysis of `gm` (and of the graphs nested in it) treats two structures, kept in
+    ``gm.meta["surgery"]`` so that a later analysis of the same graph (Shrink's) agrees: attention
+    by whole "heads" or by "head_dims" (see :mod:`surgery.channels.rules.attention`); and whether
+    channels that a norm or a mean over channels reads may go (`normalised`; see
+    :func:`surgery.channels.rules.common.normalised`)."""
+    if attention not in ATTENTION_UNITS:
+        raise ValueError(f"attention units are 'heads' or 'head_dims', not {attention!r}")
+    gm.meta.setdefault("surgery", {}).update(attention_units=attention, normalised=bool(normalised))
 
 
 def channel_groups(gm: fx.GraphModule, rules: dict | None = None) -> list[ChannelGroup]:

@@ -56,6 +56,13 @@ def _linear(ctx, ids, rparams, rattrs, pparams, pattrs, arg: int = 0):
     return ctx.new_space(-1, params=pparams, attrs=pattrs)
 
 
+def normalised(ctx: RuleContext) -> bool:
+    """Whether channels a norm or a mean reads may go (Shrink then rewrites the op to keep
+    dividing by the original width): False where ``ChannelPrune(normalised=False)`` said so, as
+    ``gm.meta["surgery"]["normalised"]``, for a model to be shrunk into its own classes."""
+    return ctx.g.gm.meta.get("surgery", {}).get("normalised", True) is not False
+
+
 def _layernorm(ctx: RuleContext, k: int, rms: bool = False, params=(), edit=None):
     """A LayerNorm (or, `rms`, an RMSNorm) over the last `k` axes. Over the channel axis alone it
     reads its input's channels for its statistics (a reader of zeros: `edit` makes Shrink emit a
@@ -75,7 +82,7 @@ def _layernorm(ctx: RuleContext, k: int, rms: bool = False, params=(), edit=None
         # normalises is one channel, so its own parameters never lose an entry
         ctx.couple(ids, ids[tuple(slice(0, 1) if d >= ids.ndim - k else slice(None) for d in range(ids.ndim))])
         return ids, None
-    if k != 1 or edit is None or varying(ids) != [ids.ndim - 1]:
+    if k != 1 or edit is None or varying(ids) != [ids.ndim - 1] or not normalised(ctx):
         ctx.freeze(ids, f"{ctx.describe()} counts these channels in its statistics")
         return ids, None
     ctx.place("reader", ids, -1, arg=0, kind="zero", values=ctx.values(ctx.x), edit=edit)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ...norms import emit_mean, emit_norm
 from ..rulebook import RuleContext, register_rule, varying
 from .common import (_ConvNd, _layernorm, _linear, _owner, _softmax, _spatial_ok, bn_values, conv_rule, no_folds,
-                     pool_rule, spatial_keep_rule)
+                     normalised, pool_rule, spatial_keep_rule)
 
 
 def reduce_rule(ctx: RuleContext):
@@ -44,6 +44,9 @@ def reduce_rule(ctx: RuleContext):
         elif name == "mean" and varying(lay) == hit and not set(n.kwargs) - {"dim", "keepdim"}:
             # a mean over the channels (an RMSNorm's mean of squares): zeros may go if the mean
             # keeps dividing by the original count (Shrink rewrites it: surgery.norms.emit_mean)
+            if not normalised(ctx):
+                ctx.freeze(lay, f"{ctx.describe()} counts these channels in its statistics")
+                return None
             shape = ctx.shape(ctx.x)
             total = int(np.prod([shape[d] for d in dims]))
             raw_dims, x = ctx.arg(1, "dim", None), ctx.x
