@@ -25,11 +25,16 @@ from torch import nn
 from .attributes import IndexedAttributes
 from .calling import as_inputs, entry_shell, traced_entry
 from .concrete import ConcreteTracing, failing_line, specialised_dims
-from .copying import copy_module, gc_paused
+from .copying import SourceTree, copy_module, gc_paused
 from .errors import SurgeryError, TraceFailure, first_line
 from .graph import graph_module_without_code, submodule
 from .inplace import rewrite_inplace
-from .layers import restore_layers, torch_layer_subclass, traced_as_ops, traced_as_ops_candidate
+from .layers import (
+    restore_layers,
+    torch_layer_subclass,
+    traced_as_ops,
+    traced_as_ops_candidate,
+)
 from .libraries import library_leaves
 from .shapes import annotate_shapes
 from .signature import (
@@ -363,6 +368,8 @@ def capture(
             reason += f"; {failure.hint}"
         opaque = {"model": reason, **{f"model.{k}": v for k, v in opaque.items()}}
     meta = surgery_meta(gm)
+    if not shell:  # the model's own classes, sharing every layer with the graph: see surgery.shrink.modules
+        meta["source"] = SourceTree(root)
     # the shell runs the eager forward, which takes every argument as it comes: nothing is constant
     meta.update(opaque=dict(opaque), class_name=type(model).__name__, shell=shell,
                 constants={} if shell else dict(arguments.constants),

@@ -302,7 +302,7 @@ class ConcreteTracing:
             self.computing = was_computing
         return _MISSING
 
-    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+    def call_module(self, m: Any, forward: Any, args: tuple, kwargs: dict) -> Any:
         if self.computing:
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)

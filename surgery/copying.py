@@ -18,7 +18,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["gc_paused", "copy_module", "lazy_copy", "storage_key", "held_tensor", "tensor_key", "tied_tensors"]
+__all__ = ["gc_paused", "copy_module", "lazy_copy", "storage_key", "SourceTree", "held_tensor", "tensor_key",
+           "tied_tensors"]
 
 
 @contextmanager
@@ -77,7 +78,8 @@ def lazy_copy(t: torch.Tensor) -> torch.Tensor | None:
     None where a plain tensor or parameter on the CPU or a CUDA device is not what `t` is (a
     tensor subclass, a sparse or meta tensor, a plain tensor with a gradient or attributes of its
     own, which deepcopy would copy; memory that torch.load, ``from_numpy`` or a memory map
-    handed over), or where this torch has no lazy clone: the caller deep-copies those. A parameter's gradient and attributes are left behind, as deepcopy leaves them.
+    handed over), or where this torch has no lazy clone: the caller deep-copies those. A
+    parameter's gradient and attributes are left behind, as deepcopy leaves them.
     """
     cls = type(t)
     if _LAZY is None or cls not in (torch.Tensor, nn.Parameter) or t.layout != torch.strided:
@@ -139,6 +141,24 @@ def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
             state[k] = copy.deepcopy(v, memo)
     new.__setstate__(state)
     return new
+
+
+class SourceTree:
+    """The captured model's own module tree, kept beside its graph as ``gm.meta["surgery"]["source"]``
+    (its layers are the graph's: one set of weights) for ``Shrink(into="modules")``. It goes along
+    with every copy of the GraphModule, but never into a pickle (``module`` is None after loading):
+    a saved GraphModule loads without the model's own classes, as it always did."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module | None = None):
+        self.module = module
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SourceTree:
+        return SourceTree(copy.deepcopy(self.module, memo))
+
+    def __reduce__(self) -> tuple:
+        return SourceTree, ()
 
 
 def held_tensor(owner: nn.Module, name: str) -> torch.Tensor | None:

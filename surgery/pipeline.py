@@ -177,7 +177,11 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
         code_before = gm._code
         out = p.apply(gm, ctx)
         if not isinstance(out, fx.GraphModule):
-            raise SurgeryError(f"{type(p).__name__}.apply returned {type(out).__name__}, not a GraphModule")
+            if isinstance(out, nn.Module) and p is passes[-1]:  # the model in its own classes: Shrink(into="modules")
+                return out
+            raise SurgeryError(f"{type(p).__name__}.apply returned {type(out).__name__}, not a GraphModule"
+                               + (" (a pass returning the model in its own classes must be the last)"
+                                  if isinstance(out, nn.Module) else ""))
         gm = out
         stale = gm._code is code_before  # the pass left recompiling to us (one that recompiled is current)
         if stale:

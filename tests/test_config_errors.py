@@ -198,7 +198,7 @@ def test_cli_compress_checks_the_recipe_before_any_pass_runs(tmp_path, monkeypat
 # values of each field's own kind (so that many passes build and get applied) ...
 ENUMS = {"criterion": CRITERIA, "scope": ("local", "global"), "penalty": PENALTIES, "method": METHODS,
          "init": INITS, "wavelet": ("haar", "db3", "sym4"), "param": ("weight", "bias"),
-         "attention": ("heads", "head_dims")}
+         "attention": ("heads", "head_dims"), "into": ("graph", "modules")}
 SELECTORS = [None, nn.Conv2d, nn.Linear, nn.LSTM, "Conv2d", "BatchNorm2d", "0", "3", "7", "[03]", "*", "nomatch*",
              (nn.Conv2d, nn.Linear), ["Conv2d", "7"], re.compile(r"^[37]$"), lambda name, m: name == "3"]
 TABLES = [{"0.weight": 0.5}, {"*": 4}, {"3.*": 2}, {"9.weight": 0.5}]

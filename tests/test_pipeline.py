@@ -87,7 +87,8 @@ def test_compress_result_shares_no_memory_with_the_callers_model(as_graph):
     assert not any(storage_key(t) in theirs for t in (*small.parameters(), *small.buffers()))
     assert all(torch.equal(before[k][0], v) and before[k][1] == v._version for k, v in src.state_dict().items())
     masked = surgery.compress(src, passes=[ChannelPrune(ratio=0.5)], example_inputs=(x,))
-    assert surgery.verify.max_rel_diff(surgery.verify.run_eval(masked, (x,)), surgery.verify.run_eval(small, (x,))) < 1e-5
+    run = surgery.verify.run_eval
+    assert surgery.verify.max_rel_diff(run(masked, (x,)), run(small, (x,))) < 1e-5
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 

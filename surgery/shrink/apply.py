@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ from ..pipeline import UnitMask
 from ..shapes import ShapeProp
 from ..verify import max_rel_diff
 from .edits import Editor
+from .modules import INTO, Before, into_modules
 from .plan import Decider
 
 __all__ = ["shrink", "ShrinkReport", "GroupShrink", "shrink_report"]
@@ -140,15 +142,22 @@ def _first_difference(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple | dict
 
 
 @gc_paused()
-def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplace: bool = False
-           ) -> fx.GraphModule:
+def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplace: bool = False,
+           into: str = "graph") -> nn.Module:
     """A physically smaller copy of `gm` that computes what `gm` (with its masks) computes.
 
     `gm` is not mutated unless ``inplace=True`` (what the Shrink pass does: compress() already
     works on a copy). Raises :class:`ShrinkMismatch` if the shrunk model's outputs differ from
     the masked model's on `example_inputs` (positional, or a dict of keyword inputs) by more
     than `tol` (relative to the output's largest magnitude).
+
+    ``into="graph"`` returns the shrunk GraphModule; ``into="modules"`` returns the model in its
+    own classes and qualified names, the same edits applied and verified the same way (see
+    :mod:`surgery.shrink.modules`), with the report as ``.report`` (unless its class has an
+    attribute of that name).
     """
+    if into not in INTO:
+        raise SurgeryError(f"Shrink: into must be one of {', '.join(map(repr, INTO))}, got {into!r}")
     inputs = as_inputs(example_inputs, gm)
     if inputs is None:
         raise SurgeryError("Shrink needs example_inputs: pass them to compress(..., example_inputs=(x,))")
@@ -163,6 +172,10 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
     with recording_calls(work) as calls:  # what eager code gives nested graphs and gets back: verified too
         ref = ShapeProp(work).propagate(*args)
     verify_seconds = time.perf_counter() - t0
+    before = None
+    if into == "modules":  # a norm's divisor has no place in its class: masked channels it reads stay
+        surgery_meta(work)["normalised"] = False
+        before = Before.of(work)
     edits = [_edit(cg) for cg in analyze_tree(work).values()]  # work's graph, and any nested under eager code
     try:
         t0 = time.perf_counter()
@@ -187,6 +200,16 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
     report = ShrinkReport(rows, params_before, _n_params(work), err, [s for *_, e in edits for s in e.scaled])
     report.verify_seconds = verify_seconds
     surgery_meta(work)["shrink_report"] = report
+    if into == "modules":
+        normed = sum(1 for g in rows for r in g.kept.values() if "in its statistics" in r)
+        if normed:
+            warnings.warn(f"Shrink(into='modules') kept {normed} masked channel(s) that a norm or a mean reads: "
+                          "its divisor has no place in the model's own classes (see the report); "
+                          "ChannelPrune(normalised=False) leaves such channels unmasked", stacklevel=3)
+        model = into_modules(work, inputs, ref, tol, before)
+        if not hasattr(model, "report"):
+            model.report = report
+        return model
     return work
 
 

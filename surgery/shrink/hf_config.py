@@ -1,0 +1,99 @@
+"""The Hugging Face config of a model shrunk into its own classes: the sizes it states
+(``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
+``hidden_size`` and their older names) brought in line with the pruned layers, so that
+``save_pretrained`` then ``from_pretrained`` of the same class rebuilds the pruned model.
+
+The new values are found, not guessed: every size field of the config gets candidates from the
+widths the pruning changed (a field of 96 whose layers went from 96 to 48 wide; a head count
+whose projections went from 4 to 2 heads wide), and the combination whose model, built on the
+meta device (no memory, no initialisation), has exactly the pruned model's parameter shapes
+wins. Where none does (widths that differ from layer to layer), the config is left alone and
+:func:`fit_config` says so.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["fit_config", "is_hf_model"]
+
+# size fields across transformers' configs (encoders, decoders, encoder-decoders, vision)
+WIDTHS = ("intermediate_size", "hidden_size", "d_model", "d_ff", "d_kv", "n_inner", "n_embd", "ffn_dim",
+          "encoder_ffn_dim", "decoder_ffn_dim", "hidden_dim", "dim", "embed_dim", "head_dim", "kv_channels")
+HEADS = ("num_attention_heads", "num_key_value_heads", "num_heads", "n_head", "n_heads", "encoder_attention_heads",
+         "decoder_attention_heads", "num_kv_heads", "multi_query_group_num")
+_MAX_TRIES = 512
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A transformers PreTrainedModel (duck-typed: transformers need not be imported)."""
+    config = getattr(model, "config", None)
+    return callable(getattr(model, "save_pretrained", None)) and callable(getattr(config, "to_dict", None))
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _changes(before: dict[str, tuple[int, ...]], after: dict[str, tuple[int, ...]]) -> dict[int, set[int]]:
+    """old width -> the widths it became, over every tensor axis the pruning changed."""
+    out: dict[int, set[int]] = {}
+    for k, old in before.items():
+        new = after.get(k)
+        if new is not None and len(new) == len(old):
+            for a, b in zip(old, new):
+                if a != b:
+                    out.setdefault(a, set()).add(b)
+    return out
+
+
+def _candidates(config: Any, changes: dict[int, set[int]]) -> dict[str, list[int]]:
+    fields = {f: getattr(config, f) for f in (*WIDTHS, *HEADS) if type(getattr(config, f, None)) is int}
+    heads = fields.get("num_attention_heads") or fields.get("num_heads") or fields.get("n_head")
+    width = fields.get("hidden_size") or fields.get("d_model") or fields.get("n_embd")
+    head_dim = fields.get("head_dim") or fields.get("d_kv") or (width // heads if heads and width else None)
+    out = {}
+    if "head_dim" not in fields and head_dim and "head_dim" not in vars(config):
+        # derived (hidden_size // heads) unless stated: fewer heads must not make each one wider
+        out["head_dim"] = [head_dim, *sorted(changes.get(head_dim, ()))]
+    for f, v in fields.items():
+        options = {v, *changes.get(v, ())}
+        if f in HEADS and head_dim:  # heads * head size wide projections, now narrower
+            options |= {w // head_dim for w in changes.get(v * head_dim, ()) if w % head_dim == 0}
+        out[f] = sorted(options, key=lambda o: (o == v, o))  # changed values first
+    return out
+
+
+def _builds(model: nn.Module, config: Any, want: dict[str, tuple[int, ...]]) -> bool:
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(config)
+    except Exception:  # an inconsistent combination (a width that the head count does not divide)
+        return False
+    return _shapes(fresh) == want
+
+
+@torch.no_grad()
+def fit_config(model: nn.Module, before: dict[str, tuple[int, ...]]) -> list[str]:
+    """Update ``model.config`` in place to the pruned widths (`before`: the parameter and buffer
+    shapes of the unpruned model, by name). Returns the fields changed; raises LookupError when
+    no combination of candidate values rebuilds the pruned shapes."""
+    want = _shapes(model)
+    config = model.config
+    options = _candidates(config, _changes(before, want))
+    names = [f for f, o in options.items() if len(o) > 1 or not hasattr(config, f)]
+    for i, values in enumerate(itertools.product(*(options[f] for f in names))):
+        if i >= _MAX_TRIES:
+            break
+        trial = copy.deepcopy(config)
+        for f, v in zip(names, values):
+            setattr(trial, f, v)
+        if _builds(model, trial, want):
+            changed = [f for f, v in zip(names, values) if getattr(config, f, None) != v]
+            model.config = trial
+            return changed
+    raise LookupError("no config of uniform widths rebuilds the pruned shapes (widths differ from layer to layer)")

@@ -1,0 +1,264 @@
+"""Shrink into the user's own classes: ``Shrink(into="modules")``.
+
+The graph form (a GraphModule) is what Shrink edits and verifies first. Capture keeps the
+model's own module tree beside the graph (``gm.meta["surgery"]["source"]``, sharing every
+layer object with it), so the same edits are one step from the user's classes: every layer the
+graph calls is put back at its qualified name (Shrink edits layers in place, sizes included:
+``in_features``, ``out_channels``, ``num_features``, ``normalized_shape``, ``groups``), and every
+tensor the graph reads directly (a norm's weight inside a traced-through module, a class token)
+replaces the tensor at the same name.
+
+What the graph form can do and the user's classes cannot: rewrite a size written in the
+forward's code (``view(B, T, 12, 64)``, or ``self.num_heads`` read at run time), keep a mask's
+leftover per-channel scale as its own op. The model is therefore run on the example inputs and
+compared with the masked model, as the graph form is; where it fails or differs, a
+:class:`~surgery.errors.SurgeryError` names the module (and the line of its forward that
+failed) and points at the graph form. A model that differs is never returned. A Hugging Face
+model's config is brought in line with the pruned widths where they are uniform across layers
+(:mod:`surgery.shrink.hf_config`), so that ``save_pretrained``/``from_pretrained`` round-trip it.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+
+from ..calling import call
+from ..capture import surgery_meta
+from ..concrete import failing_line
+from ..errors import SurgeryError, first_line
+from ..graph import submodule
+from ..verify import eval_mode, max_rel_diff
+from .hf_config import fit_config, is_hf_model
+
+__all__ = ["into_modules", "Before", "INTO"]
+
+INTO = ("graph", "modules")
+_GRAPH_FORM = "use Shrink() (the graph form), which rewrites such sizes in the graph"
+
+
+def _owner(root: nn.Module, target: str) -> tuple[nn.Module | None, str]:
+    """The module holding `target`'s last part, and that part (None when the path is missing)."""
+    path, _, name = target.rpartition(".")
+    try:
+        return (submodule(root, path) if path else root), name
+    except AttributeError:
+        return None, name
+
+
+def _put_module(root: nn.Module, target: str, new: nn.Module) -> None:
+    owner, name = _owner(root, target)
+    old = None if owner is None else owner._modules.get(name)
+    if old is new:
+        return
+    if old is None or type(old) is not type(new):
+        what = "no module" if old is None else f"a {type(old).__name__}"
+        raise SurgeryError(f"Shrink(into='modules'): the graph calls {type(new).__name__} {target!r} where the "
+                           f"model's own tree has {what}; {_GRAPH_FORM}")
+    owner._modules[name] = new
+
+
+def _put_tensor(root: nn.Module, target: str, new: torch.Tensor) -> None:
+    owner, name = _owner(root, target)
+    if owner is None or (name not in owner._parameters and name not in owner._buffers):
+        raise SurgeryError(f"Shrink(into='modules'): the shrunk graph reads a tensor {target!r} that the model's "
+                           "own classes do not hold: a mask's per-channel scale that stays because its channels "
+                           "cannot go in those classes (a LayerNorm, RMSNorm or mean reads them: mask with "
+                           f"ChannelPrune(normalised=False)), or a constant Shrink folded; or {_GRAPH_FORM}")
+    if name in owner._parameters:
+        old = owner._parameters[name]
+        if new is not old:
+            owner._parameters[name] = new if isinstance(new, nn.Parameter) else nn.Parameter(
+                new, requires_grad=old is None or old.requires_grad)
+    else:
+        owner._buffers[name] = new
+
+
+def _transfer(work: fx.GraphModule, model: nn.Module) -> None:
+    for k in [k for k in vars(model) if k.startswith("_tensor_constant")]:
+        delattr(model, k)  # fx's tracer left its tensor constants on the traced root
+    for node in work.graph.nodes:
+        if node.op == "call_module":
+            _put_module(model, str(node.target), submodule(work, str(node.target)))
+        elif node.op == "get_attr":
+            owner, name = _owner(work, str(node.target))
+            value = getattr(owner, name)
+            if name.startswith("_tensor_constant"):
+                continue  # a tensor the forward makes (fx keeps it as a constant): the model makes it again
+            if isinstance(value, torch.Tensor):
+                _put_tensor(model, str(node.target), value)
+
+
+# int attributes that may describe a size (num_heads, head_dim, all_head_size, split_size, embed_dim,
+# inner_dim, n_heads): read at run time by a forward in place of the literal the graph rewrote
+_SIZE_NAME = re.compile(r"head|dim|size|width|embed|features|channels|inner")
+_NOT_SIZE = re.compile(r"idx|index|layer|_id$|^id$|max_|position|vocab|window|bucket|seed")
+
+
+@dataclass
+class Before:
+    """What :func:`into_modules` compares with after Shrink's edits: the int arguments of every
+    call in the graph (view sizes, split sizes), in order, and the model's tensor shapes."""
+
+    literals: dict[fx.Node, list[int]]
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, work: fx.GraphModule) -> Before:
+        literals = {}
+        for n in work.graph.nodes:
+            if n.op in ("call_method", "call_function"):
+                ints = [a for a in pytree.tree_leaves((n.args, n.kwargs)) if type(a) is int]
+                if ints:
+                    literals[n] = ints
+        source = getattr(surgery_meta(work).get("source"), "module", None)
+        shapes = {k: tuple(v.shape) for k, v in source.state_dict().items()} if isinstance(source, nn.Module) else {}
+        return cls(literals, shapes)
+
+
+def resized_literals(before: dict[fx.Node, list[int]]) -> dict[str, dict[int, int]]:
+    """Module path -> {old: new} for the int arguments Shrink rewrote (nodes still in their graph,
+    by the innermost module whose forward made them). An old size rewritten to two new ones in
+    the same module is ambiguous and left out."""
+    out: dict[str, dict[int, int]] = {}
+    clash: set[tuple[str, int]] = set()
+    for n, old in before.items():
+        if n.graph is None or n._erased:
+            continue
+        new = [a for a in pytree.tree_leaves((n.args, n.kwargs)) if type(a) is int]
+        if len(new) != len(old):
+            continue
+        stack = n.meta.get("nn_module_stack") or {}
+        path = next(reversed(stack), "") if stack else ""
+        for a, b in zip(old, new):
+            if a != b:
+                seen = out.setdefault(path, {})
+                if seen.setdefault(a, b) != b:
+                    clash.add((path, a))
+    for path, a in clash:
+        out[path].pop(a, None)
+    return out
+
+
+def _resize_attributes(model: nn.Module, resized: dict[str, dict[int, int]]) -> None:
+    """Size attributes of the modules whose forward wrote a rewritten literal (``self.num_heads``
+    in ``view(B, T, self.num_heads, self.head_dim)``): the innermost module on the path with such
+    an attribute of the old value takes the new one."""
+    for path, sizes in resized.items():
+        parts = path.split(".") if path else []
+        for i in range(len(parts), -1, -1):
+            try:
+                m = model.get_submodule(".".join(parts[:i]))
+            except AttributeError:
+                continue
+            hits = {k: sizes[v] for k, v in vars(m).items() if type(v) is int and v in sizes
+                    and _SIZE_NAME.search(k.lower()) and not _NOT_SIZE.search(k.lower())}
+            if hits:
+                for k, v in hits.items():
+                    setattr(m, k, v)
+                break
+
+
+def _sync_sizes(model: nn.Module) -> None:
+    """Size attributes of torch.nn layers (and their subclasses, which the graph may have traced
+    through, e.g. timm's LayerNorm2d) read back from their tensors."""
+    for m in model.modules():
+        w = m._parameters.get("weight")
+        if isinstance(m, nn.Linear) and w is not None:
+            m.out_features, m.in_features = w.shape
+        elif isinstance(m, nn.modules.conv._ConvNd) and w is not None:
+            old_in = m.in_channels
+            per_group_in = w.shape[0] if m.transposed else w.shape[1]
+            out = w.shape[1] * m.groups if m.transposed else w.shape[0]
+            if m.groups > 1 and m.groups == old_in == m.out_channels:  # depthwise stays depthwise
+                m.groups = out
+            m.in_channels, m.out_channels = per_group_in * m.groups if not m.transposed else w.shape[0], out
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            t = w if w is not None else m._buffers.get("running_mean")
+            if t is not None:
+                m.num_features = t.shape[0]
+        elif isinstance(m, (nn.LayerNorm, *(() if not hasattr(nn, "RMSNorm") else (nn.RMSNorm,)))) and w is not None:
+            m.normalized_shape = tuple(w.shape)
+        elif isinstance(m, nn.GroupNorm) and w is not None:
+            m.num_channels = w.shape[0]
+        elif isinstance(m, nn.Embedding) and w is not None:
+            m.num_embeddings, m.embedding_dim = w.shape
+
+
+class _Stack:
+    """Which modules are running (forward hooks on every module): after an exception, the
+    innermost one that started and did not finish names the culprit."""
+
+    def __init__(self, model: nn.Module):
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.running: list[str] = []
+        self.failed: str | None = None
+        self.handles = [m.register_forward_pre_hook(self._pre) for m in model.modules()]
+        self.handles += [m.register_forward_hook(self._post) for m in model.modules()]  # not called on a raise
+
+    def _pre(self, m: nn.Module, args: Any) -> None:
+        self.running.append(self.names.get(id(m), "?"))
+
+    def _post(self, m: nn.Module, args: Any, out: Any) -> None:
+        self.running.pop()
+
+    def close(self) -> None:
+        self.failed = self.running[-1] if self.running else None
+        for h in self.handles:
+            h.remove()
+
+
+def _culprit(model: nn.Module, name: str | None) -> str:
+    if not name:
+        return type(model).__name__
+    return f"{type(model.get_submodule(name)).__name__} {name!r}"
+
+
+@torch.no_grad()
+def into_modules(work: fx.GraphModule, inputs: Any, ref: Any, tol: float, before: Before) -> nn.Module:
+    """The model's own classes with `work`'s edits (see the module docstring), verified against
+    `ref`, the masked model's outputs on `inputs`; `before` was taken before the edits."""
+    source = surgery_meta(work).get("source")
+    model = getattr(source, "module", None)
+    if not isinstance(model, nn.Module):
+        why = ("it was captured as an eager shell around traced children" if surgery_meta(work).get("shell")
+               else "it was loaded from a file, which keeps the graph alone, or not made by surgery.capture")
+        raise SurgeryError(f"Shrink(into='modules') needs the model's own module tree, which surgery.capture keeps "
+                           f"beside the graph; this GraphModule has none ({why}); use Shrink() for the graph form")
+    _transfer(work, model)
+    _sync_sizes(model)
+    _resize_attributes(model, resized_literals(before.literals))
+    stack = _Stack(model)
+    try:
+        with eval_mode(model):
+            out = call(model, inputs)
+    except Exception as e:
+        stack.close()
+        line = failing_line(e)
+        raise SurgeryError(f"Shrink(into='modules'): {_culprit(model, stack.failed)} fails on the pruned sizes: "
+                           f"{first_line(e)}" + (f" at {line}" if line else "") +
+                           f"; its forward hard-codes a size the pruning changes; {_GRAPH_FORM}") from e
+    stack.close()
+    try:
+        err = max_rel_diff(ref, out)
+    except ValueError as e:
+        raise SurgeryError(f"Shrink(into='modules'): {type(model).__name__} returns another structure than the "
+                           f"masked model ({e}); {_GRAPH_FORM}") from e
+    if not err <= tol:
+        raise SurgeryError(f"Shrink(into='modules'): {type(model).__name__} in its own classes differs from the "
+                           f"masked model (max rel. error {err:.2e} > {tol:g}); a forward reads a size from an "
+                           f"attribute or the config that the pruning changes; {_GRAPH_FORM}")
+    surgery_meta(work).pop("source", None)
+    if is_hf_model(model):
+        try:
+            fit_config(model, before.shapes)
+        except LookupError as e:
+            warnings.warn(f"Shrink(into='modules'): {type(model).__name__}.config keeps its sizes: {e}; "
+                          "save_pretrained/from_pretrained cannot rebuild this model", stacklevel=4)
+    return model

@@ -1,0 +1,188 @@
+"""Shrink(into="modules"): the pruned model in the user's own classes and qualified names, its
+size attributes updated, verified against the masked model; refused, with the module named,
+where the user's forward cannot take the pruned sizes."""
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import surgery
+from passes import ChannelPrune, Shrink
+from surgery.errors import ConfigError, SurgeryError
+from surgery.verify import max_rel_diff, run_eval
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def _masked_and_small(model, x, **prune):
+    masked = surgery.compress(model, [ChannelPrune(ratio=0.5, **prune)], x)
+    small = surgery.compress(model, [ChannelPrune(ratio=0.5, **prune), Shrink(into="modules")], x)
+    graph = surgery.compress(model, [ChannelPrune(ratio=0.5, **prune), Shrink()], x)
+    return masked, small, graph
+
+
+def _params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_a_torchvision_resnet_comes_back_as_a_resnet():
+    tvm = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = tvm.resnet18(weights=None).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = (torch.randn(1, 3, 64, 64),)
+    masked, small, graph = _masked_and_small(model, x)
+    assert type(small) is type(model) and type(small.layer1[0].conv1) is nn.Conv2d
+    assert [n for n, _ in small.named_modules()] == [n for n, _ in model.named_modules()]
+    assert small.layer1[0].conv1.out_channels == 32 and small.layer1[0].bn1.num_features == 32
+    assert _params(small) == _params(graph) < _params(model)
+    fresh = torch.randn(2, 3, 64, 64)
+    assert max_rel_diff(run_eval(masked, (fresh,)), run_eval(small, (fresh,))) < 1e-5
+    assert small.report.params_after == _params(small)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's is untouched
+    assert not any(k.startswith("_tensor_constant") for k in vars(small))
+
+
+def test_a_timm_convnext_comes_back_with_its_norms_resized():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False).eval()
+    x = (torch.randn(1, 3, 64, 64),)
+    masked, small, graph = _masked_and_small(model, x, normalised=False)
+    assert type(small) is type(model)
+    norm = small.stages[0].blocks[0].norm  # timm's LayerNorm (traced as ops): its size follows its weight
+    assert type(norm) is type(model.stages[0].blocks[0].norm)
+    assert small.stages[0].blocks[0].mlp.fc1.out_channels == model.stages[0].blocks[0].mlp.fc1.out_channels // 2
+    assert tuple(norm.normalized_shape) == tuple(norm.weight.shape)
+    fresh = torch.randn(2, 3, 64, 64)
+    assert max_rel_diff(run_eval(masked, (fresh,)), run_eval(small, (fresh,))) < 1e-5
+    assert _params(small) == _params(graph) < _params(model)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_hugging_face_models_come_back_in_their_classes(name):
+    pytest.importorskip("transformers")
+    from _hf_models import build_hf, example_inputs, output_tensors
+    model, x = build_hf(name)
+    masked, small, graph = _masked_and_small(model, x, normalised=False)
+    assert type(small) is type(model) and _params(small) == _params(graph) < _params(model)
+    fresh = example_inputs(name, seed=3, batch=2, length=9)
+    want, got = output_tensors(run_eval(masked, fresh)), output_tensors(run_eval(small, fresh))
+    assert len(want) == len(got) and max(max_rel_diff(a, b) for a, b in zip(want, got)) < 1e-5
+    if name == "llama":  # heads pruned (q 4 -> 2 heads, kv 2 -> 1), head size kept
+        attn = small.model.layers[0].self_attn
+        assert attn.q_proj.out_features == 32 and attn.k_proj.out_features == 16 and attn.head_dim == 16
+
+
+def test_a_uniformly_pruned_decoder_round_trips_through_save_and_from_pretrained(tmp_path):
+    pytest.importorskip("transformers")
+    from _hf_models import build_hf, output_tensors
+    model, x = build_hf("qwen2")  # no head_dim in its config: derived from hidden_size unless written
+    small = surgery.compress(model, [ChannelPrune(ratio=0.5, normalised=False), Shrink(into="modules")], x)
+    cfg = small.config
+    assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (48, 2, 1, 16)
+    assert model.config.num_attention_heads == 4  # the caller's config is untouched
+    small.save_pretrained(tmp_path)
+    back = type(model).from_pretrained(tmp_path).eval()
+    a, b = output_tensors(run_eval(small, x)), output_tensors(run_eval(back, x))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_a_config_that_cannot_state_the_widths_is_left_alone_with_a_warning():
+    pytest.importorskip("transformers")
+    from _hf_models import build_hf
+    model, x = build_hf("bert")  # its head size is hidden_size // heads, and the pooler has no config field
+    with pytest.warns(UserWarning, match="BertForSequenceClassification.config keeps its sizes"):
+        small = surgery.compress(model, [ChannelPrune(ratio=0.5, normalised=False), Shrink(into="modules")], x)
+    assert small.config.num_attention_heads == 4 and small.bert.pooler.dense.out_features == 16
+
+
+def test_a_pruned_decoder_generates_with_its_kv_cache():
+    # greedy generate() with the KV cache gives the tokens a full forward per step gives
+    # (the masked graph itself is traced at one length and cannot decode)
+    pytest.importorskip("transformers")
+    from _hf_models import build_hf
+    model, x = build_hf("llama")
+    small = surgery.compress(model, [ChannelPrune(ratio=0.5, normalised=False), Shrink(into="modules")], x)
+    prompt = x["input_ids"][:1, :5]
+    with torch.no_grad():
+        out = small.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=True,
+                             pad_token_id=0)
+        ids = prompt
+        for _ in range(20):
+            logits = small(input_ids=ids, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    assert out.shape[1] == 25 and torch.equal(out, ids)
+
+
+class _HardCoded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, 4, 4).transpose(1, 2) for p in (self.q, self.k, self.v))  # 4 heads written in
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.attn = _HardCoded()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(torch.relu(self.inp(x))))
+
+
+def test_a_forward_with_sizes_written_in_is_refused_naming_the_module_and_line():
+    torch.manual_seed(0)
+    net = _Net().eval()
+    x = (torch.randn(2, 5, 8),)
+    graph = surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink()], x)  # the graph form rewrites the view
+    assert _params(graph) < _params(net)
+    with pytest.raises(SurgeryError, match=r"_HardCoded 'attn' fails on the pruned sizes: .* at "
+                                           r"test_into_modules.py:\d+ \(q, k, v = .*use Shrink\(\)"):
+        surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
+
+
+def test_masked_channels_a_norm_reads_stay_and_are_reported():
+    # a LayerNorm's statistics over the original width have no place in nn.LayerNorm(8): the
+    # masked stream channels stay (their zeros folded into the next layer), with a warning
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = (torch.randn(4, 8),)
+    masked = surgery.compress(net, [ChannelPrune(ratio=0.5)], x)
+    with pytest.warns(UserWarning, match=r"kept 8 masked channel.*ChannelPrune\(normalised=False\)"):
+        small = surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
+    assert small[1].normalized_shape == (16,) and small[2].out_features == 8
+    assert "LayerNorm '1' counts these channels in its statistics" in str(small.report)
+    assert max_rel_diff(run_eval(masked, x), run_eval(small, x)) < 1e-5
+    small = surgery.compress(net, [ChannelPrune(ratio=0.5, normalised=False), Shrink(into="modules")], x)
+    assert small[1].normalized_shape == (16,) and small[2].out_features == 8 and small[2].in_features == 16
+
+
+def test_into_is_checked_and_must_be_the_last_pass():
+    with pytest.raises(ConfigError, match="into"):
+        Shrink(into="module")
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = (torch.randn(4, 8),)
+    with pytest.raises(SurgeryError, match="must be the last"):
+        surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink(into="modules"), Shrink()], x)
+    masked = surgery.compress(net, [ChannelPrune(ratio=0.5)], x)
+    assert type(surgery.compress(masked, [Shrink(into="modules")], x)) is nn.Sequential  # a later compress: fine
+    buf = io.BytesIO()
+    torch.save(masked, buf)  # the pickle keeps the graph alone: it loads without the model's classes
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    with pytest.raises(SurgeryError, match="needs the model's own module tree.*loaded from a file"):
+        surgery.compress(loaded, [Shrink(into="modules")], x)
+    masked.meta["surgery"].pop("source")  # a GraphModule built some other way
+    with pytest.raises(SurgeryError, match="needs the model's own module tree.*loaded from a file"):
+        surgery.compress(masked, [Shrink(into="modules")], x)
