@@ -77,6 +77,50 @@ def test_hugging_face_models_come_back_in_their_classes(name):
         assert attn.q_proj.out_features == 32 and attn.k_proj.out_features == 16 and attn.head_dim == 16
 
 
+def test_a_decoder_with_its_rmsnorm_stream_pruned_comes_back_exact_and_round_trips(tmp_path):
+    # the stream goes too: each RMSNorm over it takes eps * N/K and a weight scaled by sqrt(N/K),
+    # and the config states the new widths and eps
+    pytest.importorskip("transformers")
+    from _hf_models import build_hf, example_inputs, output_tensors
+    model, x = build_hf("llama")
+    masked = surgery.compress(model, [ChannelPrune(ratio=0.5)], x)
+    small = surgery.compress(model, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
+    assert type(small) is type(model) and _params(small) / _params(model) < 0.35
+    cfg = small.config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (32, 48, 2, 1)
+    assert cfg.rms_norm_eps == 2 * model.config.rms_norm_eps and small.model.norm.weight.shape == (32,)
+    fresh = example_inputs("llama", seed=3)
+    want, got = output_tensors(run_eval(masked, fresh)), output_tensors(run_eval(small, fresh))
+    assert max(max_rel_diff(a, b) for a, b in zip(want, got)) < 1e-5
+    small.save_pretrained(tmp_path)
+    back = type(model).from_pretrained(tmp_path).eval()
+    assert max(max_rel_diff(a, b) for a, b in zip(got, output_tensors(run_eval(back, fresh)))) < 1e-6
+
+
+def test_gemma_comes_back_exact_but_keeps_its_config_when_the_config_cannot_state_it():
+    # Gemma's (1 + w) RMSNorm form is found by trying; its embedding scale is a buffer computed
+    # from config.hidden_size, so a config stating the pruned width would rebuild another model
+    pytest.importorskip("transformers")
+    from _hf_models import build_hf, example_inputs, output_tensors
+    model, x = build_hf("gemma")
+    masked = surgery.compress(model, [ChannelPrune(ratio=0.5)], x)
+    with pytest.warns(UserWarning, match="GemmaForCausalLM.config keeps its sizes.*reads a size from the config"):
+        small = surgery.compress(model, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
+    assert small.model.norm.weight.shape == (32,) and small.config.hidden_size == 64
+    fresh = example_inputs("gemma", seed=3)
+    want, got = output_tensors(run_eval(masked, fresh)), output_tensors(run_eval(small, fresh))
+    assert max(max_rel_diff(a, b) for a, b in zip(want, got)) < 1e-5
+
+
+def test_a_layernorm_stream_is_refused_naming_the_norm():
+    pytest.importorskip("transformers")
+    from _hf_models import build_hf
+    model, x = build_hf("bert")
+    with pytest.raises(SurgeryError, match=r"LayerNorm 'bert.embeddings.LayerNorm' normalises pruned channels.*"
+                                           r"ChannelPrune\(normalised=False\)"):
+        surgery.compress(model, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
+
+
 def test_a_uniformly_pruned_decoder_round_trips_through_save_and_from_pretrained(tmp_path):
     pytest.importorskip("transformers")
     from _hf_models import build_hf, output_tensors
@@ -153,20 +197,16 @@ def test_a_forward_with_sizes_written_in_is_refused_naming_the_module_and_line()
         surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
 
 
-def test_masked_channels_a_norm_reads_stay_and_are_reported():
-    # a LayerNorm's statistics over the original width have no place in nn.LayerNorm(8): the
-    # masked stream channels stay (their zeros folded into the next layer), with a warning
+def test_a_layernorm_over_pruned_channels_is_refused_and_normalised_false_keeps_it():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     x = (torch.randn(4, 8),)
-    masked = surgery.compress(net, [ChannelPrune(ratio=0.5)], x)
-    with pytest.warns(UserWarning, match=r"kept 8 masked channel.*ChannelPrune\(normalised=False\)"):
-        small = surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
-    assert small[1].normalized_shape == (16,) and small[2].out_features == 8
-    assert "LayerNorm '1' counts these channels in its statistics" in str(small.report)
-    assert max_rel_diff(run_eval(masked, x), run_eval(small, x)) < 1e-5
+    with pytest.raises(SurgeryError, match=r"LayerNorm '1' normalises pruned channels.*normalised=False"):
+        surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
+    masked = surgery.compress(net, [ChannelPrune(ratio=0.5, normalised=False)], x)
     small = surgery.compress(net, [ChannelPrune(ratio=0.5, normalised=False), Shrink(into="modules")], x)
     assert small[1].normalized_shape == (16,) and small[2].out_features == 8 and small[2].in_features == 16
+    assert max_rel_diff(run_eval(masked, x), run_eval(small, x)) < 1e-5
 
 
 def test_into_is_checked_and_must_be_the_last_pass():

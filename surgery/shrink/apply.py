@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,8 +172,7 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
         ref = ShapeProp(work).propagate(*args)
     verify_seconds = time.perf_counter() - t0
     before = None
-    if into == "modules":  # a norm's divisor has no place in its class: masked channels it reads stay
-        surgery_meta(work)["normalised"] = False
+    if into == "modules":
         before = Before.of(work)
     edits = [_edit(cg) for cg in analyze_tree(work).values()]  # work's graph, and any nested under eager code
     try:
@@ -201,11 +199,6 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
     report.verify_seconds = verify_seconds
     surgery_meta(work)["shrink_report"] = report
     if into == "modules":
-        normed = sum(1 for g in rows for r in g.kept.values() if "in its statistics" in r)
-        if normed:
-            warnings.warn(f"Shrink(into='modules') kept {normed} masked channel(s) that a norm or a mean reads: "
-                          "its divisor has no place in the model's own classes (see the report); "
-                          "ChannelPrune(normalised=False) leaves such channels unmasked", stacklevel=3)
         model = into_modules(work, inputs, ref, tol, before)
         if not hasattr(model, "report"):
             model.report = report

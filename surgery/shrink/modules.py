@@ -36,6 +36,7 @@ from ..errors import SurgeryError, first_line
 from ..graph import submodule
 from ..verify import eval_mode, max_rel_diff
 from .hf_config import fit_config, is_hf_model
+from .module_norms import norm_sites, rescale_norms
 
 __all__ = ["into_modules", "Before", "INTO"]
 
@@ -104,10 +105,12 @@ _NOT_SIZE = re.compile(r"idx|index|layer|_id$|^id$|max_|position|vocab|window|bu
 @dataclass
 class Before:
     """What :func:`into_modules` compares with after Shrink's edits: the int arguments of every
-    call in the graph (view sizes, split sizes), in order, and the model's tensor shapes."""
+    call in the graph (view sizes, split sizes), in order, the model's tensor shapes, and the norms
+    Shrink may rewrite (:func:`~surgery.shrink.module_norms.norm_sites`)."""
 
     literals: dict[fx.Node, list[int]]
     shapes: dict[str, tuple[int, ...]]
+    norms: dict[fx.Node, tuple[str, str]]
 
     @classmethod
     def of(cls, work: fx.GraphModule) -> Before:
@@ -119,7 +122,7 @@ class Before:
                     literals[n] = ints
         source = getattr(surgery_meta(work).get("source"), "module", None)
         shapes = {k: tuple(v.shape) for k, v in source.state_dict().items()} if isinstance(source, nn.Module) else {}
-        return cls(literals, shapes)
+        return cls(literals, shapes, norm_sites(work))
 
 
 def resized_literals(before: dict[fx.Node, list[int]]) -> dict[str, dict[int, int]]:
@@ -220,6 +223,27 @@ def _culprit(model: nn.Module, name: str | None) -> str:
     return f"{type(model.get_submodule(name)).__name__} {name!r}"
 
 
+def _run_against(model: nn.Module, inputs: Any, ref: Any) -> float:
+    """`model`'s largest relative difference from `ref` on `inputs`; a failure to run raises,
+    naming the module and the line of its forward."""
+    stack = _Stack(model)
+    try:
+        with eval_mode(model):
+            out = call(model, inputs)
+    except Exception as e:
+        stack.close()
+        line = failing_line(e)
+        raise SurgeryError(f"Shrink(into='modules'): {_culprit(model, stack.failed)} fails on the pruned sizes: "
+                           f"{first_line(e)}" + (f" at {line}" if line else "") +
+                           f"; its forward hard-codes a size the pruning changes; {_GRAPH_FORM}") from e
+    stack.close()
+    try:
+        return max_rel_diff(ref, out)
+    except ValueError as e:
+        raise SurgeryError(f"Shrink(into='modules'): {type(model).__name__} returns another structure than the "
+                           f"masked model ({e}); {_GRAPH_FORM}") from e
+
+
 @torch.no_grad()
 def into_modules(work: fx.GraphModule, inputs: Any, ref: Any, tol: float, before: Before) -> nn.Module:
     """The model's own classes with `work`'s edits (see the module docstring), verified against
@@ -234,22 +258,8 @@ def into_modules(work: fx.GraphModule, inputs: Any, ref: Any, tol: float, before
     _transfer(work, model)
     _sync_sizes(model)
     _resize_attributes(model, resized_literals(before.literals))
-    stack = _Stack(model)
-    try:
-        with eval_mode(model):
-            out = call(model, inputs)
-    except Exception as e:
-        stack.close()
-        line = failing_line(e)
-        raise SurgeryError(f"Shrink(into='modules'): {_culprit(model, stack.failed)} fails on the pruned sizes: "
-                           f"{first_line(e)}" + (f" at {line}" if line else "") +
-                           f"; its forward hard-codes a size the pruning changes; {_GRAPH_FORM}") from e
-    stack.close()
-    try:
-        err = max_rel_diff(ref, out)
-    except ValueError as e:
-        raise SurgeryError(f"Shrink(into='modules'): {type(model).__name__} returns another structure than the "
-                           f"masked model ({e}); {_GRAPH_FORM}") from e
+    eps_ratios = rescale_norms(model, before.norms)
+    err = _run_against(model, inputs, ref)
     if not err <= tol:
         raise SurgeryError(f"Shrink(into='modules'): {type(model).__name__} in its own classes differs from the "
                            f"masked model (max rel. error {err:.2e} > {tol:g}); a forward reads a size from an "
@@ -257,7 +267,7 @@ def into_modules(work: fx.GraphModule, inputs: Any, ref: Any, tol: float, before
     surgery_meta(work).pop("source", None)
     if is_hf_model(model):
         try:
-            fit_config(model, before.shapes)
+            fit_config(model, before.shapes, lambda: _run_against(model, inputs, ref) <= tol, eps_ratios)
         except LookupError as e:
             warnings.warn(f"Shrink(into='modules'): {type(model).__name__}.config keeps its sizes: {e}; "
                           "save_pretrained/from_pretrained cannot rebuild this model", stacklevel=4)
