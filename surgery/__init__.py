@@ -18,7 +18,8 @@ from .io import export, load, load_model_file, load_torchscript, save, summary
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
 from .shapes import ShapeProp
-from .shrink import ShrinkReport, shrink, shrink_report
+from .shrink import (ShrinkReport, apply_plan, load_plan, load_pruned, save_plan, save_pruned, shrink,
+                     shrink_report)
 from .weights import bits_analysis, compressed_size, finalize, sensitivity
 
 __version__ = "0.1.0"
@@ -30,6 +31,8 @@ __all__ = [
     # channel groups, shrink, export
     "ChannelGroup", "RULES", "channel_groups", "group_of", "register_rule",
     "shrink", "ShrinkReport", "shrink_report", "export", "load_torchscript",
+    # the pruned model in its own classes: its plan, saved and loaded without pickle
+    "save_plan", "load_plan", "apply_plan", "save_pruned", "load_pruned",
     # learnable masks and activations
     "harden", "activation_sparsity", "activation_memory",
     # weights and storage

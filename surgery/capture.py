@@ -197,6 +197,8 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceAr
             # an opaque module hides its descendants: drop any of them recorded earlier
             opaque = {k: v for k, v in opaque.items() if not k.startswith(culprit + ".")}
             opaque[culprit] = _reason(e)
+        finally:  # every node's example value (the concrete trace's): freed now, not at the next gc
+            tracer.__dict__.pop("values", None)
     raise TraceFailure(type(root).__name__, "gave up after marking every submodule opaque")
 
 

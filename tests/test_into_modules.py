@@ -2,6 +2,7 @@
 size attributes updated, verified against the masked model; refused, with the module named,
 where the user's forward cannot take the pruned sizes."""
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -226,3 +227,77 @@ def test_into_is_checked_and_must_be_the_last_pass():
     masked.meta["surgery"].pop("source")  # a GraphModule built some other way
     with pytest.raises(SurgeryError, match="needs the model's own module tree.*loaded from a file"):
         surgery.compress(masked, [Shrink(into="modules")], x)
+
+
+# ------------------------------------------------------------------ the plan, saved and replayed
+
+def _builders():
+    """(name, build) pairs: each build makes the same fresh model (same seed, same weights)."""
+    tvm = pytest.importorskip("torchvision.models")
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    from _hf_models import build_hf
+
+    def seeded(make):
+        def build():
+            torch.manual_seed(0)
+            return make().eval()
+        return build
+    return {
+        "resnet18": (seeded(lambda: tvm.resnet18(weights=None)), (torch.randn(1, 3, 64, 64),), {}),
+        "convnext": (seeded(lambda: timm.create_model("convnext_atto", pretrained=False)),
+                     (torch.randn(1, 3, 64, 64),), {"normalised": False}),
+        "bert": (lambda: build_hf("bert")[0], build_hf("bert")[1], {"normalised": False}),
+        "llama": (lambda: build_hf("llama")[0], build_hf("llama")[1], {}),
+    }
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext", "bert", "llama"])
+def test_a_plan_replays_on_a_fresh_model_and_takes_the_pruned_weights(name, tmp_path):
+    from _hf_models import output_tensors
+    build, x, prune = _builders()[name]
+    small = surgery.compress(build(), [ChannelPrune(ratio=0.5, **prune), Shrink(into="modules")], x)
+    path = surgery.save_plan(small, tmp_path / "plan.json")
+    plan = json.loads(path.read_text())
+    assert plan["format"] == "surgery-plan/1" and plan["tensors"]
+    fresh = surgery.apply_plan(build(), path)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
+    fresh.load_state_dict(small.state_dict())
+    a, b = output_tensors(run_eval(small, x)), output_tensors(run_eval(fresh, x))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    # save_pruned / load_pruned: the plan and safetensors weights, no pickle
+    surgery.save_pruned(small, tmp_path / "pruned")
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["model.safetensors", "plan.json"]
+    again = surgery.load_pruned(build, tmp_path / "pruned")
+    assert type(again) is type(small)
+    assert all(torch.equal(u, v) for u, v in zip(a, output_tensors(run_eval(again, x))))
+
+
+def test_a_plan_keeps_the_surviving_indices_of_the_original_weights():
+    # replayed on the original weights, the plan gives the pruned model before any fine-tuning:
+    # with 0/1 masks nothing is rescaled, so every tensor equals the shrunk model's
+    build, x, _ = _builders()["resnet18"]
+    small = surgery.compress(build(), [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
+    replayed = surgery.apply_plan(build(), small.report.plan)
+    assert all(torch.equal(v, replayed.state_dict()[k]) for k, v in small.state_dict().items())
+    conv = small.report.plan["tensors"]["layer1.0.conv1.weight"]
+    assert conv["shape"] == [32, 32, 3, 3] and set(conv["keep"]) == {"0", "1"}
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path):
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = (torch.randn(4, 8),)
+    small = surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
+    plan = small.report.plan
+    assert plan["tensors"]["0.weight"] == {"shape": [8, 8], "keep": {"0": plan["tensors"]["0.weight"]["keep"]["0"]}}
+    assert plan["attributes"] == {"0": {"out_features": 8}, "2": {"in_features": 8}}
+    with pytest.raises(SurgeryError, match="the plan is for torch.nn.modules.container.Sequential, not .*Linear"):
+        surgery.apply_plan(nn.Linear(8, 3), plan)
+    with pytest.raises(SurgeryError, match="has no parameter or buffer '0.weight'"):
+        surgery.apply_plan(nn.Sequential(nn.ReLU()), plan)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SurgeryError, match="bad.json: not a surgery plan"):
+        surgery.apply_plan(net, tmp_path / "bad.json")
+    graph = surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink()], x)
+    with pytest.raises(SurgeryError, match="carries no pruning plan.*Shrink\\(into='modules'\\)"):
+        surgery.save_plan(graph, tmp_path / "p.json")

@@ -70,6 +70,7 @@ class ShrinkReport:
     max_rel_error: float
     masks_scaled: list[str] = field(default_factory=list)
     verify_seconds: float = 0.0  # the two verification runs (masked and shrunk model)
+    plan: dict | None = None  # Shrink(into="modules"): what it did, as data (see surgery.shrink.pruning_plan)
 
     def __str__(self) -> str:
         lines = [f"Shrink: params {self.params_before:,} -> {self.params_after:,} "
@@ -199,7 +200,7 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
     report.verify_seconds = verify_seconds
     surgery_meta(work)["shrink_report"] = report
     if into == "modules":
-        model = into_modules(work, inputs, ref, tol, before)
+        model, report.plan = into_modules(work, inputs, ref, tol, before, [s for *_, e in edits for s in e.selected])
         if not hasattr(model, "report"):
             model.report = report
         return model

@@ -34,6 +34,7 @@ class Editor:
         self.gm = cg.gm
         self.chan = cg.chan_of_elem
         self.scaled: list[str] = []
+        self.selected: list[tuple[Any, int, torch.Tensor]] = []  # (tensor key, axis, kept indices): the plan
         # tied tensors: every holder gets the one new tensor; keys fixed before any edit
         self.tied = tied_tensors(self.gm)
         self.keys = {(id(o), n): tensor_key(o, n) for p in cg.places for o, n, _ in p.params}
@@ -111,6 +112,7 @@ class Editor:
 
     def params(self) -> None:
         done: dict[tuple, np.ndarray] = {}
+        pending: dict[Any, tuple[nn.Module, str, dict[int, torch.Tensor]]] = {}  # tensor key -> its selections
         edits = []
         for p in self.cg.places:
             if p.role == "mask":
@@ -135,11 +137,14 @@ class Editor:
                 if t.shape[dim] != len(kept):
                     raise SurgeryError(f"Shrink: {name!r} of {_who(p.node)} has {t.shape[dim]} entries on axis "
                                        f"{dim}, the layout has {len(kept)}")
-                self.set_tensor(owner, name, t.detach().index_select(dim, idx))
+                pending.setdefault(key[0], (owner, name, {}))[2][dim] = idx
             for owner, attr in p.attrs:
                 setattr(owner, attr, int(kept.sum()))
             if p.edit is not None:
                 edits.append((p.edit, kept))
+        for key, (owner, name, picks) in pending.items():
+            self.set_tensor(owner, name, _select(getattr(owner, name).detach(), picks))
+            self.selected.extend((key, dim, idx) for dim, idx in picks.items())
         for edit, kept in edits:
             edit(kept)
 
@@ -351,6 +356,17 @@ class Editor:
             del dim
         elif name in ("cat", "concat", "stack", "flatten", "unbind"):
             return
+
+
+def _select(t: torch.Tensor, picks: dict[int, torch.Tensor]) -> torch.Tensor:
+    """`t` with only the indices `picks` lists along each axis, in one allocation where the axes
+    are the first two (a weight pruned on both sides): one index_select after another would
+    leave the allocator a freed intermediate of each large weight (memory it keeps)."""
+    if sorted(picks) == [0, 1]:
+        return t[picks[0][:, None], picks[1]]
+    for dim, idx in picks.items():
+        t = t.index_select(dim, idx)
+    return t
 
 
 def _is_flatten(n: fx.Node) -> bool:

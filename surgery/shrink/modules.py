@@ -37,6 +37,7 @@ from ..graph import submodule
 from ..verify import eval_mode, max_rel_diff
 from .hf_config import fit_config, is_hf_model
 from .module_norms import norm_sites, rescale_norms
+from .pruning_plan import attributes, plain, plan_of
 
 __all__ = ["into_modules", "Before", "INTO"]
 
@@ -111,6 +112,9 @@ class Before:
     literals: dict[fx.Node, list[int]]
     shapes: dict[str, tuple[int, ...]]
     norms: dict[fx.Node, tuple[str, str]]
+    names: dict[int, list[str]]  # id(tensor) -> its qualified names (tied tensors have several)
+    attributes: dict[str, dict[str, Any]]
+    config: dict[str, Any]
 
     @classmethod
     def of(cls, work: fx.GraphModule) -> Before:
@@ -121,8 +125,15 @@ class Before:
                 if ints:
                     literals[n] = ints
         source = getattr(surgery_meta(work).get("source"), "module", None)
-        shapes = {k: tuple(v.shape) for k, v in source.state_dict().items()} if isinstance(source, nn.Module) else {}
-        return cls(literals, shapes, norm_sites(work))
+        if not isinstance(source, nn.Module):
+            return cls(literals, {}, norm_sites(work), {}, {}, {})
+        tensors = source.state_dict(keep_vars=True)
+        names: dict[int, list[str]] = {}
+        for k, v in tensors.items():
+            names.setdefault(id(v), []).append(k)
+        config = getattr(source, "config", None)
+        return cls(literals, {k: tuple(v.shape) for k, v in tensors.items()}, norm_sites(work), names,
+                   attributes(source), {k: v for k, v in vars(config).items() if plain(v)} if config is not None else {})
 
 
 def resized_literals(before: dict[fx.Node, list[int]]) -> dict[str, dict[int, int]]:
@@ -245,9 +256,12 @@ def _run_against(model: nn.Module, inputs: Any, ref: Any) -> float:
 
 
 @torch.no_grad()
-def into_modules(work: fx.GraphModule, inputs: Any, ref: Any, tol: float, before: Before) -> nn.Module:
+def into_modules(work: fx.GraphModule, inputs: Any, ref: Any, tol: float, before: Before,
+                 selected: list[tuple[Any, int, torch.Tensor]]) -> tuple[nn.Module, dict[str, Any]]:
     """The model's own classes with `work`'s edits (see the module docstring), verified against
-    `ref`, the masked model's outputs on `inputs`; `before` was taken before the edits."""
+    `ref`, the masked model's outputs on `inputs`, and its pruning plan (see
+    :mod:`~surgery.shrink.pruning_plan`); `before` was taken before the edits, `selected` lists
+    the edits' index selections."""
     source = surgery_meta(work).get("source")
     model = getattr(source, "module", None)
     if not isinstance(model, nn.Module):
@@ -270,5 +284,6 @@ def into_modules(work: fx.GraphModule, inputs: Any, ref: Any, tol: float, before
             fit_config(model, before.shapes, lambda: _run_against(model, inputs, ref) <= tol, eps_ratios)
         except LookupError as e:
             warnings.warn(f"Shrink(into='modules'): {type(model).__name__}.config keeps its sizes: {e}; "
-                          "save_pretrained/from_pretrained cannot rebuild this model", stacklevel=4)
-    return model
+                          "save_pretrained/from_pretrained cannot rebuild this model (surgery.save_pruned can)",
+                          stacklevel=4)
+    return model, plan_of(model, before.shapes, before.names, selected, before.attributes, before.config)
