@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .pruning_plan import plain
+
 __all__ = ["fit_config", "is_hf_model"]
 
 # size fields across transformers' configs (encoders, decoders, encoder-decoders, vision)
@@ -87,10 +89,6 @@ def _swap(model: nn.Module, old: Any, new: Any) -> None:
             m.config = new
 
 
-def _plain(v: Any) -> bool:
-    return v is None or type(v) in (int, float, bool, str) or type(v) is tuple and all(map(_plain, v))
-
-
 @contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Build modules with their parameters on the meta device (no memory, no initialisation)
@@ -129,7 +127,7 @@ def _as_reloaded(model: nn.Module, config: Any, check: Callable[[], bool]) -> bo
             if f is None or type(f) is not type(m):
                 return False
             for k, v in vars(f).items():
-                if not k.startswith("_") and k != "training" and _plain(v) and k in vars(m) and vars(m)[k] != v:
+                if not k.startswith("_") and k != "training" and plain(v) and k in vars(m) and vars(m)[k] != v:
                     swap(m.__dict__, k, v)
             for k in m._non_persistent_buffers_set & f._non_persistent_buffers_set:
                 if isinstance(f._buffers.get(k), torch.Tensor) and isinstance(m._buffers.get(k), torch.Tensor):

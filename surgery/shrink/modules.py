@@ -37,7 +37,7 @@ from ..graph import submodule
 from ..verify import eval_mode, max_rel_diff
 from .hf_config import fit_config, is_hf_model
 from .module_norms import norm_sites, rescale_norms
-from .pruning_plan import attributes, plain, plan_of
+from .pruning_plan import attributes, config_fields, plan_of
 
 __all__ = ["into_modules", "Before", "INTO"]
 
@@ -131,9 +131,8 @@ class Before:
         names: dict[int, list[str]] = {}
         for k, v in tensors.items():
             names.setdefault(id(v), []).append(k)
-        config = getattr(source, "config", None)
         return cls(literals, {k: tuple(v.shape) for k, v in tensors.items()}, norm_sites(work), names,
-                   attributes(source), {k: v for k, v in vars(config).items() if plain(v)} if config is not None else {})
+                   attributes(source), config_fields(source))
 
 
 def resized_literals(before: dict[fx.Node, list[int]]) -> dict[str, dict[int, int]]:

@@ -62,7 +62,8 @@ def _indices(ranges: list[list[int]]) -> torch.Tensor:
     return torch.cat([torch.arange(a, b) for a, b in ranges]) if ranges else torch.zeros(0, dtype=torch.long)
 
 
-def _config(model: nn.Module) -> dict[str, Any]:
+def config_fields(model: nn.Module) -> dict[str, Any]:
+    """The plain fields of `model`'s config (a Hugging Face model's), or none."""
     config = getattr(model, "config", None)
     return {k: v for k, v in vars(config).items() if not k.startswith("_") and plain(v)} if config is not None else {}
 
@@ -84,7 +85,7 @@ def plan_of(model: nn.Module, shapes: dict[str, tuple[int, ...]], names: dict[An
     after = attributes(model)
     changed = {path: {k: v for k, v in now.items() if attrs_before.get(path, {}).get(k, v) != v}
                for path, now in after.items()}
-    config = {k: v for k, v in _config(model).items() if config_before.get(k, v) != v}
+    config = {k: v for k, v in config_fields(model).items() if config_before.get(k, v) != v}
     cls = type(model)
     return {"format": FORMAT, "class": f"{cls.__module__}.{cls.__qualname__}", "tensors": tensors,
             "attributes": {p: a for p, a in changed.items() if a}, "config": config}
