@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from surgery.channels import ATTENTION_UNITS
-from surgery.pipeline import Context, UnitMask
+from surgery.pipeline import Context, UnitMask, whole
 from surgery.select import Selector
 
 from . import _fields as check
@@ -53,10 +53,11 @@ class DAMMask(UnitMask):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def _beta(self) -> Tensor:
+        beta = whole(self.beta)  # a shard under FSDP2, outside forward
         if int(self.steps) < self.cold_start:
             # a zero gradient, not a missing one: DDP expects every parameter in the graph
-            return self.beta.detach() + 0 * self.beta
-        return self.beta
+            return beta.detach() + 0 * beta
+        return beta
 
     def factors(self) -> Tensor:
         return torch.relu(torch.tanh(self.alpha ** 2 * (self.mu + self._beta())))

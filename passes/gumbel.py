@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from surgery.channels import ATTENTION_UNITS
 from surgery.errors import ConfigError, SelectionError, SurgeryError
-from surgery.pipeline import Context, UnitMask, masks
+from surgery.pipeline import Context, UnitMask, masks, whole
 from surgery.select import Selector, describe, select_modules
 
 from . import _fields as check
@@ -54,7 +54,8 @@ class GumbelGate(UnitMask):
         self.tau = float(tau)
 
     def factors(self) -> Tensor:
-        return (self.logits.detach() >= 0).to(self.logits.dtype)
+        logits = whole(self.logits).detach()  # a shard under FSDP2, outside forward
+        return (logits >= 0).to(logits.dtype)
 
     def gate(self) -> Tensor:
         """One sample of the straight-through gate (training) or the eval decision."""
@@ -70,7 +71,7 @@ class GumbelGate(UnitMask):
         return x * self.unit_factors(x, self.gate(), dim, tile)
 
     def penalty(self) -> Tensor:
-        return self.weight * self.logits.sum()
+        return self.weight * whole(self.logits).sum()
 
     def extra_repr(self) -> str:
         return f"units={self.units}, dim={self.dim}, weight={self.weight:g}, tau={self.tau:g}"

@@ -24,7 +24,16 @@ from .copying import copy_module, gc_paused
 from .errors import SurgeryError
 from .shapes import annotate_shapes
 
-__all__ = ["Pass", "Mask", "UnitMask", "Context", "compress", "masks", "penalty", "step"]
+__all__ = ["Pass", "Mask", "UnitMask", "Context", "compress", "masks", "penalty", "step", "whole"]
+
+
+def whole(t: Tensor) -> Tensor:
+    """`t`, or the whole tensor where `t` is a shard: FSDP2 (``fully_shard``) keeps parameters as
+    DTensor shards outside forward, where a mask's kept() and penalty() read them. Gathering is
+    a collective: every rank must ask for the same masks in the same order (surgery.masks() and
+    penalty() do). Differentiable."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
 
 
 @runtime_checkable
