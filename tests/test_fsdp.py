@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_ddp import _free_port
 from torch import nn
 
 import surgery
 from passes import DAM, GumbelMask, Shrink
-
-from test_ddp import _free_port
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
