@@ -15,7 +15,6 @@ opaque: they stay as single `call_module` nodes that run their eager forward.
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -26,7 +25,7 @@ from .attributes import IndexedAttributes
 from .calling import as_inputs, entry_shell, traced_entry
 from .concrete import ConcreteTracing, failing_line, specialised_dims
 from .copying import SourceTree, copy_module, gc_paused
-from .errors import SurgeryError, TraceFailure, first_line
+from .errors import SurgeryError, TraceFailure, first_line, warn
 from .graph import graph_module_without_code, submodule
 from .inplace import rewrite_inplace
 from .layers import (
@@ -379,8 +378,8 @@ def capture(
                 specialised=dict(getattr(gm.graph, "_surgery_specialised", {})))
     if opaque:
         listing = "; ".join(f"{k} ({v})" for k, v in opaque.items())
-        warnings.warn(f"surgery.capture({type(model).__name__}): kept {len(opaque)} module(s) opaque "
-                      f"because their forward cannot be traced: {listing}", stacklevel=3)
+        warn(f"surgery.capture({type(model).__name__}): kept {len(opaque)} module(s) opaque "
+             f"because their forward cannot be traced: {listing}")
     if inputs is not None:
         try:
             annotate_shapes(gm, inputs)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from typing import Any, Sequence
 
 
@@ -112,3 +114,17 @@ class UnsafeFile(SurgeryError):
 
 class ExportFailure(SurgeryError):
     """TorchScript export failed, or the reloaded file did not reproduce the model."""
+
+
+_OURS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), p) + os.sep
+              for p in ("surgery", "passes"))
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` at the user's line: the first caller outside surgery and passes (and the
+    decorators they wear: contextlib's, torch.no_grad's), however deep the warning was raised."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith(_OURS)
+                                 or frame.f_code.co_filename.endswith("contextlib.py")):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -20,7 +20,6 @@ model's config is brought in line with the pruned widths where they are uniform 
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import nn
 from ..calling import call
 from ..capture import surgery_meta
 from ..concrete import failing_line
-from ..errors import SurgeryError, first_line
+from ..errors import SurgeryError, first_line, warn
 from ..graph import submodule
 from ..verify import eval_mode, max_rel_diff
 from .hf_config import fit_config, is_hf_model
@@ -282,7 +281,6 @@ def into_modules(work: fx.GraphModule, inputs: Any, ref: Any, tol: float, before
         try:
             fit_config(model, before.shapes, lambda: _run_against(model, inputs, ref) <= tol, eps_ratios)
         except LookupError as e:
-            warnings.warn(f"Shrink(into='modules'): {type(model).__name__}.config keeps its sizes: {e}; "
-                          "save_pretrained/from_pretrained cannot rebuild this model (surgery.save_pruned can)",
-                          stacklevel=4)
+            warn(f"Shrink(into='modules'): {type(model).__name__}.config keeps its sizes: {e}; "
+                 "save_pretrained/from_pretrained cannot rebuild this model (surgery.save_pruned can)")
     return model, plan_of(model, before.shapes, before.names, selected, before.attributes, before.config)
