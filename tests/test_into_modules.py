@@ -98,7 +98,7 @@ def test_a_decoder_with_its_rmsnorm_stream_pruned_comes_back_exact_and_round_tri
     assert max(max_rel_diff(a, b) for a, b in zip(got, output_tensors(run_eval(back, fresh)))) < 1e-6
 
 
-def test_gemma_comes_back_exact_but_keeps_its_config_when_the_config_cannot_state_it():
+def test_gemma_comes_back_exact_and_reloads_through_the_plan_its_config_carries(tmp_path):
     # Gemma's (1 + w) RMSNorm form is found by trying; its embedding scale is a buffer computed
     # from config.hidden_size, so a config stating the pruned width would rebuild another model
     pytest.importorskip("transformers")
@@ -111,6 +111,10 @@ def test_gemma_comes_back_exact_but_keeps_its_config_when_the_config_cannot_stat
     fresh = example_inputs("gemma", seed=3)
     want, got = output_tensors(run_eval(masked, fresh)), output_tensors(run_eval(small, fresh))
     assert max(max_rel_diff(a, b) for a, b in zip(want, got)) < 1e-5
+    small.save_pretrained(tmp_path)  # tied input and output embeddings: saved once
+    back = surgery.load_pruned(type(model), tmp_path)
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    assert all(torch.equal(a, b) for a, b in zip(got, output_tensors(run_eval(back, fresh))))
 
 
 def test_a_layernorm_stream_is_refused_naming_the_norm():
@@ -136,7 +140,7 @@ def test_a_uniformly_pruned_decoder_round_trips_through_save_and_from_pretrained
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
-def test_a_config_that_cannot_state_the_widths_is_left_alone_with_a_warning():
+def test_a_config_that_cannot_state_the_widths_carries_the_plan_for_load_pruned(tmp_path):
     pytest.importorskip("transformers")
     from _hf_models import build_hf
     model, x = build_hf("bert")  # its head size is hidden_size // heads, and the pooler has no config field
@@ -144,6 +148,14 @@ def test_a_config_that_cannot_state_the_widths_is_left_alone_with_a_warning():
         small = surgery.compress(model, [ChannelPrune(ratio=0.5, normalised=False), Shrink(into="modules")], x)
     assert caught[0].filename == __file__  # the warning points at the caller's line, not into surgery
     assert small.config.num_attention_heads == 4 and small.bert.pooler.dense.out_features == 16
+    # the config carries the plan instead: save_pretrained writes it, load_pruned reads it back
+    assert small.config.surgery_plan == small.report.plan
+    small.save_pretrained(tmp_path)
+    back = surgery.load_pruned(type(model), tmp_path)
+    assert type(back) is type(model) and not back.training
+    assert torch.equal(run_eval(back, x).logits, run_eval(small, x).logits)
+    with pytest.raises(SurgeryError, match="no plan.json, and the config carries no surgery_plan"):
+        surgery.load_pruned(nn.Linear(2, 2), tmp_path / "nowhere")
 
 
 def test_a_pruned_decoder_generates_with_its_kv_cache_the_masked_models_tokens():

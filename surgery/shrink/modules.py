@@ -36,7 +36,7 @@ from ..graph import submodule
 from ..verify import eval_mode, max_rel_diff
 from .hf_config import fit_config, is_hf_model
 from .module_norms import norm_sites, rescale_norms
-from .pruning_plan import attributes, config_fields, plan_of
+from .pruning_plan import PLAN_FIELD, attributes, config_fields, plan_of
 
 __all__ = ["into_modules", "Before", "INTO"]
 
@@ -277,10 +277,16 @@ def into_modules(work: fx.GraphModule, inputs: Any, ref: Any, tol: float, before
                            f"masked model (max rel. error {err:.2e} > {tol:g}); a forward reads a size from an "
                            f"attribute or the config that the pruning changes; {_GRAPH_FORM}")
     surgery_meta(work).pop("source", None)
+    carried = False
     if is_hf_model(model):
         try:
             fit_config(model, before.shapes, lambda: _run_against(model, inputs, ref) <= tol, eps_ratios)
         except LookupError as e:
-            warn(f"Shrink(into='modules'): {type(model).__name__}.config keeps its sizes: {e}; "
-                 "save_pretrained/from_pretrained cannot rebuild this model (surgery.save_pruned can)")
-    return model, plan_of(model, before.shapes, before.names, selected, before.attributes, before.config)
+            carried = True
+            warn(f"Shrink(into='modules'): {type(model).__name__}.config keeps its sizes: {e}; it carries the "
+                 f"pruning plan as {PLAN_FIELD} instead: after save_pretrained, reload with "
+                 f"surgery.load_pruned({type(model).__name__}, directory), not from_pretrained")
+    plan = plan_of(model, before.shapes, before.names, selected, before.attributes, before.config)
+    if carried:
+        setattr(model.config, PLAN_FIELD, plan)
+    return model, plan

@@ -30,12 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..copying import tied_tensors
 from ..errors import SurgeryError
 
-__all__ = ["plan_of", "apply_plan", "save_plan", "load_plan", "save_pruned", "load_pruned", "FORMAT"]
+__all__ = ["plan_of", "apply_plan", "save_plan", "load_plan", "save_pruned", "load_pruned", "FORMAT", "PLAN_FIELD"]
 
 FORMAT = "surgery-plan/1"
 PLAN_FILE, WEIGHTS_FILE = "plan.json", "model.safetensors"
+PLAN_FIELD = "surgery_plan"  # where a Hugging Face config carries a plan it cannot state in its own fields
 
 
 def plain(v: Any) -> bool:
@@ -190,14 +192,34 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load_pruned(factory_or_model: Callable[[], nn.Module] | nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """The pruned model saved by :func:`save_pruned` in `directory`: a fresh original model (built
-    by calling `factory_or_model`, or that model itself, changed in place) with the plan applied
-    and the weights loaded, every one of them (strict)."""
+def load_pruned(factory_or_model: Callable[[], nn.Module] | type | nn.Module,
+                directory: str | os.PathLike) -> nn.Module:
+    """The pruned model saved in `directory`, rebuilt: a fresh original model with the plan applied
+    and the weights loaded, every one of them.
+
+    `factory_or_model` builds the fresh model: a callable, a model (changed in place), or a
+    Hugging Face model class, built from the config in `directory`. The plan is ``plan.json``
+    (:func:`save_pruned`) or, for a Hugging Face model whose config cannot state its widths, the
+    config's ``surgery_plan`` field (``save_pretrained`` writes it): so
+    ``load_pruned(LlamaForCausalLM, directory)`` reloads either kind of directory."""
     directory = Path(directory)
-    model = factory_or_model if isinstance(factory_or_model, nn.Module) else factory_or_model()
-    apply_plan(model, directory / PLAN_FILE)
+    if isinstance(factory_or_model, nn.Module):
+        model = factory_or_model
+    elif isinstance(factory_or_model, type) and hasattr(factory_or_model, "config_class"):
+        model = factory_or_model(factory_or_model.config_class.from_pretrained(directory))
+    else:
+        model = factory_or_model()
+    plan = getattr(getattr(model, "config", None), PLAN_FIELD, None)
+    if (directory / PLAN_FILE).exists():
+        plan = load_plan(directory / PLAN_FILE)
+    if plan is None:
+        raise SurgeryError(f"{directory}: no {PLAN_FILE}, and the config carries no {PLAN_FIELD}: not a pruned model "
+                           "saved by surgery.save_pruned or by save_pretrained after Shrink(into='modules')")
+    apply_plan(model, plan)
+    model.eval()
     missing, unexpected = _safetensors().load_model(model, str(directory / WEIGHTS_FILE), strict=False)
+    tied = {name for holders in tied_tensors(model).values() for name, *_ in holders}
+    missing = [m for m in missing if m not in tied]  # a tied tensor is saved once, under one of its names
     if missing or unexpected:
         raise SurgeryError(f"{directory / WEIGHTS_FILE}: does not fit the planned {type(model).__name__} "
                            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
