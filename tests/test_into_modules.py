@@ -316,3 +316,26 @@ def test_a_plan_for_another_model_is_refused(tmp_path):
     graph = surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink()], x)
     with pytest.raises(SurgeryError, match="carries no pruning plan.*Shrink\\(into='modules'\\)"):
         surgery.save_plan(graph, tmp_path / "p.json")
+
+
+class _Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.inp(x))
+        return self.out(h + h * h)
+
+
+def test_a_soft_mask_that_cannot_fold_is_refused_in_the_modules_form():
+    # DAM's soft factors after a GELU read by `h + h * h`: no layer to fold them into, so the
+    # graph form keeps them as a per-channel scale, which the model's own classes have no place for
+    from passes import DAM
+    torch.manual_seed(0)
+    net, x = _Mixed().eval(), (torch.randn(4, 8),)
+    masked = surgery.compress(net, [DAM(select="inp")], x)
+    graph = surgery.compress(masked, [Shrink()], x)
+    assert graph.report.masks_scaled
+    with pytest.raises(SurgeryError, match=r"reads a tensor 'dam_inp_scale'.*per-channel scale.*use Shrink\(\)"):
+        surgery.compress(masked, [Shrink(into="modules")], x)

@@ -69,9 +69,9 @@ def _put_tensor(root: nn.Module, target: str, new: torch.Tensor) -> None:
     owner, name = _owner(root, target)
     if owner is None or (name not in owner._parameters and name not in owner._buffers):
         raise SurgeryError(f"Shrink(into='modules'): the shrunk graph reads a tensor {target!r} that the model's "
-                           "own classes do not hold: a mask's per-channel scale that stays because its channels "
-                           "cannot go in those classes (a LayerNorm, RMSNorm or mean reads them: mask with "
-                           f"ChannelPrune(normalised=False)), or a constant Shrink folded; or {_GRAPH_FORM}")
+                           "own classes do not hold: a mask's per-channel scale, kept where its channels could "
+                           "not go and its factors could not fold into a layer (the report says why), or a "
+                           f"constant Shrink folded; {_GRAPH_FORM}")
     if name in owner._parameters:
         old = owner._parameters[name]
         if new is not old:
@@ -89,9 +89,9 @@ def _transfer(work: fx.GraphModule, model: nn.Module) -> None:
             _put_module(model, str(node.target), submodule(work, str(node.target)))
         elif node.op == "get_attr":
             owner, name = _owner(work, str(node.target))
-            value = getattr(owner, name)
             if name.startswith("_tensor_constant"):
                 continue  # a tensor the forward makes (fx keeps it as a constant): the model makes it again
+            value = getattr(owner, name)
             if isinstance(value, torch.Tensor):
                 _put_tensor(model, str(node.target), value)
 
