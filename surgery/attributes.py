@@ -6,10 +6,12 @@ tensor: once per read, so tracing costs O(reads x tensors). On a 52-BatchNorm Mo
 walk was half of capture's time. :class:`IndexedAttributes` answers the same question from a
 dictionary built once per trace, with the names fx would give (the first name of a shared
 tensor), and falls back to fx for a tensor the index does not know (one made during forward).
+:func:`attributes_restored` undoes what a traced forward stores on its modules.
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -64,3 +66,22 @@ class IndexedAttributes:
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
+
+
+@contextmanager
+def attributes_restored(root: nn.Module) -> Iterator[None]:
+    """A forward may store what it computes on its module (HF Swin's ``self.shift_size``): traced,
+    that is a Proxy, which the module tree kept beside the graph (``Shrink(into="modules")``) must
+    not hold. After the block, such attributes get their value from before it back (or go, if new)."""
+    before = {id(m): dict(vars(m)) for m in root.modules()}
+    try:
+        yield
+    finally:
+        for m in root.modules():
+            old = before.get(id(m), {})
+            for k, v in list(vars(m).items()):
+                if isinstance(v, fx.Proxy):
+                    if k in old:
+                        m.__dict__[k] = old[k]
+                    else:
+                        del m.__dict__[k]

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .attributes import IndexedAttributes
+from .attributes import IndexedAttributes, attributes_restored
 from .calling import as_inputs, entry_shell, traced_entry
 from .concrete import ConcreteTracing, failing_line, specialised_dims
 from .copying import SourceTree, copy_module, gc_paused
@@ -349,7 +349,7 @@ def capture(
                            "surgery never traces the caller's model in place") from e
     shell = False
     try:
-        with traced_entry(root, arguments):  # the forward called by keyword, its output type kept
+        with traced_entry(root, arguments), attributes_restored(root):
             gm, opaque = _graph_module(root, leaf_modules, arguments, code=_code)
         if annotate_inputs(gm.graph, arguments) and _code:
             gm.recompile()

@@ -339,3 +339,22 @@ def test_a_soft_mask_that_cannot_fold_is_refused_in_the_modules_form():
     assert graph.report.masks_scaled
     with pytest.raises(SurgeryError, match=r"reads a tensor 'dam_inp_scale'.*per-channel scale.*use Shrink\(\)"):
         surgery.compress(masked, [Shrink(into="modules")], x)
+
+
+class _Stores(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.width = 0
+
+    def forward(self, x):
+        self.width = x.shape[-1]  # what HF Swin does with its window and shift sizes
+        return self.out(torch.relu(self.inp(x)))
+
+
+def test_what_a_traced_forward_stores_on_its_module_is_undone():
+    net, x = _Stores().eval(), (torch.randn(4, 8),)
+    gm = surgery.capture(net, x)
+    assert gm.meta["surgery"]["source"].module.width == 0 and net.width == 0  # not a Proxy
+    small = surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
+    assert type(small) is _Stores and small.width == 8 and small.inp.out_features == 8
