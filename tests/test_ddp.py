@@ -45,12 +45,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_ranks_agree_on_kept_units(tmp_path):
-    world = 2
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False,
+def run_ranks(worker, world: int, out_dir, what: str, deadline: int = 180) -> None:
+    """Run `worker(rank, world, port, out_dir)` on `world` spawned processes; a rank still running
+    after `deadline` seconds fails the test instead of hanging the suite."""
+    ctx = mp.start_processes(worker, args=(world, _free_port(), str(out_dir)), nprocs=world, join=False,
                              start_method="spawn")
-    deadline = 180  # seconds; a hung rank fails the test instead of hanging the suite
     waited = 0
     while not ctx.join(timeout=5):
         waited += 5
@@ -58,7 +57,13 @@ def test_ranks_agree_on_kept_units(tmp_path):
             for p in ctx.processes:
                 if p.is_alive():
                     p.terminate()
-            pytest.fail(f"DDP workers did not finish within {deadline} s")
+            pytest.fail(f"{what} workers did not finish within {deadline} s")
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_kept_units(tmp_path):
+    world = 2
+    run_ranks(_worker, world, tmp_path, "DDP")
     kept = [torch.load(tmp_path / f"kept{r}.pt") for r in range(world)]
     assert set(kept[0]) == {"module.dam_0", "module.gumbel_2"}
     assert kept[0] == kept[1]

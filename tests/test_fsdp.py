@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_ddp import _free_port
+from test_ddp import run_ranks
 from torch import nn
 
 import surgery
@@ -54,16 +53,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 def test_fsdp2_ranks_agree_and_the_gathered_model_shrinks_exactly(tmp_path):
     world = 2
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline, waited = 180, 0  # seconds; a hung rank fails the test instead of hanging the suite
-    while not ctx.join(timeout=5):
-        waited += 5
-        if waited >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"FSDP2 workers did not finish within {deadline} s")
+    run_ranks(_worker, world, tmp_path, "FSDP2")
     out = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     kept = [o["kept"] for o in out]
     assert set(kept[0]) == {"dam_0", "gumbel_2"} and kept[0] == kept[1]

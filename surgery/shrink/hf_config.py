@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .pruning_plan import plain
+from .pruning_plan import public_attributes, shapes
 
 __all__ = ["fit_config", "is_hf_model"]
 
@@ -36,10 +36,6 @@ def is_hf_model(model: nn.Module) -> bool:
     """A transformers PreTrainedModel (duck-typed: transformers need not be imported)."""
     config = getattr(model, "config", None)
     return callable(getattr(model, "save_pretrained", None)) and callable(getattr(config, "to_dict", None))
-
-
-def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _changes(before: dict[str, tuple[int, ...]], after: dict[str, tuple[int, ...]]) -> dict[int, set[int]]:
@@ -80,7 +76,7 @@ def _builds(model: nn.Module, config: Any, want: dict[str, tuple[int, ...]]) -> 
             fresh = type(model)(config)
     except Exception:  # an inconsistent combination (a width that the head count does not divide)
         return False
-    return _shapes(fresh) == want
+    return shapes(fresh) == want
 
 
 def _swap(model: nn.Module, old: Any, new: Any) -> None:
@@ -126,8 +122,8 @@ def _as_reloaded(model: nn.Module, config: Any, check: Callable[[], bool]) -> bo
             f = fresh.get(name)
             if f is None or type(f) is not type(m):
                 return False
-            for k, v in vars(f).items():
-                if not k.startswith("_") and k != "training" and plain(v) and k in vars(m) and vars(m)[k] != v:
+            for k, v in public_attributes(f).items():
+                if k in vars(m) and vars(m)[k] != v:
                     swap(m.__dict__, k, v)
             for k in m._non_persistent_buffers_set & f._non_persistent_buffers_set:
                 if isinstance(f._buffers.get(k), torch.Tensor) and isinstance(m._buffers.get(k), torch.Tensor):
@@ -149,7 +145,7 @@ def fit_config(model: nn.Module, before: dict[str, tuple[int, ...]], check: Call
     from the config at run time (Gemma's ``sqrt(hidden_size)``). Returns the fields changed;
     raises LookupError (the config left as it was) when no combination of candidate values
     rebuilds the pruned shapes, or the one that does changes what the model computes."""
-    want = _shapes(model)
+    want = shapes(model)
     config = model.config
     options = _candidates(config, _changes(before, want), set(eps_ratios))
     names = [f for f, o in options.items() if len(o) > 1 or not hasattr(config, f)]

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 
-__all__ = ["norm_sites", "rescale_norms"]
+__all__ = ["norm_sites", "rescale_norms", "module_path"]
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 _NORM_FUNCTIONS = (F.layer_norm, F.group_norm, *((F.rms_norm,) if hasattr(F, "rms_norm") else ()))
@@ -32,7 +32,8 @@ _SUGGEST = ("prune with ChannelPrune(normalised=False), which leaves the channel
             "(the graph form), which keeps the norm's divisor")
 
 
-def _path(n: fx.Node) -> str:
+def module_path(n: fx.Node) -> str:
+    """The qualified name of the innermost module whose forward made `n` ("" for the root's)."""
     stack = n.meta.get("nn_module_stack") or {}
     return next(reversed(stack), "") if stack else ""
 
@@ -43,9 +44,9 @@ def norm_sites(gm: fx.GraphModule) -> dict[fx.Node, tuple[str, str]]:
     out = {}
     for n in gm.graph.nodes:
         if n.op == "call_method" and n.target == "mean" or n.op == "call_function" and n.target is torch.mean:
-            out[n] = (_path(n), "mean")
+            out[n] = (module_path(n), "mean")
         elif n.op == "call_function" and n.target in _NORM_FUNCTIONS:
-            out[n] = (_path(n), n.target.__name__)
+            out[n] = (module_path(n), n.target.__name__)
         elif n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), _NORMS):
             m = gm.get_submodule(str(n.target))
             out[n] = (str(n.target), type(m).__name__)

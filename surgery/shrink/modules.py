@@ -35,8 +35,8 @@ from ..errors import SurgeryError, first_line, warn
 from ..graph import submodule
 from ..verify import eval_mode, max_rel_diff
 from .hf_config import fit_config, is_hf_model
-from .module_norms import norm_sites, rescale_norms
-from .pruning_plan import PLAN_FIELD, attributes, config_fields, plan_of
+from .module_norms import module_path, norm_sites, rescale_norms
+from .pruning_plan import PLAN_FIELD, attributes, config_fields, owner_of, plan_of, shapes
 
 __all__ = ["into_modules", "Before", "INTO"]
 
@@ -44,17 +44,8 @@ INTO = ("graph", "modules")
 _GRAPH_FORM = "use Shrink() (the graph form), which rewrites such sizes in the graph"
 
 
-def _owner(root: nn.Module, target: str) -> tuple[nn.Module | None, str]:
-    """The module holding `target`'s last part, and that part (None when the path is missing)."""
-    path, _, name = target.rpartition(".")
-    try:
-        return (submodule(root, path) if path else root), name
-    except AttributeError:
-        return None, name
-
-
 def _put_module(root: nn.Module, target: str, new: nn.Module) -> None:
-    owner, name = _owner(root, target)
+    owner, name = owner_of(root, target)
     old = None if owner is None else owner._modules.get(name)
     if old is new:
         return
@@ -66,7 +57,7 @@ def _put_module(root: nn.Module, target: str, new: nn.Module) -> None:
 
 
 def _put_tensor(root: nn.Module, target: str, new: torch.Tensor) -> None:
-    owner, name = _owner(root, target)
+    owner, name = owner_of(root, target)
     if owner is None or (name not in owner._parameters and name not in owner._buffers):
         raise SurgeryError(f"Shrink(into='modules'): the shrunk graph reads a tensor {target!r} that the model's "
                            "own classes do not hold: a mask's per-channel scale, kept where its channels could "
@@ -88,7 +79,7 @@ def _transfer(work: fx.GraphModule, model: nn.Module) -> None:
         if node.op == "call_module":
             _put_module(model, str(node.target), submodule(work, str(node.target)))
         elif node.op == "get_attr":
-            owner, name = _owner(work, str(node.target))
+            owner, name = owner_of(work, str(node.target))
             if name.startswith("_tensor_constant"):
                 continue  # a tensor the forward makes (fx keeps it as a constant): the model makes it again
             value = getattr(owner, name)
@@ -100,6 +91,11 @@ def _transfer(work: fx.GraphModule, model: nn.Module) -> None:
 # inner_dim, n_heads): read at run time by a forward in place of the literal the graph rewrote
 _SIZE_NAME = re.compile(r"head|dim|size|width|embed|features|channels|inner")
 _NOT_SIZE = re.compile(r"idx|index|layer|_id$|^id$|max_|position|vocab|window|bucket|seed")
+
+
+def _ints(n: fx.Node) -> list[int]:
+    """The int arguments of `n`, in order (view sizes, split sizes)."""
+    return [a for a in pytree.tree_leaves((n.args, n.kwargs)) if type(a) is int]
 
 
 @dataclass
@@ -117,12 +113,8 @@ class Before:
 
     @classmethod
     def of(cls, work: fx.GraphModule) -> Before:
-        literals = {}
-        for n in work.graph.nodes:
-            if n.op in ("call_method", "call_function"):
-                ints = [a for a in pytree.tree_leaves((n.args, n.kwargs)) if type(a) is int]
-                if ints:
-                    literals[n] = ints
+        calls = (n for n in work.graph.nodes if n.op in ("call_method", "call_function"))
+        literals = {n: ints for n in calls if (ints := _ints(n))}
         source = getattr(surgery_meta(work).get("source"), "module", None)
         if not isinstance(source, nn.Module):
             return cls(literals, {}, norm_sites(work), {}, {}, {})
@@ -130,8 +122,7 @@ class Before:
         names: dict[int, list[str]] = {}
         for k, v in tensors.items():
             names.setdefault(id(v), []).append(k)
-        return cls(literals, {k: tuple(v.shape) for k, v in tensors.items()}, norm_sites(work), names,
-                   attributes(source), config_fields(source))
+        return cls(literals, shapes(source), norm_sites(work), names, attributes(source), config_fields(source))
 
 
 def resized_literals(before: dict[fx.Node, list[int]]) -> dict[str, dict[int, int]]:
@@ -143,11 +134,10 @@ def resized_literals(before: dict[fx.Node, list[int]]) -> dict[str, dict[int, in
     for n, old in before.items():
         if n.graph is None or n._erased:
             continue
-        new = [a for a in pytree.tree_leaves((n.args, n.kwargs)) if type(a) is int]
+        new = _ints(n)
         if len(new) != len(old):
             continue
-        stack = n.meta.get("nn_module_stack") or {}
-        path = next(reversed(stack), "") if stack else ""
+        path = module_path(n)
         for a, b in zip(old, new):
             if a != b:
                 seen = out.setdefault(path, {})

@@ -45,10 +45,28 @@ def plain(v: Any) -> bool:
     return v is None or type(v) in (int, float, bool, str) or type(v) is tuple and all(map(plain, v))
 
 
+def public_attributes(m: nn.Module) -> dict[str, Any]:
+    """`m`'s own plain public attributes (sizes, eps), its training flag aside."""
+    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training" and plain(v)}
+
+
 def attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Every module's plain public attributes (sizes, eps), by qualified name."""
-    return {name: {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training" and plain(v)}
-            for name, m in model.named_modules()}
+    """Every module's :func:`public_attributes`, by qualified name."""
+    return {name: public_attributes(m) for name, m in model.named_modules()}
+
+
+def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every parameter's and buffer's shape, by state_dict name."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def owner_of(root: nn.Module, target: str) -> tuple[nn.Module | None, str]:
+    """The module holding `target`'s last part, and that part (None when the path is missing)."""
+    path, _, name = target.rpartition(".")
+    try:
+        return (root.get_submodule(path) if path else root), name
+    except AttributeError:
+        return None, name
 
 
 def _ranges(idx: np.ndarray) -> list[list[int]]:
@@ -70,10 +88,10 @@ def config_fields(model: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(config).items() if not k.startswith("_") and plain(v)} if config is not None else {}
 
 
-def plan_of(model: nn.Module, shapes: dict[str, tuple[int, ...]], names: dict[Any, list[str]],
+def plan_of(model: nn.Module, shapes_before: dict[str, tuple[int, ...]], names: dict[Any, list[str]],
             selected: list[tuple[Any, int, torch.Tensor]], attrs_before: dict[str, dict[str, Any]],
             config_before: dict[str, Any]) -> dict[str, Any]:
-    """The plan of `model` (pruned, in its own classes) against what it was: `shapes`, `attrs_before`
+    """The plan of `model` (pruned, in its own classes) against what it was: `shapes_before`, `attrs_before`
     and `config_before` of the unpruned model, `names` (tensor key -> qualified names) and Shrink's
     `selected` index selections (tensor key, axis, kept indices)."""
     keep: dict[str, dict[str, list[list[int]]]] = {}
@@ -82,7 +100,7 @@ def plan_of(model: nn.Module, shapes: dict[str, tuple[int, ...]], names: dict[An
             keep.setdefault(name, {})[str(dim)] = _ranges(idx.numpy())
     tensors = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        if shapes.get(name) != tuple(t.shape):
+        if shapes_before.get(name) != tuple(t.shape):
             tensors[name] = {"shape": list(t.shape), **({"keep": keep[name]} if name in keep else {})}
     after = attributes(model)
     changed = {path: {k: v for k, v in now.items() if attrs_before.get(path, {}).get(k, v) != v}
@@ -94,11 +112,7 @@ def plan_of(model: nn.Module, shapes: dict[str, tuple[int, ...]], names: dict[An
 
 
 def _holder(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    try:
-        owner = model.get_submodule(path)
-    except AttributeError:
-        owner = None
+    owner, attr = owner_of(model, name)
     if owner is None or (attr not in owner._parameters and attr not in owner._buffers):
         raise SurgeryError(f"apply_plan: {type(model).__name__} has no parameter or buffer {name!r}: the plan was "
                            "made for another model")
