@@ -144,16 +144,20 @@ class ChannelPrune:
         for g in chosen:
             if keep[g.id].all():
                 continue
-            owner = tree[g.graph].gm  # the mask goes into the graph of its group
-            mask = HardMask(torch.as_tensor(keep[g.id]), points[g.id][0][1]).train(owner.training)
-            name = unique_name(owner, f"prune_g{g.id}")
-            owner.add_submodule(name, mask)
+            first = points[g.id][0][0].graph.owning_module
+            mask = HardMask(torch.as_tensor(keep[g.id]), points[g.id][0][1]).train(first.training)
+            names: dict[fx.GraphModule, str] = {}  # the mask goes into the graph of each point (one, as a rule)
             for node, dim in points[g.id]:
+                owner = node.graph.owning_module
+                if owner not in names:
+                    names[owner] = name = unique_name(owner, f"prune_g{g.id}")
+                    owner.add_submodule(name, mask)
+                name = names[owner]
                 with owner.graph.inserting_after(node):
                     new = owner.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim, mask.units))
                 node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
                 new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
-            edited.add(owner)
+            edited.update(names)
         for owner in edited - {gm}:
             # eager code calls a nested graph's generated code, which compress never regenerates
             owner.graph.lint()
@@ -164,7 +168,7 @@ class ChannelPrune:
         """SelectionError when no selected module produces channels (``select="bn1"``): scores and
         masks go to producers only, so such a selection would prune nothing, silently."""
         producers = {p.node for g in groups for p in g.producers}
-        owners = {_module(n, g.graph)[0] for g in groups for n in (p.node for p in g.producers)}
+        owners = {_module(p.node, p.graph)[0] for g in groups for p in g.producers}
         if not any(n in producers or name in owners for n, name in selected.items()):
             names = ", ".join(list(selected.values())[:8])
             raise SelectionError(f"ChannelPrune: select={describe(self.select)} matched only modules that produce "
@@ -176,7 +180,7 @@ class ChannelPrune:
             return False
         picked = False
         for p in g.producers:
-            name, m = _module(p.node, g.graph)
+            name, m = _module(p.node, p.graph)
             if m is None:
                 continue
             if self.exclude is not None and matches(name, m, None, self.exclude) is False:

@@ -35,6 +35,7 @@ from .layers import (
     traced_as_ops_candidate,
 )
 from .libraries import library_leaves
+from .nested import submodule_examples
 from .shapes import annotate_shapes
 from .signature import (
     TraceArguments,
@@ -201,14 +202,14 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceAr
     raise TraceFailure(type(root).__name__, "gave up after marking every submodule opaque")
 
 
-def _graph_module(module: nn.Module, leaf_modules, arguments: TraceArguments | None, code: bool = True
-                  ) -> tuple[fx.GraphModule, dict[str, str]]:
+def _graph_module(module: nn.Module, leaf_modules, arguments: TraceArguments | None, code: bool = True,
+                  examples: dict[int, dict[str, Any]] | None = None) -> tuple[fx.GraphModule, dict[str, str]]:
     graph, opaque = _trace(module, leaf_modules, arguments)
     # an opaque module runs its own forward eagerly, but its children are traced where they can
     # be (the shell strategy, at any depth): their layers stay visible to the channel analysis
     named = set(_split_leaves(leaf_modules)[1])
     for qual in [q for q in opaque if q not in named]:
-        _capture_children(submodule(module, qual), qual + ".", leaf_modules, opaque)
+        _capture_children(submodule(module, qual), qual + ".", leaf_modules, opaque, examples)
     if code:
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     else:
@@ -243,9 +244,11 @@ def _has_extra_methods(module: nn.Module) -> bool:
     return False
 
 
-def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict[str, str]) -> None:
+def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict[str, str],
+                      examples: dict[int, dict[str, Any]] | None = None) -> None:
     """`module` stays eager: swap each child for its traced graph, descending where a child's
-    own forward is untraceable too."""
+    own forward is untraceable too. A child with `examples` (what it received in an eager run:
+    :func:`surgery.calling.submodule_examples`) is traced with their values known where fx alone fails."""
     leaf_types, leaf_names, leaf_functions = _split_leaves(leaf_modules)
     for name, child in list(module.named_children()):
         qual = f"{prefix}{name}"
@@ -258,7 +261,9 @@ def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict
         else:
             try:
                 inner = [n[len(qual) + 1:] for n in leaf_names if n.startswith(qual + ".")]
-                gm, sub = _graph_module(child, (*leaf_types, *leaf_functions, *inner), None)
+                known = (examples or {}).get(id(child))
+                known = TraceArguments(type(child).__name__, supplied=known) if known else None
+                gm, sub = _graph_module(child, (*leaf_types, *leaf_functions, *inner), known, examples=examples)
                 setattr(module, name, gm)
                 opaque.update({f"{qual}.{k}": v for k, v in sub.items()})
                 continue
@@ -266,7 +271,7 @@ def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict
                 if not any(True for _ in child.children()):
                     opaque[qual] = _reason(e.fx_error) if isinstance(e.fx_error, BaseException) else str(e)
                     continue
-        _capture_children(child, qual + ".", leaf_modules, opaque)
+        _capture_children(child, qual + ".", leaf_modules, opaque, examples)
 
 
 def _shell(root: nn.Module) -> fx.GraphModule:
@@ -357,7 +362,8 @@ def capture(
         if not descend:
             raise
         opaque: dict[str, str] = {}
-        _capture_children(root, "", leaf_modules, opaque)
+        examples = submodule_examples(root, inputs) if inputs is not None else None  # what each child gets
+        _capture_children(root, "", leaf_modules, opaque, examples)
         if not any(isinstance(m, fx.GraphModule) for m in root.modules()):
             raise failure
         # a forward with *args/**kwargs has no placeholders of its own: the shell takes the entry's

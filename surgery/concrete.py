@@ -350,8 +350,8 @@ class ConcreteTracing:
         if value is _MISSING or not hasattr(value, "__len__") or isinstance(value, torch.Tensor) and value.dim() == 0:
             return super().iter(obj)
         n = len(value)
-        if not isinstance(value, (torch.Size, tuple, list)):
-            # a tensor's first size (a tuple's length is fixed by the code that made it)
+        if not isinstance(value, (torch.Size, tuple, list)) or obj.node.op == "placeholder":
+            # a tensor's first size, an input list's length (a tuple's made in the code is fixed)
             self.guard(super().create_proxy("call_function", builtins.len, (obj,), {}), n, "len")
         return iter([obj[i] for i in range(n)])
 

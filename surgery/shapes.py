@@ -337,5 +337,5 @@ class ShapeProp(fx.Interpreter):
             names = [str(n.target) for n in self.graph.find_nodes(op="placeholder")]
             args = bind_placeholders(self.graph, {**dict(zip(names, args)), **kwargs})
         # graphs nested under eager code (a shell's children) record their shapes too
-        with eval_mode(self.module), torch.no_grad(), recording_shapes(self.module, ShapeProp):
-            return self.run(*args)
+        with eval_mode(self.module), torch.no_grad(), recording_shapes(self.module, ShapeProp) as recording:
+            return recording.returned(self.run(*args))

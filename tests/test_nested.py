@@ -70,32 +70,38 @@ def test_groups_of_each_nested_graph_are_found_with_their_graph_named():
     assert (inner_backbone.size, inner_head.size) == (8, 10)
     assert inner_backbone.frozen is None and inner_head.frozen is None
     assert [str(p.node.target) for p in inner_backbone.readers] == ["3"]
-    # what a nested graph returns is read by eager code: frozen, the boundary named
-    for path, last in (("model.backbone", "3"), ("model.head", "2")):
-        assert by_graph[path, (last,)].frozen.startswith(f"crosses the eager boundary of {path!r} (output)")
-    # ids run on across the graphs, and the tree is keyed by the graphs' paths
+    # eager code hands the backbone's output to the head unchanged: one group, read in the head
+    handed = by_graph["model.backbone", ("3",)]
+    assert handed.frozen is None and [(p.graph, str(p.node.target)) for p in handed.readers] == [("model.head", "0")]
+    # what the head returns is read by eager code: frozen, the boundary named
+    assert by_graph["model.head", ("2",)].frozen.startswith("crosses the eager boundary of 'model.head' (output)")
+    # ids run on across the graphs; graphs walked as one are keyed by the first one's path
     assert sorted(g.id for g in groups) == list(range(len(groups)))
     tree = analyze_tree(gm)
-    assert list(tree) == ["", "model.backbone", "model.head"]
-    assert all(tree[g.graph].gm is gm.get_submodule(g.graph) for g in groups)
+    assert list(tree) == ["", "model.backbone"]
+    assert [b.path for _, b in tree["model.backbone"].parts] == ["model.backbone", "model.head"]
+    assert all(p.node.graph.owning_module is gm.get_submodule(p.graph) for g in groups for p in g.places())
 
 
 def test_prune_and_shrink_each_nested_graph_exactly():
     model, x = _model(), torch.randn(2, 3, 12, 12)
     masked = surgery.compress(model, [ChannelPrune(ratio=0.5)], example_inputs=(x,))
     names = set(surgery.masks(masked))
-    assert len(names) == 2 and {n.rsplit(".", 1)[0] for n in names} == {"model.backbone", "model.head"}
+    assert len(names) == 3 and {n.rsplit(".", 1)[0] for n in names} == {"model.backbone", "model.head"}
     small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
     assert small.get_submodule("model.backbone.0").out_channels == 4
     assert small.get_submodule("model.backbone.3").in_channels == 4
+    assert small.get_submodule("model.backbone.3").out_channels == 3  # handed to the head: cut on both sides
+    assert small.get_submodule("model.head.0").in_channels == 3
     assert small.get_submodule("model.head.0").out_channels == 5
     assert small.get_submodule("model.head.2").in_channels == 5
-    # by hand: backbone.0 loses 4 x (3*9 weights + 1 bias), its BN 4 x 2, backbone.3 4 inputs x 6*9;
-    # head.0 loses 5 x (6 + 1), head.2 5 inputs x 4
+    # by hand: backbone.0 loses 4 x (3*9 weights + 1 bias), its BN 4 x 2, backbone.3 4 inputs x 6*9
+    # and 3 outputs x (4*9 + 1); head.0 3 inputs x 10 and 5 outputs x (3 + 1), head.2 5 inputs x 4
     before = sum(p.numel() for p in model.parameters())
     assert before == 792
-    assert sum(p.numel() for p in small.parameters()) == before - (4 * 28 + 4 * 2 + 4 * 54) - (5 * 7 + 5 * 4) == 401
-    assert small.report.params_after == 401 and {g.graph for g in small.report.groups if g.after < g.before} == \
+    gone = (4 * 28 + 4 * 2 + 4 * 54 + 3 * 37) + (3 * 10 + 5 * 4 + 5 * 4)
+    assert sum(p.numel() for p in small.parameters()) == before - gone == 275
+    assert small.report.params_after == 275 and {g.graph for g in small.report.groups if g.after < g.before} == \
         {"model.backbone", "model.head"}
     assert not surgery.masks(small)
     for seed in range(3):  # fresh inputs: the masked and the shrunk model agree, eager shell and all
@@ -177,23 +183,35 @@ def test_boundary_freezes_name_the_boundary():
     assert small.get_submodule("model.head.a").out_channels == 4  # frozen: whole
 
 
-def _replayed_error(masked: nn.Module, small: nn.Module, *inputs) -> dict[str, float]:
+def _replayed_error(masked: nn.Module, small: nn.Module, *inputs, handed: dict[str, Tensor] | None = None
+                    ) -> dict[str, float]:
     """Per nested graph: the largest relative difference between what it returned in the masked
-    model's run and what its shrunk self returns for the same arguments."""
+    model's run and what its shrunk self returns for the same arguments. `handed`: a graph whose
+    output eager code hands to the next one (path -> the channels the shrunk one keeps, axis 1):
+    its output is compared on those, and the next graph is given those alone."""
+    handed = handed or {}
     with recording_calls(masked) as calls, torch.no_grad():
         masked(*inputs)
-    again = replay(small, calls)
-    return {path: max((float((u - v).abs().max() / u.abs().max()) for (*_, ref), got in zip(seen, again[path])
-                       for u, v in zip(torch.utils._pytree.tree_leaves(ref), torch.utils._pytree.tree_leaves(got))),
-                      default=0.0) for path, seen in calls.items()}
+    paths = list(calls)
+    narrowed = {path: [((a[0].index_select(1, handed[paths[i - 1]]),) if i and paths[i - 1] in handed else a, kw, o)
+                       for a, kw, o in seen] for i, (path, seen) in enumerate(calls.items())}
+    again = replay(small, narrowed)
+    leaves = torch.utils._pytree.tree_leaves
+    return {path: max((float((u - v).abs().max() / u.abs().max())
+                       for (*_, ref), got in zip(seen, again[path])
+                       for u, v in zip(leaves(ref.index_select(1, handed[path]) if path in handed else ref),
+                                       leaves(got))), default=0.0)
+            for path, seen in calls.items()}
 
 
 def test_shrink_verifies_each_nested_graph_on_what_eager_code_gave_it():
     model, x = _model(), torch.randn(2, 3, 12, 12)
     masked = surgery.compress(model, [ChannelPrune(ratio=0.5)], example_inputs=(x,))
     small = surgery.shrink(masked, (x,))
-    assert len(surgery.masks(masked)) == 2 and not surgery.masks(small)  # a copy was shrunk, nested graphs and all
-    errors = _replayed_error(masked, small, torch.randn(2, 3, 12, 12))
+    assert len(surgery.masks(masked)) == 3 and not surgery.masks(small)  # a copy was shrunk, nested graphs and all
+    kept = torch.nonzero(masked.get_submodule("model.backbone.prune_g1").keep).flatten()
+    assert len(kept) == 3
+    errors = _replayed_error(masked, small, torch.randn(2, 3, 12, 12), handed={"model.backbone": kept})
     assert set(errors) == {"model.backbone", "model.head"} and max(errors.values()) < 1e-5
 
 
@@ -205,9 +223,10 @@ def test_a_wrong_edit_in_a_nested_graph_is_caught_and_named(monkeypatch):
 
     def wrong(cg):  # Shrink as it would be with a bug in how it edits the head's graph
         done = edit(cg)
-        if cg.path == "model.head":
+        parts = {b.path: g for g, b in cg.parts if b is not None}  # the head is walked with the backbone
+        if "model.head" in parts:
             with torch.no_grad():
-                cg.gm.get_submodule("2").bias.add_(1.0)
+                parts["model.head"].get_submodule("2").bias.add_(1.0)
         return done
     monkeypatch.setattr(apply, "_edit", wrong)
     with pytest.raises(surgery.ShrinkMismatch, match="first differing node 'model.head'"):
@@ -225,8 +244,10 @@ def test_detection_model_prunes_in_backbone_and_heads_and_shrinks_exactly():
     live = [g for g in groups if not g.frozen]
     assert sum(g.graph == "model.backbone" for g in live) >= 20
     assert any(g.graph == "model.roi_heads.box_head" and _producers(g) == ["fc6"] for g in live)
-    rpn = "crosses the eager boundary of 'model.rpn.head.conv' (output), through '_0_1'"
-    assert any(g.frozen == rpn for g in groups)
+    # the RPN head iterates over its list of feature maps: traced with the list's values known,
+    # it is one graph, and the convolution it shares across the levels is one live group
+    (rpn,) = [g for g in live if g.graph == "model.rpn.head"]
+    assert set(_producers(rpn)) == {"conv.0.0"} and len(rpn.producers) == 3 and rpn.size == 256  # 3 levels
     masked = surgery.compress(gm, [ChannelPrune(ratio=0.5)], example_inputs=(x,))
     small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
     before = sum(p.numel() for p in model.parameters())
@@ -235,6 +256,105 @@ def test_detection_model_prunes_in_backbone_and_heads_and_shrinks_exactly():
     y = [torch.rand(3, 192, 240, generator=torch.Generator().manual_seed(1))]
     a, b = run_eval(masked, (y,)), run_eval(small, (y,))
     assert max_abs_diff(a, b) == 0  # boxes, scores, labels (none pass the score threshold untrained)
-    errors = _replayed_error(masked, small, y)  # what each pruned graph hands to the eager code
-    assert set(errors) == {"model.backbone", "model.rpn.head.conv", "model.roi_heads.box_head"}
+    # the box head's features go to the box predictor unchanged: pruned on both sides
+    assert small.get_submodule("model.roi_heads.box_head.fc7").out_features == 512
+    assert small.get_submodule("model.roi_heads.box_predictor.cls_score").in_features == 512
+    box_head = masked.get_submodule("model.roi_heads.box_head")
+    node = box_head.graph.find_nodes(op="output")[0].args[0]
+    while not str(node.target).startswith("prune_"):
+        node = node.args[0]
+    kept = torch.nonzero(box_head.get_submodule(str(node.target)).keep).flatten()
+    errors = _replayed_error(masked, small, y, handed={"model.roi_heads.box_head": kept})  # graph by graph
+    assert set(errors) == {"model.backbone", "model.rpn.head", "model.roi_heads.box_head",
+                           "model.roi_heads.box_predictor"}
     assert max(errors.values()) < 1e-5
+
+
+class Scaled(Detector):
+    """Eager code computes with the backbone's output before the head gets it: no hand-off."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.head(self.backbone(x) * 2)
+        return scores if scores.mean() > 0 else -scores
+
+
+class Returned(Detector):
+    """The model returns the backbone's output beside the head's: its channels are the caller's."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.backbone(x)
+        scores = self.head(f)
+        return (scores, f) if scores.mean() > 0 else (-scores, f)
+
+
+@pytest.mark.parametrize("cls", [Scaled, Returned])
+def test_a_tensor_eager_code_uses_is_no_hand_off(cls):
+    gm = _capture(_model(cls), torch.randn(2, 3, 12, 12))
+    assert list(analyze_tree(gm)) == ["", "model.backbone", "model.head"]  # each graph on its own
+    (last,) = [g for g in channel_groups(gm) if g.graph == "model.backbone" and _producers(g) == ["3"]]
+    assert last.frozen.startswith("crosses the eager boundary of 'model.backbone' (output)")
+
+
+class Levels(nn.Module):
+    """Two feature levels in a list, as a detection backbone returns them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.down = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        a = self.stem(x).relu()
+        return [a, self.down(a).relu()]
+
+
+class ListHead(nn.Module):
+    """A head that iterates over the levels it is given (SSD's, RetinaNet's): plain fx cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(8, 4, 1), nn.Conv2d(6, 4, 1)])
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        return torch.cat([conv(f).flatten(2) for conv, f in zip(self.convs, feats)], 2)
+
+
+class SSDLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = Levels(), ListHead()
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.backbone(x)
+        out = self.head(feats)
+        sizes = [f.shape[-2:] for f in feats]  # eager code reads the levels' sizes (anchors): no values
+        keep = out.amax(dim=1) > 0
+        if keep.any():  # on tensor data: eager
+            return out[:, :, keep[0]] * len(sizes)
+        return out
+
+
+def test_a_head_that_iterates_its_levels_is_traced_and_pruned_with_its_backbone():
+    x = torch.randn(2, 3, 12, 12)
+    torch.manual_seed(0)
+    model = SSDLike().eval()
+    gm = _capture(model, x)
+    assert set(nested_graphs(gm)) == {"model.backbone", "model.head"}  # the head whole, not conv by conv
+    head = gm.get_submodule("model.head")
+    with pytest.raises(Exception, match="surgery guard: len .* was traced as 2"):
+        head([torch.randn(2, 8, 12, 12)] * 3)  # another number of levels: the guard says so
+    (tree,) = [cg for path, cg in analyze_tree(gm).items() if path]
+    assert [b.path for _, b in tree.parts] == ["model.backbone", "model.head"]
+    live = {tuple(_producers(g)): g for g in channel_groups(gm) if not g.frozen}
+    assert set(live) == {("stem",), ("down",)}  # both levels, read by the head's convolutions
+    assert {(p.graph, str(p.node.target)) for p in live["stem",].readers} == \
+        {("model.backbone", "down"), ("model.head", "convs.0")}
+    small = surgery.compress(gm, [ChannelPrune(ratio=0.5), Shrink()], example_inputs=(x,))
+    assert small.get_submodule("model.head.convs.0").in_channels == 4
+    assert small.get_submodule("model.head.convs.1").in_channels == 3
+    # by hand: stem 4 x (27 + 1), down 4 inputs x 6*9 and 3 outputs x (4*9 + 1), convs.0 4 x 4, convs.1 3 x 4
+    before = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in small.parameters()) == before - (4 * 28 + 4 * 54 + 3 * 37 + 4 * 4 + 3 * 4)
+    masked = surgery.compress(gm, [ChannelPrune(ratio=0.5)], example_inputs=(x,))
+    for seed in range(3):
+        y = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
+        assert max_abs_diff(run_eval(masked, (y,)), run_eval(small, (y,))) < 1e-5

@@ -17,7 +17,7 @@ things the walk cannot see from inside are checked here:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,11 +26,13 @@ from torch import nn
 
 from ..copying import held_tensor
 from ..inplace import rewrite_inplace
+from ..nested import output_items
 
 if TYPE_CHECKING:
     from .groups import ChannelGraph
 
-__all__ = ["Boundary", "shared_tensors", "annotated", "prepare", "check_boundary"]
+__all__ = ["Boundary", "shared_tensors", "annotated", "prepare", "check_boundary", "handoff_components", "seed",
+           "handed_leaves"]
 
 
 @dataclass
@@ -68,19 +70,19 @@ def prepare(gm: fx.GraphModule) -> None:
 
 
 def check_boundary(cg: "ChannelGraph") -> None:
-    """Freeze what crosses `cg`'s boundary unseen: tensors held outside the graph too, and channels
-    along axes whose size changes between calls. (Outputs freeze in the walk itself.)"""
-    b = cg.boundary
-    if b is None:
+    """Freeze what crosses the boundaries of `cg`'s graphs unseen: tensors held outside the graph
+    too, and channels along axes whose size changes between calls. (Outputs freeze in the walk itself.)"""
+    if all(b is None for _, b in cg.parts):
         return
-    inside = b.path + "."
-    if b.shared:
+    shared = next(b.shared for _, b in cg.parts if b is not None)
+    if shared:
         for p in cg.places:
+            path = cg.part_path(p.node)
             for owner, name, _ in p.params:
                 t = held_tensor(owner, name)
-                outside = [q for q in b.shared.get(id(t), ()) if not q.startswith(inside)] if t is not None else ()
+                outside = [q for q in shared.get(id(t), ()) if not q.startswith(path + ".")] if t is not None else ()
                 if outside:
-                    cg.frozen.append((np.unique(p.ids), f"{outside[0]} holds the same tensor outside {b.path!r}, "
+                    cg.frozen.append((np.unique(p.ids), f"{outside[0]} holds the same tensor outside {path!r}, "
                                                         "so eager code may use it: it crosses the eager boundary"))
                     break
     for node, lay in cg.layouts.items():
@@ -98,4 +100,78 @@ def check_boundary(cg: "ChannelGraph") -> None:
                    if 0 <= d - lead < part.ndim and part.shape[d - lead] > 1]
             if cut:
                 cg.frozen.append((np.unique(part), f"{node.name!r} changes its size along axis {cut[0]} between "
-                                                   f"the calls that eager code makes to {b.path!r}"))
+                                                   f"the calls that eager code makes to {cg.part_path(node)!r}"))
+
+
+# ------------------------------------------------------------------------------------ hand-offs
+# Eager code often hands what one nested graph returns straight to another (an SSD's feature
+# maps, from its backbone to its head). The run that records shapes also records these hand-offs
+# (:class:`surgery.nested._Handoffs`: a tensor eager code computes with, or that the model
+# returns, is none): the graphs are then walked as one, the head's placeholder taking the
+# layout of the backbone's output, so that channels are followed across the boundary.
+
+def handoff_components(subs: dict[str, fx.GraphModule]) -> list[list[str]]:
+    """`subs` (path -> graph) in components of graphs joined by hand-offs, each in an order in
+    which a graph comes after every graph that hands it a tensor (module order otherwise)."""
+    feeds: dict[str, set[str]] = {p: set() for p in subs}
+    parent = {p: p for p in subs}
+
+    def root(p: str) -> str:
+        while parent[p] != p:
+            p = parent[p]
+        return p
+
+    for path, gm in subs.items():
+        for ph in gm.graph.find_nodes(op="placeholder"):
+            for src, _ in ph.meta.get("handoff", {}).values():
+                if src in subs and src != path:
+                    feeds[path].add(src)
+                    parent[root(src)] = root(path)
+    components: dict[str, list[str]] = {}
+    done: set[str] = set()
+
+    def place(p: str) -> None:  # sources first (hand-offs follow the run's order: no cycles)
+        if p in done:
+            return
+        done.add(p)
+        for src in sorted(feeds[p], key=list(subs).index):
+            place(src)
+        components.setdefault(root(p), []).append(p)
+
+    for p in subs:
+        place(p)
+    return sorted(components.values(), key=lambda ps: min(map(list(subs).index, ps)))
+
+
+def seed(cg: "ChannelGraph", ph: fx.Node) -> None:
+    """A placeholder that holds what an earlier graph of `cg` returned (a tensor, or items of a
+    list): it takes that output's layout, so the channels are the same elements."""
+    handoff = ph.meta.get("handoff")
+    if not handoff:
+        return
+    outputs = {b.path: g.graph.find_nodes(op="output")[0] for g, b in cg.parts if b is not None}
+    items: dict[int | None, tuple[np.ndarray, Any]] = {}  # item -> (layout, known values)
+    for item, (src, leaf) in handoff.items():
+        out = outputs.get(src)
+        leaves = output_items(out.args[0]) if out is not None else []
+        node = leaves[leaf] if leaf < len(leaves) and isinstance(leaves[leaf], fx.Node) else None
+        if isinstance(cg.layouts.get(node), np.ndarray):
+            items[item] = cg.layouts[node], cg.values.get(node)
+    if None in items:
+        cg.layouts[ph], cg.values[ph] = items[None]
+    elif items:
+        shape = ph.meta.get("shape")
+        n = len(shape) if isinstance(shape, tuple) and not isinstance(shape, torch.Size) else max(items) + 1
+        cg.layouts[ph] = tuple(items[j][0] if j in items else None for j in range(n))
+        cg.values[ph] = tuple(items[j][1] if j in items else None for j in range(n))
+
+
+def handed_leaves(cg: "ChannelGraph", out: fx.Node) -> set[int]:
+    """The leaves of output node `out` that go only to graphs walked with it (their readers are
+    seen): not frozen at the boundary."""
+    if len(cg.parts) == 1 or not out.meta.get("handed"):
+        return set()
+    walked = {b.path for _, b in cg.parts if b is not None}
+    leaves = output_items(out.args[0])
+    return {leaf for leaf, paths in out.meta["handed"].items() if set(paths) <= walked and leaf < len(leaves)
+            and isinstance(leaves[leaf], fx.Node) and isinstance(cg.layouts.get(leaves[leaf]), np.ndarray)}

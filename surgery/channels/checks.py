@@ -182,14 +182,15 @@ def check_tensor_uses(cg: ChannelGraph) -> None:
     places are otherwise coupled into one decision by :func:`surgery.copying.tensor_key`), and a
     ``get_attr`` read whose reader no rule recorded (``self.conv.weight.norm()``). Either would see
     a tensor resized behind its back, so the axis stays whole, with the use named."""
-    gm = cg.gm
-    tied = tied_tensors(gm)
+    tied: dict = {}
     reads: dict[int, list] = {}  # tensor id -> get_attr nodes that read it
-    for g in gm.graph.find_nodes(op="get_attr"):
-        prefix, _, name = str(g.target).rpartition(".")
-        t = held_tensor(submodule(gm, prefix), name)
-        if t is not None:
-            reads.setdefault(id(t), []).append(g)
+    for gm, _ in cg.parts:
+        tied.update(tied_tensors(gm))
+        for g in gm.graph.find_nodes(op="get_attr"):
+            prefix, _, name = str(g.target).rpartition(".")
+            t = held_tensor(submodule(gm, prefix), name)
+            if t is not None:
+                reads.setdefault(id(t), []).append(g)
     if not tied and not reads:
         return
     seen: dict[tuple[int, int], tuple[set, set, list]] = {}

@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch.fx as fx
@@ -34,16 +34,16 @@ from torch import nn
 
 from ..copying import gc_paused, tensor_key
 from ..errors import SurgeryError
-from ..nested import nested_graphs
+from ..nested import output_items
 from ..pipeline import UnitMask
-from .boundary import Boundary, annotated, check_boundary, prepare, shared_tensors
+from .boundary import Boundary, check_boundary, handed_leaves, seed
 from .checks import check_sizes, check_tensor_uses
 from .components import components
 from .points import mask_points
 from .rulebook import NO_CHANNELS, RULES, Ids, Rule, RuleContext, _RawPlace, varying
 from .rules.modules import mask_rule  # importing .rules registers the standard table
 
-__all__ = ["ChannelGroup", "Place", "ChannelGraph", "channel_groups", "group_of", "analyze", "analyze_tree"]
+__all__ = ["ChannelGroup", "Place", "ChannelGraph", "group_of", "analyze"]
 
 
 @dataclass(eq=False)
@@ -62,6 +62,7 @@ class Place:
     channels: np.ndarray
     arg: int | None = None
     params: list = field(default_factory=list)  # (owner module, tensor name, axis of the channels)
+    graph: str = ""  # the qualified path of the node's graph (see ChannelGroup.graph)
 
     def __repr__(self) -> str:
         return f"Place({self.node.name}, {self.role}, dim={self.dim}, n={len(self.channels)})"
@@ -72,7 +73,9 @@ class ChannelGroup:
     """A set of coupled channels: removing channel j removes it from every place listed.
 
     ``graph`` is the qualified module path of the GraphModule whose nodes the places are: "" for
-    the captured graph itself, e.g. "model.backbone" for a graph nested under an eager shell.
+    the captured graph itself, e.g. "model.backbone" for a graph nested under an eager shell. A
+    group that eager code hands from graph to graph (a backbone's features, read by a head) has
+    places in several: ``graph`` is its first place's, and each place names its own.
     """
 
     id: int
@@ -114,12 +117,18 @@ class ChannelGraph:
 
     `boundary` is set for a graph that eager code calls (see :mod:`~surgery.channels.boundary`);
     its groups are numbered from `first_id`, so that ids stay unique across a model's graphs.
+    `linked` are further nested graphs, with their boundaries, that eager code hands tensors of
+    this one (or of each other) to, unchanged: they are walked as one, in order, and their
+    channels form joint groups. ``parts`` lists every (graph, boundary).
     """
 
-    def __init__(self, gm: fx.GraphModule, boundary: Boundary | None = None, first_id: int = 0):
+    def __init__(self, gm: fx.GraphModule, boundary: Boundary | None = None, first_id: int = 0,
+                 linked: Sequence[tuple[fx.GraphModule, Boundary]] = ()):
         self.gm = gm
         self.boundary = boundary
+        self.parts: list[tuple[fx.GraphModule, Boundary | None]] = [(gm, boundary), *linked]
         self.path = boundary.path if boundary is not None else ""
+        self.part_paths = {id(g.graph): b.path if b is not None else "" for g, b in self.parts}
         self.first_id = first_id
         self.layouts: dict[fx.Node, Any] = {}
         self.values: dict[fx.Node, Any] = {}
@@ -134,6 +143,7 @@ class ChannelGraph:
         self.rewrite: set[fx.Node] = set()   # nodes whose literal size arguments follow channels
         self.fixed: list[tuple[np.ndarray, int, str]] = []  # (layout, axis, reason): see RuleContext.fix_axis
         self.decoupled: list[tuple[fx.Node, int]] = []  # (reshape, argument) Shrink sizes itself: checks.size_uses
+        self.handed: dict[tuple[str, int], np.ndarray] = {}  # (path, output leaf) -> layout, handed to a graph of ours
 
     def new_elements(self, size: int, node: fx.Node) -> int:
         start = self.n
@@ -143,8 +153,25 @@ class ChannelGraph:
         return start
 
     def run(self) -> "ChannelGraph":
+        for self.gm, self.boundary in self.parts:  # rules see the graph being walked
+            self._walk()
+        self.gm, self.boundary = self.parts[0]
+        check_boundary(self)
+        check_sizes(self)
+        check_tensor_uses(self)
+        self._build()
+        return self
+
+    def part_path(self, node: fx.Node) -> str:
+        """The qualified path of `node`'s graph."""
+        return self.part_paths.get(id(node.graph), self.path)
+
+    def _walk(self) -> None:
         for node in self.gm.graph.nodes:
-            if node.op in ("placeholder", "get_attr"):
+            if node.op == "placeholder":
+                seed(self, node)
+                continue
+            if node.op == "get_attr":
                 continue
             if node.op == "output":
                 _freeze_output(self, node)
@@ -187,12 +214,6 @@ class ChannelGraph:
                 self.layouts[node] = out
                 if vals is not None:
                     self.values[node] = vals
-        if self.boundary is not None:
-            check_boundary(self)
-        check_sizes(self)
-        check_tensor_uses(self)
-        self._build()
-        return self
 
     def _tracked(self, a: fx.Node) -> bool:
         return self.layouts.get(a) is not None
@@ -280,12 +301,17 @@ class ChannelGraph:
             local = local_flat[lo:hi].reshape(p.ids.shape)
             if one_group[i]:  # the usual case: the place lies in one group
                 gi = group_flat[lo]
-                getattr(groups[gi], buckets[p.role]).append(Place(p.node, p.role, p.dim, local, p.arg, p.params))
+                getattr(groups[gi], buckets[p.role]).append(Place(p.node, p.role, p.dim, local, p.arg, p.params,
+                                                                  self.part_path(p.node)))
                 continue
             cg = group_flat[lo:hi].reshape(p.ids.shape)
             for gi in np.unique(cg):
-                place = Place(p.node, p.role, p.dim, np.where(cg == gi, local, -1), p.arg, p.params)
+                place = Place(p.node, p.role, p.dim, np.where(cg == gi, local, -1), p.arg, p.params,
+                              self.part_path(p.node))
                 getattr(groups[gi], buckets[p.role]).append(place)
+        if len(self.parts) > 1:
+            for g in groups:
+                g.graph = next((p.graph for p in (*g.producers, *g.locals, *g.readers, *g.masks)), g.graph)
         self.groups = groups
 
     def _one_per_position(self, p: _RawPlace) -> bool:
@@ -325,12 +351,23 @@ def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
 
 
 def _freeze_output(g: ChannelGraph, node: fx.Node) -> None:
-    for a in node.all_input_nodes:
-        lay = g.layouts.get(a)
-        for part in (lay if isinstance(lay, tuple) else (lay,)):
-            if part is not None:
-                why = g.boundary.output_reason(a) if g.boundary else f"reaches the model output through {a.name!r}"
-                g.frozen.append((np.unique(part), why))
+    skip = handed_leaves(g, node)  # handed to a graph walked with this one: its readers are seen
+    for i, item in enumerate(output_items(node.args[0]) if skip else (node.args[0],)):
+        if i in skip:
+            g.handed[g.part_path(node), i] = g.layouts[item]
+            continue
+        for a in _nodes_in(item):
+            lay = g.layouts.get(a)
+            for part in (lay if isinstance(lay, tuple) else (lay,)):
+                if part is not None:
+                    why = g.boundary.output_reason(a) if g.boundary else f"reaches the model output through {a.name!r}"
+                    g.frozen.append((np.unique(part), why))
+
+
+def _nodes_in(value: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return list(dict.fromkeys(found))
 
 
 @gc_paused()
@@ -343,55 +380,3 @@ def analyze(gm: fx.GraphModule) -> ChannelGraph:
         raise SurgeryError("channel analysis needs node shapes: capture with example_inputs "
                            "(surgery.capture(model, (x,)) or compress(..., example_inputs=(x,)))")
     return ChannelGraph(gm).run()
-
-
-@gc_paused()
-def analyze_tree(gm: fx.GraphModule) -> dict[str, ChannelGraph]:
-    """The analysis of `gm`'s graph and of every traced graph nested under eager code in it (a
-    shell's children; see :mod:`surgery.nested`), by qualified module path ("" for `gm` itself),
-    each found from its groups' ``graph``. Group ids run on across the graphs. A nested graph is
-    analysed within its boundary (:mod:`~surgery.channels.boundary`); one that the example run
-    never called has no shapes and is left out: nothing in it is pruned."""
-    tree = {"": analyze(gm)}
-    subs = nested_graphs(gm)
-    if not subs:  # the common case: one graph, analysed as it always was
-        return tree
-    shared, first = shared_tensors(gm), len(tree[""].groups)
-    options = {k: v for k, v in gm.meta.get("surgery", {}).items() if k in ("attention_units", "normalised")}
-    for path, sub in subs.items():
-        sub.meta.setdefault("surgery", {}).update(options)  # nested graphs take their root's settings
-        if annotated(sub):
-            prepare(sub)
-            tree[path] = ChannelGraph(sub, Boundary(path, shared), first).run()
-            first += len(tree[path].groups)
-    return tree
-
-
-ATTENTION_UNITS = ("heads", "head_dims")  # what a unit of attention may be
-
-
-def set_analysis(gm: fx.GraphModule, attention: str = "heads", normalised: bool = True) -> None:
-    """How the analysis of `gm` (and of the graphs nested in it) treats two structures, kept in
-    ``gm.meta["surgery"]`` so that a later analysis of the same graph (Shrink's) agrees: attention
-    by whole "heads" or by "head_dims" (see :mod:`surgery.channels.rules.attention`); and whether
-    channels that a norm or a mean over channels reads may go (`normalised`; see
-    :func:`surgery.channels.rules.common.normalised`)."""
-    if attention not in ATTENTION_UNITS:
-        raise ValueError(f"attention units are 'heads' or 'head_dims', not {attention!r}")
-    gm.meta.setdefault("surgery", {}).update(attention_units=attention, normalised=bool(normalised))
-
-
-def channel_groups(gm: fx.GraphModule, rules: dict | None = None) -> list[ChannelGroup]:
-    """The channel groups of a captured GraphModule (captured with example_inputs), those of
-    the graphs nested under eager code in it included (``group.graph`` names each one's graph).
-
-    `rules` adds or overrides rules for this call only (same keys as :data:`RULES`).
-    """
-    saved = dict(RULES) if rules else None
-    RULES.update(rules or {})
-    try:
-        return [g for cg in analyze_tree(gm).values() for g in cg.groups]
-    finally:
-        if saved is not None:
-            RULES.clear()
-            RULES.update(saved)

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture import capture
-from ..channels.groups import channel_groups
+from ..channels.tree import channel_groups
 from ..copying import copy_module
 from ..errors import SurgeryError
 from ..shapes import ShapeProp

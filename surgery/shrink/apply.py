@@ -32,11 +32,12 @@ from torch import nn
 
 from ..calling import as_inputs, bind_placeholders
 from ..capture import surgery_meta
-from ..channels.groups import ChannelGraph, analyze_tree
+from ..channels.groups import ChannelGraph
+from ..channels.tree import analyze_tree
 from ..copying import copy_module, gc_paused
 from ..errors import ShrinkMismatch, SurgeryError
 from ..graph import drop_dead_nodes, finish
-from ..nested import recording_calls, replay
+from ..nested import output_items, recording_calls, replay
 from ..pipeline import UnitMask
 from ..shapes import ShapeProp
 from ..verify import max_rel_diff
@@ -180,7 +181,7 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
         t0 = time.perf_counter()
         with recording_calls(work) as again:
             out = ShapeProp(work).propagate(*args)
-        inner_err, inner_first = _nested_error(work, calls, again, tol)
+        inner_err, inner_first = _nested_error(work, calls, again, tol, _handed_kept(edits))
         verify_seconds += time.perf_counter() - t0
     except Exception as e:
         raise ShrinkMismatch(float("inf"), None, f"the shrunk model fails to run: {type(e).__name__}: {e}") from e
@@ -210,24 +211,68 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
 Calls = dict[str, list[tuple[tuple, dict, Any]]]
 
 
-def _nested_error(work: fx.GraphModule, calls: Calls, again: Calls, tol: float) -> tuple[float, str | None]:
+Kept = dict[tuple, tuple[int, torch.Tensor]]
+
+
+def _handed_kept(edits: list) -> Kept:
+    """What the shrunk graphs keep of each tensor that eager code hands from one nested graph to
+    another (see :func:`surgery.channels.boundary.seed`): ``(axis from the end, kept indices)``,
+    by ``("out", source path, leaf)`` and by ``("in", target path, placeholder index, item)``."""
+    kept: Kept = {}
+    for cg, _, removed, _ in edits:
+        for (path, leaf), lay in cg.handed.items():
+            keep = ~removed[cg.chan_of_elem[lay]]
+            axes = [k for k in range(lay.ndim) if lay.shape[k] > 1]
+            if not keep.all() and len(axes) == 1:  # channels along one axis, as a feature map's
+                line = keep.reshape(-1)
+                kept["out", path, leaf] = (axes[0] - lay.ndim, torch.as_tensor(np.nonzero(line)[0]))
+        for gm, b in cg.parts[1:]:
+            for i, ph in enumerate(gm.graph.find_nodes(op="placeholder")):
+                for item, (src, leaf) in ph.meta.get("handoff", {}).items():
+                    if ("out", src, leaf) in kept:
+                        kept["in", b.path, i, item] = kept["out", src, leaf]
+    return kept
+
+
+def _pick(value: Any, picks: dict[Any, tuple[int, torch.Tensor]]) -> Any:
+    """`value` (a tensor, or a tuple, list or dict of them) with the kept channels of the items
+    in `picks` (item -> (axis, indices); None: `value` itself) selected."""
+    def one(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+        return t.index_select(dim, idx.to(t.device))
+    if isinstance(value, torch.Tensor):  # a placeholder's item None; an output's leaf 0
+        return one(value, *picks.get(None, picks.get(0)))
+    items = [one(v, *picks[j]) if j in picks else v for j, v in enumerate(output_items(value))]
+    return type(value)(zip(value.keys(), items)) if isinstance(value, dict) else type(value)(items)
+
+
+def _nested_error(work: fx.GraphModule, calls: Calls, again: Calls, tol: float, kept: Kept | None = None
+                  ) -> tuple[float, str | None]:
     """The largest relative difference between what each nested graph returned in the masked run
     (`calls`) and what its shrunk self returns for the same arguments, and the path of the first
     graph that differs beyond `tol` (None: none). The shrunk run's own calls (`again`) answer
     where they agree; where not, eager code may have handed the graph other arguments (other
-    proposals), so the graph runs once more on the masked run's."""
-    def error(outs: list[Any], seen: list[tuple[tuple, dict, Any]]) -> float:
+    proposals), so the graph runs once more on the masked run's. A tensor handed from graph to
+    graph is compared, and replayed, on the channels the shrunk graphs keep (`kept`)."""
+    kept = kept or {}
+
+    def error(outs: list[Any], seen: list[tuple[tuple, dict, Any]], path: str) -> float:
+        picks = {k[2]: v for k, v in kept.items() if k[:2] == ("out", path)}
         try:
-            return max((max_rel_diff(ref, got) for (*_, ref), got in zip(seen, outs)), default=0.0) \
-                if len(outs) == len(seen) else float("inf")
+            return max((max_rel_diff(_pick(ref, picks) if picks else ref, got) for (*_, ref), got in zip(seen, outs)),
+                       default=0.0) if len(outs) == len(seen) else float("inf")
         except ValueError:  # a different structure or shape
             return float("inf")
 
+    def narrowed(path: str, args: tuple) -> tuple:
+        picks = {k[2:]: v for k, v in kept.items() if k[:2] == ("in", path)}
+        return tuple(_pick(a, {item: v for (j, item), v in picks.items() if j == i}) if any(j == i for j, _ in picks)
+                     else a for i, a in enumerate(args))
+
     worst, first = 0.0, None
     for path, seen in calls.items():
-        err = error([out for *_, out in again.get(path, [])], seen)
+        err = error([out for *_, out in again.get(path, [])], seen, path)
         if not err <= tol:
-            err = error(replay(work, {path: seen})[path], seen)
+            err = error(replay(work, {path: [(narrowed(path, a), kw, o) for a, kw, o in seen]})[path], seen, path)
         worst = max(worst, err)
         if first is None and not err <= tol:
             first = path
@@ -252,8 +297,9 @@ def _edit(cg: ChannelGraph) -> tuple[ChannelGraph, Decider, np.ndarray, Editor]:
         editor.run()
     # a nested graph that nothing touched keeps its code (eager code calls it; nothing else recompiles it)
     if cg.boundary is None or cg.mask_nodes or removed.any():
-        drop_dead_nodes(cg.gm.graph)
-        finish(cg.gm)
+        for gm, _ in cg.parts:
+            drop_dead_nodes(gm.graph)
+            finish(gm)
     return cg, decider, removed, editor
 
 

@@ -31,12 +31,12 @@ def _set_tensor(owner: nn.Module, name: str, new: torch.Tensor) -> None:
 class Editor:
     def __init__(self, cg: ChannelGraph, removed: np.ndarray, decider: Decider):
         self.cg, self.removed, self.d = cg, removed, decider
-        self.gm = cg.gm
+        self.graphs = {gm.graph for gm, _ in cg.parts}  # a group handed between nested graphs edits each
         self.chan = cg.chan_of_elem
         self.scaled: list[str] = []
         self.selected: list[tuple[Any, int, torch.Tensor]] = []  # (tensor key, axis, kept indices): the plan
         # tied tensors: every holder gets the one new tensor; keys fixed before any edit
-        self.tied = tied_tensors(self.gm)
+        self.tied = {k: v for gm, _ in cg.parts for k, v in tied_tensors(gm).items()}
         self.keys = {(id(o), n): tensor_key(o, n) for p in cg.places for o, n, _ in p.params}
 
     def set_tensor(self, owner: nn.Module, name: str, new: torch.Tensor) -> None:
@@ -81,12 +81,13 @@ class Editor:
             s_kept = s_line[self.kept_line(s_line)]
             where = {int(e): i for i, e in enumerate(s_kept)}
             idx = torch.tensor([where[int(e)] for e in e_line if int(e) in where], dtype=torch.long)
-            name = unique_name(self.gm, f"{end.name}_order")
-            self.gm.register_buffer(name, idx)
-            with self.gm.graph.inserting_before(end):
-                ga = self.gm.graph.get_attr(name)
-            with self.gm.graph.inserting_after(end):
-                sel = self.gm.graph.call_function(torch.index_select, (start, dim, ga))
+            gm = end.graph.owning_module
+            name = unique_name(gm, f"{end.name}_order")
+            gm.register_buffer(name, idx)
+            with gm.graph.inserting_before(end):
+                ga = gm.graph.get_attr(name)
+            with gm.graph.inserting_after(end):
+                sel = gm.graph.call_function(torch.index_select, (start, dim, ga))
             end.replace_all_uses_with(sel)
             sel.meta.update(end.meta)
             self.cg.layouts[sel] = e_lay
@@ -149,9 +150,9 @@ class Editor:
             edit(kept)
 
     def masks(self) -> None:
-        g = self.gm.graph
         for node in list(self.cg.mask_nodes):
-            m = submodule(self.gm, str(node.target))
+            g = (gm := node.graph.owning_module).graph
+            m = submodule(gm, str(node.target))
             inp = node.args[0]
             f = m.factors().detach()
             lay = self.cg.layouts.get(inp)
@@ -174,8 +175,8 @@ class Editor:
                 continue
             shape = [1] * nd
             shape[dim] = len(f)
-            name = unique_name(self.gm, f"{node.target}_scale")
-            self.gm.register_buffer(name, f.reshape(shape).to(torch.float32).clone())
+            name = unique_name(gm, f"{node.target}_scale")
+            gm.register_buffer(name, f.reshape(shape).to(torch.float32).clone())
             with g.inserting_before(node):
                 ga = g.get_attr(name)
                 mul = g.call_function(torch.mul, (inp, ga))
@@ -195,12 +196,12 @@ class Editor:
             hw = int(np.prod(node.meta["shape"][2:]))
             node, users, f, dim, nd = users[0], list(users[0].users), f.repeat_interleave(hw), 1, 2
         mods = []
+        gm = node.graph.owning_module
         for u in users:
-            if u.op != "call_module" or u.args[0] is not node or len(u.args) != 1 or u.kwargs:
+            if u.op != "call_module" or u.args[0] is not node or len(u.args) != 1 or u.kwargs or \
+                    len(gm.graph.find_nodes(op="call_module", target=u.target)) != 1:
                 return False
-            if sum(1 for x in self.gm.graph.nodes if x.op == "call_module" and x.target == u.target) != 1:
-                return False
-            m = submodule(self.gm, str(u.target))
+            m = submodule(gm, str(u.target))
             if self.is_tied(m, "weight"):
                 return False  # scaling it would scale its other holders' use too
             if isinstance(m, nn.Linear) and dim == nd - 1 and m.in_features == len(f):
@@ -227,9 +228,9 @@ class Editor:
         """Scale the layer that makes `n` instead of keeping the mask as a multiplication."""
         if not isinstance(n, fx.Node) or n.op != "call_module" or len(n.users) != 1:
             return False
-        if sum(1 for x in self.gm.graph.nodes if x.op == "call_module" and x.target == n.target) != 1:
+        if len(n.graph.find_nodes(op="call_module", target=n.target)) != 1:
             return False  # a module called twice cannot be scaled for one of its calls
-        m = submodule(self.gm, str(n.target))
+        m = submodule(n.graph.owning_module, str(n.target))
         if self.is_tied(m, "weight") or self.is_tied(m, "bias"):
             return False  # scaling it would scale its other holders' use too
         nd = len(n.meta["shape"])
@@ -250,7 +251,7 @@ class Editor:
 
     def rewrites(self) -> None:
         for node in list(self.cg.rewrite):
-            if node.graph is not self.gm.graph or node not in self.cg.layouts and node.op != "call_function":
+            if node.graph not in self.graphs or node not in self.cg.layouts and node.op != "call_function":
                 continue
             try:
                 self._rewrite(node)
@@ -261,7 +262,7 @@ class Editor:
         """A reshape sized by a count read from another tensor (checks.size_uses): that argument
         becomes the axis' own new size, so the other tensor's width no longer decides it."""
         for node, j in self.cg.decoupled:
-            if node.graph is not self.gm.graph:
+            if node.graph not in self.graphs:
                 continue
             new = self._new_shape(node) or list(node.meta["shape"])
             packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))

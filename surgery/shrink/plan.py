@@ -52,10 +52,9 @@ class Decider:
 
     def run(self) -> np.ndarray:
         cg = self.cg
-        gm = cg.gm
         for p in cg.places:
             if p.role == "mask":
-                f = submodule(gm, str(p.node.target)).factors().detach().cpu().numpy()
+                f = submodule(p.node.graph.owning_module, str(p.node.target)).factors().detach().cpu().numpy()
                 if len(f) != len(p.ids) and len(f) and len(p.ids) % len(f) == 0:
                     f = np.tile(f, len(p.ids) // len(f))  # a mask called with tile=k: its units k times over
                 self.candidate[self.chan[p.ids[f == 0]]] = True

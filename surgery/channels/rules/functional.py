@@ -250,7 +250,8 @@ def pad_rule(ctx: RuleContext):
 def normalize_rule(ctx: RuleContext):
     """``F.normalize(x, p, dim)``: channel-local when no channels vary along `dim` (XCA normalises
     q and k over the tokens); inside each unit when other axes carry the units too (each slice it
-    normalises is then one channel); across the channels alone it freezes them."""
+    normalises is then one channel); across the channels alone, a reader of zeros for p > 0 (a
+    removed zero changes no p-norm) that keeps its input's channels."""
     lay = ctx.ids(ctx.x)
     if lay is None:
         return None
@@ -262,6 +263,13 @@ def normalize_rule(ctx: RuleContext):
     if set(varying(lay)) - {dim}:
         ctx.couple(lay, np.take(lay, [0], axis=dim))
         return lay, None
+    p = ctx.arg(1, "p", 2.0)
+    if isinstance(p, (int, float)) and p > 0:
+        # a zero adds nothing to a p-norm and stays zero (SSD's L2Norm): the kept channels, read
+        # where the removed ones are zero, give the same result
+        ctx.place("reader", lay, dim, arg=0, kind="zero", values=v)
+        ctx.place("local", lay, dim)
+        return lay, zero
     ctx.freeze(lay, f"{ctx.describe()} normalises across these channels")
     return None
 

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ...calling import typed_dict
-from ..rulebook import RuleContext, passthrough, register_rule, varying
+from ..rulebook import NO_CHANNELS, RuleContext, passthrough, register_rule, varying
 from .common import _nan_like, _owner, _vals, reshape_rule
 from .operands import untracked_operand
 
@@ -163,6 +163,8 @@ def getitem_rule(ctx: RuleContext):
     src, idx = n.args[0], n.args[1]
     lay = ctx.ids(src)
     if isinstance(lay, tuple):
+        if lay[idx] is None:  # an item without channels (beside items with: a list handed over)
+            return NO_CHANNELS
         v = ctx.values(src)
         return lay[idx], (v[idx] if isinstance(v, tuple) else None)
     if lay is None or not isinstance(src, fx.Node) or ctx.shape(src) is None:
