@@ -1,13 +1,15 @@
 """Channel groups, ChannelPrune and Shrink on every torchvision detection model.
 
 Detection models keep a data-dependent top-level forward: capture makes it an eager shell and
-traces its children (backbone, FPN, heads), which the channel analysis covers one nested graph at
-a time (RetinaNet and FCOS trace whole). For each model in
+traces its children (backbone, FPN, heads), which the channel analysis covers graph by graph,
+joining graphs where eager code hands one's output to the next unchanged (SSD's backbone to its
+head; RetinaNet and FCOS trace whole). For each model in
 ``torchvision.models.list_models(module=torchvision.models.detection)`` (weights=None,
 weights_backbone=None, eval mode, input ``[torch.rand(3, 192, 240)]``):
 
-- groups: all of them, those whose producer lives in the backbone (module path with "backbone")
-  and in the heads ("head"), each as found/prunable, and the frozen ones;
+- groups: all of them, those with channels in the backbone (module path with "backbone") and in
+  the heads ("head"), each as found/prunable, those that span two nested graphs (handed on by
+  eager code) and the frozen ones;
 - params before and after ``ChannelPrune(ratio=0.5)`` then ``Shrink()``;
 - exactness on a fresh image: max abs diff between the masked and the shrunk model's outputs
   (boxes, scores, labels, masks, keypoints: every tensor) and, where there are nested graphs,
@@ -30,7 +32,6 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils._pytree import tree_leaves
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -39,10 +40,10 @@ from _report import markdown_table, write_result  # noqa: E402
 
 import surgery  # noqa: E402
 from passes import ChannelPrune, Shrink  # noqa: E402
-from surgery.nested import recording_calls, replay  # noqa: E402
 from surgery.verify import max_abs_diff  # noqa: E402
 
-HEADERS = ["model", "capture", "groups", "backbone", "heads", "frozen", "params before", "params after", "kept",
+HEADERS = ["model", "capture", "groups", "backbone", "heads", "across graphs", "frozen", "params before",
+           "params after", "kept",
            "output diff (boxes)", "boundary diff", "capture s", "analysis s", "prune s", "shrink s"]
 
 
@@ -50,30 +51,27 @@ def _image(seed: int) -> list[torch.Tensor]:
     return [torch.rand(3, 192, 240, generator=torch.Generator().manual_seed(seed))]
 
 
-def _where(group) -> str:
-    """The qualified module path of the group's first producer (from the captured model)."""
-    if not group.producers:
-        return group.graph
-    node = group.producers[0].node
-    name = str(node.target) if node.op == "call_module" else node.name
-    return f"{group.graph}.{name}" if group.graph else name
+def _where(group) -> set[str]:
+    """The qualified module paths of the layers (or nodes) at the group's places (from the captured model)."""
+    paths = set()
+    for p in group.places():
+        name = str(p.node.target) if p.node.op == "call_module" else p.node.name
+        paths.add(f"{p.graph}.{name}" if p.graph else name)
+    return paths
 
 
 def _count(groups, part: str) -> str:
-    mine = [g for g in groups if part in _where(g)]
+    mine = [g for g in groups if any(part in w for w in _where(g))]
+    return f"{len(mine)} ({sum(not g.frozen for g in mine)})"
+
+
+def _across(groups) -> str:
+    mine = [g for g in groups if len({p.graph for p in g.places()}) > 1]
     return f"{len(mine)} ({sum(not g.frozen for g in mine)})"
 
 
 def _params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
-
-
-def _rel(a, b) -> float:
-    worst = 0.0
-    for x, y in zip(tree_leaves(a), tree_leaves(b)):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
-            worst = max(worst, float((x - y).abs().max()) / max(float(x.abs().max()), 1e-12))
-    return worst
 
 
 def run(name: str) -> list:
@@ -93,21 +91,18 @@ def run(name: str) -> list:
     small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
     t_shrink = time.perf_counter() - t
     y = _image(1)
-    with recording_calls(masked) as calls, torch.no_grad():
-        a = masked(y)
     with torch.no_grad():
-        b = small(y)
-    inner = replay(small, calls)  # each shrunk nested graph on what the masked one was given
+        a, b = masked(y), small(y)
+    inner = surgery.nested_errors(masked, small, (y,))  # each shrunk nested graph on what the masked one was given
     boxes = sum(len(d["boxes"]) for d in a)
     try:
         out = f"{max_abs_diff(a, b):.1e} ({boxes})"
     except ValueError as e:  # a different number of boxes
         out = f"differs: {str(e)[:60]}"
-    boundary = (f"{max(_rel([c[2] for c in calls[k]], inner[k]) for k in calls):.1e} ({len(calls)} graphs)"
-                if calls else "n/a (one graph)")
+    boundary = f"{max(inner.values()):.1e} ({len(inner)} graphs)" if inner else "n/a (one graph)"
     how = "shell" if gm.meta["surgery"].get("shell") else "whole"
     return [name, how, f"{len(groups)} ({sum(not g.frozen for g in groups)})", _count(groups, "backbone"),
-            _count(groups, "head"), sum(bool(g.frozen) for g in groups),
+            _count(groups, "head"), _across(groups), sum(bool(g.frozen) for g in groups),
             f"{_params(model):,}", f"{_params(small):,}", f"{_params(small) / _params(model):.1%}", out, boundary,
             f"{t_capture:.1f}", f"{t_analysis:.2f}", f"{t_prune:.1f}", f"{t_shrink:.1f}"]
 
@@ -129,7 +124,8 @@ def main() -> None:
         gc.collect()
     wall = time.perf_counter() - start
     notes = (f"{len(rows)} models, {wall:.0f} s in all. Groups are counted as found (prunable, i.e. not frozen); "
-             "backbone/heads by the module path of a group's first producer. ChannelPrune(ratio=0.5) masks half "
+             "backbone/heads by the module paths of a group's places (a group handed from backbone to "
+             "head counts in both, and in 'across graphs'). ChannelPrune(ratio=0.5) masks half "
              "of every prunable group, Shrink removes them. 'output diff' compares every tensor the masked and "
              "the shrunk model return for a fresh image (in parentheses: the boxes compared; untrained detectors "
              "let few or none pass their score threshold). 'boundary diff' compares, relative to each tensor's "

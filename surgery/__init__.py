@@ -18,7 +18,7 @@ from .io import export, load, load_model_file, load_torchscript, save, summary
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
 from .shapes import ShapeProp
-from .shrink import (ShrinkReport, apply_plan, load_plan, load_pruned, save_plan, save_pruned, shrink,
+from .shrink import (ShrinkReport, apply_plan, load_plan, load_pruned, nested_errors, save_plan, save_pruned, shrink,
                      shrink_report)
 from .weights import bits_analysis, compressed_size, finalize, sensitivity
 
@@ -30,7 +30,7 @@ __all__ = [
     "select_modules", "select_nodes", "graph",
     # channel groups, shrink, export
     "ChannelGroup", "RULES", "channel_groups", "group_of", "register_rule",
-    "shrink", "ShrinkReport", "shrink_report", "export", "load_torchscript",
+    "shrink", "ShrinkReport", "shrink_report", "nested_errors", "export", "load_torchscript",
     # the pruned model in its own classes: its plan, saved and loaded without pickle
     "save_plan", "load_plan", "apply_plan", "save_pruned", "load_pruned",
     # learnable masks and activations

@@ -4,8 +4,8 @@
 applies the decisions to modules and the graph (the Editor), :mod:`~surgery.shrink.apply` is the
 entry point that passes call: plan, edit, verify, report.
 """
-from .apply import ShrinkReport, shrink, shrink_report
+from .apply import ShrinkReport, nested_errors, shrink, shrink_report
 from .pruning_plan import apply_plan, load_plan, load_pruned, save_plan, save_pruned
 
-__all__ = ["ShrinkReport", "shrink", "shrink_report", "apply_plan", "load_plan", "load_pruned", "save_plan",
-           "save_pruned"]
+__all__ = ["ShrinkReport", "shrink", "shrink_report", "nested_errors", "apply_plan", "load_plan", "load_pruned",
+           "save_plan", "save_pruned"]

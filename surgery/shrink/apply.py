@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..calling import as_inputs, bind_placeholders
+from ..calling import as_inputs, bind_placeholders, call
 from ..capture import surgery_meta
 from ..channels.groups import ChannelGraph
 from ..channels.tree import analyze_tree
@@ -40,12 +40,12 @@ from ..graph import drop_dead_nodes, finish
 from ..nested import output_items, recording_calls, replay
 from ..pipeline import UnitMask
 from ..shapes import ShapeProp
-from ..verify import max_rel_diff
+from ..verify import eval_mode, max_rel_diff
 from .edits import Editor
 from .modules import INTO, Before, into_modules
 from .plan import Decider
 
-__all__ = ["shrink", "ShrinkReport", "GroupShrink", "shrink_report"]
+__all__ = ["shrink", "ShrinkReport", "GroupShrink", "shrink_report", "nested_errors"]
 
 
 @dataclass
@@ -72,6 +72,7 @@ class ShrinkReport:
     masks_scaled: list[str] = field(default_factory=list)
     verify_seconds: float = 0.0  # the two verification runs (masked and shrunk model)
     plan: dict | None = None  # Shrink(into="modules"): what it did, as data (see surgery.shrink.pruning_plan)
+    handed: dict = field(default_factory=dict)  # what it kept of tensors handed between nested graphs
 
     def __str__(self) -> str:
         lines = [f"Shrink: params {self.params_before:,} -> {self.params_after:,} "
@@ -181,7 +182,10 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
         t0 = time.perf_counter()
         with recording_calls(work) as again:
             out = ShapeProp(work).propagate(*args)
-        inner_err, inner_first = _nested_error(work, calls, again, tol, _handed_kept(edits))
+        kept = _handed_kept(edits)
+        errors = _graph_errors(work, calls, again, tol, kept)
+        inner_err = max(errors.values(), default=0.0)
+        inner_first = next((path for path, e in errors.items() if not e <= tol), None)
         verify_seconds += time.perf_counter() - t0
     except Exception as e:
         raise ShrinkMismatch(float("inf"), None, f"the shrunk model fails to run: {type(e).__name__}: {e}") from e
@@ -199,6 +203,7 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
     rows = [row for cg, decider, removed, _ in edits for row in _rows(cg, decider, removed)]
     report = ShrinkReport(rows, params_before, _n_params(work), err, [s for *_, e in edits for s in e.scaled])
     report.verify_seconds = verify_seconds
+    report.handed = kept
     surgery_meta(work)["shrink_report"] = report
     if into == "modules":
         model, report.plan = into_modules(work, inputs, ref, tol, before, [s for *_, e in edits for s in e.selected])
@@ -245,16 +250,12 @@ def _pick(value: Any, picks: dict[Any, tuple[int, torch.Tensor]]) -> Any:
     return type(value)(zip(value.keys(), items)) if isinstance(value, dict) else type(value)(items)
 
 
-def _nested_error(work: fx.GraphModule, calls: Calls, again: Calls, tol: float, kept: Kept | None = None
-                  ) -> tuple[float, str | None]:
-    """The largest relative difference between what each nested graph returned in the masked run
-    (`calls`) and what its shrunk self returns for the same arguments, and the path of the first
-    graph that differs beyond `tol` (None: none). The shrunk run's own calls (`again`) answer
-    where they agree; where not, eager code may have handed the graph other arguments (other
-    proposals), so the graph runs once more on the masked run's. A tensor handed from graph to
-    graph is compared, and replayed, on the channels the shrunk graphs keep (`kept`)."""
-    kept = kept or {}
-
+def _graph_errors(work: fx.GraphModule, calls: Calls, again: Calls, tol: float, kept: Kept) -> dict[str, float]:
+    """Per nested graph, the largest relative difference between what it returned in the masked
+    run (`calls`) and what its shrunk self returns for the same arguments. The shrunk run's own
+    calls (`again`) answer where they agree; where not, eager code may have handed the graph other
+    arguments (other proposals), so the graph runs once more on the masked run's. A tensor handed
+    from graph to graph is compared, and replayed, on the channels the shrunk graphs keep (`kept`)."""
     def error(outs: list[Any], seen: list[tuple[tuple, dict, Any]], path: str) -> float:
         picks = {k[2]: v for k, v in kept.items() if k[:2] == ("out", path)}
         try:
@@ -268,15 +269,28 @@ def _nested_error(work: fx.GraphModule, calls: Calls, again: Calls, tol: float, 
         return tuple(_pick(a, {item: v for (j, item), v in picks.items() if j == i}) if any(j == i for j, _ in picks)
                      else a for i, a in enumerate(args))
 
-    worst, first = 0.0, None
+    errors = {}
     for path, seen in calls.items():
-        err = error([out for *_, out in again.get(path, [])], seen, path)
+        err = error([out for *_, out in again.get(path, [])], seen, path) if again else float("inf")
         if not err <= tol:
             err = error(replay(work, {path: [(narrowed(path, a), kw, o) for a, kw, o in seen]})[path], seen, path)
-        worst = max(worst, err)
-        if first is None and not err <= tol:
-            first = path
-    return worst, first
+        errors[path] = err
+    return errors
+
+
+def nested_errors(masked: fx.GraphModule, small: fx.GraphModule, example_inputs: Any) -> dict[str, float]:
+    """Graph by graph, for a model with graphs nested under eager code (a detection model): the
+    largest difference, relative to each tensor's largest magnitude, between what each nested
+    graph of `masked` returns when `masked` runs on `example_inputs` and what the same graph of
+    `small` (:func:`shrink` of `masked`) returns for the same arguments; a tensor handed from
+    graph to graph is compared, and passed on, on the channels `small` keeps. Shrink checks this
+    on its own example inputs; this checks it on others, where eager code between the graphs
+    (which proposals pass on) would blur a comparison of the outputs alone."""
+    report = shrink_report(small)
+    inputs = as_inputs(example_inputs, masked)
+    with recording_calls(masked) as calls, torch.no_grad(), eval_mode(masked):
+        call(masked, inputs)
+    return _graph_errors(small, calls, {}, 0.0, report.handed if report is not None else {})
 
 
 def _amplified(inner_err: float, calls: Calls, tol: float) -> str:
