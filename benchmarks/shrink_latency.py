@@ -6,11 +6,14 @@ machine's load hits both alike; the figure is the median over rounds.
 
     OMP_NUM_THREADS=2 python benchmarks/shrink_latency.py [--rounds 15] [--model resnet50] [--threads 2,1]
 
-Three forms are timed, dense and shrunk alike: the captured GraphModule as Shrink returns it;
+Five forms are timed, dense and shrunk alike: the captured GraphModule as Shrink returns it;
 TorchScript frozen for inference (torch.jit.freeze + optimize_for_inference, which folds
-BatchNorm into the convolutions); and the file `surgery.export(..., freeze=True)` writes, loaded
+BatchNorm into the convolutions); the file `surgery.export(..., freeze=True)` writes, loaded
 with plain torch.jit.load and run with `torch.jit.enable_onednn_fusion(True)` (oneDNN Graph
-fuses conv/BN/ReLU/add, which removes most of the fixed per-op cost that small layers pay).
+fuses conv/BN/ReLU/add, which removes most of the fixed per-op cost that small layers pay); the
+.pt2 file `surgery.export` writes, loaded with torch.export.load and run as its module (eager
+ATen ops); and the .onnx file, run by ONNX Runtime on its CPU execution provider with as many
+intra-op threads as torch has (all graph optimisations on, the default).
 """
 from __future__ import annotations
 
@@ -73,13 +76,27 @@ def main() -> None:
     def deployed(m):  # frozen for inference (torch.jit.freeze + optimize_for_inference: BN folded into convs)
         return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(m.eval())))
 
-    for name, m in (("dense", dense), ("small", small)):  # what a user deploys: verified frozen files
+    for name, m in (("dense", dense), ("small", small)):  # what a user deploys: verified files
         surgery.export(m, tmp / f"{name}.pt", (x1,), freeze=True)
+        surgery.export(m, tmp / f"{name}.pt2", (x1,))
+        surgery.export(m, tmp / f"{name}.onnx", (x1,))
+
+    def onnx_runtime(name: str, threads: int):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(tmp / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"])
+        feed = session.get_inputs()[0].name
+        return lambda x: session.run(None, {feed: x.numpy()})
     forms = {"GraphModule (eager)": lambda: (dense, small),
              "TorchScript, frozen": lambda: (deployed(dense), deployed(small)),
              # loaded fresh per thread count: the oneDNN Graph partitions are compiled on first runs
-             "export(freeze=True), oneDNN fusion": lambda: (torch.jit.load(str(tmp / "dense.pt")),
-                                                            torch.jit.load(str(tmp / "small.pt")))}
+             "export(freeze=True), oneDNN fusion": lambda: (surgery.load_torchscript(tmp / "dense.pt"),
+                                                            surgery.load_torchscript(tmp / "small.pt")),
+             ".pt2 (torch.export.load)": lambda: (torch.export.load(str(tmp / "dense.pt2")).module(),
+                                                  torch.export.load(str(tmp / "small.pt2")).module()),
+             ".onnx, ONNX Runtime (CPU EP)": lambda: (onnx_runtime("dense", torch.get_num_threads()),
+                                                      onnx_runtime("small", torch.get_num_threads()))}
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     for nt in threads:
         torch.set_num_threads(nt)

@@ -12,9 +12,9 @@ from . import graph
 from .activations import activation_memory, activation_sparsity, harden
 from .capture import capture
 from .channels import RULES, ChannelGroup, channel_groups, group_of, register_rule
-from .errors import (BadModelFile, ConfigError, ExportFailure, SelectionError, ShapePropagationFailure, ShrinkMismatch,
-                     SurgeryError, TraceFailure, UnsafeFile)
-from .io import export, load, load_model_file, load_torchscript, save, summary
+from .errors import (BadModelFile, ConfigError, ExportFailure, ExportMismatch, SelectionError, ShapePropagationFailure,
+                     ShrinkMismatch, SurgeryError, TraceFailure, UnsafeFile)
+from .io import export, load, load_deployed, load_model_file, load_torchscript, save, summary, verify_export
 from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
 from .select import select_modules, select_nodes
 from .shapes import ShapeProp
@@ -31,6 +31,7 @@ __all__ = [
     # channel groups, shrink, export
     "ChannelGroup", "RULES", "channel_groups", "group_of", "register_rule",
     "shrink", "ShrinkReport", "shrink_report", "nested_errors", "export", "load_torchscript",
+    "verify_export", "load_deployed",
     # the pruned model in its own classes: its plan, saved and loaded without pickle
     "save_plan", "load_plan", "apply_plan", "save_pruned", "load_pruned",
     # learnable masks and activations
@@ -41,5 +42,5 @@ __all__ = [
     "summary", "load_model_file",
     # errors
     "SurgeryError", "TraceFailure", "ShapePropagationFailure", "SelectionError", "ConfigError", "ShrinkMismatch",
-    "BadModelFile", "UnsafeFile", "ExportFailure",
+    "BadModelFile", "UnsafeFile", "ExportFailure", "ExportMismatch",
 ]

@@ -113,7 +113,12 @@ class UnsafeFile(SurgeryError):
 
 
 class ExportFailure(SurgeryError):
-    """TorchScript export failed, or the reloaded file did not reproduce the model."""
+    """Export failed, or the reloaded file did not reproduce the model."""
+
+
+class ExportMismatch(ExportFailure):
+    """A written file (.pt2, .onnx), reloaded as deployment reloads it, does not reproduce the
+    model: see :func:`surgery.verify_export`."""
 
 
 _OURS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), p) + os.sep

@@ -209,3 +209,26 @@ def test_demo_end_to_end_short(tmp_path):
         ts = torch.jit.load(str(tmp_path / "digits.pt"))
     assert sum(p.numel() for p in ts.parameters()) < 19_338   # DAM closed channels; Shrink removed them
     assert ts(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_compress_writes_pt2_and_onnx_and_inspect_reads_them(tmp_path, suffix):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / f"small{suffix}"
+    proc = run("compress", "torchvision.models:resnet18(num_classes=10)", "--recipe",
+               ROOT / "examples" / "resnet18_prune_half.toml", "--input-shape", "1,3,32,32", "-o", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["check"]["ok"] and doc["check"]["max_rel_diff"] < 1e-4 and doc["check"]["bytes"] == out.stat().st_size
+    kept = doc["after"]["totals"]["params"]
+    assert kept < 0.5 * doc["before"]["totals"]["params"]
+    proc = run("inspect", out, "--json")  # read without unpickling
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["format"] == suffix[1:]
+    if suffix == ".pt2":
+        assert info["params"] == kept and info["ops"]["aten.conv2d.default"] == 20
+    else:  # ONNX folds each BatchNorm's scale and shift into its convolution (exact counts: test_deploy)
+        assert info["params"] < kept and info["ops"]["Conv"] == 20 and "BatchNormalization" not in info["ops"]
+    assert info["inputs"][0][1][1:] == [3, 32, 32] and isinstance(info["inputs"][0][1][0], str)  # a dynamic batch
+    assert info["outputs"][0][1][1:] == [10]

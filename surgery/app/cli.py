@@ -37,22 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{inspect,compress,demo}", parser_class=_Parser)
 
     i = sub.add_parser("inspect", help="summarise a model file: layers, parameters, sparsity, masks, MACs",
-                       description="Summarise a TorchScript archive, a state_dict, a surgery compact archive "
-                                   "or a pickled module (with --trust).")
+                       description="Summarise a TorchScript archive, a state_dict, a surgery compact archive, "
+                                   "a pickled module (with --trust), or a deployed .pt2 or .onnx file (read "
+                                   "without unpickling: parameters, operators, inputs and outputs).")
     i.add_argument("file", help="model file")
     i.add_argument("--input-shape", metavar="SHAPE", help="e.g. 1,3,224,224 (';' between several inputs): count MACs")
     i.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     i.add_argument("--groups", action="store_true", help="show channel groups and why any is frozen")
     i.add_argument("--trust", action="store_true", help="allow full unpickling (runs code from the file)")
 
-    c = sub.add_parser("compress", help="apply a TOML recipe of passes, shrink, export TorchScript",
+    c = sub.add_parser("compress", help="apply a TOML recipe of passes, shrink, export",
                        description="Capture MODEL, apply the recipe's passes, shrink when the recipe lists "
-                                   "Shrink, export TorchScript to -o and compare it with the masked model.")
+                                   "Shrink, export to -o (TorchScript, .pt2 or ONNX, by its suffix) and compare "
+                                   "the file with the masked model.")
     c.add_argument("model", help="factory spec such as torchvision.models:resnet18 or "
                                  "'pkg.mod:fn(num_classes=10)', or a pickled module file (with --trust)")
     c.add_argument("--recipe", required=True, help="TOML recipe ([[passes]] tables)")
     c.add_argument("--input-shape", required=True, metavar="SHAPE", help="example input shape, e.g. 1,3,224,224")
-    c.add_argument("-o", "--output", required=True, help="where to write the TorchScript file")
+    c.add_argument("-o", "--output", required=True, help="file to write: .pt (TorchScript), .pt2 (torch.export) "
+                                                          "or .onnx (ONNX, needs the export extra)")
     c.add_argument("--weights", help="state_dict file to load into the model before compressing")
     c.add_argument("--trust", action="store_true", help="allow full unpickling of MODEL/--weights files")
     c.add_argument("--freeze", action="store_true", help="write a frozen, inference-only TorchScript file "
@@ -73,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- inspect
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    suffix = os.path.splitext(args.file)[1].lower()
+    if suffix in (".pt2", ".onnx"):  # deployed formats: read from their JSON / protobuf, nothing unpickled
+        import json
+
+        from ..io.deploy import read_onnx, read_pt2
+        d = (read_pt2 if suffix == ".pt2" else read_onnx)(args.file)
+        print(json.dumps(d.as_dict(), indent=2) if args.json else d.table())
+        return 0
     from ..io.files import load_model_file
     from ..io.inspect import summary
     loaded = load_model_file(args.file, trust=args.trust)
@@ -168,6 +179,8 @@ def compress_command(model: Any, recipe: str, input_shape: str, output: str, lab
 
     import surgery
 
+    from ..calling import call
+    from ..io.deploy import format_of, load_deployed
     from ..io.files import load_model_file
     from ..io.inspect import parse_shapes, summary
     from ..verify import max_abs_diff, max_rel_diff, run_eval
@@ -180,10 +193,21 @@ def compress_command(model: Any, recipe: str, input_shape: str, output: str, lab
     pre, post = _split_at_shrink(passes)
     masked = surgery.compress(model, passes=pre, example_inputs=inputs)
     small = surgery.compress(masked, passes=post, example_inputs=inputs) if post else masked
+    kind = format_of(output)
+    if freeze and kind != "torchscript":
+        raise SystemExit(f"surgery: error: --freeze writes TorchScript; {output} is a {kind} file")
     surgery.export(small, output, inputs, freeze=freeze)
-    exported = load_model_file(output)
-    after = summary(exported.model, inputs=inputs, source=output, kind=f"after, {exported.kind}")
-    ref, got = run_eval(masked, inputs), run_eval(exported.model, inputs)
+    ref = run_eval(masked, inputs)
+    if kind == "torchscript":
+        exported = load_model_file(output)
+        after = summary(exported.model, inputs=inputs, source=output, kind=f"after, {exported.kind}")
+        got = run_eval(exported.model, inputs)
+    else:  # the layer table of the model written; the file itself, run as deployment runs it, for the check
+        after = summary(small, inputs=inputs, source=output, kind=f"after, written as {kind}")
+        with torch.no_grad():
+            got = call(load_deployed(output, kind), inputs)
+        if kind == "onnx":  # a flat list of tensors
+            ref = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
     check = {"max_abs_diff": max_abs_diff(ref, got), "max_rel_diff": max_rel_diff(ref, got),
              "passes": [repr(p) for p in passes], "output": output, "bytes": os.path.getsize(output)}
     return {"before": before, "after": after, "check": check}

@@ -1,4 +1,10 @@
-"""Export: TorchScript files that run without surgery, reloaded and verified before returning.
+"""Export: files that run without surgery, reloaded and verified before returning: TorchScript
+here, ``torch.export`` programs (.pt2) and ONNX in :mod:`surgery.io.deploy`, chosen by the suffix.
+
+TorchScript stays (the pruned models of the mission are TorchScript files, and ``torch.jit.load``
+still reads them), but PyTorch deprecates it in favour of ``torch.export``: new deployments
+should write .pt2 (ExecuTorch, AOTInductor) or .onnx (ONNX Runtime, TensorRT). Our own calls keep
+TorchScript's deprecation warnings from the user.
 
 Example::
 
@@ -23,6 +29,7 @@ from torch import nn
 from ..calling import as_inputs, call
 from ..errors import ExportFailure, first_line
 from ..verify import eval_mode, max_rel_diff, run_eval
+from .deploy import export_onnx, export_pt2, format_of
 
 __all__ = ["export", "load_torchscript"]
 
@@ -53,10 +60,16 @@ def _containers(value: Any) -> list[Any]:
     return []
 
 
-def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, method: str = "auto",
-           freeze: bool = False, tol: float = 1e-5) -> Path:
-    """Write `model` (in eval mode) as TorchScript to `path`, reload it with plain
-    ``torch.jit.load``, check it reproduces `model` on `example_inputs`, return the path.
+def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, format: str | None = None,
+           method: str = "auto", freeze: bool = False, tol: float = 1e-5) -> Path:
+    """Write `model` (in eval mode) to `path`, reload it as deployment does, check it reproduces
+    `model` on `example_inputs`, return the path.
+
+    `format` is taken from the suffix unless given: ".pt"/".ts" TorchScript ("torchscript"),
+    ".pt2" a ``torch.export`` program ("pt2"), ".onnx" ONNX ("onnx", the ``export`` extra). A
+    .pt2 or .onnx file is written with a dynamic batch axis (and sequence axis for integer token
+    inputs) where the graph allows, and verified at a second batch size too (see
+    :mod:`surgery.io.deploy`); the rest of this describes TorchScript.
 
     `method`: "script", "trace", or "auto" (script, and trace where scripting fails or does not
     reproduce the model). The file needs only torch to load: no surgery, no model classes.
@@ -76,6 +89,11 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, me
     inputs = as_inputs(example_inputs, model)
     if inputs is None:
         raise ExportFailure(f"{path}: export needs example_inputs to verify the file")
+    kind = format_of(path, format)
+    if kind == "pt2":
+        return export_pt2(model, Path(path), inputs, tol)
+    if kind == "onnx":
+        return export_onnx(model, Path(path), inputs, tol)
     if method not in ("auto", "script", "trace"):
         raise ExportFailure(f"{path}: method must be 'auto', 'script' or 'trace', got {method!r}")
     path = Path(path)
@@ -98,7 +116,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, me
             except Exception as e:  # scripting fails on many Python constructs: try the next way
                 errors.append(f"{how}: {first_line(e)}")
                 continue
-            loaded = torch.jit.load(str(path), map_location="cpu")
+            loaded = load_torchscript(path)
             try:
                 with torch.no_grad():
                     out = call(loaded, inputs)
@@ -120,5 +138,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, me
 
 
 def load_torchscript(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    """Load an exported file (plain ``torch.jit.load``; provided for symmetry)."""
-    return torch.jit.load(str(path), map_location=map_location)
+    """Load an exported TorchScript file (``torch.jit.load``, its deprecation warning kept quiet)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location=map_location)

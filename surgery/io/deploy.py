@@ -1,0 +1,386 @@
+"""The deployed formats beside TorchScript: ``torch.export`` programs (``.pt2``) and ONNX.
+
+Each is written, reloaded the way a deployment reloads it (``torch.export.load``; an ONNX
+Runtime session on the CPU execution provider) and verified against the model on the example
+inputs and on a second batch size, as :func:`surgery.export` does for TorchScript. The batch
+dimension (and, for integer token inputs, the sequence dimension) is declared dynamic where the
+model's graph allows it; where it does not, the file keeps the example's sizes and a warning
+says so. :func:`verify_export` checks a file again later (a copied or edited file), raising
+:class:`~surgery.errors.ExportMismatch` when it no longer reproduces the model.
+
+ONNX needs the ``export`` extra (``pip install 'surgery[export]'``: onnx, onnxscript,
+onnxruntime). :func:`read_pt2` and :func:`read_onnx` summarise a file without unpickling anything
+(``torch.export.load`` unpickles): parameters, operators, inputs and outputs.
+
+Example::
+
+    >>> import torch, surgery
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> path = surgery.export(net, "/tmp/small.pt2", example_inputs=(torch.randn(3, 4),))
+    >>> torch.export.load(str(path)).module()(torch.randn(5, 4)).shape   # any batch size
+    torch.Size([5, 2])
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+import json
+import os
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..calling import call
+from ..errors import BadModelFile, ExportFailure, ExportMismatch, first_line
+from ..verify import _flatten, eval_mode, max_rel_diff, run_eval
+from .archive import regular_file
+
+__all__ = ["FORMATS", "format_of", "export_pt2", "export_onnx", "load_deployed", "verify_export", "read_pt2",
+           "read_onnx", "DeployedFile", "second_batch"]
+
+FORMATS = {".pt": "torchscript", ".ts": "torchscript", ".pt2": "pt2", ".onnx": "onnx"}
+_ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
+
+
+def format_of(path: str | os.PathLike, format: str | None = None) -> str:
+    """The format to write `path` in: `format` when given, else from the suffix."""
+    if format is not None:
+        if format not in set(FORMATS.values()):
+            raise ExportFailure(f"{path}: format must be one of 'torchscript', 'pt2', 'onnx', got {format!r}")
+        return format
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ExportFailure(f"{path}: cannot tell the format from the suffix {suffix!r}: use .pt or .ts "
+                            "(TorchScript), .pt2 (torch.export) or .onnx, or pass format=")
+    return FORMATS[suffix]
+
+
+def _need_onnx(path: Any) -> None:
+    missing = [m for m in _ONNX_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportFailure(f"{path}: ONNX needs {', '.join(missing)}, which is not installed: "
+                            "pip install 'surgery[export]'")
+
+
+# ----------------------------------------------------------------------------- batch sizes
+def _tensors(inputs: tuple | dict[str, Any]) -> list[tuple[Any, torch.Tensor]]:
+    items = inputs.items() if isinstance(inputs, dict) else enumerate(inputs)
+    return [(k, v) for k, v in items if isinstance(v, torch.Tensor)]
+
+
+def _batch(inputs: tuple | dict[str, Any]) -> int | None:
+    """The batch size every tensor input shares along its first axis (None: no such axis)."""
+    sizes = {v.shape[0] for _, v in _tensors(inputs) if v.dim() > 0}
+    plain = all(isinstance(v, torch.Tensor) or v is None or isinstance(v, (bool, int, float, str))
+                for v in (inputs.values() if isinstance(inputs, dict) else inputs))
+    return sizes.pop() if len(sizes) == 1 and plain else None
+
+
+def second_batch(inputs: tuple | dict[str, Any], size: int) -> tuple | dict[str, Any]:
+    """`inputs` with every tensor's first axis made `size` long by cycling its rows (real
+    values: token ids stay ids)."""
+    def grow(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return v
+        idx = torch.arange(size, device=v.device) % v.shape[0]
+        return v.index_select(0, idx)
+    if isinstance(inputs, dict):
+        return {k: grow(v) for k, v in inputs.items()}
+    return tuple(grow(v) for v in inputs)
+
+
+def _dynamic_shapes(inputs: tuple | dict[str, Any]) -> Any:
+    """Dim.AUTO on the batch axis of every tensor input, and on the sequence axis of 2-D integer
+    inputs (token ids, their masks): torch.export keeps each dynamic where the graph allows."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return None
+        dims = {0: auto}
+        if v.dim() == 2 and not v.is_floating_point():
+            dims[1] = auto
+        return dims
+    if isinstance(inputs, dict):
+        return {k: spec(v) for k, v in inputs.items()}
+    return tuple(spec(v) for v in inputs)
+
+
+def _args(inputs: tuple | dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    return ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+
+
+# ----------------------------------------------------------------------------- verification
+def _leaves(value: Any) -> list[torch.Tensor]:
+    return [v for v in _flatten(value)[0] if isinstance(v, torch.Tensor)]
+
+
+def _compare(ref: Any, out: Any, flat: bool) -> float:
+    """max rel. error; `flat`: `out` is the list of output tensors a flat format returns."""
+    if flat:
+        ref = _leaves(ref)
+        if len(ref) != len(out):
+            raise ValueError(f"the file returns {len(out)} tensors, the model {len(ref)}")
+    return max_rel_diff(ref, out)
+
+
+class _OnnxRunner:
+    """An ONNX Runtime session (CPU) called like the model: positional or keyword tensors in,
+    the list of output tensors out."""
+
+    def __init__(self, path: str | os.PathLike):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        given = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        if len(given) != len(self.names):
+            raise ExportFailure(f"the ONNX file takes {len(self.names)} input(s) ({', '.join(self.names)}), "
+                                f"got {len(given)} tensors")
+        feed = {n: v.detach().cpu().numpy() for n, v in zip(self.names, given)}
+        return [torch.from_numpy(o) for o in self.session.run(None, feed)]
+
+
+def load_deployed(path: str | os.PathLike, format: str | None = None) -> Callable[..., Any]:
+    """A callable that runs the file as deployment runs it: the ``torch.export`` program's module,
+    or an ONNX Runtime session (returning a list of tensors). ``.pt2`` files are unpickled by
+    ``torch.export.load``: load only files you trust (:func:`read_pt2` reads one without)."""
+    kind = format_of(path, format)
+    if kind == "pt2":
+        return torch.export.load(str(path)).module()
+    if kind == "onnx":
+        _need_onnx(path)
+        return _OnnxRunner(path)
+    raise ExportFailure(f"{path}: load_deployed reads .pt2 and .onnx files (TorchScript: torch.jit.load)")
+
+
+def verify_export(path: str | os.PathLike, model: nn.Module, example_inputs: Any, *, tol: float = 1e-5,
+                  batch: int | None = None, format: str | None = None) -> float:
+    """Reload `path` (.pt2 or .onnx) as deployment does and run it on `example_inputs` (and, with
+    `batch`, on them grown to that batch size): raise :class:`ExportMismatch` where it differs
+    from `model` by more than `tol` relative to each output's largest magnitude. Returns the
+    largest relative error seen."""
+    from ..calling import as_inputs
+    kind = format_of(path, format)
+    inputs = as_inputs(example_inputs, model)
+    runner = load_deployed(path, kind)
+    worst = 0.0
+    for example in (inputs, *([second_batch(inputs, batch)] if batch else [])):
+        ref = run_eval(model, example)
+        try:
+            with torch.no_grad():
+                out = call(runner, example)
+        except Exception as e:
+            raise ExportMismatch(f"{path}: the reloaded file cannot run on inputs of batch "
+                                 f"{_batch(example)} ({first_line(e)})") from e
+        try:
+            err = _compare(ref, out, flat=kind == "onnx")
+        except ValueError as e:
+            raise ExportMismatch(f"{path}: the reloaded file's outputs differ from the model's ({e})") from e
+        if not err <= tol:
+            raise ExportMismatch(f"{path}: the reloaded file differs from the model at batch {_batch(example)} "
+                                 f"(max rel. error {err:.3g} > {tol:g})")
+        worst = max(worst, err)
+    return worst
+
+
+# ----------------------------------------------------------------------------- writing
+def _exported(model: nn.Module, inputs: tuple | dict[str, Any], dynamic: bool) -> torch.export.ExportedProgram:
+    args, kwargs = _args(inputs)
+    shapes = _dynamic_shapes(inputs) if dynamic else None
+    if shapes is not None and isinstance(inputs, tuple):
+        shapes = tuple(shapes)
+    return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+
+
+def _batched(program: torch.export.ExportedProgram) -> bool:
+    """Whether the program's first user input has a symbolic first axis."""
+    for node in program.graph.find_nodes(op="placeholder"):
+        if node.name in program.graph_signature.user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() > 0:
+                size = val.shape[0]  # a SymInt may stand for a size torch.export specialised
+                return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols)
+    return False
+
+
+def _example(inputs: tuple | dict[str, Any]) -> tuple[tuple | dict[str, Any], int | None]:
+    """The inputs to export on (a batch of one grown to two: a size of 1 would be specialised),
+    and the second batch size to verify at (None: no common batch axis)."""
+    b = _batch(inputs)
+    if b is None:
+        return inputs, None
+    return (second_batch(inputs, 2) if b == 1 else inputs), b + 1
+
+
+def export_pt2(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], tol: float) -> Path:
+    """``torch.export.export`` then ``torch.export.save``, reloaded and verified (see the module doc)."""
+    example, second = _example(inputs)
+    with eval_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = _exported(model, example, dynamic=second is not None)
+        except Exception as e:  # a graph that cannot take a dynamic batch: the example's sizes
+            try:
+                program, second = _exported(model, inputs, dynamic=False), None
+            except Exception:
+                raise ExportFailure(f"{path}: torch.export cannot export {type(model).__name__}: "
+                                    f"{first_line(e)}") from e
+        if second is not None and not _batched(program):
+            second = None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, str(path))
+    _verified(path, model, inputs, tol, second, "pt2")
+    return path
+
+
+def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], tol: float) -> Path:
+    """``torch.onnx.export`` (the dynamo exporter) then an ONNX Runtime session, verified."""
+    _need_onnx(path)
+    example, second = _example(inputs)
+    args, kwargs = _args(example)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    with eval_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for dynamic in ([True, False] if second is not None else [False]):
+            try:
+                shapes = _dynamic_shapes(example) if dynamic else None
+                torch.onnx.export(model, args, str(path), kwargs=kwargs or None, dynamo=True, external_data=False,
+                                  dynamic_shapes=tuple(shapes) if isinstance(shapes, list) else shapes,
+                                  optimize=True, verbose=False)
+                break
+            except Exception as e:
+                errors.append(first_line(e))
+        else:
+            raise ExportFailure(f"{path}: torch.onnx.export cannot export {type(model).__name__}: {errors[-1]}")
+    if errors or not _onnx_batched(path):  # no dynamic batch: the file keeps the example's sizes
+        second = None
+    _verified(path, model, inputs, tol, second, "onnx")
+    return path
+
+
+def _onnx_batched(path: Path) -> bool:
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {t.name for t in graph.initializer}
+    dims = [v.type.tensor_type.shape.dim for v in graph.input if v.name not in init]
+    return bool(dims) and all(len(d) > 0 and not d[0].HasField("dim_value") for d in dims if len(d))
+
+
+def _verified(path: Path, model: nn.Module, inputs: Any, tol: float, second: int | None, kind: str) -> None:
+    try:
+        verify_export(path, model, inputs, tol=tol, batch=second, format=kind)
+    except ExportMismatch:
+        path.unlink(missing_ok=True)
+        raise
+    if second is None and _batch(inputs) is not None:
+        from ..errors import warn
+        warn(f"{path}: {type(model).__name__}'s graph fixes the batch size, so the {kind} file takes "
+             f"inputs of batch {_batch(inputs)} only")
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclass
+class DeployedFile:
+    """What a .pt2 or .onnx file holds, read without unpickling anything."""
+
+    path: str
+    format: str
+    params: int
+    buffers: int
+    ops: dict[str, int] = field(default_factory=dict)
+    inputs: list[tuple[str, list, str]] = field(default_factory=list)   # (name, shape, dtype)
+    outputs: list[tuple[str, list, str]] = field(default_factory=list)
+
+    def table(self) -> str:
+        def io(rows: list) -> str:
+            return ", ".join(f"{n} {tuple(s)} {d}" for n, s, d in rows) or "-"
+        top = sorted(self.ops.items(), key=lambda kv: (-kv[1], kv[0]))
+        lines = [f"{self.path} ({self.format}): {self.params:,} parameters, {self.buffers:,} buffer elements",
+                 f"inputs:  {io(self.inputs)}", f"outputs: {io(self.outputs)}",
+                 f"{sum(self.ops.values())} ops: " + ", ".join(f"{k} x{v}" for k, v in top)]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+_DTYPES = {6: "float16", 7: "float32", 8: "float64", 13: "bfloat16", 4: "int64", 3: "int32", 12: "bool", 1: "uint8"}
+
+
+def _size(s: dict) -> Any:
+    """A size: an int, or the name of the symbol a dynamic axis has ("s0")."""
+    if "as_int" in s:
+        return s["as_int"]
+    expr = s.get("as_expr", {}).get("expr_str", "?")
+    found = re.match(r"Symbol\('(\w+)'", expr)
+    return found.group(1) if found else expr
+
+
+def read_pt2(path: str | os.PathLike) -> DeployedFile:
+    """Summarise a ``torch.export.save`` archive from its JSON members alone (no pickle)."""
+    regular_file(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            model = next(n for n in names if n.endswith("models/model.json"))
+            weights = next((n for n in names if n.endswith("weights/model_weights_config.json")), None)
+            program = json.loads(z.read(model))
+            config = json.loads(z.read(weights))["config"] if weights else {}
+    except (zipfile.BadZipFile, StopIteration, KeyError, json.JSONDecodeError) as e:
+        raise BadModelFile(path, f"not a torch.export archive ({first_line(e) or type(e).__name__})") from None
+    numel = collections.Counter()
+    for entry in config.values():
+        n = 1
+        for s in entry["tensor_meta"]["sizes"]:
+            n *= s.get("as_int", 1)
+        numel["params" if entry.get("is_param") else "buffers"] += n
+    graph = program["graph_module"]["graph"]
+    ops = collections.Counter(str(n["target"]).replace("torch.ops.", "") for n in graph["nodes"])
+    values = graph["tensor_values"]
+    user = [s["user_input"]["arg"]["as_tensor"]["name"] for s in program["graph_module"]["signature"]["input_specs"]
+            if "user_input" in s and "as_tensor" in s["user_input"]["arg"]]
+
+    def describe(name: str) -> tuple[str, list, str]:
+        meta = values.get(name, {})
+        return name, [_size(s) for s in meta.get("sizes", [])], _DTYPES.get(meta.get("dtype"), str(meta.get("dtype")))
+    outs = [o["as_tensor"]["name"] for o in graph["outputs"] if "as_tensor" in o]
+    return DeployedFile(str(path), "pt2", numel["params"], numel["buffers"], dict(ops),
+                        [describe(n) for n in user], [describe(n) for n in outs])
+
+
+def read_onnx(path: str | os.PathLike) -> DeployedFile:
+    """Summarise an ONNX file with ``onnx`` (protobuf, no pickle): floating-point initializers
+    count as parameters (the exporter folds BatchNorm into the convolution before it), integer
+    ones (shapes, indices) as buffers."""
+    _need_onnx(path)
+    regular_file(path)
+    import onnx
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise BadModelFile(path, f"not an ONNX model ({first_line(e)})") from None
+    g = m.graph
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    sizes = [(t.data_type in floats, int(np.prod(t.dims)) if t.dims else 1) for t in g.initializer]
+    params = sum(n for is_float, n in sizes if is_float)  # weights; integer initializers are shapes, indices
+    init = {t.name for t in g.initializer}
+
+    def describe(v: Any) -> tuple[str, list, str]:
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+        return v.name, dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
+    ops = collections.Counter(n.op_type for n in g.node)
+    return DeployedFile(str(path), "onnx", params, sum(n for is_float, n in sizes if not is_float), dict(ops),
+                        [describe(v) for v in g.input if v.name not in init], [describe(v) for v in g.output])

@@ -1,0 +1,170 @@
+"""Export to .pt2 (torch.export) and .onnx (ONNX Runtime), reloaded and verified like TorchScript."""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import surgery
+from surgery.io.deploy import read_onnx, read_pt2
+from surgery.verify import max_rel_diff
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
+class Block(nn.Module):
+    """Token ids in (keyword inputs, with a padding mask), a pre-norm attention block and an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.ln = nn.Embedding(50, 16), nn.LayerNorm(16)
+        self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        x = self.emb(input_ids)
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.ln(x)).reshape(b, n, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        keep = attention_mask[:, None, None, :].bool()
+        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        x = x + self.o(a.transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp(x)
+
+
+class Heads(nn.Module):
+    """A dict of outputs, one of them a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> dict[str, object]:
+        return {"logits": self.a(x), "aux": (self.b(x), x.sum(-1))}
+
+
+def _cases():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    return [("cnn", CNN().eval(), (torch.randn(1, 3, 16, 16),)),
+            ("block", Block().eval(), {"input_ids": ids, "attention_mask": mask}),
+            ("heads", Heads().eval(), (torch.randn(3, 4),))]
+
+
+def _grown(inputs, batch):
+    if isinstance(inputs, dict):
+        return {k: v[torch.arange(batch) % len(v)] for k, v in inputs.items()}
+    return tuple(v[torch.arange(batch) % len(v)] for v in inputs)
+
+
+def _leaves(value) -> list[Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, Tensor)]
+
+
+@pytest.mark.parametrize("name,model,inputs", _cases(), ids=[c[0] for c in _cases()])
+def test_pt2_and_onnx_files_reproduce_the_model_at_another_batch_size(tmp_path, name, model, inputs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation or fallback warning reaches the user
+        pt2 = surgery.export(model, tmp_path / f"{name}.pt2", inputs)
+        onnx_path = surgery.export(model, tmp_path / f"{name}.onnx", inputs)
+    other = _grown(inputs, 5)  # not the batch of the example, nor the one exported on
+    with torch.no_grad():
+        ref = model(**other) if isinstance(other, dict) else model(*other)
+    program = torch.export.load(str(pt2)).module()  # plain torch
+    with torch.no_grad():
+        got = program(**other) if isinstance(other, dict) else program(*other)
+    assert max_rel_diff(ref, got) < 1e-5
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])  # plain ONNX Runtime
+    feed = dict(zip([i.name for i in session.get_inputs()],
+                    [v.numpy() for v in (other.values() if isinstance(other, dict) else other)]))
+    outs = session.run(None, feed)
+    want = _leaves(ref)
+    assert len(outs) == len(want)
+    for o, w in zip(outs, want):
+        np.testing.assert_allclose(o, w.numpy(), rtol=1e-5, atol=1e-5 * float(w.abs().max()))
+    if name == "block":  # the token inputs' sequence axis is dynamic too
+        assert [d.dim_param != "" for d in session.get_inputs()[0].shape and onnx.load(str(onnx_path)).graph.input[0]
+                .type.tensor_type.shape.dim] == [True, True]
+
+
+def test_a_tampered_onnx_file_fails_verification(tmp_path):
+    model = CNN().eval()
+    x = (torch.randn(2, 3, 16, 16),)
+    path = surgery.export(model, tmp_path / "cnn.onnx", x)
+    assert surgery.verify_export(path, model, x) < 1e-5
+    m = onnx.load(str(path))
+    weight = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # the largest weight: one entry changed
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] += 1.0
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(m, str(path))
+    with pytest.raises(surgery.ExportMismatch, match=r"cnn.onnx: the reloaded file differs from the model at batch 2"):
+        surgery.verify_export(path, model, x)
+
+
+def test_missing_onnxruntime_names_the_extra(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(surgery.ExportFailure, match=r"ONNX needs onnxruntime, which is not installed: "
+                                                    r"pip install 'surgery\[export\]'"):
+        surgery.export(CNN().eval(), tmp_path / "cnn.onnx", (torch.randn(1, 3, 16, 16),))
+    assert not (tmp_path / "cnn.onnx").exists()
+
+
+def test_unknown_suffix_is_refused(tmp_path):
+    with pytest.raises(surgery.ExportFailure, match=r"cannot tell the format from the suffix '.bin'"):
+        surgery.export(CNN().eval(), tmp_path / "cnn.bin", (torch.randn(1, 3, 16, 16),))
+
+
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x.reshape(2, 12))  # the graph fixes the batch at 2
+
+
+def test_a_graph_that_fixes_the_batch_is_exported_with_a_warning(tmp_path):
+    x, model = (torch.randn(2, 3, 4),), FixedBatch().eval()
+    with pytest.warns(UserWarning, match=r"FixedBatch's graph fixes the batch size, so the pt2 file takes inputs "
+                                         r"of batch 2 only"):
+        path = surgery.export(model, tmp_path / "fixed.pt2", x)
+    assert surgery.verify_export(path, model, x) < 1e-6
+    with pytest.raises(Exception):  # the program says so itself
+        torch.export.load(str(path)).module()(torch.randn(3, 3, 4))
+
+
+def test_files_are_read_without_unpickling(tmp_path, monkeypatch):
+    model = CNN().eval()
+    x = (torch.randn(1, 3, 16, 16),)
+    pt2 = surgery.export(model, tmp_path / "cnn.pt2", x)
+    onnx_path = surgery.export(model, tmp_path / "cnn.onnx", x)
+    monkeypatch.setattr("pickle.Unpickler", None)  # any unpickling would fail
+    monkeypatch.setattr(torch, "load", None)
+    n_params = sum(p.numel() for p in model.parameters())
+    a, b = read_pt2(pt2), read_onnx(onnx_path)
+    assert a.params == n_params and a.buffers == 8 + 8 + 1  # BN's running mean, var and batch count
+    assert a.ops["aten.conv2d.default"] == 2
+    assert a.inputs[0][1][1:] == [3, 16, 16] and isinstance(a.inputs[0][1][0], str)  # a dynamic batch
+    assert a.outputs[0][1][1:] == [5]
+    assert b.params == n_params - 16 and "BatchNormalization" not in b.ops  # BatchNorm folded into the conv
+    assert b.ops.get("Conv") == 2 and b.inputs[0][1][1:] == [3, 16, 16] and isinstance(b.inputs[0][1][0], str)
+    assert "parameters" in a.table() and "Conv x2" in b.table()
