@@ -78,11 +78,27 @@ def table(rows: list[dict], family: str = "torchvision") -> tuple[str, str]:
                        f"{_fmt(r['macs_before'], mu)} -> {_fmt(r['macs_after'], mu)}",
                        f"{_fmt(r['surgery_time'], su)} ({_fmt(r.get('verify_time'), su)})",
                        f"{_fmt(r['latency_before'], lu)} -> {_fmt(r['latency_after'], lu)}",
-                       "yes" if r.get("export") else "NO"]
+                       _export_cell(r)]
         if tp:
             line += tp_cells(r)
         out.append(line)
     return markdown_table(heads, out), summary(rows, family)
+
+
+def _export_cell(r: dict) -> str:
+    """The formats written and verified ("pt, pt2, onnx"), a failed one marked NO; "yes" for a row
+    from before the sweep wrote .pt2 and ONNX (TorchScript only)."""
+    if "exports" not in r:
+        return "yes (pt)" if r.get("export") else "NO"
+    return ", ".join(f if ok else f"{f} NO ({(r.get('export_errors') or {}).get(f, '')[:40]})"
+                     for f, ok in r["exports"].items())
+
+
+def _export_counts(good: list[dict]) -> str:
+    fmts = [f for f in ("pt", "pt2", "onnx") if any(f in r.get("exports", {}) for r in good)]
+    if fmts == ["pt"] or not fmts:
+        return ""
+    return " (" + ", ".join(f"{f} {sum(1 for r in good if r.get('exports', {}).get(f))}" for f in fmts) + ")"
 
 
 def summary(rows: list[dict], family: str = "torchvision") -> str:
@@ -96,8 +112,8 @@ def summary(rows: list[dict], family: str = "torchvision") -> str:
     n_exp = sum(1 for r in good if r.get("export"))
     n_small = sum(1 for r in good if r["params_after"] < r["params_before"])
     unit = "families" if family == "timm" else "models"
-    text = (f"{len(ran) if family != 'torchvision' else len(rows)} {unit}: {n_exact} exact, {n_exp} exported, "
-            f"{n_small} smaller, {len(ran) - len(good)} failed")
+    text = (f"{len(ran) if family != 'torchvision' else len(rows)} {unit}: {n_exact} exact, {n_exp} exported"
+            f"{_export_counts(good)}, {n_small} smaller, {len(ran) - len(good)} failed")
     if family != "torchvision" and skipped:
         text += f", {len(skipped)} more skipped (no model of the family builds on CPU)"
     text += "."

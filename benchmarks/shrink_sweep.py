@@ -4,7 +4,8 @@ timm model per architecture family, and on the Hugging Face transformers set.
 One row per model: exact (max rel. error < 1e-4 on a fresh input, masked vs shrunk), params
 and MACs before/after, surgery wall time (compress(model, [ChannelPrune, Shrink]), verification
 included; the median of --repeats runs, more for runs under ~0.3 s, see runs_for(); the same
-for Torch-Pruning), CPU latency at batch 1 before/after, export ok. With torch-pruning
+for Torch-Pruning), CPU latency at batch 1 before/after, and export to TorchScript, .pt2 and
+ONNX, each reloaded and verified (surgery.export). With torch-pruning
 importable (the `bench` extra), Torch-Pruning runs at the same ratio on the same model beside
 ours. Each tool
 is timed after one untimed warm-up run of its own on a small model (resnet18 at 64 px; for
@@ -79,6 +80,7 @@ from surgery.calling import call  # noqa: E402
 
 ROWS = HERE / "results" / "shrink_sweep.jsonl"
 FAMILIES = ("torchvision", "timm", "hf", "video")
+EXPORT_FORMATS = ("pt", "pt2", "onnx")  # TorchScript, torch.export, ONNX (run by ONNX Runtime)
 
 def result_name(family: str, attention: str = "heads") -> str:
     """The results file stem of `family`: shrink_sweep (torchvision), shrink_sweep_timm, shrink_sweep_hf;
@@ -227,14 +229,22 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
     except Exception as e:  # our failure is data: the row says why, Torch-Pruning still runs
         row["error"] = _error(e)
     if "error" not in row:
-        with tempfile.TemporaryDirectory() as d:
-            try:
-                # TorchScript takes tensors: a keyword flag (use_cache=False) stays what capture fixed
-                tensors = {k: v for k, v in x2.items() if isinstance(v, torch.Tensor)} if isinstance(x2, dict) else x2
-                surgery.export(small, Path(d) / f"{name.replace('/', '_')}.pt", tensors)
-                row["export"] = True
-            except Exception as e:
-                row["export"], row["export_error"] = False, str(e)[:300]
+        # each format written, reloaded as deployment reloads it and verified (.pt2 and .onnx at a
+        # second batch size too); TorchScript and the exporters take tensors: a keyword flag
+        # (use_cache=False) stays what capture fixed
+        tensors = {k: v for k, v in x2.items() if isinstance(v, torch.Tensor)} if isinstance(x2, dict) else x2
+        row["exports"], row["export_errors"], row["export_seconds"] = {}, {}, {}
+        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for fmt in EXPORT_FORMATS:
+                t = time.perf_counter()
+                try:
+                    surgery.export(small, Path(d) / f"{name.replace('/', '_')}.{fmt}", tensors)
+                    row["exports"][fmt] = True
+                except Exception as e:
+                    row["exports"][fmt], row["export_errors"][fmt] = False, str(e)[:300]
+                row["export_seconds"][fmt] = round(time.perf_counter() - t, 2)
+        row["export"] = all(row["exports"].values())
     print("ROW " + json.dumps(row), flush=True)  # ours is safe even if Torch-Pruning hangs below
     if tp_too:
         del small
