@@ -134,7 +134,8 @@ class _Handoffs(TorchFunctionMode):
         once take part in none (each call may get other tensors)."""
         for sub in subs.values():
             for n in (*sub.graph.find_nodes(op="placeholder"), *sub.graph.find_nodes(op="output")):
-                n.meta.pop("handoff", None), n.meta.pop("handed", None)
+                for key in ("handoff", "handed"):  # an earlier run's
+                    n.meta.pop(key, None)
         for path, got in self.received.items():
             if calls.get(path) != 1:
                 continue
