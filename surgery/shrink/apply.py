@@ -247,7 +247,9 @@ def _pick(value: Any, picks: dict[Any, tuple[int, torch.Tensor]]) -> Any:
     if isinstance(value, torch.Tensor):  # a placeholder's item None; an output's leaf 0
         return one(value, *picks.get(None, picks.get(0)))
     items = [one(v, *picks[j]) if j in picks else v for j, v in enumerate(output_items(value))]
-    return type(value)(zip(value.keys(), items)) if isinstance(value, dict) else type(value)(items)
+    if not isinstance(value, (list, tuple)):  # a dict (a ModelOutput): compared leaf by leaf, in order
+        return items
+    return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a namedtuple too
 
 
 def _graph_errors(work: fx.GraphModule, calls: Calls, again: Calls, tol: float, kept: Kept) -> dict[str, float]:
