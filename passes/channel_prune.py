@@ -28,12 +28,12 @@ from torch import Tensor, nn
 
 from surgery.channels import ATTENTION_UNITS, ChannelGraph, ChannelGroup, analyze_tree, set_analysis
 from surgery.errors import SelectionError
-from surgery.graph import submodule, unique_name
+from surgery.graph import layer_of, unique_name
 from surgery.pipeline import Context, UnitMask
 from surgery.select import Selector, describe, matches
 
 from . import _fields as check
-from ._placement import axis_kwargs, owner_of, select_tree
+from ._placement import axis_kwargs, select_tree
 
 __all__ = ["ChannelPrune", "HardMask"]
 
@@ -49,22 +49,6 @@ class HardMask(UnitMask):
 
     def factors(self) -> Tensor:
         return self.keep
-
-
-def _module(node: fx.Node, path: str = "") -> tuple[str, nn.Module | None]:
-    """The qualified name (from the captured model; `path` is the node's graph) and the module
-    of a call_module node, or of the layer whose weight a functional node reads (``F.conv2d`` on
-    a Conv2dSame's own weight, traced into); a node's name and None for any other node."""
-    gm = owner_of(node)
-    if node.op == "call_module":
-        target = str(node.target)
-    else:
-        reads = [str(a.target).rpartition(".") for a in node.all_input_nodes if a.op == "get_attr"]
-        target = next((prefix for prefix, _, name in reads if prefix and name in ("weight", "in_proj_weight")
-                       and type(submodule(gm, prefix)) is not nn.Module), None)
-        if target is None:
-            return node.name, None
-    return f"{path}.{target}" if path else target, submodule(gm, target)
 
 
 @dataclass
@@ -168,7 +152,7 @@ class ChannelPrune:
         """SelectionError when no selected module produces channels (``select="bn1"``): scores and
         masks go to producers only, so such a selection would prune nothing, silently."""
         producers = {p.node for g in groups for p in g.producers}
-        owners = {_module(p.node, p.graph)[0] for g in groups for p in g.producers}
+        owners = {layer_of(p.node, p.graph)[0] for g in groups for p in g.producers}
         if not any(n in producers or name in owners for n, name in selected.items()):
             names = ", ".join(list(selected.values())[:8])
             raise SelectionError(f"ChannelPrune: select={describe(self.select)} matched only modules that produce "
@@ -180,7 +164,7 @@ class ChannelPrune:
             return False
         picked = False
         for p in g.producers:
-            name, m = _module(p.node, p.graph)
+            name, m = layer_of(p.node, p.graph)
             if m is None:
                 continue
             if self.exclude is not None and matches(name, m, None, self.exclude) is False:
@@ -194,7 +178,7 @@ class ChannelPrune:
             return np.random.default_rng(self.seed + g.id).random(g.size)
         if self.criterion == "bn_scale":
             for p in g.locals:
-                _, m = _module(p.node)
+                _, m = layer_of(p.node)
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
                     w = m.weight.detach().abs().double().numpy()  # small: one value per channel
                     ok = p.channels >= 0

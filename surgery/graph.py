@@ -24,8 +24,9 @@ from torch import nn
 
 from .errors import SurgeryError
 
-__all__ = ["insert_after", "replace_node", "extract", "unique_name", "finish", "submodule", "drop_dead_nodes",
-           "drop_unused_submodules", "inplace_kind", "inplace_flag", "IN_PLACE_OPERATORS", "graph_module_without_code"]
+__all__ = ["insert_after", "replace_node", "extract", "unique_name", "finish", "submodule", "layer_of",
+           "drop_dead_nodes", "drop_unused_submodules", "inplace_kind", "inplace_flag", "IN_PLACE_OPERATORS",
+           "graph_module_without_code"]
 
 
 def submodule(root: nn.Module, target: str) -> nn.Module:
@@ -42,6 +43,23 @@ def submodule(root: nn.Module, target: str) -> nn.Module:
     if m is None:
         return root.get_submodule(target)
     return m
+
+
+def layer_of(node: fx.Node, path: str = "") -> tuple[str, nn.Module | None]:
+    """The qualified name (from the captured model; `path` is the qualified path of the node's
+    graph, "" for the captured graph itself) and the module of a call_module node, or of the layer
+    whose weight a functional node reads (``F.conv2d`` on a Conv2dSame's own weight, traced into);
+    the node's name and None for any other node."""
+    gm = node.graph.owning_module
+    if node.op == "call_module":
+        target = str(node.target)
+    else:
+        reads = [str(a.target).rpartition(".") for a in node.all_input_nodes if a.op == "get_attr"]
+        target = next((prefix for prefix, _, name in reads if prefix and name in ("weight", "in_proj_weight")
+                       and type(submodule(gm, prefix)) is not nn.Module), None)
+        if target is None:
+            return node.name, None
+    return f"{path}.{target}" if path else target, submodule(gm, target)
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:

@@ -358,3 +358,11 @@ def test_a_head_that_iterates_its_levels_is_traced_and_pruned_with_its_backbone(
     for seed in range(3):
         y = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
         assert max_abs_diff(run_eval(masked, (y,)), run_eval(small, (y,))) < 1e-5
+
+
+def test_the_report_names_layers_by_their_qualified_names():
+    model, x = _model(), torch.randn(2, 3, 12, 12)
+    small = surgery.compress(model, [ChannelPrune(ratio=0.5), Shrink()], example_inputs=(x,))
+    changed = {p for g in small.report.groups if g.after < g.before for p in g.producers}
+    assert changed == {"model.backbone.0", "model.backbone.3", "model.head.0"}  # not node names ("_0")
+    assert "model.backbone.3" in str(small.report)

@@ -36,7 +36,7 @@ from ..channels.groups import ChannelGraph
 from ..channels.tree import analyze_tree
 from ..copying import copy_module, gc_paused
 from ..errors import ShrinkMismatch, SurgeryError
-from ..graph import drop_dead_nodes, finish
+from ..graph import drop_dead_nodes, finish, layer_of
 from ..nested import output_items, recording_calls, replay
 from ..pipeline import UnitMask
 from ..shapes import ShapeProp
@@ -80,8 +80,7 @@ class ShrinkReport:
         changed = [g for g in self.groups if g.after != g.before or g.kept]
         lines.append(f"{'group':>5}  {'before':>6}  {'after':>6}  producers")
         for g in changed:
-            where = f"[{g.graph}] " if g.graph else ""  # node names repeat across nested graphs
-            lines.append(f"{g.id:>5}  {g.before:>6}  {g.after:>6}  {where}{', '.join(g.producers[:3])}"
+            lines.append(f"{g.id:>5}  {g.before:>6}  {g.after:>6}  {', '.join(g.producers[:3])}"
                          + (" ..." if len(g.producers) > 3 else ""))
             reasons: dict[str, list[int]] = {}
             for c, r in g.kept.items():
@@ -319,10 +318,20 @@ def _edit(cg: ChannelGraph) -> tuple[ChannelGraph, Decider, np.ndarray, Editor]:
     return cg, decider, removed, editor
 
 
+def _layer_name(p: Any) -> str:
+    """A producer's qualified layer name for the report (its node's, qualified by its graph, where
+    the edits took the layer out of the module tree: a layer that became dead)."""
+    try:
+        return layer_of(p.node, p.graph)[0]
+    except AttributeError:
+        name = str(p.node.target) if p.node.op == "call_module" else p.node.name
+        return f"{p.graph}.{name}" if p.graph else name
+
+
 def _rows(cg: ChannelGraph, decider: Decider, removed: np.ndarray) -> list[GroupShrink]:
     rows = []
     for g in cg.groups:
-        rows.append(GroupShrink(g.id, [p.node.name for p in g.producers], g.size, g.size, {}, g.frozen, g.graph))
+        rows.append(GroupShrink(g.id, [_layer_name(p) for p in g.producers], g.size, g.size, {}, g.frozen, g.graph))
     chan_group = cg.chan_group  # a group's index within its graph's rows
     for c in np.nonzero(removed)[0]:
         rows[chan_group[c]].after -= 1
