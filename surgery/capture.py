@@ -248,7 +248,7 @@ def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict
                       examples: dict[int, dict[str, Any]] | None = None) -> None:
     """`module` stays eager: swap each child for its traced graph, descending where a child's
     own forward is untraceable too. A child with `examples` (what it received in an eager run:
-    :func:`surgery.calling.submodule_examples`) is traced with their values known where fx alone fails."""
+    :func:`surgery.nested.submodule_examples`) is traced with their values known where fx alone fails."""
     leaf_types, leaf_names, leaf_functions = _split_leaves(leaf_modules)
     for name, child in list(module.named_children()):
         qual = f"{prefix}{name}"

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calling import call
-from ..errors import BadModelFile, ExportFailure, ExportMismatch, first_line
+from ..calling import as_inputs, call
+from ..errors import BadModelFile, ExportFailure, ExportMismatch, first_line, warn
 from ..verify import _flatten, eval_mode, max_rel_diff, run_eval
 from .archive import regular_file
 
@@ -170,7 +170,6 @@ def verify_export(path: str | os.PathLike, model: nn.Module, example_inputs: Any
     `batch`, on them grown to that batch size): raise :class:`ExportMismatch` where it differs
     from `model` by more than `tol` relative to each output's largest magnitude. Returns the
     largest relative error seen."""
-    from ..calling import as_inputs
     kind = format_of(path, format)
     inputs = as_inputs(example_inputs, model)
     runner = load_deployed(path, kind)
@@ -198,8 +197,6 @@ def verify_export(path: str | os.PathLike, model: nn.Module, example_inputs: Any
 def _exported(model: nn.Module, inputs: tuple | dict[str, Any], dynamic: bool) -> torch.export.ExportedProgram:
     args, kwargs = _args(inputs)
     shapes = _dynamic_shapes(inputs) if dynamic else None
-    if shapes is not None and isinstance(inputs, tuple):
-        shapes = tuple(shapes)
     return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
 
 
@@ -255,9 +252,8 @@ def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], to
         warnings.simplefilter("ignore")
         for dynamic in ([True, False] if second is not None else [False]):
             try:
-                shapes = _dynamic_shapes(example) if dynamic else None
                 torch.onnx.export(model, args, str(path), kwargs=kwargs or None, dynamo=True, external_data=False,
-                                  dynamic_shapes=tuple(shapes) if isinstance(shapes, list) else shapes,
+                                  dynamic_shapes=_dynamic_shapes(example) if dynamic else None,
                                   optimize=True, verbose=False)
                 break
             except Exception as e:
@@ -285,7 +281,6 @@ def _verified(path: Path, model: nn.Module, inputs: Any, tol: float, second: int
         path.unlink(missing_ok=True)
         raise
     if second is None and _batch(inputs) is not None:
-        from ..errors import warn
         warn(f"{path}: {type(model).__name__}'s graph fixes the batch size, so the {kind} file takes "
              f"inputs of batch {_batch(inputs)} only")
 

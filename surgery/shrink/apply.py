@@ -199,7 +199,7 @@ def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplac
                                  "surgery.shrink(masked_model, example_inputs) names the first differing node" + how)
         first = inner_first or _first_difference(gm, work, inputs, tol)
         raise ShrinkMismatch(err, first, "please report this model; Shrink must be exact" + how)
-    rows = [row for cg, decider, removed, _ in edits for row in _rows(cg, decider, removed)]
+    rows = [row for _, cg_rows, _, _ in edits for row in cg_rows]
     report = ShrinkReport(rows, params_before, _n_params(work), err, [s for *_, e in edits for s in e.scaled])
     report.verify_seconds = verify_seconds
     report.handed = kept
@@ -302,11 +302,13 @@ def _amplified(inner_err: float, calls: Calls, tol: float) -> str:
             "around them turns rounding into a different result (a sort or a threshold on near-equal scores)")
 
 
-def _edit(cg: ChannelGraph) -> tuple[ChannelGraph, Decider, np.ndarray, Editor]:
-    """Plan and apply the removals of one graph (the channels of different graphs never meet:
-    what crosses a boundary is frozen), then regenerate its code where anything changed."""
+def _edit(cg: ChannelGraph) -> tuple[ChannelGraph, list[GroupShrink], np.ndarray, Editor]:
+    """Plan and apply the removals of one analysis (one graph, or graphs that eager code hands
+    tensors between), its report rows read before the edits, then regenerate the code of its
+    graphs where anything changed."""
     decider = Decider(cg)
     removed = decider.run()
+    rows = _rows(cg, decider, removed)  # before the edits, which take dead layers out of the tree
     editor = Editor(cg, removed, decider)
     with torch.no_grad():
         editor.run()
@@ -315,23 +317,14 @@ def _edit(cg: ChannelGraph) -> tuple[ChannelGraph, Decider, np.ndarray, Editor]:
         for gm, _ in cg.parts:
             drop_dead_nodes(gm.graph)
             finish(gm)
-    return cg, decider, removed, editor
-
-
-def _layer_name(p: Any) -> str:
-    """A producer's qualified layer name for the report (its node's, qualified by its graph, where
-    the edits took the layer out of the module tree: a layer that became dead)."""
-    try:
-        return layer_of(p.node, p.graph)[0]
-    except AttributeError:
-        name = str(p.node.target) if p.node.op == "call_module" else p.node.name
-        return f"{p.graph}.{name}" if p.graph else name
+    return cg, rows, removed, editor
 
 
 def _rows(cg: ChannelGraph, decider: Decider, removed: np.ndarray) -> list[GroupShrink]:
     rows = []
     for g in cg.groups:
-        rows.append(GroupShrink(g.id, [_layer_name(p) for p in g.producers], g.size, g.size, {}, g.frozen, g.graph))
+        names = [layer_of(p.node, p.graph)[0] for p in g.producers]  # qualified: layer1.0.conv2
+        rows.append(GroupShrink(g.id, names, g.size, g.size, {}, g.frozen, g.graph))
     chan_group = cg.chan_group  # a group's index within its graph's rows
     for c in np.nonzero(removed)[0]:
         rows[chan_group[c]].after -= 1
