@@ -119,6 +119,39 @@ def test_a_tampered_onnx_file_fails_verification(tmp_path):
         surgery.verify_export(path, model, x)
 
 
+def test_the_torchscript_based_onnx_exporter_takes_over_where_dynamo_fails(tmp_path, monkeypatch):
+    """HF T5 and Swin fail in the dynamo exporter of torch 2.14 (a reshape decomposed into a view
+    of a transposed tensor); here that failure is simulated on the token block."""
+    real = torch.onnx.export
+    calls = []
+
+    def export(*args, dynamo=True, **kwargs):
+        calls.append(dynamo)
+        if dynamo:
+            raise RuntimeError("Failed to decompose the FX graph for ONNX compatibility")
+        return real(*args, dynamo=False, **kwargs)
+    monkeypatch.setattr(torch.onnx, "export", export)
+    model, inputs = Block().eval(), {"input_ids": torch.randint(0, 50, (1, 7)), "attention_mask": torch.ones(1, 7, dtype=torch.long)}
+    path = surgery.export(model, tmp_path / "block.onnx", inputs)
+    assert calls == [True, True, False]  # dynamic, then static shapes, then the TorchScript-based exporter
+    grown = {"input_ids": torch.randint(0, 50, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    with torch.no_grad():
+        want = model(**grown)
+    got = surgery.load_deployed(path)(**grown)[0]
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)  # batch and sequence axes dynamic
+    assert surgery.verify_export(path, model, inputs) < 1e-5
+
+
+def test_an_onnx_export_failure_names_both_exporters(tmp_path, monkeypatch):
+    def export(*args, dynamo=True, **kwargs):
+        raise RuntimeError("dynamo says no" if dynamo else "torchscript says no")
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with pytest.raises(surgery.ExportFailure, match=r"cnn.onnx: torch.onnx.export cannot export CNN: RuntimeError: "
+                                                    r"dynamo says no \(and the TorchScript-based exporter: "
+                                                    r"RuntimeError: torchscript says no\)"):
+        surgery.export(CNN().eval(), tmp_path / "cnn.onnx", (torch.randn(1, 3, 16, 16),))
+
+
 def test_missing_onnxruntime_names_the_extra(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))

@@ -258,12 +258,34 @@ def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], to
                 break
             except Exception as e:
                 errors.append(first_line(e))
-        else:
-            raise ExportFailure(f"{path}: torch.onnx.export cannot export {type(model).__name__}: {errors[-1]}")
+        else:  # the dynamo exporter fails on some graphs that torch.export takes (HF T5 and Swin in
+            # torch 2.14: a reshape decomposed into a view of a transposed tensor): the TorchScript-based
+            # exporter, deprecated but still shipped, writes them; the file is verified like any other
+            try:
+                torch.onnx.export(model, args, str(path), kwargs=kwargs or None, dynamo=False,
+                                  **_legacy_axes(example))
+            except Exception as e:
+                raise ExportFailure(f"{path}: torch.onnx.export cannot export {type(model).__name__}: {errors[0]} "
+                                    f"(and the TorchScript-based exporter: {first_line(e)})") from e
+            errors.clear()
     if errors or not _onnx_batched(path):  # no dynamic batch: the file keeps the example's sizes
         second = None
     _verified(path, model, inputs, tol, second, "onnx")
     return path
+
+
+def _legacy_axes(inputs: tuple | dict[str, Any]) -> dict[str, Any]:
+    """input_names and dynamic_axes for the TorchScript-based exporter: the axes that
+    :func:`_dynamic_shapes` declares, named by input."""
+    items = inputs.items() if isinstance(inputs, dict) else ((f"input_{i}", v) for i, v in enumerate(inputs))
+    names, axes = [], {}
+    for name, v in items:
+        if isinstance(v, torch.Tensor):
+            names.append(name)
+            spec = _dynamic_shapes((v,))[0]
+            if spec:
+                axes[name] = {k: f"{name}_dim{k}" for k in spec}
+    return {"input_names": names, "dynamic_axes": axes}
 
 
 def _onnx_batched(path: Path) -> bool:
