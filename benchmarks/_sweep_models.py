@@ -9,6 +9,7 @@ import time
 from typing import Any, Callable
 
 from surgery.calling import call
+from surgery.io.macs import EXTRA_FLOPS, no_fast_paths
 
 # a video clip per model: (frames, side); torchvision's MViT and Swin3D are built for 16x224x224
 VIDEO_INPUT = {"mvit_v1_b": (16, 224), "mvit_v2_s": (16, 224), "s3d": (16, 224), "swin3d_t": (16, 224),
@@ -51,7 +52,7 @@ def macs(model, inputs) -> int:
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), no_fast_paths(), FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS) as fc:
             call(model, inputs)
     finally:
         for p, flag in flags:
