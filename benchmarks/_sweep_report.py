@@ -46,6 +46,9 @@ def table(rows: list[dict], family: str = "torchvision") -> tuple[str, str]:
              "video": ["model", "input"]}[family]
     heads = first + ["exact", "rel. error", f"params {pn}", f"MACs {mn}", "surgery s (verify s)", "latency ms (b1)",
                      "export"]
+    budget = any("budget_macs" in r or "budget_error" in r for r in rows)
+    if budget:
+        heads.append("MACs kept at target_macs=0.5")
     if tp:
         heads += ["TP s", f"TP params {pn}", f"TP MACs {mn}", "TP latency ms", "TP ok"]
 
@@ -79,10 +82,18 @@ def table(rows: list[dict], family: str = "torchvision") -> tuple[str, str]:
                        f"{_fmt(r['surgery_time'], su)} ({_fmt(r.get('verify_time'), su)})",
                        f"{_fmt(r['latency_before'], lu)} -> {_fmt(r['latency_after'], lu)}",
                        _export_cell(r)]
+        if budget:
+            line.append(_budget_cell(r))
         if tp:
             line += tp_cells(r)
         out.append(line)
     return markdown_table(heads, out), summary(rows, family)
+
+
+def _budget_cell(r: dict) -> str:
+    if "budget_macs" in r:
+        return f"{r['budget_macs']:.3f}"
+    return f"NO ({r['budget_error'][:40]})" if "budget_error" in r else "-"
 
 
 def _export_cell(r: dict) -> str:
@@ -121,6 +132,10 @@ def summary(rows: list[dict], family: str = "torchvision") -> str:
         text += (f" Median surgery time {statistics.median(r['surgery_time'] for r in good):.1f} s; "
                  f"median params kept {statistics.median(r['params_after'] / r['params_before'] for r in good):.0%}, "
                  f"MACs kept {statistics.median(r['macs_after'] / r['macs_before'] for r in good):.0%}.")
+    budgeted = [r for r in good if "budget_macs" in r or "budget_error" in r]
+    if budgeted:
+        met = sum(1 for r in budgeted if abs(r.get("budget_macs", 9) - 0.5) <= 0.02)
+        text += f" ChannelPrune(target_macs=0.5) kept 0.5 ±0.02 of the MACs on {met}/{len(budgeted)}."
     both = [r for r in good if r.get("tp_ok")]
     if both:
         faster = sum(1 for r in both if r["surgery_time"] < r["tp_time"])

@@ -80,6 +80,7 @@ from surgery.calling import call  # noqa: E402
 
 ROWS = HERE / "results" / "shrink_sweep.jsonl"
 FAMILIES = ("torchvision", "timm", "hf", "video")
+BUDGET = 0.5  # target_macs of the budget column: the shrunk model's MACs over the dense model's
 EXPORT_FORMATS = ("pt", "pt2", "onnx")  # TorchScript, torch.export, ONNX (run by ONNX Runtime)
 
 def result_name(family: str, attention: str = "heads") -> str:
@@ -189,7 +190,7 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
     import torch
 
     import surgery
-    from passes import ChannelPrune
+    from passes import ChannelPrune, Shrink
     from surgery.verify import max_rel_diff, run_eval
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -228,6 +229,14 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
         del masked
     except Exception as e:  # our failure is data: the row says why, Torch-Pruning still runs
         row["error"] = _error(e)
+    if "error" not in row:  # the budget: ChannelPrune(target_macs=BUDGET) instead of the ratio
+        try:
+            budgeted = surgery.compress(model, [ChannelPrune(target_macs=BUDGET, round_to=round_to,
+                                                             attention=attention), Shrink()], x)
+            row["budget_macs"] = macs(budgeted, x) / row["macs_before"]
+            del budgeted
+        except Exception as e:
+            row["budget_error"] = _error(e)
     if "error" not in row:
         # each format written, reloaded as deployment reloads it and verified (.pt2 and .onnx at a
         # second batch size too); TorchScript and the exporters take tensors: a keyword flag

@@ -18,26 +18,30 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from surgery.capture import surgery_meta
 from surgery.channels import ATTENTION_UNITS, ChannelGraph, ChannelGroup, analyze_tree, set_analysis
-from surgery.errors import SelectionError
+from surgery.errors import SelectionError, SurgeryError
 from surgery.graph import layer_of, unique_name
 from surgery.pipeline import Context, UnitMask
 from surgery.select import Selector, describe, matches
 
 from . import _fields as check
+from ._budget import Costs, allocate
+from ._importance import DATA_CRITERIA, GRADIENT_CRITERIA, WEIGHT_CRITERIA, data_scores, weight_scores
 from ._placement import axis_kwargs, select_tree
 
 __all__ = ["ChannelPrune", "HardMask"]
 
-CRITERIA = ("l1", "l2", "bn_scale", "random")
+CRITERIA = WEIGHT_CRITERIA + DATA_CRITERIA
 
 
 class HardMask(UnitMask):
@@ -53,16 +57,33 @@ class HardMask(UnitMask):
 
 @dataclass
 class ChannelPrune:
-    """Mask the lowest-scoring `ratio` of each channel group's channels.
+    """Mask the lowest-scoring channels of each channel group (Shrink then removes them).
 
     Args:
         ratio: fraction of channels to mask (per group with ``scope="local"``, over all
-            eligible channels with ``scope="global"``).
-        criterion: "l1" / "l2" (norm of the producers' output weights), "bn_scale" (|gamma| of
-            the group's BatchNorms, l1 where there is none) or "random".
+            eligible channels with ``scope="global"``). Give a target instead to prune to a budget.
+        criterion: how channels are scored (see :mod:`passes._importance`). Weight criteria:
+            "l1" / "l2" (norm of the producers' output weights), "bn_scale" (|gamma| of the
+            group's BatchNorms, l1 where there is none), "lamp", "random". Data criteria, which
+            need `calibration`: "activation" (Wanda: |W| times the input's norm, forward only),
+            "taylor" (|w * dL/dw| summed over the group) and "hessian" (diagonal Fisher, OBD),
+            the last two with `loss_fn`. Scores are always summed over a group's coupled layers.
+        calibration: batches for the data criteria, iterated once per step: each the model's
+            inputs (a tensor, a tuple, a dict of keyword inputs) or an ``(inputs, target)`` pair
+            (see :func:`passes._importance.split_batch`). A list or a DataLoader, not a generator,
+            when ``steps > 1``.
+        loss_fn: ``loss_fn(output, target) -> scalar tensor``, for "taylor" and "hessian".
+        target_macs / target_params: prune to a budget instead of a ratio: keep this fraction
+            of the model's MACs (on the example inputs) or parameters, within about 2%. Channels
+            are ranked across groups by their scores divided by their group's mean (LAMP's as
+            they are); see :mod:`passes._budget` for how the result is predicted.
+        steps: prune in this many stages (the ratio, or the budget's cut, in equal steps), the
+            scores recomputed on the masked model at each, and `finetune` called between them.
+        finetune: ``finetune(model, step)``, called after each stage but the last with the masked
+            GraphModule (masked channels stay zero while it trains). Fine-tune after Shrink as usual.
         select / exclude: which producers (modules) may be pruned; a group is pruned when
             one of its producers is selected and none is excluded.
-        scope: "local" or "global" ranking.
+        scope: "local" or "global" ranking (for `ratio`; budgets always rank globally).
         round_to: keep a multiple of this many channels per group (8 suits vector hardware).
         seed: for criterion="random".
         attention: what a unit of attention is. "heads" (default): whole heads go, every head
@@ -77,7 +98,8 @@ class ChannelPrune:
             Recorded in ``gm.meta["surgery"]["normalised"]`` for Shrink's analysis.
 
     Frozen groups and the model's output channels are never masked; every group keeps at
-    least one channel (and at least one per group of a grouped convolution).
+    least one channel (and at least one per group of a grouped convolution). The last step's
+    scores are in ``gm.meta["surgery"]["channel_scores"]`` (by group id: its layers and scores).
     """
 
     ratio: float = 0.5
@@ -91,8 +113,13 @@ class ChannelPrune:
     seed: int = 0
     attention: str = "heads"
     normalised: bool = True
+    calibration: Iterable | None = field(default=None, repr=False)
+    loss_fn: Callable[[Any, Any], Tensor] | None = field(default=None, repr=False)
+    target_macs: float | None = None
+    target_params: float | None = None
+    steps: int = 1
+    finetune: Callable[[fx.GraphModule, int], Any] | None = field(default=None, repr=False)
     keeps_shapes: ClassVar[bool] = True     # mask nodes get their input's shape
-    needs_code: ClassVar[bool] = False      # reads the graph and the weights only
     # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
     inserts: ClassVar[tuple] = ("prune_g*", HardMask)
 
@@ -106,6 +133,44 @@ class ChannelPrune:
         check.number("ChannelPrune", "seed", self.seed, lo=0, hi=check.SEED_MAX, integer=True)
         check.choice("ChannelPrune", "attention", self.attention, ATTENTION_UNITS)
         check.flag("ChannelPrune", "normalised", self.normalised)
+        check.number("ChannelPrune", "steps", self.steps, lo=1, integer=True)
+        for name in ("target_macs", "target_params"):
+            if getattr(self, name) is not None:
+                check.number("ChannelPrune", name, getattr(self, name), lo=0, hi=1, lo_open=True)
+        if self.target_macs is not None and self.target_params is not None:
+            raise SurgeryError("ChannelPrune: give target_macs or target_params, not both")
+        if self.target is not None and self.ratio != 0.5:
+            raise SurgeryError(f"ChannelPrune: give a ratio or a target, not both (ratio={self.ratio}, "
+                               f"{self.target[0]}={self.target[1]})")
+        data = self.criterion in DATA_CRITERIA
+        if data and self.calibration is None:
+            raise SurgeryError(f"ChannelPrune: criterion={self.criterion!r} scores channels on data: pass "
+                               "calibration=batches (an iterable of inputs or (inputs, target) pairs)")
+        if not data and self.calibration is not None:
+            raise SurgeryError(f"ChannelPrune: criterion={self.criterion!r} reads the weights only, so calibration "
+                               f"would be unused; the data criteria are {', '.join(map(repr, DATA_CRITERIA))}")
+        if self.criterion in GRADIENT_CRITERIA and self.loss_fn is None:
+            raise SurgeryError(f"ChannelPrune: criterion={self.criterion!r} needs loss_fn(output, target) for its "
+                               "gradients (and (inputs, target) calibration batches)")
+        for name in ("loss_fn", "finetune"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise SurgeryError(f"ChannelPrune: {name} must be callable, got {type(getattr(self, name)).__name__}")
+        if self.finetune is not None and self.steps < 2:
+            raise SurgeryError("ChannelPrune: finetune runs between steps; give steps >= 2")
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """("target_macs", fraction) or ("target_params", fraction), if a budget is set."""
+        if self.target_macs is not None:
+            return "target_macs", self.target_macs
+        if self.target_params is not None:
+            return "target_params", self.target_params
+        return None
+
+    @property
+    def needs_code(self) -> bool:
+        """Weight criteria read the graph and the weights only; data criteria and stages run the model."""
+        return self.criterion in DATA_CRITERIA or self.steps > 1
 
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         # a selection that matches nothing raises SelectionError with the nearest names, as in
@@ -117,19 +182,65 @@ class ChannelPrune:
         self._check_producers(selected, groups)
         points = {g.id: g.mask_points() for g in groups}
         chosen = [g for g in groups if points[g.id] and self._eligible(g)]
-        scores = {g.id: self._scores(g) for g in chosen}
         by_group = {gid: seg for cg in tree.values() for gid, seg in _segments(cg).items()}
         segs = {g.id: by_group.get(g.id) for g in chosen}
-        if self.scope == "local":
-            keep = {g.id: self._keep_local(scores[g.id], segs[g.id]) for g in chosen}
+        costs = None
+        if self.target is not None:
+            if ctx.example_inputs is None and self.target_macs is not None:
+                raise SurgeryError("ChannelPrune: target_macs counts MACs on example inputs: pass them to "
+                                   "compress(..., example_inputs=(x,))")
+            costs = Costs("macs" if self.target_macs is not None else "params", gm, tree, chosen,
+                          ctx.example_inputs)
+        kept = {g.id: np.ones(g.size, dtype=bool) for g in chosen}
+        masks: dict[int, HardMask] = {}
+        for step in range(1, self.steps + 1):
+            scores = self._step_scores(gm, chosen, kept)
+            keep = self._decide(step, chosen, scores, segs, costs)
+            kept = {gid: keep[gid] & kept[gid] for gid in kept}
+            self._place(gm, chosen, points, kept, masks)
+            if step < self.steps and self.finetune is not None:
+                self.finetune(gm, step)
+        surgery_meta(gm)["channel_scores"] = {
+            g.id: {"layers": [layer_of(p.node, p.graph)[0] for p in g.producers], "scores": scores[g.id]}
+            for g in chosen}
+        return gm  # compress lints and recompiles gm's own graph (when the next pass or the caller needs the code)
+
+    def _step_scores(self, gm: fx.GraphModule, chosen: list[ChannelGroup],
+                     kept: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Every chosen group's scores, channels masked at an earlier step at -inf."""
+        if self.criterion in DATA_CRITERIA:  # runs gm: compress regenerated its code (needs_code), _place too
+            scores = data_scores(self.criterion, gm, chosen, self.calibration, self.loss_fn)
         else:
-            keep = self._keep_global(chosen, scores, segs)
+            scores = {g.id: weight_scores(self.criterion, g, self.seed) for g in chosen}
+        return {gid: np.where(kept[gid], s, -np.inf) for gid, s in scores.items()}
+
+    def _decide(self, step: int, chosen: list[ChannelGroup], scores: dict[int, np.ndarray],
+                segs: dict[int, np.ndarray | None], costs: Costs | None) -> dict[int, np.ndarray]:
+        """The channels each group keeps after `step` of `steps` (equal steps of the ratio or the cut)."""
+        if costs is not None:
+            goal = 1 - (1 - self.target[1]) * step / self.steps
+            comparable = {gid: s if self.criterion == "lamp" else _normalised(s) for gid, s in scores.items()}
+            return allocate(goal, costs.kind, comparable, lambda gid, s, frac: self._keep(s, segs[gid], 1 - frac),
+                            costs)
+        ratio = self.ratio * step / self.steps
+        if self.scope == "local":
+            return {g.id: self._keep(scores[g.id], segs[g.id], ratio) for g in chosen}
+        return self._keep_global(chosen, scores, segs, ratio)
+
+    def _place(self, gm: fx.GraphModule, chosen: list[ChannelGroup], points: dict, kept: dict[int, np.ndarray],
+               masks: dict[int, HardMask]) -> None:
+        """Insert a HardMask for each group that loses channels (or update the one placed at an
+        earlier step)."""
         edited: set[fx.GraphModule] = set()
         for g in chosen:
-            if keep[g.id].all():
+            if g.id in masks:
+                masks[g.id].keep.copy_(torch.as_tensor(kept[g.id], dtype=torch.float32))
+                continue
+            if kept[g.id].all():
                 continue
             first = points[g.id][0][0].graph.owning_module
-            mask = HardMask(torch.as_tensor(keep[g.id]), points[g.id][0][1]).train(first.training)
+            mask = HardMask(torch.as_tensor(kept[g.id]), points[g.id][0][1]).train(first.training)
+            masks[g.id] = mask
             names: dict[fx.GraphModule, str] = {}  # the mask goes into the graph of each point (one, as a rule)
             for node, dim in points[g.id]:
                 owner = node.graph.owning_module
@@ -142,11 +253,12 @@ class ChannelPrune:
                 node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
                 new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
             edited.update(names)
-        for owner in edited - {gm}:
-            # eager code calls a nested graph's generated code, which compress never regenerates
-            owner.graph.lint()
-            owner.recompile()
-        return gm  # compress lints and recompiles gm's own graph (when the next pass or the caller needs the code)
+        for owner in edited:
+            # eager code calls a nested graph's generated code, which compress never regenerates;
+            # gm's own is regenerated here only when the model runs again (data criteria, stages)
+            if owner is not gm or self.needs_code:
+                owner.graph.lint()
+                owner.recompile()
 
     def _check_producers(self, selected: dict[fx.Node, str], groups: list[ChannelGroup]) -> None:
         """SelectionError when no selected module produces channels (``select="bn1"``): scores and
@@ -172,78 +284,40 @@ class ChannelPrune:
             picked |= matches(name, m, self.select, self.exclude)
         return picked
 
-    def _scores(self, g: ChannelGroup) -> np.ndarray:
-        s = np.zeros(g.size)
-        if self.criterion == "random":
-            return np.random.default_rng(self.seed + g.id).random(g.size)
-        if self.criterion == "bn_scale":
-            for p in g.locals:
-                _, m = layer_of(p.node)
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-                    w = m.weight.detach().abs().double().numpy()  # small: one value per channel
-                    ok = p.channels >= 0
-                    np.add.at(s, p.channels[ok], w[ok])
-            if s.any():
-                return s
-        for p in g.producers:
-            # the tensor the producer makes its channels with, on the axis the rule recorded
-            # (a conv's weight on 0, a transposed conv's or an embedding's on 1)
-            held = [(o, n, d) for o, n, d in p.params if n == "weight"] or p.params[:1]
-            w = getattr(held[0][0], held[0][1], None) if held else None
-            if not isinstance(w, torch.Tensor) or w.dim() == 0:
-                continue
-            wd = held[0][2]
-            w = w.detach().movedim(wd, 0).reshape(w.shape[wd], -1)
-            # one pass over the weight, no |w| or w**2 temporary (weights are the big tensors here)
-            n = torch.linalg.vector_norm(w, 2 if self.criterion == "l2" else 1, dim=1).double().numpy()
-            if len(n) != len(p.channels):
-                continue
-            ok = p.channels >= 0
-            np.add.at(s, p.channels[ok], n[ok])
-        return s
-
     def _count(self, n: int, frac_keep: float) -> int:
         k = max(1, math.ceil(n * frac_keep - 1e-9))
         if self.round_to > 1:
             k = min(n, max(self.round_to, int(math.ceil(k / self.round_to)) * self.round_to))
         return k
 
-    def _keep_local(self, s: np.ndarray, seg: np.ndarray | None) -> np.ndarray:
+    def _keep(self, s: np.ndarray, seg: np.ndarray | None, ratio: float) -> np.ndarray:
+        """The channels to keep of one group with scores `s`: the best ``1 - ratio`` of them
+        (rounded), or of each segment of a grouped convolution."""
         keep = np.zeros(len(s), dtype=bool)
         if seg is None:
-            k = self._count(len(s), 1 - self.ratio)
+            k = self._count(len(s), 1 - ratio)
             keep[np.argsort(-s, kind="stable")[:k]] = True
             return keep
         per = seg.shape[1]
-        k = max(1, min(per, math.ceil(per * (1 - self.ratio) - 1e-9)))
+        k = max(1, min(per, math.ceil(per * (1 - ratio) - 1e-9)))
         best = np.argsort(-s[seg], axis=1, kind="stable")[:, :k]  # every segment at once
         keep[np.take_along_axis(seg, best, axis=1)] = True
         return keep
 
-    def _keep_global(self, groups, scores, segs) -> dict[int, np.ndarray]:
-        norm = {gid: s / (s.mean() + 1e-12) for gid, s in scores.items()}
-        allv = np.concatenate(list(norm.values())) if norm else np.zeros(0)
+    def _keep_global(self, groups: list[ChannelGroup], scores: dict[int, np.ndarray],
+                     segs: dict[int, np.ndarray | None], ratio: float) -> dict[int, np.ndarray]:
+        norm = {gid: _normalised(s) for gid, s in scores.items()}
+        allv = np.concatenate([v[np.isfinite(v)] for v in norm.values()]) if norm else np.zeros(0)
         if not len(allv):
-            return {}
-        thr = np.quantile(allv, self.ratio)
-        out = {}
-        for g in groups:
-            frac = float((norm[g.id] > thr).mean())
-            out[g.id] = _Local(self, frac).keep(norm[g.id], segs[g.id])
-        return out
+            return {g.id: np.ones(g.size, dtype=bool) for g in groups}
+        thr = np.quantile(allv, ratio)
+        return {g.id: self._keep(norm[g.id], segs[g.id], 1 - float((norm[g.id] > thr).mean())) for g in groups}
 
 
-class _Local:
-    def __init__(self, cp: ChannelPrune, frac_keep: float):
-        self.cp, self.frac = cp, frac_keep
-
-    def keep(self, s, seg):
-        saved = self.cp.ratio
-        try:
-            object.__setattr__(self.cp, "ratio", 1 - self.frac)
-            return self.cp._keep_local(s, seg)
-        finally:
-            object.__setattr__(self.cp, "ratio", saved)
+def _normalised(s: np.ndarray) -> np.ndarray:
+    """Scores divided by the mean of the group's finite ones (channels masked earlier stay -inf)."""
+    finite = s[np.isfinite(s)]
+    return s / (finite.mean() + 1e-12) if len(finite) else s
 
 
 def _segments(cg: ChannelGraph) -> dict[int, np.ndarray]:

@@ -75,7 +75,7 @@ BAD_FIELDS = [
     (ChannelPrune, "ratio", True, "expected a number in [0, 1)"),  # a bool is not a number
     (ChannelPrune, "round_to", 8.5, "expected an integer >= 1"),
     (ChannelPrune, "select", 5, "expected an nn.Module subclass"),
-    (ChannelPrune, "criterion", "taylor", "expected one of 'l1', 'l2', 'bn_scale', 'random'"),
+    (ChannelPrune, "criterion", "fisher", "expected one of 'l1', 'l2', 'bn_scale', 'lamp', 'random', 'activation', 'taylor', 'hessian'"),
     (ChannelPrune, "scope", "globl", "did you mean 'global'?"),
     (ChannelPrune, "seed", -1, "expected an integer in [0, "),
     (Identity, "select", [], "expected a non-empty selector"),

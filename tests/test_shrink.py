@@ -397,7 +397,7 @@ def test_channel_prune_rejects_bad_config():
     with pytest.raises(surgery.SurgeryError, match="ratio"):
         ChannelPrune(ratio=1.0)
     with pytest.raises(surgery.SurgeryError, match="criterion"):
-        ChannelPrune(criterion="taylor")
+        ChannelPrune(criterion="fisher")
 
 
 def test_grouped_convolution_keeps_equal_channels_per_group():
