@@ -96,21 +96,28 @@ def second_batch(inputs: tuple | dict[str, Any], size: int) -> tuple | dict[str,
     return tuple(grow(v) for v in inputs)
 
 
-def _dynamic_shapes(inputs: tuple | dict[str, Any]) -> Any:
-    """Dim.AUTO on the batch axis of every tensor input, and on the sequence axis of 2-D integer
-    inputs (token ids, their masks): torch.export keeps each dynamic where the graph allows."""
-    auto = torch.export.Dim.AUTO
+def _dynamic_axes(v: Any) -> list[int]:
+    """The axes of one input declared dynamic: the batch axis of every tensor, and the sequence
+    axis of a 2-D integer input (token ids, their masks). Each stays dynamic where the graph allows."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return []
+    return [0, 1] if v.dim() == 2 and not v.is_floating_point() else [0]
 
-    def spec(v: Any) -> Any:
-        if not isinstance(v, torch.Tensor) or v.dim() == 0:
-            return None
-        dims = {0: auto}
-        if v.dim() == 2 and not v.is_floating_point():
-            dims[1] = auto
-        return dims
-    if isinstance(inputs, dict):
-        return {k: spec(v) for k, v in inputs.items()}
-    return tuple(spec(v) for v in inputs)
+
+def _dynamic_shapes(inputs: tuple | dict[str, Any]) -> Any:
+    """:func:`_dynamic_axes` as torch.export's ``dynamic_shapes`` (Dim.AUTO)."""
+    def spec(v: Any) -> dict | None:
+        return {d: torch.export.Dim.AUTO for d in _dynamic_axes(v)} or None
+    return {k: spec(v) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(map(spec, inputs))
+
+
+def _legacy_axes(inputs: tuple | dict[str, Any]) -> dict[str, Any]:
+    """:func:`_dynamic_axes` as the TorchScript-based ONNX exporter's input_names and dynamic_axes."""
+    items = inputs.items() if isinstance(inputs, dict) else ((f"input_{i}", v) for i, v in enumerate(inputs))
+    tensors = [(name, v) for name, v in items if isinstance(v, torch.Tensor)]
+    return {"input_names": [name for name, _ in tensors],
+            "dynamic_axes": {name: {d: f"{name}_dim{d}" for d in _dynamic_axes(v)} for name, v in tensors
+                             if _dynamic_axes(v)}}
 
 
 def _args(inputs: tuple | dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -272,20 +279,6 @@ def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], to
         second = None
     _verified(path, model, inputs, tol, second, "onnx")
     return path
-
-
-def _legacy_axes(inputs: tuple | dict[str, Any]) -> dict[str, Any]:
-    """input_names and dynamic_axes for the TorchScript-based exporter: the axes that
-    :func:`_dynamic_shapes` declares, named by input."""
-    items = inputs.items() if isinstance(inputs, dict) else ((f"input_{i}", v) for i, v in enumerate(inputs))
-    names, axes = [], {}
-    for name, v in items:
-        if isinstance(v, torch.Tensor):
-            names.append(name)
-            spec = _dynamic_shapes((v,))[0]
-            if spec:
-                axes[name] = {k: f"{name}_dim{k}" for k in spec}
-    return {"input_names": names, "dynamic_axes": axes}
 
 
 def _onnx_batched(path: Path) -> bool:
