@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 import surgery
-from surgery.io.deploy import read_onnx, read_pt2
+from surgery.io.deployed import read_onnx, read_pt2
 from surgery.verify import max_rel_diff
 
 onnx = pytest.importorskip("onnx")
@@ -131,7 +131,8 @@ def test_the_torchscript_based_onnx_exporter_takes_over_where_dynamo_fails(tmp_p
             raise RuntimeError("Failed to decompose the FX graph for ONNX compatibility")
         return real(*args, dynamo=False, **kwargs)
     monkeypatch.setattr(torch.onnx, "export", export)
-    model, inputs = Block().eval(), {"input_ids": torch.randint(0, 50, (1, 7)), "attention_mask": torch.ones(1, 7, dtype=torch.long)}
+    inputs = {"input_ids": torch.randint(0, 50, (1, 7)), "attention_mask": torch.ones(1, 7, dtype=torch.long)}
+    model = surgery.capture(Block().eval(), inputs)  # a GraphModule, whose .graph that exporter misreads
     path = surgery.export(model, tmp_path / "block.onnx", inputs)
     assert calls == [True, True, False]  # dynamic, then static shapes, then the TorchScript-based exporter
     grown = {"input_ids": torch.randint(0, 50, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}

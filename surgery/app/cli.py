@@ -80,7 +80,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if suffix in (".pt2", ".onnx"):  # deployed formats: read from their JSON / protobuf, nothing unpickled
         import json
 
-        from ..io.deploy import read_onnx, read_pt2
+        from ..io.deployed import read_onnx, read_pt2
         d = (read_pt2 if suffix == ".pt2" else read_onnx)(args.file)
         print(json.dumps(d.as_dict(), indent=2) if args.json else d.table())
         return 0

@@ -4,7 +4,8 @@
 and MAC counting (:mod:`~surgery.io.macs`).
 """
 from .archive import load, save
-from .deploy import load_deployed, read_onnx, read_pt2, verify_export
+from .deploy import load_deployed, verify_export
+from .deployed import read_onnx, read_pt2
 from .export import export, load_torchscript
 from .files import load_model_file
 from .inspect import summary

@@ -18,9 +18,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterable, Iterator
 
-import torch.fx as fx
-
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
