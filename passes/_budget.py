@@ -2,8 +2,8 @@
 
 Channels are ranked across groups by their scores normalised per group (divided by the group's
 mean score, so that a channel competes by its importance relative to its own layer's; LAMP scores
-are comparable across layers as they are). One global threshold then sets every group's keep
-fraction, rounded as ``round_to`` and grouped convolutions ask, and a bisection over the threshold
+are comparable across layers as they are). Removing channels in that order sets every group's keep
+fraction, rounded as ``round_to`` and grouped convolutions ask, and a bisection over how many go
 finds where the cost model meets the target.
 
 The cost model predicts what Shrink will leave, from the channel analysis:
@@ -168,28 +168,33 @@ class Costs:
 
 def allocate(target: float, kind: str, scores: dict[int, np.ndarray],
              keep_for: Callable[[int, np.ndarray, float], np.ndarray], costs: Costs) -> Keep:
-    """Keep decisions per group that bring the predicted `kind` fraction closest to `target`:
-    a bisection over one global threshold on `scores` (already comparable across groups; -inf:
-    masked at an earlier step). ``keep_for(group id, scores, fraction to keep)`` rounds one
-    group's decision."""
+    """Keep decisions per group that bring the predicted `kind` fraction closest to `target`.
+
+    Every channel of every group is ranked by `scores` (comparable across groups; -inf: masked
+    at an earlier step, always out), ties in rank order; a bisection over how many channels go, in
+    that order, sets each group's fraction to keep. Counting channels rather than thresholding
+    scores matters where many tie (units a ReLU never opens on the calibration data score 0).
+    ``keep_for(group id, scores, fraction to keep)`` rounds one group's decision."""
     if not scores:
         return {}
-    values = np.unique(np.concatenate([s[np.isfinite(s)] for s in scores.values()]))
+    gids = list(scores)
+    flat = np.concatenate([scores[g] for g in gids])
+    owner = np.repeat(np.arange(len(gids)), [len(scores[g]) for g in gids])[np.argsort(flat, kind="stable")]
+    sizes = np.array([len(scores[g]) for g in gids], dtype=np.float64)
 
-    def at(i: int) -> Keep:  # i = -1: keep every channel not masked yet; else those above values[i]
-        if i < 0:
-            return {gid: np.isfinite(s) for gid, s in scores.items()}
-        return {gid: keep_for(gid, s, float((s > values[i]).mean())) for gid, s in scores.items()}
+    def at(m: int) -> Keep:  # the first m channels in rank order go
+        frac = 1 - np.bincount(owner[:m], minlength=len(gids)) / sizes
+        return {g: keep_for(g, scores[g], float(f)) for g, f in zip(gids, frac)}
 
-    lo, hi = -1, len(values) - 1
-    if hi < 0 or costs(at(lo)) <= target:
+    lo, hi = int(np.isneginf(flat).sum()), len(flat)
+    if costs(at(lo)) <= target:
         return at(lo)
     lowest = costs(at(hi))
     if lowest > target:
         warn(f"ChannelPrune: target_{kind}={target:g} cannot be reached: pruning every eligible group to its "
              f"minimum leaves {lowest:.3f} of the {'MACs' if kind == 'macs' else 'parameters'}")
         return at(hi)
-    while hi - lo > 1:  # invariant: cost(at(lo)) > target >= cost(at(hi)); the cost falls as i grows
+    while hi - lo > 1:  # invariant: cost(at(lo)) > target >= cost(at(hi)); the cost falls as m grows
         mid = (lo + hi) // 2
         if costs(at(mid)) > target:
             lo = mid

@@ -245,3 +245,16 @@ def test_mac_counts_include_multihead_attention_in_eval_mode():
     want = 3 * n * e * e + 2 * n * n * e + n * e * e  # q, k, v projections; scores; weighted sum; output
     assert sum(count_macs(Self().eval(), (x,)).values()) == want
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_budget_splits_ties_among_dead_units():
+    """Half the hidden units never open on the calibration data: they all score 0, and a budget
+    between keeping them all and dropping them all is still met (channels are counted, not thresholded)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    with torch.no_grad():
+        model[0].bias[::2] = -100.0  # dead
+    x = (torch.randn(4, 8),)
+    calibration = [torch.randn(16, 8) for _ in range(2)]
+    macs, _ = _budget_check(model, x, criterion="activation", calibration=calibration, target_macs=0.8)
+    assert abs(macs - 0.8) <= 0.02
