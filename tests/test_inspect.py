@@ -44,17 +44,22 @@ def test_rows_totals_and_macs_are_exact():
     assert s.totals["buffers"] == 4 + 4 + 1
 
 
-def test_sparsity_counts_zeros():
+def test_sparsity_counts_zeros_of_the_weights():
     net = Small()
     with torch.no_grad():
         net.fc.weight[:, :72] = 0
-        net.fc.bias.fill_(1)
-        net.bn.bias.fill_(1)
+        net.fc.bias.fill_(0)  # zero biases and a fresh BatchNorm's zero shift are not sparsity
     s = summary(net)
     fc = next(r for r in s.rows if r.name == "fc")
-    assert fc.zeros == 720 and fc.sparsity == pytest.approx(720 / 1450)
-    assert s.totals["zeros"] == 720 + int((net.conv.weight == 0).sum()) + int((net.conv.bias == 0).sum())
+    assert fc.zeros == 720 and fc.sparsity == pytest.approx(720 / 1440)
+    bn = next(r for r in s.rows if r.name == "bn")
+    assert bn.params == 2 * bn.out and bn.zeros == 0 and bn.sparsity == 0 and bn.weights == 0
+    conv_zeros = int((net.conv.weight == 0).sum())
+    assert s.totals["zeros"] == 720 + conv_zeros
+    assert s.totals["sparsity"] == pytest.approx((720 + conv_zeros) / (1440 + net.conv.weight.numel()), abs=1e-6)
     assert s.totals["macs"] is None
+    bn_line = next(line for line in str(s).splitlines() if line.startswith("bn "))
+    assert bn_line.split() == ["bn", "BatchNorm2d", "4", "4", "8"]  # no sparsity shown for a layer without weights
 
 
 def test_torchscript_matches_eager_and_ops_outside_layers_are_kept():

@@ -102,17 +102,19 @@ def train(model: nn.Module, data: Digits, epochs: int, desc: str, *, lr: float =
     for _ in bar:
         model.train()
         for idx in torch.randperm(n, generator=gen).split(BATCH):
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            ce = loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
             if penalty:
-                loss = loss + surgery.penalty(model)
+                reg = surgery.penalty(model)  # DAM's is linear in beta: negative once gates close
+                loss = loss + reg
             opt.zero_grad()
             loss.backward()
             opt.step()
             if penalty:
                 surgery.step(model)
         sched.step()
-        post = {"loss": f"{loss.item():.3f}", "test acc": f"{accuracy(model, data.x_test, data.y_test):.3f}"}
+        post = {"cross-entropy": f"{ce.item():.3f}", "test acc": f"{accuracy(model, data.x_test, data.y_test):.3f}"}
         if penalty:
+            post["penalty"] = f"{reg.item():+.3f}"
             kept = [m.kept() for m in surgery.masks(model).values()]
             post["channels kept"] = f"{sum(int(k.sum()) for k in kept)}/{sum(k.numel() for k in kept)}"
         bar.set_postfix(post)

@@ -47,14 +47,17 @@ class LayerRow:
     in_: int | None = None
     out: int | None = None
     params: int = 0
-    zeros: int = 0
+    zeros: int = 0   # zeros of the weights: tensors of two or more dimensions (no bias, no norm scale)
     kept: int | None = None
     units: int | None = None
     macs: int | None = None
+    weights: int = 0  # elements of those weights
 
     @property
     def sparsity(self) -> float:
-        return self.zeros / self.params if self.params else 0.0
+        """Zeros over the elements of the layer's weight matrices and kernels: what pruning zeroes
+        (a fresh BatchNorm's zero biases are not sparsity)."""
+        return self.zeros / self.weights if self.weights else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -93,7 +96,7 @@ class Summary:
         body = []
         for r in self.rows:
             cells = [r.name, r.type, _opt(r.in_), _opt(r.out), f"{r.params:,}",
-                     f"{100 * r.sparsity:.1f}%" if r.params else "",
+                     f"{100 * r.sparsity:.1f}%" if r.weights else "",
                      f"{r.kept}/{r.units}" if r.units is not None else ""]
             if show_macs:
                 cells.append(human(r.macs) if r.macs else "")
@@ -232,6 +235,12 @@ def _own_tensors(m: nn.Module, seen: set[int]) -> tuple[list[Tensor], list[Tenso
     return own, used, weight
 
 
+def _weight_zeros(tensors: Any) -> tuple[int, int]:
+    """(zeros, elements) of the tensors with two or more dimensions: the weights pruning zeroes."""
+    weights = [t for t in tensors if t.dim() >= 2]
+    return sum(int((t == 0).sum()) for t in weights), sum(t.numel() for t in weights)
+
+
 def _frozen_constants(model: nn.Module) -> list[Tensor]:
     """The tensors a frozen TorchScript module (``torch.jit.freeze``) holds as graph constants;
     [] for anything else."""
@@ -248,7 +257,7 @@ def _module_rows(model: nn.Module) -> tuple[list[LayerRow], int]:
     frozen = _frozen_constants(model)
     if frozen:
         return [LayerRow(ROOT, "frozen constants", None, None, sum(t.numel() for t in frozen),
-                         sum(int((t == 0).sum()) for t in frozen))], 0
+                         *_weight_zeros(frozen))], 0
     rows, seen, buffers = [], set(), 0
     for name, m in model.named_modules():
         own, used, weight = _own_tensors(m, seen)
@@ -258,8 +267,9 @@ def _module_rows(model: nn.Module) -> tuple[list[LayerRow], int]:
             continue
         i, o = _in_out(m, weight)
         kept, units = _mask_counts(m)
-        rows.append(LayerRow(name or ROOT, _type_name(m), i, o, sum(p.numel() for p in own),
-                             sum(int((t == 0).sum()) for t in used), kept, units))
+        zeros, weights = _weight_zeros(used)
+        rows.append(LayerRow(name or ROOT, _type_name(m), i, o, sum(p.numel() for p in own), zeros, kept, units,
+                             weights=weights))
     return rows, buffers
 
 
@@ -283,8 +293,9 @@ def _state_dict_rows(sd: dict[str, Tensor]) -> tuple[list[LayerRow], int]:
         buffers += sum(t.numel() for k, t in tensors.items() if k not in params)
         w = params.get("weight")
         i, o = _shape_in_out(w) if w is not None else (None, None)
+        zeros, weights = _weight_zeros(params.values())
         rows.append(LayerRow(prefix or ROOT, _guess_type(tensors), i, o, sum(t.numel() for t in params.values()),
-                             sum(int((t == 0).sum()) for t in params.values())))
+                             zeros, weights=weights))
     return rows, buffers
 
 
@@ -346,9 +357,9 @@ def summary(model: nn.Module | dict, input_shape: Any = None, *, inputs: tuple |
         raise SurgeryError(f"cannot summarise a {type(model).__name__}: expected an nn.Module or a state_dict")
     mask_rows = [r for r in rows if r.units is not None]
     params = sum(r.params for r in rows)
-    zeros = sum(r.zeros for r in rows)
+    zeros, weights = sum(r.zeros for r in rows), sum(r.weights for r in rows)
     totals = {"layers": sum(1 for r in rows if r.name != OTHER), "params": params, "zeros": zeros,
-              "sparsity": round(zeros / params, 6) if params else 0.0, "buffers": buffers,
+              "sparsity": round(zeros / weights, 6) if weights else 0.0, "buffers": buffers,
               "masks": len(mask_rows), "mask_kept": sum(r.kept for r in mask_rows),
               "mask_units": sum(r.units for r in mask_rows),
               "macs": sum(r.macs or 0 for r in rows) if counted else None}
