@@ -8,19 +8,66 @@ the package; the layers above it are subpackages: ``channels`` (the channel anal
     >>> import surgery
     >>> gm = surgery.compress(model, passes=[...], example_inputs=(x,))
 """
-from . import graph
-from .activations import activation_memory, activation_sparsity, harden
-from .capture import capture
-from .channels import RULES, ChannelGroup, channel_groups, group_of, register_rule
-from .errors import (BadModelFile, ConfigError, ExportFailure, ExportMismatch, SelectionError, ShapePropagationFailure,
-                     ShrinkMismatch, SurgeryError, TraceFailure, UnsafeFile)
-from .io import export, load, load_deployed, load_model_file, load_torchscript, save, summary, verify_export
-from .pipeline import Context, Mask, Pass, UnitMask, compress, masks, penalty, step
-from .select import select_modules, select_nodes
-from .shapes import ShapeProp
-from .shrink import (ShrinkReport, apply_plan, load_plan, load_pruned, nested_errors, save_plan, save_pruned, shrink,
-                     shrink_report)
-from .weights import bits_analysis, compressed_size, finalize, sensitivity
+import importlib
+import sys
+import types
+from typing import Any
+
+# name -> (module, attribute; None: the module itself). Loaded on first use, so that `import
+# surgery` (and the command line's --version, --help and file errors) costs no torch import.
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "graph": (".graph", None),
+    **{n: (".activations", n) for n in ("activation_memory", "activation_sparsity", "harden")},
+    "capture": (".capture", "capture"),
+    **{n: (".channels", n) for n in ("RULES", "ChannelGroup", "channel_groups", "group_of", "register_rule")},
+    **{n: (".errors", n) for n in ("BadModelFile", "ConfigError", "ExportFailure", "ExportMismatch", "SelectionError",
+                                   "ShapePropagationFailure", "ShrinkMismatch", "SurgeryError", "TraceFailure",
+                                   "UnsafeFile")},
+    **{n: (".io", n) for n in ("export", "load", "load_deployed", "load_model_file", "load_torchscript", "save",
+                               "summary", "verify_export")},
+    **{n: (".pipeline", n) for n in ("Context", "Mask", "Pass", "UnitMask", "compress", "masks", "penalty", "step")},
+    **{n: (".select", n) for n in ("select_modules", "select_nodes")},
+    "ShapeProp": (".shapes", "ShapeProp"),
+    **{n: (".shrink", n) for n in ("ShrinkReport", "apply_plan", "load_plan", "load_pruned", "nested_errors",
+                                   "save_plan", "save_pruned", "shrink", "shrink_report")},
+    **{n: (".weights", n) for n in ("bits_analysis", "compressed_size", "finalize", "sensitivity")},
+}
+# functions named like the submodule that defines them: the package attribute is the function
+_SHADOWED = frozenset({"capture", "shrink"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = importlib.import_module(module, __name__)
+        value = getattr(value, attr) if attr else value
+    else:  # a submodule not imported yet (surgery.channels, surgery.io ...)
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Importing ``surgery.capture`` or ``surgery.shrink`` (the submodules) binds them to the
+    package's attribute; read through the package, the name still gives the function."""
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return getattr(value, name)
+        return value
+
+
+sys.modules[__name__].__class__ = _Package
 
 __version__ = "0.1.0"
 

@@ -232,3 +232,45 @@ def test_compress_writes_pt2_and_onnx_and_inspect_reads_them(tmp_path, suffix):
         assert info["params"] < kept and info["ops"]["Conv"] == 20 and "BatchNormalization" not in info["ops"]
     assert info["inputs"][0][1][1:] == [3, 32, 32] and isinstance(info["inputs"][0][1][0], str)  # a dynamic batch
     assert info["outputs"][0][1][1:] == [10]
+
+
+def _without_torch(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter that fails the moment anything imports torch."""
+    guard = ("import sys\nclass _NoTorch:\n    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'torch' or name.startswith('torch.'):\n"
+             "            raise ImportError('torch imported')\n"
+             "sys.meta_path.insert(0, _NoTorch())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", guard + code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_version_help_and_file_errors_import_no_torch(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    code = ("from surgery.app.cli import main\n"
+            "for argv in (['--version'], ['--help'], ['inspect', %r], ['inspect', %r], "
+            "['compress', 'torchvision.models:resnet18', '--recipe', %r, '--input-shape', '1,3,8,8', '-o', 'x.pt']):\n"
+            "    try:\n        print('rc', main(argv))\n    except SystemExit as e:\n        print('exit', e.code)\n"
+            % (str(empty), str(tmp_path / "missing.pt"), str(tmp_path / "missing.toml")))
+    proc = _without_torch(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f"surgery {surgery.__version__}"
+    assert "examples:" in proc.stdout and "surgery inspect model.pt" in proc.stdout
+    assert [line for line in proc.stdout.splitlines() if line.startswith(("rc", "exit"))] == \
+        ["exit 0", "exit 0", "rc 2", "rc 2", "rc 2"]
+    assert proc.stderr.splitlines() == [f"surgery: error: {empty}: empty file (0 bytes)",
+                                        f"surgery: error: {tmp_path / 'missing.pt'}: cannot read (no such file)",
+                                        f"surgery: error: {tmp_path / 'missing.toml'}: cannot read (no such file)"]
+
+
+def test_import_surgery_is_lazy_and_keeps_its_functions():
+    proc = _without_torch("import surgery\nprint(surgery.__version__, sorted(surgery.__all__)[:2])")
+    assert proc.returncode == 0, proc.stderr
+    import importlib
+    importlib.import_module("surgery.shrink.apply")  # the submodules bound to the package's attributes ...
+    importlib.import_module("surgery.capture")
+    assert callable(surgery.shrink) and callable(surgery.capture)  # ... which still read as the functions
+    from surgery import shrink
+    assert shrink is surgery.shrink is importlib.import_module("surgery.shrink").shrink
+    with pytest.raises(AttributeError, match="module 'surgery' has no attribute 'nonexistent'"):
+        surgery.nonexistent

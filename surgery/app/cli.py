@@ -1,7 +1,7 @@
 """The ``surgery`` command: ``inspect`` any model file, ``compress`` a model from a recipe, ``demo``.
 
     surgery inspect model.pt [--input-shape 1,3,224,224] [--json] [--groups] [--trust]
-    surgery compress torchvision.models:resnet18 --recipe examples/prune_shrink.toml \\
+    surgery compress torchvision.models:resnet18 --recipe examples/resnet18_prune_half.toml \\
         --input-shape 1,3,224,224 -o small.pt [--weights sd.pt] [--trust]
     surgery demo
 
@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Sequence
 
 from ..errors import SurgeryError
+from ..paths import readable_file
 
 __all__ = ["main", "build_parser", "model_from_spec"]
 
@@ -31,8 +32,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+EXAMPLES = """examples:
+  surgery inspect model.pt                          layers, parameters, sparsity, masks
+  surgery inspect model.pt --input-shape 1,3,224,224 --groups
+                                                    ... with MACs, and channel groups (why any is frozen)
+  surgery inspect small.onnx                        a deployed .onnx or .pt2 file, read without unpickling
+  surgery compress torchvision.models:resnet18 --recipe examples/resnet18_prune_half.toml \\
+      --input-shape 1,3,224,224 -o small.pt2        prune, shrink, export and verify
+  surgery demo                                      digits end to end: train, mask, shrink, export
+
+Python API, examples and recipes: the README, and help(surgery.compress) in Python."""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("surgery")
+    except Exception:  # running from a source tree that is not installed
+        from .. import __version__
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="surgery", description="Model surgery for PyTorch: inspect, compress, demo.")
+    p = _Parser(prog="surgery", description="Model surgery for PyTorch: inspect, compress, demo.",
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"surgery {_version()}")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", metavar="{inspect,compress,demo}", parser_class=_Parser)
 
@@ -76,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- inspect
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    readable_file(args.file)  # before torch is imported: a wrong path is reported at once
     suffix = os.path.splitext(args.file)[1].lower()
     if suffix in (".pt2", ".onnx"):  # deployed formats: read from their JSON / protobuf, nothing unpickled
         import json
@@ -232,6 +257,9 @@ def comparison(before: Any, after: Any, check: dict[str, Any]) -> str:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     import json
+    for path in (args.recipe, args.weights):
+        if path:
+            readable_file(path)
     model = model_from_spec(args.model, trust=args.trust)
     if args.weights:
         load_weights(model, args.weights, trust=args.trust)

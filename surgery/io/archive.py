@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 import zlib
 from collections import OrderedDict
@@ -44,8 +43,19 @@ from torch import Tensor, nn
 
 from ..copying import copy_module
 from ..errors import BadModelFile, ConfigError, SurgeryError, first_line
-from ..weights.storage import (_gaps, _int_in, _INT_VIEW, best_index_bits, bit_view, pack_bits,
-                               positions_in_steps, relative_codes, section_lengths, unpack_bits)
+from ..paths import regular_file
+from ..weights.storage import (
+    _INT_VIEW,
+    _gaps,
+    _int_in,
+    best_index_bits,
+    bit_view,
+    pack_bits,
+    positions_in_steps,
+    relative_codes,
+    section_lengths,
+    unpack_bits,
+)
 
 __all__ = ["save", "load", "regular_file", "EXPAND_FLOOR", "EXPAND_RATIO"]
 
@@ -59,26 +69,6 @@ _STEP = 1 << 18          # positions decoded per step: the index arrays stay sma
 _DTYPES = {n: getattr(torch, n) for n in ("bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 "
            "bfloat16 float32 float64 complex32 complex64 complex128 float8_e4m3fn float8_e5m2 float8_e4m3fnuz "
            "float8_e5m2fnuz").split() if isinstance(getattr(torch, n, None), torch.dtype)}  # what save writes
-
-
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def regular_file(path: str | os.PathLike, fd: int | None = None) -> os.stat_result:
-    """The stat of `path` (symlinks followed; of the open `fd` when given) if it is a regular file,
-    else BadModelFile ("PATH: is a FIFO, not a regular file"). Loaders call it before opening a
-    file: opening a FIFO blocks until someone writes to it, and /dev/zero never ends."""
-    try:
-        st = os.fstat(fd) if fd is not None else os.stat(path)
-    except OSError as e:
-        why = "no such file" if isinstance(e, FileNotFoundError) else e.strerror or first_line(e)
-        why = "a broken symbolic link" if isinstance(e, FileNotFoundError) and os.path.islink(path) else why
-        raise BadModelFile(path, f"cannot read ({why})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
-        raise BadModelFile(path, f"is {kind}, not a regular file")
-    return st
 
 
 def _alloc(count: int, dtype: torch.dtype, kind: str) -> Tensor:
