@@ -193,3 +193,25 @@ def test_attention_projections_are_frozen_not_crashed():
 
     _, gs = _groups(Attn(), 2, 5, 6)
     assert "MultiheadAttention" in _by_producer(gs, "inp")[0].frozen
+
+
+def test_library_rules_load_when_the_library_is_imported_after_the_analysis():
+    """Rules for timm's, torchvision's and transformers' layers wait for the library (importing
+    the channel analysis does not import them, which costs seconds); the first analysis after the
+    library is loaded registers them."""
+    code = ("import sys\nimport surgery.channels, surgery.channels.rules\n"
+            "from surgery.channels import RULES\n"
+            "assert not {'timm', 'torchvision', 'transformers'} & set(sys.modules), 'imported too early'\n"
+            "import torch, timm, surgery\n"
+            "from timm.layers import BatchNormAct2d, StdConv2d\n"
+            "from torchvision.ops.misc import Permute\n"
+            "before = [c in RULES for c in (BatchNormAct2d, StdConv2d, Permute)]\n"
+            "m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()\n"
+            "surgery.channel_groups(surgery.capture(m, (torch.randn(1, 3, 8, 8),)))\n"
+            "print(before, [c in RULES for c in (BatchNormAct2d, StdConv2d, Permute)], "
+            "'transformers' in sys.modules)\n")
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[False, False, False] [True, True, True] False"

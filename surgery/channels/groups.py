@@ -40,7 +40,7 @@ from .boundary import Boundary, check_boundary, handed_leaves, seed
 from .checks import check_sizes, check_tensor_uses
 from .components import components
 from .points import mask_points
-from .rulebook import NO_CHANNELS, RULES, Ids, Rule, RuleContext, _RawPlace, varying
+from .rulebook import NO_CHANNELS, RULES, Ids, Rule, RuleContext, _RawPlace, load_pending, varying
 from .rules.modules import mask_rule  # importing .rules registers the standard table
 
 __all__ = ["ChannelGroup", "Place", "ChannelGraph", "group_of", "analyze"]
@@ -153,6 +153,7 @@ class ChannelGraph:
         return start
 
     def run(self) -> "ChannelGraph":
+        load_pending()  # rules for library functions (torchvision's) once the library is loaded
         for self.gm, self.boundary in self.parts:  # rules see the graph being walked
             self._walk()
         self.gm, self.boundary = self.parts[0]

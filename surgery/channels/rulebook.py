@@ -28,7 +28,7 @@ from ..graph import submodule
 if TYPE_CHECKING:
     from .groups import ChannelGraph
 
-__all__ = ["RULES", "Rule", "NO_CHANNELS", "register_rule", "RuleContext", "passthrough", "channel_local", "frozen",
+__all__ = ["RULES", "Rule", "NO_CHANNELS", "register_rule", "when_imported", "load_pending", "RuleContext", "passthrough", "channel_local", "frozen",
            "varying", "Ids"]
 
 Ids = np.ndarray  # int64, broadcastable to the tensor's shape
@@ -57,6 +57,27 @@ def register_rule(target: Any, rule: Rule) -> Rule:
     """
     RULES[target] = rule
     return rule
+
+
+_PENDING: list[tuple[str, Callable[[], None]]] = []
+
+
+def when_imported(module: str, register: Callable[[], None]) -> None:
+    """Run `register` (registering rules for a library's functions) once `module` is imported,
+    at the start of the next analysis: importing the channel analysis must not import the library
+    (torchvision costs seconds), and a graph can only call its functions once it is loaded."""
+    _PENDING.append((module, register))
+
+
+def load_pending() -> None:
+    """Register the rules :func:`when_imported` deferred whose library is now imported."""
+    import sys
+    for item in [item for item in _PENDING if item[0] in sys.modules]:
+        _PENDING.remove(item)
+        try:
+            item[1]()
+        except (ImportError, AttributeError):  # an optional library whose layout changed: no rules for it
+            pass
 
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ...norms import emit_mean, emit_norm
-from ..rulebook import RuleContext, register_rule, varying
+from ..rulebook import RuleContext, register_rule, varying, when_imported
 from .common import (_ConvNd, _layernorm, _linear, _owner, _softmax, _spatial_ok, bn_values, conv_rule, no_folds,
                      normalised, pool_rule, spatial_keep_rule)
 
@@ -315,11 +315,12 @@ def stochastic_depth_rule(ctx: RuleContext):
     return lay, (v if not training else np.where(v == 0, 0.0, np.nan))
 
 
-try:
+def _torchvision_rules() -> None:
     import torchvision.ops as _tvops
     register_rule(_tvops.stochastic_depth, stochastic_depth_rule)
     from torchvision.ops import stochastic_depth as _sd_mod
     register_rule(getattr(_sd_mod, "stochastic_depth", _tvops.stochastic_depth), stochastic_depth_rule)
-except Exception:  # torchvision is optional
-    pass
+
+
+when_imported("torchvision", _torchvision_rules)  # torchvision is optional, and slow to import
 

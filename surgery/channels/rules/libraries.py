@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..rulebook import NO_CHANNELS, RuleContext, channel_local, register_rule, varying
+from ..rulebook import NO_CHANNELS, RuleContext, channel_local, register_rule, varying, when_imported
 from .common import _BN_PARAMS, _linear, bn_values, conv_rule, no_folds
 from .operands import untracked_operand
 
@@ -66,27 +66,33 @@ def transposed_linear_rule(ctx: RuleContext):
     return _linear(ctx, ctx.ids(ctx.x), [(m, "weight", 0)], [], [(m, "weight", 1), (m, "bias", 0)], [(m, "nf")])
 
 
-try:
+def _transformers_rules() -> None:
     from transformers.pytorch_utils import Conv1D as _HFConv1D
-except Exception:  # transformers is optional
-    _HFConv1D = None
-if _HFConv1D is not None:
     register_rule(_HFConv1D, transposed_linear_rule)
 
-try:
+
+def _timm_rules() -> None:
     from timm import layers as _timm_layers
-except Exception:  # timm is optional
-    _timm_layers = None
-if _timm_layers is not None:
-    for _name in ("BatchNormAct2d", "SyncBatchNormAct"):
-        if hasattr(_timm_layers, _name):
-            register_rule(getattr(_timm_layers, _name),
+    for name in ("BatchNormAct2d", "SyncBatchNormAct"):
+        if hasattr(_timm_layers, name):
+            register_rule(getattr(_timm_layers, name),
                           channel_local(_BN_PARAMS, attrs=("num_features",), values=_bn_act_values))
     if hasattr(_timm_layers, "Conv2dSame"):
         register_rule(_timm_layers.Conv2dSame, padded_conv_rule)
-    for _name in ("StdConv2dSame", "ScaledStdConv2dSame", "StdConv2d", "ScaledStdConv2d"):
-        if hasattr(_timm_layers, _name):
-            register_rule(getattr(_timm_layers, _name), standardised_conv_rule)
+    for name in ("StdConv2dSame", "ScaledStdConv2dSame", "StdConv2d", "ScaledStdConv2d"):
+        if hasattr(_timm_layers, name):
+            register_rule(getattr(_timm_layers, name), standardised_conv_rule)
+    from timm.layers import _fx as _timm_fx
+    for fn in list(_timm_fx.get_notrace_functions()):
+        if getattr(fn, "__name__", "") in _REARRANGING:
+            register_rule(fn, rearranging_rule)
+        elif getattr(fn, "__name__", "") == "maybe_add_mask":
+            register_rule(fn, maybe_add_mask_rule)
+
+
+# optional libraries, slow to import: their rules are registered once a model of theirs is loaded
+when_imported("transformers.pytorch_utils", _transformers_rules)
+when_imported("timm.layers", _timm_rules)
 
 
 def patch_merging_rule(ctx: RuleContext):
@@ -103,19 +109,22 @@ def patch_merging_rule(ctx: RuleContext):
                                                 if v is not None else None)
 
 
-try:
+def _swin_rules() -> None:
     from torchvision.models import swin_transformer as _tv_swin
-except Exception:  # torchvision is optional here
-    _tv_swin = None
-if _tv_swin is not None and hasattr(_tv_swin, "_patch_merging_pad"):
-    register_rule(_tv_swin._patch_merging_pad, patch_merging_rule)
-try:
+    if hasattr(_tv_swin, "_patch_merging_pad"):
+        register_rule(_tv_swin._patch_merging_pad, patch_merging_rule)
+
+
+def _swin3d_rules() -> None:
     from torchvision.models.video import swin_transformer as _tv_swin3d
-except Exception:
-    _tv_swin3d = None
-if _tv_swin3d is not None and hasattr(_tv_swin3d, "_compute_attention_mask_3d"):
-    # builds the shifted windows' mask from sizes; its tensor argument only lends dtype and device
-    register_rule(_tv_swin3d._compute_attention_mask_3d, lambda ctx: NO_CHANNELS)
+    if hasattr(_tv_swin3d, "_compute_attention_mask_3d"):
+        # builds the shifted windows' mask from sizes; its tensor argument only lends dtype and device
+        register_rule(_tv_swin3d._compute_attention_mask_3d, lambda ctx: NO_CHANNELS)
+
+
+# torchvision is optional, and slow to import: registered once a model of it is loaded
+when_imported("torchvision.models.swin_transformer", _swin_rules)
+when_imported("torchvision.models.video.swin_transformer", _swin3d_rules)
 
 
 def rearranging_rule(ctx: RuleContext):
@@ -146,14 +155,3 @@ def maybe_add_mask_rule(ctx: RuleContext):
 
 _REARRANGING = {"window_reverse", "window_reverse_nchw", "grid_reverse", "grid_reverse_nchw", "deblockify",
                 "window_partition", "window_partition_nchw", "grid_partition", "grid_partition_nchw", "blockify"}
-if _timm_layers is not None:
-    try:
-        from timm.layers import _fx as _timm_fx
-        _timm_notrace = list(_timm_fx.get_notrace_functions())
-    except Exception:
-        _timm_notrace = []
-    for _fn in _timm_notrace:
-        if getattr(_fn, "__name__", "") in _REARRANGING:
-            register_rule(_fn, rearranging_rule)
-        elif getattr(_fn, "__name__", "") == "maybe_add_mask":
-            register_rule(_fn, maybe_add_mask_rule)

@@ -12,7 +12,7 @@ import numpy as np
 from torch import nn
 
 from ...norms import emit_norm
-from ..rulebook import RuleContext, channel_local, passthrough, register_rule
+from ..rulebook import RuleContext, channel_local, passthrough, register_rule, when_imported
 from .common import (_BN_PARAMS, _layernorm, _linear, _softmax, _vals, bn_values, conv_rule, pool_rule, reshape_rule,
                      spatial_keep_rule)
 
@@ -178,10 +178,11 @@ for _cls in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
     register_rule(_cls, spatial_keep_rule)
 for _cls in (nn.Softmax, nn.LogSoftmax, nn.Softmin):
     register_rule(_cls, softmax_module_rule)
-try:
+def _torchvision_rules() -> None:
     from torchvision.ops.misc import Permute as _TvPermute
     register_rule(_TvPermute, permute_module_rule)
-except Exception:  # torchvision is optional
-    pass
+
+
+when_imported("torchvision", _torchvision_rules)  # torchvision is optional, and slow to import
 register_rule(nn.Flatten, reshape_rule)
 
