@@ -93,6 +93,8 @@ class DAM:
     cold_start: int = 0
     # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
     inserts: ClassVar[tuple] = ("dam_*", DAMMask)
+    # what the command line says when it refuses the pass: it does its work in the user's training loop
+    trains: ClassVar[str] = "learns its masks in training (loss + surgery.penalty, surgery.step)"
 
     def __post_init__(self) -> None:
         check.selector("DAM", "select", self.select, empty_ok=False)

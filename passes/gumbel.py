@@ -98,6 +98,7 @@ class GumbelMask:
     trainable: Selector = None
     # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
     inserts: ClassVar[tuple] = ("gumbel_*", GumbelGate)
+    trains: ClassVar[str] = "learns its gates in training (loss + surgery.penalty)"
 
     def __post_init__(self) -> None:
         check.selector("GumbelMask", "select", self.select, empty_ok=False)

@@ -152,6 +152,11 @@ class MagnitudePrune:
         check.instance("MagnitudePrune", "schedule", self.schedule, AGP)
         check.identifier("MagnitudePrune", "param", self.param, "a module tensor's name such as 'weight' or 'bias'")
 
+    @property
+    def trains(self) -> str | None:
+        """Why the command line refuses the pass (its schedule advances with training steps), or None."""
+        return None if self.schedule is None else "reaches its sparsity over training steps (surgery.step)"
+
     def targets(self, model: nn.Module) -> dict[str, tuple[nn.Module, str, float]]:
         """tensor name -> (module, attribute, target sparsity) for the tensors this pass prunes."""
         out = {}

@@ -139,6 +139,7 @@ class Sparsifier:
     hard: bool = False
     # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
     inserts: ClassVar[tuple] = ("sparsify_*", SparsifierModule)
+    trains: ClassVar[str] = "learns its thresholds in training (loss + surgery.penalty, surgery.step)"
 
     def __post_init__(self) -> None:
         check.selector("Sparsifier", "select", self.select, empty_ok=False)

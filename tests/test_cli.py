@@ -274,3 +274,15 @@ def test_import_surgery_is_lazy_and_keeps_its_functions():
     assert shrink is surgery.shrink is importlib.import_module("surgery.shrink").shrink
     with pytest.raises(AttributeError, match="module 'surgery' has no attribute 'nonexistent'"):
         surgery.nonexistent
+
+
+@pytest.mark.parametrize("recipe, culprit", [("dam_masks.toml", "#1 (DAM) learns its masks in training"),
+                                             ("magnitude_agp.toml", "#1 (MagnitudePrune) reaches its sparsity over "
+                                                                    "training steps")])
+def test_recipes_that_need_training_are_refused(tmp_path, recipe, culprit):
+    """Exporting them here would write the untrained model (0% sparse, every mask open)."""
+    out = tmp_path / "x.pt"
+    proc = run("compress", "torchvision.models:resnet18", "--recipe", ROOT / "examples" / recipe,
+               "--input-shape", "1,3,32,32", "-o", out)
+    assert_one_line_error(proc, culprit, "which the command line does not run")
+    assert not out.exists()

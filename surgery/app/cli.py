@@ -211,6 +211,12 @@ def compress_command(model: Any, recipe: str, input_shape: str, output: str, lab
     from ..verify import max_abs_diff, max_rel_diff, run_eval
     from .recipe import load_recipe
     passes = load_recipe(recipe, model=model)  # a selection that matches nothing fails before any work
+    for i, p in enumerate(passes, 1):
+        why = getattr(p, "trains", None)
+        if why:  # exporting it now would write the model as it was before training, masks and all
+            raise SurgeryError(f"{recipe}: [[passes]] #{i} ({type(p).__name__}) {why}, which the command line does "
+                               "not run: in Python, surgery.compress(model, surgery.app.recipe.load_recipe(recipe), "
+                               "x), train, then Shrink and export (see the README's examples)")
     gen = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(s, generator=gen) for s in parse_shapes(input_shape))
     model.eval()
