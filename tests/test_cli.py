@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -286,3 +287,58 @@ def test_recipes_that_need_training_are_refused(tmp_path, recipe, culprit):
                "--input-shape", "1,3,32,32", "-o", out)
     assert_one_line_error(proc, culprit, "which the command line does not run")
     assert not out.exists()
+
+
+def test_compress_in_a_terminal_shows_its_stages_and_plots_the_widths(tmp_path):
+    """stderr a pseudo-terminal: one line per stage with its time; the --plot image is written."""
+    import pty
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out, image = tmp_path / "small.pt", tmp_path / "widths.png"
+    proc = subprocess.Popen([sys.executable, "-m", "surgery", "compress", "torchvision.models:resnet18", "--recipe",
+                             str(ROOT / "examples" / "resnet18_prune_half.toml"), "--input-shape", "1,3,32,32",
+                             "-o", str(out), "--plot", str(image)], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    stdout = proc.stdout.read().decode()
+    proc.wait(timeout=300)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    assert proc.returncode == 0, err.decode()
+    stages = [line.split(" ...")[0] for line in err.decode().splitlines()]
+    assert stages == ["surgery: build torchvision.models:resnet18", "surgery: count parameters and MACs",
+                      "surgery: capture and ChannelPrune", "surgery: Shrink (checked against the masked model)",
+                      f"surgery: export {out} and verify it", "surgery: compare with the masked model"]
+    assert all(re.search(r" \.\.\. \d+\.\d s$", line) for line in err.decode().splitlines())
+    assert "26.1% of before" in stdout
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    quiet = run("compress", "torchvision.models:resnet18", "--recipe", ROOT / "examples" / "resnet18_prune_half.toml",
+                "--input-shape", "1,3,32,32", "-o", out, "--quiet")
+    assert quiet.stderr == ""  # not a terminal, and --quiet: silent
+
+
+def test_plot_needs_what_it_draws(tmp_path):
+    torch.save(Net().state_dict(), tmp_path / "sd.pt")
+    assert_one_line_error(run("inspect", tmp_path / "sd.pt", "--plot", tmp_path / "x.png"),
+                          "--plot draws the channel groups, which need --input-shape")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[passes]]\npass = "ChannelPrune"\nratio = 0.5\n')
+    assert_one_line_error(run("compress", "torchvision.models:resnet18", "--recipe", recipe, "--input-shape",
+                              "1,3,32,32", "-o", tmp_path / "x.pt", "--plot", tmp_path / "x.png"),
+                          "--plot draws what Shrink removed, and", "has no Shrink pass")
+
+
+def test_inspect_plots_the_groups_of_a_model(tmp_path):
+    gm = surgery.capture(Net().eval(), (torch.randn(1, 1, 8, 8),))  # a GraphModule pickles without Net's code
+    torch.save(gm, tmp_path / "net.pt")
+    proc = run("inspect", tmp_path / "net.pt", "--trust", "--input-shape", "1,1,8,8", "--plot", tmp_path / "g.png")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    assert "channel groups:" not in proc.stdout  # drawn, not listed (that is --groups)

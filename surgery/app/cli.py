@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     i.add_argument("--groups", action="store_true", help="show channel groups and why any is frozen")
     i.add_argument("--trust", action="store_true", help="allow full unpickling (runs code from the file)")
+    i.add_argument("--plot", metavar="IMAGE", help="draw each layer's width by channel group, frozen groups "
+                                                   "marked with their reason (needs --input-shape)")
 
     c = sub.add_parser("compress", help="apply a TOML recipe of passes, shrink, export",
                        description="Capture MODEL, apply the recipe's passes, shrink when the recipe lists "
@@ -85,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--freeze", action="store_true", help="write a frozen, inference-only TorchScript file "
                    "(what to deploy; see surgery.export)")
     c.add_argument("--json", action="store_true", help="print one JSON document (before, after, check)")
-    c.add_argument("--quiet", action="store_true", help="print only the before/after comparison")
+    c.add_argument("--quiet", action="store_true", help="print only the before/after comparison (no progress)")
+    c.add_argument("--plot", metavar="IMAGE", help="draw each layer's width before and after Shrink, by channel "
+                                                   "group (.png, .svg, .pdf)")
 
     d = sub.add_parser("demo", help="train, mask, shrink and export a digits CNN end to end",
                        description="On scikit-learn's digits: train a small CNN, add DAM masks, train with "
@@ -111,8 +115,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     from ..io.files import load_model_file
     from ..io.inspect import summary
+    if args.plot and not args.input_shape:
+        raise SurgeryError("--plot draws the channel groups, which need --input-shape to follow tensor shapes")
     loaded = load_model_file(args.file, trust=args.trust)
-    s = summary(loaded.model, args.input_shape, groups=args.groups, source=args.file, kind=loaded.kind)
+    s = summary(loaded.model, args.input_shape, groups=args.groups or bool(args.plot), source=args.file,
+                kind=loaded.kind)
+    if args.plot:
+        if not s.groups:
+            raise SurgeryError(f"--plot: {args.file}: {next((n for n in s.notes if 'channel groups' in n), 'no groups')}")
+        from ..io.plot import plot_groups
+        plot_groups(s.groups, args.plot, f"{args.file}: channel groups")
+    if not args.groups:
+        s.groups = None  # drawn, not listed
     if loaded.note:
         s.notes.insert(0, loaded.note)
     print(s.to_json() if args.json else s.table())
@@ -197,9 +211,28 @@ def _split_at_shrink(passes: Sequence[Any]) -> tuple[list, list]:
     return list(passes), []
 
 
+class _Stages:
+    """One line per stage on stderr ("surgery: shrink (self-check) ... 0.4 s"), when it is a
+    terminal: a compress of a large model is minutes of work."""
+
+    def __init__(self, on: bool):
+        self.on, self.t = on, None
+
+    def __call__(self, what: str | None) -> None:
+        import time
+        if not self.on:
+            return
+        if self.t is not None:
+            print(f" {time.perf_counter() - self.t:.1f} s", file=sys.stderr, flush=True)
+        self.t = time.perf_counter() if what else None
+        if what:
+            print(f"surgery: {what} ...", end="", file=sys.stderr, flush=True)
+
+
 def compress_command(model: Any, recipe: str, input_shape: str, output: str, label: str = "", *,
-                     freeze: bool = False) -> dict[str, Any]:
-    """Run a recipe on `model` and export it; return the before/after summaries and the check."""
+                     freeze: bool = False, plot: str | None = None, stages: _Stages | None = None) -> dict[str, Any]:
+    """Run a recipe on `model` and export it; return the before/after summaries and the check.
+    `plot`: an image of the widths before and after Shrink (see :mod:`surgery.io.plot`)."""
     import torch
 
     import surgery
@@ -217,17 +250,29 @@ def compress_command(model: Any, recipe: str, input_shape: str, output: str, lab
             raise SurgeryError(f"{recipe}: [[passes]] #{i} ({type(p).__name__}) {why}, which the command line does "
                                "not run: in Python, surgery.compress(model, surgery.app.recipe.load_recipe(recipe), "
                                "x), train, then Shrink and export (see the README's examples)")
+    stages = stages or _Stages(False)
     gen = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(s, generator=gen) for s in parse_shapes(input_shape))
-    model.eval()
-    before = summary(model, inputs=inputs, source=label or type(model).__name__, kind="before")
     pre, post = _split_at_shrink(passes)
-    masked = surgery.compress(model, passes=pre, example_inputs=inputs)
-    small = surgery.compress(masked, passes=post, example_inputs=inputs) if post else masked
+    if plot and not post:
+        raise SurgeryError(f"--plot draws what Shrink removed, and {recipe} has no Shrink pass")
     kind = format_of(output)
     if freeze and kind != "torchscript":
         raise SystemExit(f"surgery: error: --freeze writes TorchScript; {output} is a {kind} file")
+    model.eval()
+    stages("count parameters and MACs")
+    before = summary(model, inputs=inputs, source=label or type(model).__name__, kind="before")
+    stages(f"capture and {', '.join(type(p).__name__ for p in pre) or 'no passes'}")
+    masked = surgery.compress(model, passes=pre, example_inputs=inputs)
+    if post:
+        stages(f"{', '.join(type(p).__name__ for p in post)} (checked against the masked model)")
+    small = surgery.compress(masked, passes=post, example_inputs=inputs) if post else masked
+    if plot:
+        from ..io.plot import plot_report
+        plot_report(surgery.shrink_report(small), plot, f"{label}: {os.path.basename(recipe)}")
+    stages(f"export {output} and verify it")
     surgery.export(small, output, inputs, freeze=freeze)
+    stages("compare with the masked model")
     ref = run_eval(masked, inputs)
     if kind == "torchscript":
         exported = load_model_file(output)
@@ -241,6 +286,7 @@ def compress_command(model: Any, recipe: str, input_shape: str, output: str, lab
             ref = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
     check = {"max_abs_diff": max_abs_diff(ref, got), "max_rel_diff": max_rel_diff(ref, got),
              "passes": [repr(p) for p in passes], "output": output, "bytes": os.path.getsize(output)}
+    stages(None)
     return {"before": before, "after": after, "check": check}
 
 
@@ -266,10 +312,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     for path in (args.recipe, args.weights):
         if path:
             readable_file(path)
+    stages = _Stages(sys.stderr.isatty() and not (args.quiet or args.json))
+    stages(f"build {args.model}")
     model = model_from_spec(args.model, trust=args.trust)
     if args.weights:
         load_weights(model, args.weights, trust=args.trust)
-    out = compress_command(model, args.recipe, args.input_shape, args.output, label=args.model, freeze=args.freeze)
+    out = compress_command(model, args.recipe, args.input_shape, args.output, label=args.model, freeze=args.freeze,
+                           plot=args.plot, stages=stages)
     ok = out["check"]["max_rel_diff"] <= 1e-4
     if args.json:
         print(json.dumps({"before": out["before"].as_dict(), "after": out["after"].as_dict(),
