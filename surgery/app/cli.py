@@ -122,7 +122,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 kind=loaded.kind)
     if args.plot:
         if not s.groups:
-            raise SurgeryError(f"--plot: {args.file}: {next((n for n in s.notes if 'channel groups' in n), 'no groups')}")
+            why = next((n for n in s.notes if "channel groups" in n), "no channel groups")
+            raise SurgeryError(f"--plot: {args.file}: {why}")
         from ..io.plot import plot_groups
         plot_groups(s.groups, args.plot, f"{args.file}: channel groups")
     if not args.groups:

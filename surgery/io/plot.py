@@ -54,7 +54,8 @@ def plot_groups(groups: list[dict[str, Any]], path: str | os.PathLike, title: st
         colour = "0.6" if frozen else colours(g["id"] % 20)
         after = g.get("after", g["size"])
         ax.barh(row, g["size"], color="none", edgecolor=colour, linewidth=1.0)
-        ax.barh(row, after, color=colour, alpha=0.85, hatch="//" if frozen else None, edgecolor="0.3" if frozen else None)
+        ax.barh(row, after, color=colour, alpha=0.85, hatch="//" if frozen else None,
+                edgecolor="0.3" if frozen else None)
         ax.text(g["size"], row, f" {after}/{g['size']}" if after != g["size"] else f" {g['size']}", va="center",
                 fontsize=7)
     ax.set_yticks(range(len(bars)), [f"{name}  (g{g['id']})" for name, g in bars], fontsize=7)
