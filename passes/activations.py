@@ -213,8 +213,11 @@ class CompressActivations:
         select: which regions (see the module docstring); None means the whole model.
         exclude: modules left out (their ops are not put in a region).
         keep: fraction of values (threshold) or coefficients (dct, wavelet) kept.
-        block: DCT tile size. wavelet, level: the DWT's pywavelets filter bank and depth.
-        group_size, stochastic: int8/int4 quantization groups and rounding.
+        block: DCT tile size.
+        wavelet: the DWT's pywavelets filter bank.
+        level: the DWT's depth.
+        group_size: values per int8/int4 quantization group.
+        stochastic: stochastic rounding for int8/int4.
     """
 
     method: str = "dct"

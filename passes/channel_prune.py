@@ -73,16 +73,18 @@ class ChannelPrune:
             (see :func:`passes._importance.split_batch`). A list or a DataLoader, not a generator,
             when ``steps > 1``.
         loss_fn: ``loss_fn(output, target) -> scalar tensor``, for "taylor" and "hessian".
-        target_macs / target_params: prune to a budget instead of a ratio: keep this fraction
-            of the model's MACs (on the example inputs) or parameters, within about 2%. Channels
+        target_macs: prune to a budget instead of a ratio: keep this fraction of the model's
+            MACs (on the example inputs), within about 2%.
+        target_params: the same for the parameters (give one target, or a ratio). Channels
             are ranked across groups by their scores divided by their group's mean (LAMP's as
             they are); see :mod:`passes._budget` for how the result is predicted.
         steps: prune in this many stages (the ratio, or the budget's cut, in equal steps), the
             scores recomputed on the masked model at each, and `finetune` called between them.
         finetune: ``finetune(model, step)``, called after each stage but the last with the masked
             GraphModule (masked channels stay zero while it trains). Fine-tune after Shrink as usual.
-        select / exclude: which producers (modules) may be pruned; a group is pruned when
-            one of its producers is selected and none is excluded.
+        select: which producers (modules) may be pruned; a group is pruned when one of its
+            producers is selected and none is excluded.
+        exclude: producers that may not be pruned.
         scope: "local" or "global" ranking (for `ratio`; budgets always rank globally).
         round_to: keep a multiple of this many channels per group (8 suits vector hardware).
         seed: for criterion="random".
