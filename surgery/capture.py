@@ -36,6 +36,7 @@ from .layers import (
 )
 from .libraries import library_leaves
 from .nested import submodule_examples
+from .progress import staged
 from .shapes import annotate_shapes
 from .signature import (
     TraceArguments,
@@ -295,6 +296,7 @@ def _shell(root: nn.Module) -> fx.GraphModule:
 
 
 @gc_paused()
+@staged(lambda model, *a, **k: f"capture {type(model).__name__}")
 def capture(
     model: nn.Module,
     example_inputs: Any = None,

@@ -22,6 +22,7 @@ from .calling import as_inputs
 from .capture import capture, surgery_meta
 from .copying import copy_module, gc_paused
 from .errors import SurgeryError
+from .progress import stage
 from .shapes import annotate_shapes
 
 __all__ = ["Pass", "Mask", "UnitMask", "Context", "compress", "masks", "penalty", "step", "whole"]
@@ -175,7 +176,8 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
     elif isinstance(model, nn.Module):
         if inplace:
             raise SurgeryError("inplace=True needs a GraphModule; an nn.Module is always captured as a copy")
-        gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _code=False)
+        with stage(f"capture {type(model).__name__}"):
+            gm = capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _code=False)
     else:
         raise SurgeryError(f"compress expects an nn.Module, got {type(model).__name__}")
     ctx = Context(example_inputs=inputs)
@@ -184,7 +186,8 @@ def compress(model: nn.Module, passes: Sequence[Pass], example_inputs: Any = Non
         if stale and getattr(p, "needs_code", True):
             gm.recompile()
         code_before = gm._code
-        out = p.apply(gm, ctx)
+        with stage(type(p).__name__):
+            out = p.apply(gm, ctx)
         if not isinstance(out, fx.GraphModule):
             if isinstance(out, nn.Module) and p is passes[-1]:  # the model in its own classes: Shrink(into="modules")
                 return out

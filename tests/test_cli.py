@@ -289,15 +289,12 @@ def test_recipes_that_need_training_are_refused(tmp_path, recipe, culprit):
     assert not out.exists()
 
 
-def test_compress_in_a_terminal_shows_its_stages_and_plots_the_widths(tmp_path):
-    """stderr a pseudo-terminal: one line per stage with its time; the --plot image is written."""
+def _in_pty(cmd: list[str]) -> tuple[str, str, int]:
+    """Run `cmd` with stderr on a pseudo-terminal: (stdout, stderr, exit status)."""
     import pty
     master, slave = pty.openpty()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    out, image = tmp_path / "small.pt", tmp_path / "widths.png"
-    proc = subprocess.Popen([sys.executable, "-m", "surgery", "compress", "torchvision.models:resnet18", "--recipe",
-                             str(ROOT / "examples" / "resnet18_prune_half.toml"), "--input-shape", "1,3,32,32",
-                             "-o", str(out), "--plot", str(image)], stdout=subprocess.PIPE, stderr=slave, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     stdout = proc.stdout.read().decode()
     proc.wait(timeout=300)
@@ -311,12 +308,36 @@ def test_compress_in_a_terminal_shows_its_stages_and_plots_the_widths(tmp_path):
             break
         err += chunk
     os.close(master)
-    assert proc.returncode == 0, err.decode()
-    stages = [line.split(" ...")[0] for line in err.decode().splitlines()]
+    return stdout, err.decode().replace("\r\n", "\n"), proc.returncode
+
+
+def test_long_work_says_what_it_is_doing_on_a_terminal_only():
+    """surgery.progress: a stage still running after DELAY prints a line, with its time when done
+    (DELAY 0 here); nothing when stderr is not a terminal."""
+    code = ("import torch, surgery, surgery.progress as P\nfrom passes import ChannelPrune, Shrink\nP.DELAY = 0.0\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()\n"
+            "surgery.compress(m, [ChannelPrune(0.5), Shrink()], (torch.randn(2, 4),))\n")
+    _, err, status = _in_pty([sys.executable, "-c", code])
+    assert status == 0, err
+    assert [line.split(" ...")[0] for line in err.splitlines()] == \
+        ["surgery: capture Sequential", "surgery: ChannelPrune", "surgery: Shrink"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert plain.returncode == 0 and plain.stderr == ""
+
+
+def test_compress_in_a_terminal_shows_its_stages_and_plots_the_widths(tmp_path):
+    """stderr a pseudo-terminal: one line per stage with its time; the --plot image is written."""
+    out, image = tmp_path / "small.pt", tmp_path / "widths.png"
+    stdout, err, code = _in_pty([sys.executable, "-m", "surgery", "compress", "torchvision.models:resnet18",
+                                 "--recipe", str(ROOT / "examples" / "resnet18_prune_half.toml"), "--input-shape",
+                                 "1,3,32,32", "-o", str(out), "--plot", str(image)])
+    assert code == 0, err
+    stages = [line.split(" ...")[0] for line in err.splitlines()]
     assert stages == ["surgery: build torchvision.models:resnet18", "surgery: count parameters and MACs",
                       "surgery: capture and ChannelPrune", "surgery: Shrink (checked against the masked model)",
                       f"surgery: export {out} and verify it", "surgery: compare with the masked model"]
-    assert all(re.search(r" \.\.\. \d+\.\d s$", line) for line in err.decode().splitlines())
+    assert all(re.search(r" \.\.\. \d+\.\d s$", line) for line in err.splitlines())
     assert "26.1% of before" in stdout
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     quiet = run("compress", "torchvision.models:resnet18", "--recipe", ROOT / "examples" / "resnet18_prune_half.toml",

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from ..errors import SurgeryError
 from ..paths import readable_file
+from ..progress import quiet
 
 __all__ = ["main", "build_parser", "model_from_spec"]
 
@@ -318,8 +319,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model = model_from_spec(args.model, trust=args.trust)
     if args.weights:
         load_weights(model, args.weights, trust=args.trust)
-    out = compress_command(model, args.recipe, args.input_shape, args.output, label=args.model, freeze=args.freeze,
-                           plot=args.plot, stages=stages)
+    with quiet():  # the command's own stage lines say it all
+        out = compress_command(model, args.recipe, args.input_shape, args.output, label=args.model,
+                               freeze=args.freeze, plot=args.plot, stages=stages)
     ok = out["check"]["max_rel_diff"] <= 1e-4
     if args.json:
         print(json.dumps({"before": out["before"].as_dict(), "after": out["after"].as_dict(),

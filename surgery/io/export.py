@@ -28,6 +28,7 @@ from torch import nn
 
 from ..calling import as_inputs, call
 from ..errors import ExportFailure, first_line
+from ..progress import staged
 from ..verify import eval_mode, max_rel_diff, run_eval
 from .deploy import export_onnx, export_pt2, format_of
 
@@ -60,6 +61,7 @@ def _containers(value: Any) -> list[Any]:
     return []
 
 
+@staged(lambda model, path, *a, **k: f"export {path} and verify it")
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, format: str | None = None,
            method: str = "auto", freeze: bool = False, tol: float = 1e-5) -> Path:
     """Write `model` (in eval mode) to `path`, reload it as deployment does, check it reproduces

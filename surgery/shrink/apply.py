@@ -39,6 +39,7 @@ from ..errors import ShrinkMismatch, SurgeryError
 from ..graph import drop_dead_nodes, finish, layer_of
 from ..nested import output_items, recording_calls, replay
 from ..pipeline import UnitMask
+from ..progress import staged
 from ..shapes import ShapeProp
 from ..verify import eval_mode, max_rel_diff
 from .edits import Editor
@@ -142,6 +143,7 @@ def _first_difference(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple | dict
     return None
 
 
+@staged(lambda gm, *a, **k: "Shrink (and its self-check)")
 @gc_paused()
 def shrink(gm: fx.GraphModule, example_inputs: Any, tol: float = 1e-4, *, inplace: bool = False,
            into: str = "graph") -> nn.Module:
