@@ -198,6 +198,13 @@ class ChannelPrune:
         for step in range(1, self.steps + 1):
             scores = self._step_scores(gm, chosen, kept)
             keep = self._decide(step, chosen, scores, segs, costs)
+            if costs is not None:  # a budget counts what Shrink removes: drop groups whose masks it would keep
+                stuck = self._place_removable(gm, chosen, points, {gid: keep[gid] & kept[gid] for gid in kept},
+                                              masks)
+                if stuck:
+                    chosen = [g for g in chosen if g.id not in stuck]
+                    keep = self._decide(step, chosen, {g.id: scores[g.id] for g in chosen}, segs, costs)
+                    keep.update({gid: np.ones_like(kept[gid]) for gid in stuck})
             kept = {gid: keep[gid] & kept[gid] for gid in kept}
             self._place(gm, chosen, points, kept, masks)
             if step < self.steps and self.finetune is not None:
@@ -228,6 +235,31 @@ class ChannelPrune:
         if self.scope == "local":
             return {g.id: self._keep(scores[g.id], segs[g.id], ratio) for g in chosen}
         return self._keep_global(chosen, scores, segs, ratio)
+
+    def _place_removable(self, gm: fx.GraphModule, chosen: list[ChannelGroup], points: dict,
+                         keep: dict[int, np.ndarray], masks: dict[int, HardMask]) -> set[int]:
+        """Place `keep`'s masks and ask Shrink's planner which of them it would realise: the ids of
+        groups that keep masked channels (a LayerNorm reading a nonzero value in them, a bias
+        after the mask). Their masks are opened again (all ones); Shrink would not remove them,
+        so they would only cost accuracy."""
+        from surgery.shrink.plan import Decider
+        self._place(gm, chosen, points, keep, masks)
+        by_mask = {id(m): gid for gid, m in masks.items()}
+        stuck: set[int] = set()
+        for cg in analyze_tree(gm).values():
+            decider = Decider(cg)
+            decider.run()
+            held = decider.candidate & decider.keep  # masked, and kept all the same
+            if not held.any():
+                continue
+            for p in cg.places:
+                if p.role == "mask" and held[cg.chan_of_elem[p.ids]].any():
+                    gid = by_mask.get(id(p.node.graph.owning_module.get_submodule(str(p.node.target))))
+                    if gid is not None:
+                        stuck.add(gid)
+        for gid in stuck:
+            masks[gid].keep.fill_(1.0)
+        return stuck
 
     def _place(self, gm: fx.GraphModule, chosen: list[ChannelGroup], points: dict, kept: dict[int, np.ndarray],
                masks: dict[int, HardMask]) -> None:
