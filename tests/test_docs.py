@@ -59,7 +59,7 @@ def test_every_page_is_built_and_the_index_links_resolve(site):
 def test_the_api_page_lists_the_public_functions(site):
     html = (site / "api" / "index.html").read_text()
     for name in ("compress", "capture", "channel_groups", "shrink", "export", "verify_export", "count_macs"):
-        assert f'id="surgery.' in html and re.search(rf'id="surgery\.[\w.]*\b{name}"', html), name
+        assert 'id="surgery.' in html and re.search(rf'id="surgery\.[\w.]*\b{name}"', html), name
 
 
 @pytest.mark.parametrize("path, index, block", BLOCKS, ids=[f"{p}[{i}]" for p, i, _ in BLOCKS])
