@@ -92,7 +92,7 @@ def table(rows: list[dict], family: str = "torchvision") -> tuple[str, str]:
 
 def _budget_cell(r: dict) -> str:
     if "budget_macs" in r:
-        return f"{r['budget_macs']:.3f}"
+        return f"{r['budget_macs']:.3f}" + (" (as far as it goes)" if r.get("budget_floor") else "")
     return f"NO ({r['budget_error'][:40]})" if "budget_error" in r else "-"
 
 
@@ -135,7 +135,10 @@ def summary(rows: list[dict], family: str = "torchvision") -> str:
     budgeted = [r for r in good if "budget_macs" in r or "budget_error" in r]
     if budgeted:
         met = sum(1 for r in budgeted if abs(r.get("budget_macs", 9) - 0.5) <= 0.02)
-        text += f" ChannelPrune(target_macs=0.5) kept 0.5 ±0.02 of the MACs on {met}/{len(budgeted)}."
+        floor = sum(1 for r in budgeted if r.get("budget_floor"))
+        text += (f" ChannelPrune(target_macs=0.5) kept 0.5 ±0.02 of the MACs on {met}/{len(budgeted)}"
+                 + (f" ({floor} cannot get that low: their prunable groups, each down to one channel, leave more)"
+                    if floor else "") + ".")
     both = [r for r in good if r.get("tp_ok")]
     if both:
         faster = sum(1 for r in both if r["surgery_time"] < r["tp_time"])

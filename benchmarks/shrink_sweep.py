@@ -231,9 +231,13 @@ def run_one(name: str, ratio: float, size: int, round_to: int, tp_too: bool, rep
         row["error"] = _error(e)
     if "error" not in row:  # the budget: ChannelPrune(target_macs=BUDGET) instead of the ratio
         try:
-            budgeted = surgery.compress(model, [ChannelPrune(target_macs=BUDGET, round_to=round_to,
-                                                             attention=attention), Shrink()], x)
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                budgeted = surgery.compress(model, [ChannelPrune(target_macs=BUDGET, round_to=round_to,
+                                                                 attention=attention), Shrink()], x)
             row["budget_macs"] = macs(budgeted, x) / row["macs_before"]
+            if any("cannot be reached" in str(w.message) for w in said):
+                row["budget_floor"] = True  # the prunable groups cannot get below it
             del budgeted
         except Exception as e:
             row["budget_error"] = _error(e)

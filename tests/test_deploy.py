@@ -143,6 +143,23 @@ def test_the_torchscript_based_onnx_exporter_takes_over_where_dynamo_fails(tmp_p
     assert surgery.verify_export(path, model, inputs) < 1e-5
 
 
+def test_the_onnx_fallback_keeps_the_batch_a_graph_fixes(tmp_path, monkeypatch):
+    """A graph traced at batch 2 with the batch written into a reshape (timm's BoTNet, HaloNet
+    after concrete tracing): the fallback exporter declares no batch axis it cannot honour."""
+    real = torch.onnx.export
+
+    def export(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("Failed to export the model with torch.export")
+        return real(*args, dynamo=False, **kwargs)
+    monkeypatch.setattr(torch.onnx, "export", export)
+    x, model = (torch.randn(2, 3, 4),), FixedBatch().eval()
+    with pytest.warns(UserWarning, match=r"FixedBatch's graph fixes the batch size, so the onnx file takes inputs "
+                                         r"of batch 2 only"):
+        path = surgery.export(model, tmp_path / "fixed.onnx", x)
+    assert surgery.verify_export(path, model, x) < 1e-6
+
+
 def test_an_onnx_export_failure_names_both_exporters(tmp_path, monkeypatch):
     def export(*args, dynamo=True, **kwargs):
         raise RuntimeError("dynamo says no" if dynamo else "torchscript says no")

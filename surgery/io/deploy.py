@@ -118,13 +118,14 @@ class _Plain(nn.Module):
             else self.model(*args)
 
 
-def _legacy_axes(inputs: tuple | dict[str, Any]) -> dict[str, Any]:
-    """:func:`_dynamic_axes` as the TorchScript-based ONNX exporter's input_names and dynamic_axes."""
+def _legacy_axes(inputs: tuple | dict[str, Any], dynamic: bool = True) -> dict[str, Any]:
+    """:func:`_dynamic_axes` as the TorchScript-based ONNX exporter's input_names and dynamic_axes
+    (none when not `dynamic`)."""
     items = inputs.items() if isinstance(inputs, dict) else ((f"input_{i}", v) for i, v in enumerate(inputs))
     tensors = [(name, v) for name, v in items if isinstance(v, torch.Tensor)]
     return {"input_names": [name for name, _ in tensors],
             "dynamic_axes": {name: {d: f"{name}_dim{d}" for d in _dynamic_axes(v)} for name, v in tensors
-                             if _dynamic_axes(v)}}
+                             if dynamic and _dynamic_axes(v)}}
 
 
 def _args(inputs: tuple | dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -259,15 +260,18 @@ def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], to
     """``torch.onnx.export`` (the dynamo exporter) then an ONNX Runtime session, verified."""
     _need_onnx(path)
     example, second = _example(inputs)
-    args, kwargs = _args(example)
+    # (inputs, dynamic axes): the example with a dynamic batch, then the inputs as given (a graph
+    # that fixes the batch fails on the grown example)
+    tries = ([(example, True)] if second is not None else []) + [(inputs, False)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
+    errors, dynamic = [], False
     with eval_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for dynamic in ([True, False] if second is not None else [False]):
+        for given, dynamic in tries:
+            args, kwargs = _args(given)
             try:
                 torch.onnx.export(model, args, str(path), kwargs=kwargs or None, dynamo=True, external_data=False,
-                                  dynamic_shapes=_dynamic_shapes(example) if dynamic else None,
+                                  dynamic_shapes=_dynamic_shapes(given) if dynamic else None,
                                   optimize=True, verbose=False)
                 break
             except Exception as e:
@@ -275,15 +279,22 @@ def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], to
         else:  # the dynamo exporter fails on some graphs that torch.export takes (HF T5 and Swin in
             # torch 2.14: a reshape decomposed into a view of a transposed tensor): the TorchScript-based
             # exporter, deprecated but still shipped, writes them; the file is verified like any other
-            try:
-                plain = _Plain(model, kwargs)
-                torch.onnx.export(plain, tuple(kwargs[k] for k in plain.names) + args, str(path), dynamo=False,
-                                  **_legacy_axes(example))
-            except Exception as e:
+            legacy = []
+            for given, dynamic in tries:
+                args, kwargs = _args(given)
+                try:
+                    plain = _Plain(model, kwargs)
+                    torch.onnx.export(plain, tuple(kwargs[k] for k in plain.names) + args, str(path), dynamo=False,
+                                      **_legacy_axes(given, dynamic))
+                    if dynamic:  # this exporter declares the axes without checking them: a batch fixed
+                        verify_export(path, model, inputs, tol=tol, batch=second, format="onnx")  # in the graph fails
+                    break
+                except Exception as e:
+                    legacy.append(first_line(e))
+            else:
                 raise ExportFailure(f"{path}: torch.onnx.export cannot export {type(model).__name__}: {errors[0]} "
-                                    f"(and the TorchScript-based exporter: {first_line(e)})") from e
-            errors.clear()
-    if errors or not _onnx_batched(path):  # no dynamic batch: the file keeps the example's sizes
+                                    f"(and the TorchScript-based exporter: {legacy[-1]})")
+    if not dynamic or not _onnx_batched(path):  # no dynamic batch: the file keeps the example's sizes
         second = None
     _verified(path, model, inputs, tol, second, "onnx")
     return path
