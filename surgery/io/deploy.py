@@ -257,47 +257,46 @@ def export_pt2(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], tol
 
 
 def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], tol: float) -> Path:
-    """``torch.onnx.export`` (the dynamo exporter) then an ONNX Runtime session, verified."""
+    """``torch.onnx.export`` then an ONNX Runtime session, verified.
+
+    Tried in order, the first file that verifies kept: the dynamo exporter with a dynamic batch
+    (on the example grown to batch 2), with the inputs' sizes, and once more without its graph
+    optimizer (which has written graphs ONNX Runtime rejects, timm's Gemma-4 ViT); then the
+    TorchScript-based exporter, deprecated but still shipped, the same two ways (torch 2.14's dynamo
+    exporter decomposes a reshape of a transposed attention output into an impossible view: HF T5
+    and Swin, timm BEiT; and fails on graphs that write the batch into a reshape: timm BoTNet)."""
     _need_onnx(path)
     example, second = _example(inputs)
-    # (inputs, dynamic axes): the example with a dynamic batch, then the inputs as given (a graph
-    # that fixes the batch fails on the grown example)
     tries = ([(example, True)] if second is not None else []) + [(inputs, False)]
+    candidates = [("dynamo", given, dynamic, True) for given, dynamic in tries] + [("dynamo", inputs, False, False)] + \
+        [("TorchScript-based", given, dynamic, True) for given, dynamic in tries]
     path.parent.mkdir(parents=True, exist_ok=True)
-    errors, dynamic = [], False
-    with eval_mode(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for given, dynamic in tries:
-            args, kwargs = _args(given)
-            try:
-                torch.onnx.export(model, args, str(path), kwargs=kwargs or None, dynamo=True, external_data=False,
-                                  dynamic_shapes=_dynamic_shapes(given) if dynamic else None,
-                                  optimize=True, verbose=False)
-                break
-            except Exception as e:
-                errors.append(first_line(e))
-        else:  # the dynamo exporter fails on some graphs that torch.export takes (HF T5 and Swin in
-            # torch 2.14: a reshape decomposed into a view of a transposed tensor): the TorchScript-based
-            # exporter, deprecated but still shipped, writes them; the file is verified like any other
-            legacy = []
-            for given, dynamic in tries:
-                args, kwargs = _args(given)
-                try:
+    errors: dict[str, str] = {}
+    for how, given, dynamic, optimize in candidates:
+        args, kwargs = _args(given)
+        try:
+            with eval_mode(model), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if how == "dynamo":
+                    torch.onnx.export(model, args, str(path), kwargs=kwargs or None, dynamo=True, external_data=False,
+                                      dynamic_shapes=_dynamic_shapes(given) if dynamic else None,
+                                      optimize=optimize, verbose=False)
+                else:
                     plain = _Plain(model, kwargs)
                     torch.onnx.export(plain, tuple(kwargs[k] for k in plain.names) + args, str(path), dynamo=False,
                                       **_legacy_axes(given, dynamic))
-                    if dynamic:  # this exporter declares the axes without checking them: a batch fixed
-                        verify_export(path, model, inputs, tol=tol, batch=second, format="onnx")  # in the graph fails
-                    break
-                except Exception as e:
-                    legacy.append(first_line(e))
-            else:
-                raise ExportFailure(f"{path}: torch.onnx.export cannot export {type(model).__name__}: {errors[0]} "
-                                    f"(and the TorchScript-based exporter: {legacy[-1]})")
-    if not dynamic or not _onnx_batched(path):  # no dynamic batch: the file keeps the example's sizes
-        second = None
-    _verified(path, model, inputs, tol, second, "onnx")
-    return path
+            batch = second if dynamic and _onnx_batched(path) else None
+            verify_export(path, model, inputs, tol=tol, batch=batch, format="onnx")
+        except Exception as e:
+            errors.setdefault(how, first_line(e))
+            continue
+        if batch is None and _batch(inputs) is not None:
+            warn(f"{path}: {type(model).__name__}'s graph fixes the batch size, so the onnx file takes "
+                 f"inputs of batch {_batch(inputs)} only")
+        return path
+    path.unlink(missing_ok=True)
+    raise ExportFailure(f"{path}: torch.onnx.export cannot export {type(model).__name__}: {errors.get('dynamo')} "
+                        f"(and the TorchScript-based exporter: {errors.get('TorchScript-based')})")
 
 
 def _onnx_batched(path: Path) -> bool:
