@@ -75,7 +75,8 @@ BAD_FIELDS = [
     (ChannelPrune, "ratio", True, "expected a number in [0, 1)"),  # a bool is not a number
     (ChannelPrune, "round_to", 8.5, "expected an integer >= 1"),
     (ChannelPrune, "select", 5, "expected an nn.Module subclass"),
-    (ChannelPrune, "criterion", "fisher", "expected one of 'l1', 'l2', 'bn_scale', 'lamp', 'random', 'activation', 'taylor', 'hessian'"),
+    (ChannelPrune, "criterion", "fisher",
+     "expected one of 'l1', 'l2', 'bn_scale', 'lamp', 'random', 'activation', 'taylor', 'hessian'"),
     (ChannelPrune, "scope", "globl", "did you mean 'global'?"),
     (ChannelPrune, "seed", -1, "expected an integer in [0, "),
     (Identity, "select", [], "expected a non-empty selector"),
@@ -228,9 +229,9 @@ def own_kind(name: str, default: Any, toml: bool = False) -> st.SearchStrategy:
         return st.booleans()
     if isinstance(default, int):
         return st.one_of(st.integers(0, 20), st.just(-1))
-    if isinstance(default, float):
+    if isinstance(default, float) or name in ("target_macs", "target_params"):
         return st.one_of(st.floats(0, 1), st.sampled_from([1e-4, 2.0, 300.0, math.inf, -0.1]))
-    return JUNK
+    return TOML_JUNK if toml else JUNK  # callables, calibration batches: in a recipe, only junk
 
 
 def _mostly(own: st.SearchStrategy, junk: st.SearchStrategy) -> st.SearchStrategy:

@@ -28,8 +28,8 @@ from ..graph import submodule
 if TYPE_CHECKING:
     from .groups import ChannelGraph
 
-__all__ = ["RULES", "Rule", "NO_CHANNELS", "register_rule", "when_imported", "load_pending", "RuleContext", "passthrough", "channel_local", "frozen",
-           "varying", "Ids"]
+__all__ = ["RULES", "Rule", "NO_CHANNELS", "register_rule", "when_imported", "load_pending", "RuleContext",
+           "passthrough", "channel_local", "frozen", "varying", "Ids"]
 
 Ids = np.ndarray  # int64, broadcastable to the tensor's shape
 
