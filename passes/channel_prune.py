@@ -144,6 +144,11 @@ class ChannelPrune:
         if self.target is not None and self.ratio != 0.5:
             raise SurgeryError(f"ChannelPrune: give a ratio or a target, not both (ratio={self.ratio}, "
                                f"{self.target[0]}={self.target[1]})")
+        if self.calibration is not None and (isinstance(self.calibration, (str, bytes, Tensor, dict))
+                                             or not isinstance(self.calibration, Iterable)):
+            hint = ": wrap one batch in a list" if isinstance(self.calibration, Tensor) else ""
+            raise SurgeryError(f"ChannelPrune: calibration is an iterable of batches (a list, a DataLoader), got "
+                               f"{type(self.calibration).__name__}{hint}")
         data = self.criterion in DATA_CRITERIA
         if data and self.calibration is None:
             raise SurgeryError(f"ChannelPrune: criterion={self.criterion!r} scores channels on data: pass "

@@ -214,6 +214,9 @@ def test_split_batch_reads_pairs_and_plain_inputs():
     (dict(target_macs=1.5), r"target_macs"),
     (dict(finetune=print), r"finetune runs between steps; give steps >= 2"),
     (dict(steps=0), r"steps"),
+    (dict(criterion="activation", calibration=torch.randn(4, 3)),
+     r"calibration is an iterable of batches \(a list, a DataLoader\), got Tensor: wrap one batch in a list"),
+    (dict(criterion="activation", calibration=5), r"calibration is an iterable of batches .* got int"),
 ])
 def test_bad_settings_are_named(kw, message):
     with pytest.raises(surgery.SurgeryError, match=message):
