@@ -290,9 +290,7 @@ def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], to
         except Exception as e:
             errors.setdefault(how, first_line(e))
             continue
-        if batch is None and _batch(inputs) is not None:
-            warn(f"{path}: {type(model).__name__}'s graph fixes the batch size, so the onnx file takes "
-                 f"inputs of batch {_batch(inputs)} only")
+        _warn_fixed_batch(path, model, inputs, batch, "onnx")
         return path
     path.unlink(missing_ok=True)
     raise ExportFailure(f"{path}: torch.onnx.export cannot export {type(model).__name__}: {errors.get('dynamo')} "
@@ -313,6 +311,10 @@ def _verified(path: Path, model: nn.Module, inputs: Any, tol: float, second: int
     except ExportMismatch:
         path.unlink(missing_ok=True)
         raise
+    _warn_fixed_batch(path, model, inputs, second, kind)
+
+
+def _warn_fixed_batch(path: Path, model: nn.Module, inputs: Any, second: int | None, kind: str) -> None:
     if second is None and _batch(inputs) is not None:
         warn(f"{path}: {type(model).__name__}'s graph fixes the batch size, so the {kind} file takes "
              f"inputs of batch {_batch(inputs)} only")
