@@ -72,3 +72,52 @@ def test_docs_python_block_runs(path, index, block, tmp_path, monkeypatch):
         exec(compile(block, f"{path}[python block {index}]", "exec"), {"__name__": f"docs_{index}"})
     finally:
         torch.set_num_threads(threads)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def served(site):
+    """The built site over http on localhost, as a reader's browser would get it."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def _render(url: str, tmp_path: Path) -> str:
+    """The DOM Chromium builds for url once its scripts have run."""
+    proc = subprocess.run([CHROMIUM, *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                           "--virtual-time-budget=5000", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+def test_the_site_renders_in_a_browser_and_its_links_resolve(served, tmp_path):
+    import urllib.parse
+    import urllib.request
+
+    dom = _render(served, tmp_path)
+    assert "<title>surgery</title>" in dom and "Getting started" in dom
+    assert 'data-md-component="navigation"' in dom or "md-nav" in dom  # the theme's script-built page
+    parser = _Links()
+    parser.feed(dom)
+    local = sorted({h.split("#")[0] for h in parser.links if h and not h.startswith(("http", "#", "mailto"))})
+    assert len(local) > 10
+    for href in local:
+        with urllib.request.urlopen(urllib.parse.urljoin(served, href)) as r:
+            assert r.status == 200, href
+    api = _render(served + "api/", tmp_path)
+    assert re.search(r'id="surgery\.[\w.]*\bcompress"', api) and "surgery.compress" in api.replace("<wbr>", "")
