@@ -41,6 +41,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             surgery.step(model)
         kept = {name: m.kept().tolist() for name, m in surgery.masks(model).items()}
         torch.save(kept, os.path.join(out_dir, f"kept{rank}.pt"))
+        # both ranks are done with collectives before either tears gloo down: a rank that destroys its
+        # group while the other's gloo threads still talk to it can die in std::terminate at exit
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

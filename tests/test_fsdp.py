@@ -46,6 +46,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         kept = {name: m.kept().tolist() for name, m in surgery.masks(gm).items()}
         full = get_model_state_dict(gm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         torch.save({"kept": kept, "state": full if rank == 0 else None}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks are done with collectives before either tears gloo down: a rank that destroys its
+        # group while the other's gloo threads still talk to it can die in std::terminate at exit
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
