@@ -27,6 +27,9 @@ Composition rules (PyTorch keeps only the innermost pair of saved-tensor hooks):
 - Nested compression: a region inside another region keeps its own codec; the outer codec
   applies only to what is saved outside the inner region. Applying the pass twice over
   overlapping selections is therefore allowed and means "the innermost method wins".
+- ``CompressActivations(..., checkpoint=True)`` combines the two: each region runs under
+  ``torch.utils.checkpoint`` inside its own hooks, so it keeps only its input, packed by the
+  codec, and is recomputed in backward from the unpacked input.
 - ``torch.utils.checkpoint`` inside a region: checkpoint's own hooks are innermost, so the
   checkpointed ops save nothing and are recomputed as usual; the codec sees only what is saved
   outside the checkpointed function (for the reentrant variant, its inputs).
@@ -119,10 +122,13 @@ class CompressedRegion(nn.Module):
     to run `inner` plainly.
     """
 
-    def __init__(self, inner: nn.Module, codec: Any):
+    checkpoint: bool = False  # (the class default: regions pickled before the option load as before)
+
+    def __init__(self, inner: nn.Module, codec: Any, checkpoint: bool = False):
         super().__init__()
         self.inner = inner
         self.codec = codec
+        self.checkpoint = checkpoint
         self.hooks_enabled = True
 
     def forward(self, *args: Any) -> Any:
@@ -141,9 +147,20 @@ class CompressedRegion(nn.Module):
             raise SurgeryError(f"CompressedRegion({self.codec.name}): saved-tensor hooks are disabled here "
                                f"({e}); strip_compression(model) before compiling or transforming it") from e
         try:
-            return self.inner(*args)
+            return self._checkpointed(args) if self.checkpoint else self.inner(*args)
         finally:
             ctx.__exit__(None, None, None)
+
+    def _checkpointed(self, args: tuple) -> Any:
+        """`inner` under torch.utils.checkpoint, inside this region's hooks. The reentrant variant
+        runs the forward without grad and saves only its inputs, through these hooks: the
+        boundary is packed by the codec, and backward recomputes the region (outside the hooks)
+        from the unpacked input. It gives parameters no gradient unless an input requires grad;
+        without one (the first region, fed the batch) the non-reentrant variant recomputes alike,
+        and its boundary is the caller's input, which no codec packs anyway."""
+        from torch.utils.checkpoint import checkpoint
+        reentrant = any(isinstance(a, Tensor) and a.requires_grad for a in tree_flatten(args)[0])
+        return checkpoint(self.inner, *args, use_reentrant=reentrant)
 
     def _hooks(self, inputs: tuple = ()):
         codec, exact = self.codec, IntegerCodec()
@@ -192,7 +209,7 @@ class CompressedRegion(nn.Module):
         return pack, unpack
 
     def extra_repr(self) -> str:
-        return f"codec={self.codec!r}, hooks_enabled={self.hooks_enabled}"
+        return f"codec={self.codec!r}, checkpoint={self.checkpoint}, hooks_enabled={self.hooks_enabled}"
 
 
 def _module_paths(node: fx.Node) -> list[str]:
@@ -218,6 +235,13 @@ class CompressActivations:
         level: the DWT's depth.
         group_size: values per int8/int4 quantization group.
         stochastic: stochastic rounding for int8/int4.
+        checkpoint: run each region under ``torch.utils.checkpoint``: it keeps only its input,
+            packed by the codec, and is recomputed in backward (checkpointing with compressed
+            boundaries). Select several regions (``select="layer*"``, one per transformer
+            block): with the whole model as one region, backward recomputes all of it.
+        exact: threshold, dct and wavelet keep exactly ceil(keep * numel) values by a global top-k
+            (n log k) instead of a sampled magnitude threshold (linear time, within 10% of it):
+            for experiments that need the exact budget.
     """
 
     method: str = "dct"
@@ -229,6 +253,8 @@ class CompressActivations:
     level: int = 3
     group_size: int = 256
     stochastic: bool = False
+    checkpoint: bool = False
+    exact: bool = False
     # what it adds to the module tree (name globs, module classes): recipe.check_selections reads it
     inserts: ClassVar[tuple] = ("compressed_*", CompressedRegion)
 
@@ -245,10 +271,12 @@ class CompressActivations:
         check.number(own, "level", self.level, lo=1, integer=True)
         check_group_size(own, self.group_size)
         check.flag(own, "stochastic", self.stochastic)
+        check.flag(own, "checkpoint", self.checkpoint)
+        check.flag(own, "exact", self.exact)
 
     def codec(self):
         return make_codec(self.method, self.keep, self.block, self.wavelet, self.level, self.group_size,
-                          self.stochastic)
+                          self.stochastic, self.exact)
 
     def regions(self, gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
         """Region name -> its nodes, in graph order."""
@@ -286,7 +314,7 @@ class CompressActivations:
         for key, nodes in groups.items():
             name = "compressed_" + (key or "model")
             try:
-                extract(gm, nodes, name, wrap=lambda child: CompressedRegion(child, codec))
+                extract(gm, nodes, name, wrap=lambda child: CompressedRegion(child, codec, self.checkpoint))
             except SurgeryError as e:
                 raise SurgeryError(f"CompressActivations: cannot make region {key or '<whole model>'!r} "
                                    f"a child module: {e}") from e

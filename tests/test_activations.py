@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -333,3 +334,49 @@ def test_cuda_roundtrip_stays_on_device():
     sparse = make_codec("dct", keep=0.05).pack(x).coeffs  # the chunk-local index, decoded on the device
     assert sparse.counts is not None and sparse.counts.is_cuda and sparse.index.is_cuda
     assert torch.equal(sparse.positions(), (sparse.dense(x.dtype) != 0).nonzero().squeeze(1))
+
+
+class _Stages(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stage1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(), nn.Dropout(0.2),
+                                    nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stage2(self.stage1(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_checkpointed_regions_keep_only_their_packed_inputs_and_recompute():
+    torch.manual_seed(0)
+    net, x = _Stages(), torch.randn(4, 3, 16, 16)
+
+    def grads(model):  # by the caller's names: a region moves stage1.0 to compressed_stage1.inner.stage1.0
+        torch.manual_seed(0)
+        model.zero_grad()
+        model(x).square().mean().backward()
+        by_name = {re.sub(r"compressed_\w+\.inner\.", "", n): p.grad.flatten() for n, p in model.named_parameters()}
+        return torch.cat([by_name[n] for n, _ in net.named_parameters()]).double()
+
+    ref = grads(net)
+    plain = surgery.activation_memory(surgery.compress(net, [CompressActivations("none", select="stage*")], x), (x,))
+    bytes_ = {}
+    for method in ("none", "int8"):
+        gm = surgery.compress(net, [CompressActivations(method, select="stage*", checkpoint=True)], x).train()
+        assert all(m.checkpoint for m in gm.modules() if isinstance(m, CompressedRegion))
+        g = grads(gm)  # dropout draws the same mask when recomputed: checkpoint restores the RNG state
+        if method == "none":
+            torch.testing.assert_close(g, ref, rtol=0, atol=1e-6)
+        else:
+            assert _cos(g, ref) > 0.99
+        bytes_[method] = surgery.activation_memory(gm, (x,)).compressed_bytes
+    # checkpointing keeps only each stage's input (the stem's output: 4x8x16x16 float32, and
+    # stage1's output), int8 packs those to a byte per value plus a low and a step per 256; the
+    # head's input (4x16 float32) is saved outside the regions
+    stage_inputs, head = 2 * 4 * 8 * 16 * 16, 4 * 16 * 4
+    assert bytes_["none"] == 4 * stage_inputs + head < plain.compressed_bytes
+    assert bytes_["int8"] == stage_inputs + 8 * (stage_inputs // 256) + head

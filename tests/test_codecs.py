@@ -2,6 +2,8 @@
 integer storage."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +142,98 @@ def test_max_pool_indices_take_at_most_a_quarter_of_their_bytes(size, kernel, st
     stored = sum(t.untyped_storage().nbytes() for t in packed_tensors(packed))
     assert stored <= idx.numel() * idx.element_size() / 4
     assert torch.equal(IntegerCodec().unpack(packed), idx)
+
+
+# ---------------------------------------------------------------- the sampled threshold
+def _relu_sparse(n: int, zeros: float, seed: int = 0) -> torch.Tensor:
+    """A ReLU-like vector: a `zeros` fraction exactly zero, the rest positive, in a feature map's
+    order (runs of zeros per channel, not shuffled)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 64, 40, 40, generator=g)
+    x = torch.relu(x - torch.quantile(x[:1].flatten(), zeros)).reshape(-1)[:n]
+    return x
+
+
+@pytest.mark.parametrize("keep", [0.01, 0.05, 0.2])
+@pytest.mark.parametrize("kind", ["randn", "relu50", "relu90", "channels"])
+def test_sampled_threshold_keeps_within_ten_percent_of_the_budget(kind, keep):
+    g = torch.Generator().manual_seed(1)
+    n = 8 * 64 * 40 * 40  # over the sample size at every keep here: the sampled path runs
+    if kind == "randn":
+        x = torch.randn(n, generator=g)
+    elif kind == "channels":  # magnitudes that vary by channel: a strided sample would alias
+        x = (torch.randn(8, 64, 1600, generator=g) * torch.linspace(0.01, 10, 64)[:, None]).reshape(-1)
+    else:
+        x = _relu_sparse(n, 0.5 if kind == "relu50" else 0.9)
+    k = min(math.ceil(keep * n), int((x != 0).sum()))  # a zero is never kept (relu90 at 20%)
+    s = keep_largest(x, keep, torch.float32)
+    kept = s.values.numel()
+    assert abs(kept - k) <= 0.1 * k, (kept, k)
+    # what is kept is the largest: nothing dropped beats anything kept, and no zero is kept
+    dense = s.dense(torch.float32)
+    dropped = x.abs()[dense == 0]
+    assert dropped.max() <= s.values.abs().min() and bool((s.values != 0).all())
+    assert torch.equal(dense[dense != 0], x[dense != 0])
+
+
+def test_exact_keeps_exactly_the_budget_and_the_sample_fewer_when_fewer_are_nonzero():
+    x = _relu_sparse(8 * 64 * 40 * 40, 0.97)  # 3% nonzero, keep 5%
+    k = math.ceil(0.05 * x.numel())
+    exact = keep_largest(x, 0.05, torch.float32, exact=True)
+    assert exact.values.numel() == k
+    sampled = keep_largest(x, 0.05, torch.float32)
+    assert sampled.values.numel() == int((x != 0).sum())  # every nonzero, and no zero
+    assert torch.equal(sampled.dense(torch.float32), x)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, 1 << 16])
+def test_bit_packing_round_trips(n):
+    from passes.packing import bits_as, pack_bits, unpack_bits
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3
+    bits = pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-n // 8)
+    assert torch.equal(unpack_bits(bits, n), mask)
+    assert torch.equal(bits_as(bits, n, 2.5, torch.float32), mask.float() * 2.5)
+    # the layout: least significant bit first, as numpy's packbits(bitorder="little")
+    import numpy as np
+    assert bits.tolist() == np.packbits(mask.numpy(), bitorder="little").tolist()
+
+
+@pytest.mark.parametrize("method", ["threshold", "dct", "wavelet"])
+def test_relu_outputs_come_back_with_their_zeros_and_no_subnormals(method):
+    """A dropped positive comes back as a small normal number: the smallest normal (1e-38) made
+    conv backward multiply into subnormals, several times slower on CPUs."""
+    from passes.codecs import make_codec, positive_floor
+    x = torch.relu(torch.randn(4, 16, 20, 20, generator=torch.Generator().manual_seed(0)))
+    y = make_codec(method, keep=0.05).unpack(make_codec(method, keep=0.05).pack(x))
+    assert torch.equal(y == 0, x == 0) and bool((y[x > 0] >= positive_floor(torch.float32)).all())
+    tiny = torch.finfo(torch.float32).tiny
+    assert not bool(((y != 0) & (y.abs() < tiny)).any())
+    assert positive_floor(torch.float32) == 2.0 ** -64 and positive_floor(torch.float16) == torch.finfo(torch.float16).tiny
+
+
+@pytest.mark.parametrize("h, w", [(8, 8), (10, 13), (7, 3), (1, 9), (28, 28)])
+@pytest.mark.parametrize("wavelet", ["haar", "db3", "sym4"])
+def test_transforms_are_orthonormal_and_invert(h, w, wavelet):
+    from passes.transforms import dwt, dwt_inverse, tiled_dct, tiled_dct_inverse
+    x = torch.randn(3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(h * w))
+    ll, details, sizes = dwt(x, wavelet, 3)
+    torch.testing.assert_close(dwt_inverse(ll, details, sizes, wavelet), x, rtol=0, atol=1e-10)
+    coeffs, layout = tiled_dct(x, 8)
+    torch.testing.assert_close(tiled_dct_inverse(coeffs, layout), x, rtol=0, atol=1e-10)
+    if h % 2 == 0 and w % 2 == 0 and h % 8 == 0:  # no padding: the energy is the coefficients' energy
+        energy = ll.square().sum() + sum(d.square().sum() for d in details)
+        torch.testing.assert_close(energy, x.square().sum())
+        torch.testing.assert_close(coeffs.square().sum(), x.square().sum())
+
+
+def test_tiled_dct_is_scipys_dct_of_each_tile():
+    from scipy.fft import dctn
+
+    from passes.transforms import tiled_dct
+    x = torch.randn(2, 16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    coeffs, _ = tiled_dct(x, 8)
+    for m in range(2):
+        for t in range(2):
+            tile = x[m, 8 * t:8 * t + 8].numpy()
+            assert torch.allclose(coeffs[m, 8 * t:8 * t + 8], torch.from_numpy(dctn(tile, norm="ortho")))

@@ -1,0 +1,155 @@
+"""The orthogonal transforms behind the dct and wavelet codecs, each a few large tensor ops on the
+tensor's own device: no Python loop over planes, tiles or channels.
+
+Both are separable: a 1-D transform along H and one along W, each a matrix (the DCT's is block
+diagonal; the periodized DWT level's holds the shifted low- and high-pass filters), applied to all
+planes by two matrix products, ``A_h @ X @ A_w^T``. A dense matrix does H + W multiply-adds per
+value where a strided convolution would do 2L (12 for db3), but a matrix product runs near the
+machine's peak and a one-channel convolution far from it: 2.6 ms against 12 ms on 2048 planes of
+28 x 28 on one CPU thread, and at 112 x 112 still 6.4 against 10.
+
+- Tiled DCT-II: the block-diagonal matrix of `block` x `block` DCTs (a side shorter than `block`
+  is one tile; other sides are zero padded to a multiple of it).
+- Periodized 2-D DWT (Mallat): per level, the level matrices of both sides give the four bands
+  (LL | LH over HL | HH); the next level transforms LL. An odd side is zero padded by one.
+
+Both are orthonormal, so the inverse (the transposed matrices) is exact to float rounding and the
+energy a codec drops is the energy of the coefficients it drops.
+
+Example::
+
+    >>> import torch
+    >>> x = torch.randn(3, 10, 12)
+    >>> bool(torch.allclose(dwt_inverse(*dwt(x, "db3", 3), "db3"), x, atol=1e-5))
+    True
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from surgery.errors import ConfigError
+
+__all__ = ["as_planes", "tiled_dct", "tiled_dct_inverse", "dwt", "dwt_inverse", "check_wavelet"]
+
+
+def as_planes(x: Tensor) -> Tensor:
+    """(..., H, W) -> (M, H, W); a 0-d or 1-d tensor becomes a single row."""
+    if x.dim() < 2:
+        return x.reshape(1, 1, -1)
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _apply(planes: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """rows @ planes @ cols^T for every plane of (M, h, w): (M, rows.shape[0], cols.shape[0])."""
+    return torch.matmul(rows, planes @ cols.T)
+
+
+def _apply_inverse(coeffs: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """rows^T @ coeffs @ cols for every plane: the inverse of :func:`_apply` for orthonormal rows
+    and cols (cropped: a padded side's extra rows fall away)."""
+    return torch.matmul(rows.T, coeffs @ cols)
+
+
+# ---------------------------------------------------------------- tiled DCT
+@lru_cache(maxsize=64)
+def _dct_matrix(b: int) -> Tensor:
+    """The orthonormal DCT-II matrix of size b (float64, CPU)."""
+    n = torch.arange(b, dtype=torch.float64)
+    d = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * b)) * math.sqrt(2.0 / b)
+    d[0] /= math.sqrt(2.0)
+    return d
+
+
+@lru_cache(maxsize=128)
+def _tiles(n: int, block: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The DCT of a side of n in tiles of `block` (one tile if n is shorter): (ceil(n/b) * b, n),
+    block diagonal, its columns past n (the zero padding) dropped."""
+    b = min(block, n)
+    full = torch.block_diag(*[_dct_matrix(b)] * -(-n // b))
+    return full[:, :n].to(device=device, dtype=dtype).contiguous()
+
+
+def tiled_dct(planes: Tensor, block: int) -> tuple[Tensor, tuple]:
+    """The 2-D DCT of (M, H, W) `planes` in `block` x `block` tiles: (coefficients, the layout
+    :func:`tiled_dct_inverse` needs)."""
+    m, h, w = planes.shape
+    rows, cols = _tiles(h, block, planes.device, planes.dtype), _tiles(w, block, planes.device, planes.dtype)
+    return _apply(planes, rows, cols), (m, h, w, block)
+
+
+def tiled_dct_inverse(coeffs: Tensor, layout: tuple) -> Tensor:
+    """The (M, H, W) planes whose :func:`tiled_dct` is `coeffs` (any shape holding its values)."""
+    m, h, w, block = layout
+    rows, cols = _tiles(h, block, coeffs.device, coeffs.dtype), _tiles(w, block, coeffs.device, coeffs.dtype)
+    return _apply_inverse(coeffs.reshape(m, rows.shape[0], cols.shape[0]), rows, cols)
+
+
+# ---------------------------------------------------------------- periodized DWT
+_WAVELETS = "expected the name of an orthogonal pywavelets wavelet (haar, db*, sym*, coif*)"
+
+
+def _orthogonal_wavelet(owner: str, wavelet: Any) -> Any:
+    import pywt  # a declared dependency; imported here so the module loads without it
+    if not isinstance(wavelet, str):
+        raise ConfigError(owner, "wavelet", wavelet, _WAVELETS)
+    try:
+        w = pywt.Wavelet(wavelet)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(owner, "wavelet", wavelet, f"{_WAVELETS}; pywt: {e}") from None
+    if not w.orthogonal or len(w.dec_lo) % 2:
+        raise ConfigError(owner, "wavelet", wavelet, f"{_WAVELETS}; {wavelet!r} is not orthogonal: the periodized "
+                                                     "transform is inverted by its transpose")
+    return w
+
+
+def check_wavelet(owner: str, wavelet: Any) -> None:
+    """ConfigError unless `wavelet` names an orthogonal pywavelets wavelet."""
+    _orthogonal_wavelet(owner, wavelet)
+
+
+@lru_cache(maxsize=128)
+def _level(n: int, wavelet: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """One periodized DWT level of a side of n as a matrix (n + n % 2, n): the first half of its
+    rows the low-pass outputs, the second half the high-pass ones, out_c[k] =
+    sum_j h_c[j] x[(2k + j - (L - 2)) mod n'] over the side zero padded to even n' (whose
+    columns past n are dropped)."""
+    w = _orthogonal_wavelet("WaveletCodec", wavelet)
+    # conv correlates: reversing the decomposition filters gives the convolution pywt computes
+    bank = torch.tensor([w.dec_lo[::-1], w.dec_hi[::-1]], dtype=torch.float64)  # (2, L)
+    even, taps = n + n % 2, bank.shape[1]
+    k, j = torch.meshgrid(torch.arange(even // 2), torch.arange(taps), indexing="ij")
+    matrix = torch.zeros(2, even // 2, even, dtype=torch.float64)
+    for c in range(2):  # the two filters (a wrap-around adds up taps that land on one column)
+        matrix[c].index_put_((k, (2 * k + j - (taps - 2)) % even), bank[c].expand_as(k), accumulate=True)
+    return matrix.reshape(even, even)[:, :n].to(device=device, dtype=dtype).contiguous()
+
+
+def dwt(planes: Tensor, wavelet: str, level: int) -> tuple[Tensor, list[Tensor], list[tuple[int, int]]]:
+    """Up to `level` levels of the periodized 2-D DWT of (M, H, W) `planes` (a level stops once a
+    side would drop below 2): (the last LL band (M, h, w), the three detail bands of each level
+    as one (M, 3, h_i, w_i) tensor, the (H, W) each level started from)."""
+    ll, details, sizes = planes, [], []
+    for _ in range(level):
+        h, w = ll.shape[-2:]
+        if min(h, w) < 2:
+            break
+        sizes.append((h, w))
+        rows, cols = _level(h, wavelet, ll.device, ll.dtype), _level(w, wavelet, ll.device, ll.dtype)
+        y = _apply(ll, rows, cols)
+        h2, w2 = rows.shape[0] // 2, cols.shape[0] // 2
+        details.append(torch.stack([y[:, :h2, w2:], y[:, h2:, :w2], y[:, h2:, w2:]], 1))
+        ll = y[:, :h2, :w2]
+    return ll, details, sizes
+
+
+def dwt_inverse(ll: Tensor, details: list[Tensor], sizes: list[tuple[int, int]], wavelet: str) -> Tensor:
+    """The (M, H, W) planes whose :func:`dwt` is (`ll`, `details`, `sizes`)."""
+    for bands, (h, w) in zip(reversed(details), reversed(sizes)):
+        y = torch.cat([torch.cat([ll, bands[:, 0]], 2), torch.cat([bands[:, 1], bands[:, 2]], 2)], 1)
+        ll = _apply_inverse(y, _level(h, wavelet, ll.device, ll.dtype), _level(w, wavelet, ll.device, ll.dtype))
+    return ll
