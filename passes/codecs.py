@@ -209,16 +209,16 @@ class WaveletCodec:
         check.flag("WaveletCodec", "exact", self.exact)
 
     def pack(self, x: Tensor) -> _SparsePacked:
-        ll, details, sizes = dwt(as_planes(x).to(_work_dtype(x.dtype)), self.wavelet, self.level)
+        ll, details, where = dwt(as_planes(x).to(_work_dtype(x.dtype)), self.wavelet, self.level)
         flat = torch.cat([ll.reshape(-1)] + [d.reshape(-1) for d in details])
-        layout = (tuple(ll.shape), tuple(sizes), tuple(tuple(d.shape) for d in details))
+        layout = (tuple(ll.shape), where, tuple(tuple(d.shape) for d in details))
         return _sparse_pack(x, flat, self.keep, layout, self.exact)
 
     def unpack(self, p: _SparsePacked) -> Tensor:
-        ll_shape, sizes, band_shapes = p.layout
+        ll_shape, where, band_shapes = p.layout
         parts = p.coeffs.dense(_work_dtype(p.dtype)).split([math.prod(s) for s in (ll_shape, *band_shapes)])
         details = [t.view(s) for t, s in zip(parts[1:], band_shapes)]
-        return _sparse_finish(dwt_inverse(parts[0].view(ll_shape), details, list(sizes), self.wavelet), p)
+        return _sparse_finish(dwt_inverse(parts[0].view(ll_shape), details, where, self.wavelet), p)
 
 
 # ---------------------------------------------------------------- linear quantization

@@ -30,6 +30,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from surgery.errors import ConfigError
@@ -65,28 +66,33 @@ def _dct_matrix(b: int) -> Tensor:
     return d
 
 
-@lru_cache(maxsize=128)
-def _tiles(n: int, block: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The DCT of a side of n in tiles of `block` (one tile if n is shorter): (ceil(n/b) * b, n),
-    block diagonal, its columns past n (the zero padding) dropped."""
-    b = min(block, n)
-    full = torch.block_diag(*[_dct_matrix(b)] * -(-n // b))
-    return full[:, :n].to(device=device, dtype=dtype).contiguous()
+@lru_cache(maxsize=64)
+def _dct(b: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return _dct_matrix(b).to(device=device, dtype=dtype)
 
 
 def tiled_dct(planes: Tensor, block: int) -> tuple[Tensor, tuple]:
-    """The 2-D DCT of (M, H, W) `planes` in `block` x `block` tiles: (coefficients, the layout
-    :func:`tiled_dct_inverse` needs)."""
+    """The 2-D DCT of (M, H, W) `planes` in `block` x `block` tiles (a side shorter than `block`
+    is one tile; other sides are zero padded to a multiple of it): (coefficients, the layout
+    :func:`tiled_dct_inverse` needs). Two products with the b x b DCT matrix, one along each side
+    of every tile: 2b multiply-adds per value, whatever the plane's width."""
     m, h, w = planes.shape
-    rows, cols = _tiles(h, block, planes.device, planes.dtype), _tiles(w, block, planes.device, planes.dtype)
-    return _apply(planes, rows, cols), (m, h, w, block)
+    bh, bw = min(block, h), min(block, w)
+    hb, wb = -(-h // bh), -(-w // bw)
+    if hb * bh != h or wb * bw != w:
+        planes = F.pad(planes, (0, wb * bw - w, 0, hb * bh - h))
+    rows = (planes.reshape(-1, bw) @ _dct(bw, planes.device, planes.dtype).T).view(m * hb, bh, wb * bw)
+    coeffs = torch.matmul(_dct(bh, planes.device, planes.dtype), rows).view(m, hb * bh, wb * bw)
+    return coeffs, (m, h, w, bh, bw)
 
 
 def tiled_dct_inverse(coeffs: Tensor, layout: tuple) -> Tensor:
     """The (M, H, W) planes whose :func:`tiled_dct` is `coeffs` (any shape holding its values)."""
-    m, h, w, block = layout
-    rows, cols = _tiles(h, block, coeffs.device, coeffs.dtype), _tiles(w, block, coeffs.device, coeffs.dtype)
-    return _apply_inverse(coeffs.reshape(m, rows.shape[0], cols.shape[0]), rows, cols)
+    m, h, w, bh, bw = layout
+    hb, wb = -(-h // bh), -(-w // bw)
+    rows = torch.matmul(_dct(bh, coeffs.device, coeffs.dtype).T, coeffs.reshape(m * hb, bh, wb * bw))
+    planes = (rows.reshape(-1, bw) @ _dct(bw, coeffs.device, coeffs.dtype)).view(m, hb * bh, wb * bw)
+    return planes[:, :h, :w]
 
 
 # ---------------------------------------------------------------- periodized DWT
@@ -129,11 +135,38 @@ def _level(n: int, wavelet: str, device: torch.device, dtype: torch.dtype) -> Te
     return matrix.reshape(even, even)[:, :n].to(device=device, dtype=dtype).contiguous()
 
 
-def dwt(planes: Tensor, wavelet: str, level: int) -> tuple[Tensor, list[Tensor], list[tuple[int, int]]]:
-    """Up to `level` levels of the periodized 2-D DWT of (M, H, W) `planes` (a level stops once a
-    side would drop below 2): (the last LL band (M, h, w), the three detail bands of each level
-    as one (M, 3, h_i, w_i) tensor, the (H, W) each level started from)."""
-    ll, details, sizes = planes, [], []
+TILE = 128
+"""Sides longer than this are cut into tiles of it (zero padded) before the DWT: a level matrix
+costs its side in multiply-adds per value, and a ViT's (tokens, 3072) plane would pay 3072."""
+
+
+def _tile(planes: Tensor) -> tuple[Tensor, tuple]:
+    """(M, H, W) -> (M * hb * wb, th, tw) tiles of at most TILE x TILE, and what undoes it."""
+    m, h, w = planes.shape
+    th, tw = min(h, TILE), min(w, TILE)
+    hb, wb = -(-h // th), -(-w // tw)
+    if hb == wb == 1:
+        return planes, (m, h, w, th, tw)
+    if hb * th != h or wb * tw != w:
+        planes = F.pad(planes, (0, wb * tw - w, 0, hb * th - h))
+    return planes.reshape(m, hb, th, wb, tw).transpose(2, 3).reshape(-1, th, tw), (m, h, w, th, tw)
+
+
+def _untile(tiles: Tensor, tiling: tuple) -> Tensor:
+    m, h, w, th, tw = tiling
+    hb, wb = -(-h // th), -(-w // tw)
+    if hb == wb == 1:
+        return tiles
+    return tiles.reshape(m, hb, wb, th, tw).transpose(2, 3).reshape(m, hb * th, wb * tw)[:, :h, :w]
+
+
+def dwt(planes: Tensor, wavelet: str, level: int) -> tuple[Tensor, list[Tensor], tuple]:
+    """Up to `level` levels of the periodized 2-D DWT of (M, H, W) `planes`, in tiles of at most
+    :data:`TILE` a side (a level stops once a side would drop below 2): (the last LL band, the
+    three detail bands of each level as one (M', 3, h_i, w_i) tensor, the layout
+    :func:`dwt_inverse` needs)."""
+    ll, tiling = _tile(planes)
+    details, sizes = [], []
     for _ in range(level):
         h, w = ll.shape[-2:]
         if min(h, w) < 2:
@@ -144,12 +177,13 @@ def dwt(planes: Tensor, wavelet: str, level: int) -> tuple[Tensor, list[Tensor],
         h2, w2 = rows.shape[0] // 2, cols.shape[0] // 2
         details.append(torch.stack([y[:, :h2, w2:], y[:, h2:, :w2], y[:, h2:, w2:]], 1))
         ll = y[:, :h2, :w2]
-    return ll, details, sizes
+    return ll, details, (tiling, tuple(sizes))
 
 
-def dwt_inverse(ll: Tensor, details: list[Tensor], sizes: list[tuple[int, int]], wavelet: str) -> Tensor:
-    """The (M, H, W) planes whose :func:`dwt` is (`ll`, `details`, `sizes`)."""
+def dwt_inverse(ll: Tensor, details: list[Tensor], layout: tuple, wavelet: str) -> Tensor:
+    """The (M, H, W) planes whose :func:`dwt` is (`ll`, `details`, `layout`)."""
+    tiling, sizes = layout
     for bands, (h, w) in zip(reversed(details), reversed(sizes)):
         y = torch.cat([torch.cat([ll, bands[:, 0]], 2), torch.cat([bands[:, 1], bands[:, 2]], 2)], 1)
         ll = _apply_inverse(y, _level(h, wavelet, ll.device, ll.dtype), _level(w, wavelet, ll.device, ll.dtype))
-    return ll
+    return _untile(ll, tiling)
