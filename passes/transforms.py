@@ -45,15 +45,25 @@ def as_planes(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-def _apply(planes: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """rows @ planes @ cols^T for every plane of (M, h, w): (M, rows.shape[0], cols.shape[0])."""
-    return torch.matmul(rows, planes @ cols.T)
+Pair = tuple[Tensor, Tensor]
+"""A matrix and its transpose, both contiguous: a batched product with a transposed view takes a
+slow path (4.3 ms against 1.2 for 2048 planes of 28 x 28)."""
 
 
-def _apply_inverse(coeffs: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def _pair(matrix: Tensor, device: torch.device, dtype: torch.dtype) -> Pair:
+    m = matrix.to(device=device, dtype=dtype)
+    return m.contiguous(), m.T.contiguous()
+
+
+def _apply(planes: Tensor, rows: Pair, cols: Pair) -> Tensor:
+    """rows @ planes @ cols^T for every plane of (M, h, w): (M, rows' rows, cols' rows)."""
+    return torch.matmul(rows[0], planes @ cols[1])
+
+
+def _apply_inverse(coeffs: Tensor, rows: Pair, cols: Pair) -> Tensor:
     """rows^T @ coeffs @ cols for every plane: the inverse of :func:`_apply` for orthonormal rows
     and cols (cropped: a padded side's extra rows fall away)."""
-    return torch.matmul(rows.T, coeffs @ cols)
+    return torch.matmul(rows[1], coeffs @ cols[0])
 
 
 # ---------------------------------------------------------------- tiled DCT
@@ -67,8 +77,8 @@ def _dct_matrix(b: int) -> Tensor:
 
 
 @lru_cache(maxsize=64)
-def _dct(b: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return _dct_matrix(b).to(device=device, dtype=dtype)
+def _dct(b: int, device: torch.device, dtype: torch.dtype) -> Pair:
+    return _pair(_dct_matrix(b), device, dtype)
 
 
 def tiled_dct(planes: Tensor, block: int) -> tuple[Tensor, tuple]:
@@ -81,8 +91,8 @@ def tiled_dct(planes: Tensor, block: int) -> tuple[Tensor, tuple]:
     hb, wb = -(-h // bh), -(-w // bw)
     if hb * bh != h or wb * bw != w:
         planes = F.pad(planes, (0, wb * bw - w, 0, hb * bh - h))
-    rows = (planes.reshape(-1, bw) @ _dct(bw, planes.device, planes.dtype).T).view(m * hb, bh, wb * bw)
-    coeffs = torch.matmul(_dct(bh, planes.device, planes.dtype), rows).view(m, hb * bh, wb * bw)
+    rows = (planes.reshape(-1, bw) @ _dct(bw, planes.device, planes.dtype)[1]).view(m * hb, bh, wb * bw)
+    coeffs = torch.matmul(_dct(bh, planes.device, planes.dtype)[0], rows).view(m, hb * bh, wb * bw)
     return coeffs, (m, h, w, bh, bw)
 
 
@@ -90,8 +100,8 @@ def tiled_dct_inverse(coeffs: Tensor, layout: tuple) -> Tensor:
     """The (M, H, W) planes whose :func:`tiled_dct` is `coeffs` (any shape holding its values)."""
     m, h, w, bh, bw = layout
     hb, wb = -(-h // bh), -(-w // bw)
-    rows = torch.matmul(_dct(bh, coeffs.device, coeffs.dtype).T, coeffs.reshape(m * hb, bh, wb * bw))
-    planes = (rows.reshape(-1, bw) @ _dct(bw, coeffs.device, coeffs.dtype)).view(m, hb * bh, wb * bw)
+    rows = torch.matmul(_dct(bh, coeffs.device, coeffs.dtype)[1], coeffs.reshape(m * hb, bh, wb * bw))
+    planes = (rows.reshape(-1, bw) @ _dct(bw, coeffs.device, coeffs.dtype)[0]).view(m, hb * bh, wb * bw)
     return planes[:, :h, :w]
 
 
@@ -119,7 +129,7 @@ def check_wavelet(owner: str, wavelet: Any) -> None:
 
 
 @lru_cache(maxsize=128)
-def _level(n: int, wavelet: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _level(n: int, wavelet: str, device: torch.device, dtype: torch.dtype) -> Pair:
     """One periodized DWT level of a side of n as a matrix (n + n % 2, n): the first half of its
     rows the low-pass outputs, the second half the high-pass ones, out_c[k] =
     sum_j h_c[j] x[(2k + j - (L - 2)) mod n'] over the side zero padded to even n' (whose
@@ -132,7 +142,7 @@ def _level(n: int, wavelet: str, device: torch.device, dtype: torch.dtype) -> Te
     matrix = torch.zeros(2, even // 2, even, dtype=torch.float64)
     for c in range(2):  # the two filters (a wrap-around adds up taps that land on one column)
         matrix[c].index_put_((k, (2 * k + j - (taps - 2)) % even), bank[c].expand_as(k), accumulate=True)
-    return matrix.reshape(even, even)[:, :n].to(device=device, dtype=dtype).contiguous()
+    return _pair(matrix.reshape(even, even)[:, :n], device, dtype)
 
 
 TILE = 128
@@ -174,7 +184,7 @@ def dwt(planes: Tensor, wavelet: str, level: int) -> tuple[Tensor, list[Tensor],
         sizes.append((h, w))
         rows, cols = _level(h, wavelet, ll.device, ll.dtype), _level(w, wavelet, ll.device, ll.dtype)
         y = _apply(ll, rows, cols)
-        h2, w2 = rows.shape[0] // 2, cols.shape[0] // 2
+        h2, w2 = rows[0].shape[0] // 2, cols[0].shape[0] // 2
         details.append(torch.stack([y[:, :h2, w2:], y[:, h2:, :w2], y[:, h2:, w2:]], 1))
         ll = y[:, :h2, :w2]
     return ll, details, (tiling, tuple(sizes))
