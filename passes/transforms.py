@@ -1,17 +1,19 @@
 """The orthogonal transforms behind the dct and wavelet codecs, each a few large tensor ops on the
 tensor's own device: no Python loop over planes, tiles or channels.
 
-Both are separable: a 1-D transform along H and one along W, each a matrix (the DCT's is block
-diagonal; the periodized DWT level's holds the shifted low- and high-pass filters), applied to all
-planes by two matrix products, ``A_h @ X @ A_w^T``. A dense matrix does H + W multiply-adds per
-value where a strided convolution would do 2L (12 for db3), but a matrix product runs near the
-machine's peak and a one-channel convolution far from it: 2.6 ms against 12 ms on 2048 planes of
-28 x 28 on one CPU thread, and at 112 x 112 still 6.4 against 10.
+Both are separable (a 1-D transform along H, one along W) and run as matrix products over all
+planes at once:
 
-- Tiled DCT-II: the block-diagonal matrix of `block` x `block` DCTs (a side shorter than `block`
-  is one tile; other sides are zero padded to a multiple of it).
-- Periodized 2-D DWT (Mallat): per level, the level matrices of both sides give the four bands
-  (LL | LH over HL | HH); the next level transforms LL. An odd side is zero padded by one.
+- Tiled DCT-II: each side cut into tiles of `block` (a side shorter than `block` is one tile;
+  other sides are zero padded to a multiple of it), and the b x b DCT matrix applied along each
+  side of every tile: 2b multiply-adds per value, whatever the plane's size.
+- Periodized 2-D DWT (Mallat): per level, the level matrix of each side (its rows the shifted low-
+  and high-pass filters) gives the four bands (LL | LH over HL | HH); the next level transforms LL.
+  An odd side is zero padded by one; a side over :data:`TILE` is cut into tiles of it first. A
+  dense level matrix does H + W multiply-adds per value where a strided convolution would do 2L
+  (12 for db3), but a matrix product runs near the machine's peak and a one-channel convolution
+  far from it: 2.6 ms against 12 ms on 2048 planes of 28 x 28 on one CPU thread, and at 112 x 112
+  still 6.4 against 10.
 
 Both are orthonormal, so the inverse (the transposed matrices) is exact to float rounding and the
 energy a codec drops is the energy of the coefficients it drops.
