@@ -134,7 +134,7 @@ def test_the_torchscript_based_onnx_exporter_takes_over_where_dynamo_fails(tmp_p
     inputs = {"input_ids": torch.randint(0, 50, (1, 7)), "attention_mask": torch.ones(1, 7, dtype=torch.long)}
     model = surgery.capture(Block().eval(), inputs)  # a GraphModule, whose .graph that exporter misreads
     path = surgery.export(model, tmp_path / "block.onnx", inputs)
-    assert calls == [True, True, True, False]  # dynamic, static, unoptimised, then the TorchScript-based one
+    assert calls == [True, True, True, True, False]  # dynamic, static, both unoptimised, then the TorchScript-based one
     grown = {"input_ids": torch.randint(0, 50, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
     with torch.no_grad():
         want = model(**grown)
@@ -219,3 +219,12 @@ def test_files_are_read_without_unpickling(tmp_path, monkeypatch):
     assert b.params == n_params - 16 and "BatchNormalization" not in b.ops  # BatchNorm folded into the conv
     assert b.ops.get("Conv") == 2 and b.inputs[0][1][1:] == [3, 16, 16] and isinstance(b.inputs[0][1][0], str)
     assert "parameters" in a.table() and "Conv x2" in b.table()
+
+
+def test_an_onnx_file_off_by_rounding_only_says_which_tol_would_take_it(tmp_path, monkeypatch):
+    from surgery.io import deploy
+    monkeypatch.setattr(deploy, "_compare", lambda ref, out, flat=False: 3e-5)  # every file: 3e-5 off
+    with pytest.raises(surgery.ExportFailure, match=r"one file ran and matched the model to a relative error of "
+                                                    r"3e-05, above tol=1e-05: .* pass a larger tol"):
+        surgery.export(CNN().eval(), tmp_path / "cnn.onnx", (torch.randn(1, 3, 16, 16),))
+    assert not (tmp_path / "cnn.onnx").exists()

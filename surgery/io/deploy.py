@@ -202,8 +202,10 @@ def verify_export(path: str | os.PathLike, model: nn.Module, example_inputs: Any
         except ValueError as e:
             raise ExportMismatch(f"{path}: the reloaded file's outputs differ from the model's ({e})") from e
         if not err <= tol:
-            raise ExportMismatch(f"{path}: the reloaded file differs from the model at batch {_batch(example)} "
-                                 f"(max rel. error {err:.3g} > {tol:g})")
+            mismatch = ExportMismatch(f"{path}: the reloaded file differs from the model at batch {_batch(example)} "
+                                      f"(max rel. error {err:.3g} > {tol:g})")
+            mismatch.error = err  # for export_onnx's hint
+            raise mismatch
         worst = max(worst, err)
     return worst
 
@@ -260,7 +262,7 @@ def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], to
     """``torch.onnx.export`` then an ONNX Runtime session, verified.
 
     Tried in order, the first file that verifies kept: the dynamo exporter with a dynamic batch
-    (on the example grown to batch 2), with the inputs' sizes, and once more without its graph
+    (on the example grown to batch 2), with the inputs' sizes, and both once more without its graph
     optimizer (which has written graphs ONNX Runtime rejects, timm's Gemma-4 ViT); then the
     TorchScript-based exporter, deprecated but still shipped, the same two ways (torch 2.14's dynamo
     exporter decomposes a reshape of a transposed attention output into an impossible view: HF T5
@@ -268,10 +270,11 @@ def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], to
     _need_onnx(path)
     example, second = _example(inputs)
     tries = ([(example, True)] if second is not None else []) + [(inputs, False)]
-    candidates = [("dynamo", given, dynamic, True) for given, dynamic in tries] + [("dynamo", inputs, False, False)] + \
+    candidates = [("dynamo", given, dynamic, optimize) for optimize in (True, False) for given, dynamic in tries] + \
         [("TorchScript-based", given, dynamic, True) for given, dynamic in tries]
     path.parent.mkdir(parents=True, exist_ok=True)
     errors: dict[str, str] = {}
+    closest = float("inf")  # the smallest error of a file that ran but missed `tol`
     for how, given, dynamic, optimize in candidates:
         args, kwargs = _args(given)
         try:
@@ -289,12 +292,16 @@ def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], to
             verify_export(path, model, inputs, tol=tol, batch=batch, format="onnx")
         except Exception as e:
             errors.setdefault(how, first_line(e))
+            closest = min(closest, getattr(e, "error", float("inf")))
             continue
         _warn_fixed_batch(path, model, inputs, batch, "onnx")
         return path
     path.unlink(missing_ok=True)
+    hint = "" if closest == float("inf") else \
+        (f"; one file ran and matched the model to a relative error of {closest:.3g}, above tol={tol:g}: where that "
+         f"is the model's own float32 rounding (compare it run in float64), pass a larger tol")
     raise ExportFailure(f"{path}: torch.onnx.export cannot export {type(model).__name__}: {errors.get('dynamo')} "
-                        f"(and the TorchScript-based exporter: {errors.get('TorchScript-based')})")
+                        f"(and the TorchScript-based exporter: {errors.get('TorchScript-based')}){hint}")
 
 
 def _onnx_batched(path: Path) -> bool:
