@@ -405,3 +405,31 @@ def test_a_strided_slice_of_an_axis_that_loses_positions():
     assert _slice_of_kept(slice(None, None, 4), kept, node) == slice(0, 4, 3)  # 0, 4 -> 0, 3
     with pytest.raises(SurgeryError, match="getitem_3.*not evenly spaced"):
         _slice_of_kept(slice(None, None, 2), kept, node)                      # 0, 2, 4, 6 -> 0, 1, 3, 4
+
+
+class _AdditiveAttention(nn.Module):
+    """SwiftFormer's efficient additive attention: the normalised query times a parameter vector
+    (``query @ self.w_g``) weighs the tokens."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+        self.w_g = nn.Parameter(torch.randn(d, 1))
+        self.proj, self.final = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        query = F.normalize(self.q(x), dim=-1)
+        key = F.normalize(self.k(x), dim=-1)
+        a = F.normalize(query @ self.w_g * 0.5, dim=1)
+        g = torch.sum(a * query, dim=1).unsqueeze(1)
+        return self.final(self.proj(g * key) + query)
+
+
+def test_channels_contracted_with_a_parameter_cut_its_rows_too():
+    torch.manual_seed(0)
+    net, x = _AdditiveAttention().eval(), torch.randn(2, 5, 8)
+    masked = surgery.compress(net, [ChannelPrune(ratio=0.5)], (x,))
+    small = surgery.compress(masked, [Shrink()], (x,))
+    assert small.get_parameter("w_g").shape == (4, 1) and small.get_parameter("q.weight").shape == (4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked(x), rtol=0, atol=1e-6)

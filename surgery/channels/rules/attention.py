@@ -47,6 +47,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..rulebook import RuleContext, register_rule, varying
+from .common import _owner
 from .head_dims import _across_heads, _either_zero, _lift, _one_head_values, _sdpa_dims, head_dims
 from .operands import untracked_operand
 
@@ -257,8 +258,16 @@ def matmul_rule(ctx: RuleContext):
         either = _either_zero(va, vb, lines[0].shape)
         contracted = [(x, kd, pos)]
         vals = [either.reshape(x.shape) if either is not None and k == pos else None for k in range(2)]
+    coupled = len(contracted) == 1 and len(lines) == 2
     for x, kd, pos in contracted:
-        ctx.place("reader", x, kd, arg=pos, kind="zero", values=vals[pos])
+        params = ()
+        if not coupled:  # the other operand's matching axis carries no channels: it is cut too, or nothing is
+            params = _sliced_operand(ctx, (a, b)[1 - pos], 1 - pos, x.shape[kd])
+            if params is None:
+                ctx.freeze(x, f"{ctx.describe()} contracts these channels with {(a, b)[1 - pos]!s}, which is "
+                              "not a parameter of the model that could be cut with them")
+                continue
+        ctx.place("reader", x, kd, arg=pos, kind="zero", values=vals[pos], params=params)
     nd = len(out_shape)
     outs = [x.reshape((1,) * (nd - x.ndim) + x.shape) for x in outs]
     if not outs:
@@ -272,6 +281,22 @@ def matmul_rule(ctx: RuleContext):
         # a column of b (a row of a) that is zero throughout gives a zero column (row) of a @ b
         values = np.where(vc == 0, 0.0, np.nan).reshape(out.shape)
     return out, values
+
+
+def _sliced_operand(ctx: RuleContext, t: Any, pos: int, size: int) -> list | None:
+    """The parameter slice that goes with channels contracted against `t`, operand `pos` of a
+    matmul: ``[(owner, attribute, axis)]`` where `t` is read straight from the model (SwiftFormer's
+    ``query @ self.w_g``), its contracted axis (the last of a, the second last of b) `size` long;
+    [] where `t` has a single entry along it (broadcast); None otherwise."""
+    shape = ctx.shape(t)
+    if shape is None or len(shape) < 2:
+        return None
+    axis = len(shape) - 1 if pos == 0 else len(shape) - 2
+    if shape[axis] == 1:
+        return []
+    if isinstance(t, fx.Node) and t.op == "get_attr" and shape[axis] == size:
+        return [(*_owner(ctx.g.gm, str(t.target)), axis)]
+    return None
 
 
 def einsum_rule(ctx: RuleContext):
