@@ -97,11 +97,11 @@ def _support(x: Tensor) -> Tensor | None:
     return pack_bits(x.bool())  # nonzero is positive here (and bool() is 4x faster than > 0)
 
 
-def _sparse_pack(x: Tensor, coeffs: Tensor, keep: float, layout: tuple = (), exact: bool = False) -> _SparsePacked:
-    """`coeffs` (x itself, or its transform) kept sparse; for a ReLU output, also its support.
-    Where the coefficients are x's own values and x has a support, they are non-negative."""
+def _sparse_pack(x: Tensor, coeffs: Tensor, keep: float, layout: tuple = (), exact: bool = False,
+                 own: bool = False) -> _SparsePacked:
+    """`coeffs` (x's transform, or with `own` x's values themselves) kept sparse; for a ReLU
+    output, also its support. A ReLU output's own values are non-negative."""
     support = _support(x)
-    own = coeffs.data_ptr() == x.data_ptr() and coeffs.numel() == x.numel()
     sparse = keep_largest(coeffs, keep, x.dtype, x.numel(), exact, nonnegative=own and support is not None)
     return _SparsePacked(sparse, x.shape, x.dtype, layout, support)
 
@@ -155,7 +155,7 @@ class ThresholdCodec:
         check.flag("ThresholdCodec", "exact", self.exact)
 
     def pack(self, x: Tensor) -> _SparsePacked:
-        return _sparse_pack(x, x.reshape(-1), self.keep, exact=self.exact)
+        return _sparse_pack(x, x.reshape(-1), self.keep, exact=self.exact, own=True)
 
     def unpack(self, p: _SparsePacked) -> Tensor:
         if p.support is None:

@@ -81,18 +81,8 @@ class Sparse:
         return out
 
 
-_SPREAD: dict[str, Tensor] = {}
 _GATHER = 0x0102040810204080
 """Times an int64 holding eight 0/1 bytes b0..b7 (little-endian), its top byte is b0 + 2 b1 + ... + 128 b7."""
-
-
-def _spread(device: torch.device) -> Tensor:
-    """For each byte value, the int64 whose eight bytes are its bits (least significant first)."""
-    key = str(device)
-    if key not in _SPREAD:
-        bits = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.uint8).contiguous()
-        _SPREAD[key] = bits.view(torch.int64).squeeze(1).to(device)
-    return _SPREAD[key]
 
 
 def pack_bits(mask: Tensor) -> Tensor:
@@ -106,23 +96,23 @@ def pack_bits(mask: Tensor) -> Tensor:
     return ((m.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
 
 
-def unpack_bits(bits: Tensor, numel: int) -> Tensor:
-    """The bool vector of length `numel` that :func:`pack_bits` packed: one table lookup per byte."""
-    return _spread(bits.device)[bits.long()].view(torch.bool)[:numel]
-
-
-_LEVELS: dict[tuple, Tensor] = {}
+_TABLES: dict[tuple, Tensor] = {}
 
 
 def bits_as(bits: Tensor, numel: int, value: float, dtype: torch.dtype) -> Tensor:
     """A fresh flat `dtype` tensor of length `numel`: `value` where :func:`pack_bits` packed a 1,
     zero elsewhere (one row of a 256 x 8 table per byte)."""
     key = (str(bits.device), dtype, value)
-    if key not in _LEVELS:
-        table = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(dtype) * value
-        _LEVELS[key] = table.to(bits.device)
-    out = _LEVELS[key].index_select(0, bits.long()).view(-1)
+    if key not in _TABLES:
+        table = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.float64) * value
+        _TABLES[key] = table.to(device=bits.device, dtype=dtype)
+    out = _TABLES[key].index_select(0, bits.long()).view(-1)
     return out if out.numel() == numel else out[:numel].clone()
+
+
+def unpack_bits(bits: Tensor, numel: int) -> Tensor:
+    """The bool vector of length `numel` that :func:`pack_bits` packed."""
+    return bits_as(bits, numel, 1.0, torch.bool)
 
 
 SAMPLE = 4096

@@ -68,6 +68,15 @@ def _apply_inverse(coeffs: Tensor, rows: Pair, cols: Pair) -> Tensor:
     return torch.matmul(rows[1], coeffs @ cols[0])
 
 
+def _padded(planes: Tensor, th: int, tw: int) -> tuple[Tensor, int, int]:
+    """`planes` (M, H, W) zero padded to whole tiles of th x tw: (padded, tiles down, tiles across)."""
+    h, w = planes.shape[-2:]
+    hb, wb = -(-h // th), -(-w // tw)
+    if hb * th != h or wb * tw != w:
+        planes = F.pad(planes, (0, wb * tw - w, 0, hb * th - h))
+    return planes, hb, wb
+
+
 # ---------------------------------------------------------------- tiled DCT
 @lru_cache(maxsize=64)
 def _dct_matrix(b: int) -> Tensor:
@@ -90,9 +99,7 @@ def tiled_dct(planes: Tensor, block: int) -> tuple[Tensor, tuple]:
     of every tile: 2b multiply-adds per value, whatever the plane's width."""
     m, h, w = planes.shape
     bh, bw = min(block, h), min(block, w)
-    hb, wb = -(-h // bh), -(-w // bw)
-    if hb * bh != h or wb * bw != w:
-        planes = F.pad(planes, (0, wb * bw - w, 0, hb * bh - h))
+    planes, hb, wb = _padded(planes, bh, bw)
     rows = (planes.reshape(-1, bw) @ _dct(bw, planes.device, planes.dtype)[1]).view(m * hb, bh, wb * bw)
     coeffs = torch.matmul(_dct(bh, planes.device, planes.dtype)[0], rows).view(m, hb * bh, wb * bw)
     return coeffs, (m, h, w, bh, bw)
@@ -156,11 +163,9 @@ def _tile(planes: Tensor) -> tuple[Tensor, tuple]:
     """(M, H, W) -> (M * hb * wb, th, tw) tiles of at most TILE x TILE, and what undoes it."""
     m, h, w = planes.shape
     th, tw = min(h, TILE), min(w, TILE)
-    hb, wb = -(-h // th), -(-w // tw)
+    planes, hb, wb = _padded(planes, th, tw)
     if hb == wb == 1:
         return planes, (m, h, w, th, tw)
-    if hb * th != h or wb * tw != w:
-        planes = F.pad(planes, (0, wb * tw - w, 0, hb * th - h))
     return planes.reshape(m, hb, th, wb, tw).transpose(2, 3).reshape(-1, th, tw), (m, h, w, th, tw)
 
 

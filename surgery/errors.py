@@ -118,7 +118,12 @@ class ExportFailure(SurgeryError):
 
 class ExportMismatch(ExportFailure):
     """A written file (.pt2, .onnx), reloaded as deployment reloads it, does not reproduce the
-    model: see :func:`surgery.verify_export`."""
+    model: see :func:`surgery.verify_export`. `error`: the largest relative error, where the file
+    ran and its outputs compared (None otherwise)."""
+
+    def __init__(self, message: str, error: float | None = None):
+        super().__init__(message)
+        self.error = error
 
 
 _OURS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), p) + os.sep

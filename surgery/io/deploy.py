@@ -202,10 +202,8 @@ def verify_export(path: str | os.PathLike, model: nn.Module, example_inputs: Any
         except ValueError as e:
             raise ExportMismatch(f"{path}: the reloaded file's outputs differ from the model's ({e})") from e
         if not err <= tol:
-            mismatch = ExportMismatch(f"{path}: the reloaded file differs from the model at batch {_batch(example)} "
-                                      f"(max rel. error {err:.3g} > {tol:g})")
-            mismatch.error = err  # for export_onnx's hint
-            raise mismatch
+            raise ExportMismatch(f"{path}: the reloaded file differs from the model at batch {_batch(example)} "
+                                 f"(max rel. error {err:.3g} > {tol:g})", error=err)
         worst = max(worst, err)
     return worst
 
@@ -292,7 +290,8 @@ def export_onnx(model: nn.Module, path: Path, inputs: tuple | dict[str, Any], to
             verify_export(path, model, inputs, tol=tol, batch=batch, format="onnx")
         except Exception as e:
             errors.setdefault(how, first_line(e))
-            closest = min(closest, getattr(e, "error", float("inf")))
+            if isinstance(e, ExportMismatch) and e.error is not None:
+                closest = min(closest, e.error)
             continue
         _warn_fixed_batch(path, model, inputs, batch, "onnx")
         return path

@@ -249,7 +249,8 @@ def matmul_rule(ctx: RuleContext):
             outs.append(x)
             carried = pos
     lines = [x.reshape(-1) for x, _, _ in contracted]
-    if len(lines) == 2 and len(lines[0]) == len(lines[1]):
+    coupled = len(lines) == 2 and len(lines[0]) == len(lines[1])
+    if coupled:
         # one position of both: a zero on either side drops it from the product
         ctx.couple(lines[0], lines[1])
         (x, kd, pos), (_, _, pos2) = contracted
@@ -258,7 +259,6 @@ def matmul_rule(ctx: RuleContext):
         either = _either_zero(va, vb, lines[0].shape)
         contracted = [(x, kd, pos)]
         vals = [either.reshape(x.shape) if either is not None and k == pos else None for k in range(2)]
-    coupled = len(contracted) == 1 and len(lines) == 2
     for x, kd, pos in contracted:
         params = ()
         if not coupled:  # the other operand's matching axis carries no channels: it is cut too, or nothing is
