@@ -6,11 +6,13 @@ import dataclasses
 from typing import Any, Iterator
 
 import torch
+import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from .calling import call
+from .calling import bind_placeholders, call
+from .copying import copy_module
 
-__all__ = ["max_abs_diff", "max_rel_diff", "run_eval", "eval_mode", "call"]
+__all__ = ["max_abs_diff", "max_rel_diff", "run_eval", "eval_mode", "call", "float64_outputs", "float32_noise"]
 
 
 def _flatten(value: Any) -> tuple[list[Any], Any]:
@@ -97,3 +99,81 @@ def run_eval(model: torch.nn.Module, inputs: Any) -> Any:
     :func:`surgery.calling.call`) in eval mode without gradients, restoring its training flags."""
     with eval_mode(model):
         return call(model, inputs)
+
+
+# ----------------------------------------------------------------------------- float32 rounding
+#: A file that misses its tolerance still matches the model when its outputs are at most this
+#: many times as far from the model's float64 result as the model's own float32 run is (see
+#: :func:`float32_noise`): a different kernel or summation order rounds differently, no worse.
+FLOAT32_FACTOR = 2.0
+#: ... as long as the model's own float32 run is this close to float64: past it, float32 outputs
+#: carry no meaning to check against, and only an explicit `tol` says what is close enough.
+FLOAT32_NOISE_CAP = 1e-3
+
+
+def _promoted(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.dtype == torch.float32:
+        return v.double()
+    return torch.float64 if v is torch.float32 else v
+
+
+class _Float64(fx.Interpreter):
+    """Run a graph in float64: float32 tensors and float32 dtype arguments promoted at every
+    node, ``.float()`` run as ``.double()`` (a captured graph keeps the casts of the model's code:
+    ``x.float()`` in a norm, ``.to(torch.float32)``)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        args, kwargs = fx.node.map_aggregate(args, _promoted), fx.node.map_aggregate(kwargs, _promoted)
+        target = "double" if n.op == "call_method" and n.target == "float" else n.target
+        return getattr(self, n.op)(target, args, kwargs)
+
+
+@torch.no_grad()
+def float64_outputs(model: torch.nn.Module, inputs: Any) -> Any | None:
+    """`model`'s outputs on `inputs` computed in float64 (a float64 copy of it, float32 inputs
+    promoted, torch's default dtype float64 for the run; a GraphModule's own float32 casts
+    promoted too), or None where the model cannot run so. `model` is not changed."""
+    previous = torch.get_default_dtype()
+    try:
+        twin = copy_module(model).double()  # copy-on-write: the casts make new tensors, `model` keeps its own
+        torch.set_default_dtype(torch.float64)
+        promoted = {k: _promoted(v) for k, v in inputs.items()} if isinstance(inputs, dict) else \
+            tuple(_promoted(v) for v in inputs)
+        with eval_mode(twin):
+            if isinstance(twin, fx.GraphModule):
+                return _Float64(twin).run(*bind_placeholders(twin.graph, promoted))
+            return call(twin, promoted)
+    except Exception:  # an op with no float64 kernel, a model that checks its dtype: no reference
+        return None
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def float32_noise(model: torch.nn.Module, inputs: Any, ref: Any, out: Any,
+                  compare: Any = max_rel_diff) -> tuple[float, float] | None:
+    """How far the model's own float32 outputs `ref` and another run's outputs `out` (an
+    exported file's) are from the model's float64 result on `inputs`, by `compare(reference,
+    outputs)` (relative to each output's largest magnitude by default), or None where the model
+    cannot run in float64. An `out` as close as :data:`FLOAT32_FACTOR` times the model's own
+    distance differs from the model by float32 rounding, not by what it computes."""
+    exact = float64_outputs(model, inputs)
+    if exact is None:
+        return None
+    try:
+        return max_rel_diff(exact, ref), compare(exact, out)
+    except ValueError:
+        return None
+
+
+def within_float32_noise(noise: tuple[float, float] | None) -> bool:
+    """Whether :func:`float32_noise`'s (own, other) say the other run rounds no worse than the model."""
+    return noise is not None and noise[0] <= FLOAT32_NOISE_CAP and noise[1] <= FLOAT32_FACTOR * noise[0]
+
+
+def float32_note(noise: tuple[float, float] | None) -> str:
+    """What :func:`float32_noise` found, for an error message (it starts with a semicolon)."""
+    if noise is None:
+        return "; the model does not run in float64, so float32 rounding cannot be told apart"
+    own, other = noise
+    return f"; from the model run in float64 it is {other:.3g} off, the model's own float32 run {own:.3g}"

@@ -221,10 +221,62 @@ def test_files_are_read_without_unpickling(tmp_path, monkeypatch):
     assert "parameters" in a.table() and "Conv x2" in b.table()
 
 
-def test_an_onnx_file_off_by_rounding_only_says_which_tol_would_take_it(tmp_path, monkeypatch):
+def test_an_onnx_file_off_by_more_than_rounding_says_which_tol_would_take_it(tmp_path, monkeypatch):
     from surgery.io import deploy
     monkeypatch.setattr(deploy, "_compare", lambda ref, out, flat=False: 3e-5)  # every file: 3e-5 off
     with pytest.raises(surgery.ExportFailure, match=r"one file ran and matched the model to a relative error of "
-                                                    r"3e-05, above tol=1e-05: .* pass a larger tol"):
+                                                    r"3e-05, above tol=1e-05 and more than float32 rounding "
+                                                    r"explains: .* pass a larger tol"):
         surgery.export(CNN().eval(), tmp_path / "cnn.onnx", (torch.randn(1, 3, 16, 16),))
     assert not (tmp_path / "cnn.onnx").exists()
+
+
+class Casts(nn.Module):
+    """A model whose code casts to float32 itself, as norms in transformers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(x).float()
+        return (h * torch.ones(4)).to(torch.float32) + h.to(dtype=torch.float32)
+
+
+def test_the_float64_reference_promotes_the_casts_a_captured_graph_keeps():
+    from torch.nn import functional as F
+
+    from surgery.verify import float64_outputs
+    model, x = Casts(), torch.randn(3, 6)
+    gm = surgery.capture(model, (x,))
+    exact = float64_outputs(gm, (x,))
+    lin = model.lin
+    assert exact.dtype == torch.float64
+    assert torch.equal(exact, 2 * F.linear(x.double(), lin.weight.double(), lin.bias.double()))
+    assert gm.lin.weight.dtype == torch.float32 and torch.get_default_dtype() == torch.float32  # nothing changed
+    assert float64_outputs(model, (x,)).dtype == torch.float32  # an eager model's casts stay: no better reference
+
+
+def _runner_returning(monkeypatch, outputs):
+    """verify_export reads a 'file' that returns `outputs(x)` (a list of tensors, as ONNX Runtime does)."""
+    from surgery.io import deploy
+    monkeypatch.setattr(deploy, "load_deployed", lambda path, kind: lambda x: [outputs(x)])
+
+
+def test_a_file_off_by_float32_rounding_only_passes_and_one_off_by_more_fails(tmp_path, monkeypatch):
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]).eval()
+    x = (torch.randn(4, 64),)
+    with torch.no_grad():
+        ref = model(*x)
+        exact = model.double()(x[0].double())
+    model.float()
+    # another runtime's rounding: the float64 result rounded to float32, which misses a tol of 1e-9
+    assert max_rel_diff(ref, exact.float()) > 1e-9
+    _runner_returning(monkeypatch, lambda x: exact.float()[: len(x)])
+    assert surgery.verify_export(tmp_path / "m.onnx", model, x, tol=1e-9) > 1e-9
+    _runner_returning(monkeypatch, lambda x: model(x) * (1 + 1e-5))  # off by more than rounding
+    with pytest.raises(surgery.ExportMismatch,
+                       match=r"m.onnx: the reloaded file differs from the model at batch 4 \(max rel. error 1e-05 > "
+                             r"1e-09; from the model run in float64 it is [0-9.e-]+ off, the model's own float32 run "
+                             r"[0-9.e-]+\)"):
+        surgery.verify_export(tmp_path / "m.onnx", model, x, tol=1e-9)

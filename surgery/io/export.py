@@ -29,18 +29,23 @@ from torch import nn
 from ..calling import as_inputs, call
 from ..errors import ExportFailure, first_line
 from ..progress import staged
-from ..verify import eval_mode, max_rel_diff, run_eval
+from ..verify import eval_mode, float32_noise, float32_note, max_rel_diff, run_eval, within_float32_noise
 from .deploy import export_onnx, export_pt2, format_of
 
 __all__ = ["export", "load_torchscript"]
 
 
-def _close(ref: Any, out: Any, tol: float) -> tuple[bool, float]:
+def _close(model: nn.Module, inputs: Any, ref: Any, out: Any, tol: float) -> tuple[bool, str]:
+    """Whether the reloaded file's `out` matches the model's `ref` (within `tol`, or by float32
+    rounding only: see :func:`surgery.verify.float32_noise`), and why not."""
     try:
         err = max_rel_diff(ref, out)
-    except ValueError:
-        return False, float("inf")
-    return err <= tol, err
+    except ValueError as e:
+        return False, str(e)
+    if err <= tol:
+        return True, ""
+    noise = float32_noise(model, inputs, ref, out)
+    return within_float32_noise(noise), f"max rel. error {err:.3g} > {tol:g}{float32_note(noise)}"
 
 
 def _trace(model: nn.Module, inputs: tuple | dict[str, Any], ref: Any) -> torch.jit.ScriptModule:
@@ -81,6 +86,12 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, fo
     a process that calls ``torch.jit.enable_onednn_fusion(True)`` before running the loaded
     file gets conv/BatchNorm/ReLU/add fused into oneDNN Graph kernels; for a shrunk ResNet-50
     that is what turns the MAC reduction into latency (see benchmarks/results/shrink_latency.md).
+
+    The file passes when its outputs are within `tol` of the model's (relative to each output's
+    largest magnitude), or differ from them by float32 rounding only: no further from the model
+    run in float64 than twice the model's own float32 run (:func:`surgery.verify.float32_noise`;
+    a model whose float32 outputs amplify rounding, such as a deep ViT with random weights, is
+    reproduced by another runtime to no better than that).
 
     `example_inputs` may be keyword inputs (a dict): scripting keeps the forward's argument
     names, tracing records them with ``example_kwarg_inputs``, and the reloaded file is checked
@@ -125,10 +136,10 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, fo
             except Exception as e:  # a file that cannot take the inputs the model took
                 errors.append(f"{how}: the reloaded file cannot run on the example inputs ({first_line(e)})")
                 continue
-            ok, err = _close(ref, out, tol)
+            ok, why = _close(model, inputs, ref, out, tol)
             if ok:
                 return path
-            errors.append(f"{how}: the reloaded file differs from the model (max rel. error {err:.3g})")
+            errors.append(f"{how}: the reloaded file differs from the model ({why})")
     if path.exists():
         path.unlink()
     if isinstance(inputs, dict) and not isinstance(model, fx.GraphModule):
