@@ -224,8 +224,8 @@ class WaveletCodec:
 # ---------------------------------------------------------------- linear quantization
 @dataclass
 class _QuantPacked:
-    codes: Tensor   # uint8; two 4-bit codes per byte for bits=4
-    low: Tensor     # float32 per-group minimum
+    codes: Tensor   # int8 codes - 128 for bits=8; uint8, two 4-bit codes per byte, for bits=4
+    low: Tensor     # float32 per-group value of the smallest code (0 for 4 bits, -128 for 8)
     scale: Tensor   # float32 per-group step
     shape: torch.Size
     dtype: torch.dtype
@@ -257,23 +257,28 @@ class QuantCodec:
         levels = 2 ** self.bits - 1
         scale = (high - low) / levels
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        # codes = floor((g - low) / scale + u), u = 1/2 (nearest) or uniform (stochastic), in
-        # [0, levels]: one fused multiply-add, a clamp and the cast (which truncates: the floor)
+        # codes = round((g - low) / scale) (or floor(... + u), u uniform, stochastic), in [0, levels],
+        # shifted by -128 for 8 bits so that they cast to int8, whose cast from float is 3x faster
+        # on CPU than uint8's: a broadcast multiply, in-place add and round, and the cast (a fused
+        # addcmul over (groups, 1) operands is slower than the two)
         inv = 1.0 / scale
+        offset = 128 if self.bits == 8 else 0
+        q = g.mul(inv).add_(-offset - low * inv)
         if self.stochastic:
-            q = torch.addcmul(-low * inv, g, inv).add_(torch.rand_like(g))
+            q = q.add_(torch.rand_like(g)).floor_().clamp_max_(levels - offset)
         else:
-            q = torch.addcmul(0.5 - low * inv, g, inv)
-        q = q.clamp_(0, levels).to(torch.uint8)
+            q = q.round_()  # in [-offset, levels - offset] up to rounding: the cast needs no clamp
+        q = q.to(torch.int8)
         if self.bits == 4:
+            q = q.view(torch.uint8)
             q = q[:, 0::2] | (q[:, 1::2] << 4)
-        return _QuantPacked(q, low.squeeze(1), scale.squeeze(1), x.shape, x.dtype)
+        return _QuantPacked(q, (low + offset * scale).squeeze(1), scale.squeeze(1), x.shape, x.dtype)
 
     def unpack(self, p: _QuantPacked) -> Tensor:
         q = p.codes
         if self.bits == 4:
             q = torch.stack([q & 15, q >> 4], 2).view(q.shape[0], -1)
-        g = torch.addcmul(p.low[:, None], q.float(), p.scale[:, None])
+        g = q.float().mul_(p.scale[:, None]).add_(p.low[:, None])  # in place: faster than one addcmul
         return g.view(-1)[:math.prod(p.shape)].to(p.dtype).view(p.shape)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -145,8 +146,20 @@ def _threshold(a: Tensor, k: int) -> Tensor:
         t = torch.topk(a, k, sorted=False).values.min()
     else:
         s = a.index_select(0, _sample_positions(n, m, a.device))
-        t = torch.kthvalue(s, m - max(1, round(k * m / n)) + 1).values
+        t = torch.topk(s, max(1, round(k * m / n)), sorted=False).values.min()  # (kthvalue: 40% slower)
     return t.clamp_min(torch.finfo(a.dtype).tiny)
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
+
+
+def at_least(a: Tensor, t: Tensor) -> Tensor:
+    """The ascending positions (int64) of the entries of flat `a` that are >= the 0-d `t`. On the
+    CPU numpy does it: its compare and flatnonzero run 4x and 2x as fast as ATen's there (1.6M
+    floats, one thread: 2.1 ms against 4.7)."""
+    if a.device.type == "cpu" and a.dtype in _NUMPY_FLOATS:
+        return torch.from_numpy(np.flatnonzero(a.detach().numpy() >= t.item()))
+    return (a >= t).nonzero().squeeze(1)
 
 
 def keep_largest(flat: Tensor, keep: float, store: torch.dtype, numel: int | None = None,
@@ -169,7 +182,7 @@ def keep_largest(flat: Tensor, keep: float, store: torch.dtype, numel: int | Non
     if exact:
         idx = torch.sort(torch.topk(a, k, sorted=False).indices).values
     else:
-        idx = (a >= _threshold(a, k)).nonzero().squeeze(1)
+        idx = at_least(a, _threshold(a, k))
     return _sparse(flat.index_select(0, idx).to(store), idx, n)
 
 
