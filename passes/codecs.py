@@ -31,7 +31,7 @@ from surgery.errors import ConfigError
 
 from . import _fields as check
 from .packing import Sparse, bits_as, keep_largest, pack_bits
-from .transforms import as_planes, check_wavelet, dwt, dwt_inverse, tiled_dct, tiled_dct_inverse
+from .transforms import as_planes, check_wavelet, dwt_flat, dwt_flat_inverse, tiled_dct, tiled_dct_inverse
 
 __all__ = ["NoCodec", "RandomCodec", "ThresholdCodec", "DCTCodec", "WaveletCodec", "QuantCodec", "make_codec",
            "METHODS", "check_keep", "check_wavelet", "check_group_size"]
@@ -209,16 +209,12 @@ class WaveletCodec:
         check.flag("WaveletCodec", "exact", self.exact)
 
     def pack(self, x: Tensor) -> _SparsePacked:
-        ll, details, where = dwt(as_planes(x).to(_work_dtype(x.dtype)), self.wavelet, self.level)
-        flat = torch.cat([ll.reshape(-1)] + [d.reshape(-1) for d in details])
-        layout = (tuple(ll.shape), where, tuple(tuple(d.shape) for d in details))
+        flat, layout = dwt_flat(as_planes(x).to(_work_dtype(x.dtype)), self.wavelet, self.level)
         return _sparse_pack(x, flat, self.keep, layout, self.exact)
 
     def unpack(self, p: _SparsePacked) -> Tensor:
-        ll_shape, where, band_shapes = p.layout
-        parts = p.coeffs.dense(_work_dtype(p.dtype)).split([math.prod(s) for s in (ll_shape, *band_shapes)])
-        details = [t.view(s) for t, s in zip(parts[1:], band_shapes)]
-        return _sparse_finish(dwt_inverse(parts[0].view(ll_shape), details, where, self.wavelet), p)
+        return _sparse_finish(dwt_flat_inverse(p.coeffs.dense(_work_dtype(p.dtype)), p.layout, self.wavelet,
+                                               self.level), p)
 
 
 # ---------------------------------------------------------------- linear quantization

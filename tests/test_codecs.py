@@ -215,7 +215,7 @@ def test_relu_outputs_come_back_with_their_zeros_and_no_subnormals(method):
 @pytest.mark.parametrize("h, w", [(8, 8), (10, 13), (7, 3), (1, 9), (28, 28), (5, 300), (256, 20)])
 @pytest.mark.parametrize("wavelet", ["haar", "db3", "sym4"])
 def test_transforms_are_orthonormal_and_invert(h, w, wavelet):
-    from passes.transforms import dwt, dwt_inverse, tiled_dct, tiled_dct_inverse
+    from passes.transforms import SMALL, dwt, dwt_flat, dwt_flat_inverse, dwt_inverse, tiled_dct, tiled_dct_inverse
     x = torch.randn(3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(h * w))
     ll, details, layout = dwt(x, wavelet, 3)
     torch.testing.assert_close(dwt_inverse(ll, details, layout, wavelet), x, rtol=0, atol=1e-10)
@@ -225,6 +225,22 @@ def test_transforms_are_orthonormal_and_invert(h, w, wavelet):
     energy = ll.square().sum() + sum(d.square().sum() for d in details)
     torch.testing.assert_close(energy, x.square().sum())
     torch.testing.assert_close(coeffs.square().sum(), x.square().sum())
+    # what the codec uses: planes of at most SMALL values take one whole-plane matrix, others dwt
+    flat, layout = dwt_flat(x, wavelet, 3)
+    assert (layout[0] == "whole") == (h * w <= SMALL)
+    torch.testing.assert_close(dwt_flat_inverse(flat, layout, wavelet, 3), x, rtol=0, atol=1e-10)
+    general = torch.cat([ll.reshape(-1)] + [d.reshape(-1) for d in details])  # the same coefficients
+    torch.testing.assert_close(flat.sort().values, general.sort().values, rtol=0, atol=1e-12)
+
+
+def test_the_dct_of_a_plane_that_is_one_tile_is_scipys():
+    from scipy.fft import dctn
+
+    from passes.transforms import tiled_dct
+    x = torch.randn(3, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    coeffs, _ = tiled_dct(x, 8)  # one product with the whole-plane (Kronecker) matrix
+    for m in range(3):
+        torch.testing.assert_close(coeffs[m], torch.from_numpy(dctn(x[m].numpy(), norm="ortho")), rtol=0, atol=1e-12)
 
 
 def test_tiled_dct_is_scipys_dct_of_each_tile():
