@@ -107,6 +107,20 @@ def _dct_whole(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Pair
     return _pair(torch.kron(_dct_matrix(h), _dct_matrix(w)).T, device, dtype)
 
 
+SIDE = 32
+"""Planes no wider or taller than this are tiled-DCT transformed by each side's whole block-diagonal
+matrix (zero padding built in): side-many multiply-adds per value instead of 2 x block, but two
+large products instead of batches of block x block ones: 2048 planes of 28 x 28, forward and
+inverse, 5.1 ms against 8.5 on one CPU thread (at 56 x 56 the tile products win)."""
+
+
+@lru_cache(maxsize=64)
+def _dct_side(n: int, b: int, device: torch.device, dtype: torch.dtype) -> Pair:
+    """The tiled DCT of a side of n in tiles of b (the last one zero padded) as one (ceil(n/b)*b, n)
+    matrix: b x b DCT blocks on the diagonal, the padded columns dropped."""
+    return _pair(torch.block_diag(*[_dct_matrix(b)] * -(-n // b))[:, :n], device, dtype)
+
+
 def tiled_dct(planes: Tensor, block: int) -> tuple[Tensor, tuple]:
     """The 2-D DCT of (M, H, W) `planes` in `block` x `block` tiles (a side shorter than `block`
     is one tile; other sides are zero padded to a multiple of it): (coefficients, the layout
@@ -117,6 +131,9 @@ def tiled_dct(planes: Tensor, block: int) -> tuple[Tensor, tuple]:
     if bh == h and bw == w and h * w <= SMALL:  # one tile: one product with the whole-plane matrix
         return (planes.reshape(m, h * w) @ _dct_whole(h, w, planes.device, planes.dtype)[0]).view(m, h, w), \
             (m, h, w, bh, bw)
+    if max(h, w) <= SIDE:  # narrow planes: a product with each side's block-diagonal matrix
+        rows = (planes.reshape(m * h, w) @ _dct_side(w, bw, planes.device, planes.dtype)[1]).view(m, h, -1)
+        return torch.matmul(_dct_side(h, bh, planes.device, planes.dtype)[0], rows), (m, h, w, bh, bw)
     planes, hb, wb = _padded(planes, bh, bw)
     rows = (planes.reshape(-1, bw) @ _dct(bw, planes.device, planes.dtype)[1]).view(m * hb, bh, wb * bw)
     coeffs = torch.matmul(_dct(bh, planes.device, planes.dtype)[0], rows).view(m, hb * bh, wb * bw)
@@ -129,6 +146,9 @@ def tiled_dct_inverse(coeffs: Tensor, layout: tuple) -> Tensor:
     if bh == h and bw == w and h * w <= SMALL:
         return (coeffs.reshape(m, h * w) @ _dct_whole(h, w, coeffs.device, coeffs.dtype)[1]).view(m, h, w)
     hb, wb = -(-h // bh), -(-w // bw)
+    if max(h, w) <= SIDE:
+        rows = torch.matmul(_dct_side(h, bh, coeffs.device, coeffs.dtype)[1], coeffs.reshape(m, hb * bh, wb * bw))
+        return (rows.reshape(m * h, wb * bw) @ _dct_side(w, bw, coeffs.device, coeffs.dtype)[0]).view(m, h, w)
     rows = torch.matmul(_dct(bh, coeffs.device, coeffs.dtype)[1], coeffs.reshape(m * hb, bh, wb * bw))
     planes = (rows.reshape(-1, bw) @ _dct(bw, coeffs.device, coeffs.dtype)[0]).view(m, hb * bh, wb * bw)
     return planes[:, :h, :w]
