@@ -121,7 +121,7 @@ def _sparse_finish(y: Tensor, p: _SparsePacked) -> Tensor:
     y = y.to(p.dtype).reshape(p.shape)
     if p.support is None:
         return y
-    y = y.clamp_min(positive_floor(p.dtype))
+    y = y.clamp_min_(positive_floor(p.dtype))  # y is the inverse transform's own fresh tensor
     return y.mul_(bits_as(p.support, y.numel(), 1.0, y.dtype).view(p.shape))
 
 
