@@ -6,7 +6,9 @@ planes at once:
 
 - Tiled DCT-II: each side cut into tiles of `block` (a side shorter than `block` is one tile;
   other sides are zero padded to a multiple of it), and the b x b DCT matrix applied along each
-  side of every tile: 2b multiply-adds per value, whatever the plane's size.
+  side of every tile: 2b multiply-adds per value, whatever the plane's size. Small and narrow
+  planes, where batches of tiny products run far from the machine's speed, take larger matrices
+  instead (:data:`SMALL`, :data:`SIDE`).
 - Periodized 2-D DWT (Mallat): per level, the level matrix of each side (its rows the shifted low-
   and high-pass filters) gives the four bands (LL | LH over HL | HH); the next level transforms LL.
   An odd side is zero padded by one; a side over :data:`TILE` is cut into tiles of it first. A
@@ -125,7 +127,9 @@ def tiled_dct(planes: Tensor, block: int) -> tuple[Tensor, tuple]:
     """The 2-D DCT of (M, H, W) `planes` in `block` x `block` tiles (a side shorter than `block`
     is one tile; other sides are zero padded to a multiple of it): (coefficients, the layout
     :func:`tiled_dct_inverse` needs). Two products with the b x b DCT matrix, one along each side
-    of every tile: 2b multiply-adds per value, whatever the plane's width."""
+    of every tile: 2b multiply-adds per value, whatever the plane's width; a plane that is one
+    tile of at most :data:`SMALL` values takes one product with its Kronecker matrix, a plane no
+    wider than :data:`SIDE` one with each side's block-diagonal matrix (the same coefficients)."""
     m, h, w = planes.shape
     bh, bw = min(block, h), min(block, w)
     if bh == h and bw == w and h * w <= SMALL:  # one tile: one product with the whole-plane matrix
