@@ -29,6 +29,7 @@ Example::
 """
 from __future__ import annotations
 
+import itertools
 import math
 from functools import lru_cache
 from typing import Any
@@ -260,25 +261,60 @@ def _dwt_whole(h: int, w: int, wavelet: str, level: int, device: torch.device, d
     return _pair(torch.cat([ll.reshape(n, -1)] + [d.reshape(n, -1) for d in details], 1), device, dtype)
 
 
+def _level_shapes(h: int, w: int, level: int) -> list[tuple[int, int, int, int]]:
+    """(h, w, h', w') per level of :func:`dwt` on an h x w plane: in, and out (sides made even)."""
+    shapes = []
+    for _ in range(level):
+        if min(h, w) < 2:
+            break
+        shapes.append((h, w, h + h % 2, w + w % 2))
+        h, w = (h + h % 2) // 2, (w + w % 2) // 2
+    return shapes
+
+
 def dwt_flat(planes: Tensor, wavelet: str, level: int) -> tuple[Tensor, tuple]:
     """:func:`dwt`'s coefficients of (M, H, W) `planes` as one flat vector, and the layout
     :func:`dwt_flat_inverse` needs. Planes of at most :data:`SMALL` values take one product with
-    the whole-plane matrix (every level at once)."""
+    the whole-plane matrix (every level at once). Larger ones keep each level's whole output in
+    the vector, written there by its product, with the LL quadrant that the next level transforms
+    set to zero (a third more entries, all zero, where gathering the three detail bands and
+    scattering them back cost copies with rows as short as the bands')."""
     m, h, w = planes.shape
     if h * w <= SMALL:
         whole = _dwt_whole(h, w, wavelet, level, planes.device, planes.dtype)[0]
         return (planes.reshape(m, h * w) @ whole).reshape(-1), ("whole", m, h, w)
-    ll, details, where = dwt(planes, wavelet, level)
-    flat = torch.cat([ll.reshape(-1)] + [d.reshape(-1) for d in details])
-    return flat, (tuple(ll.shape), where, tuple(tuple(d.shape) for d in details))
+    ll, tiling = _tile(planes)
+    shapes = _level_shapes(*ll.shape[-2:], level)
+    if not shapes:
+        return ll.reshape(-1).clone(), ("levels", tiling, ll.shape[0], ())
+    n = ll.shape[0]
+    flat = ll.new_empty(sum(n * hp * wp for _, _, hp, wp in shapes))
+    offset = 0
+    for i, (h, w, hp, wp) in enumerate(shapes):
+        rows, cols = _level(h, wavelet, ll.device, ll.dtype), _level(w, wavelet, ll.device, ll.dtype)
+        y = flat[offset:offset + n * hp * wp].view(n, hp, wp)
+        torch.matmul(rows[0], ll @ cols[1], out=y)
+        offset += n * hp * wp
+        if i + 1 < len(shapes):
+            ll = y[:, :hp // 2, :wp // 2].clone()
+            y[:, :hp // 2, :wp // 2] = 0
+    return flat, ("levels", tiling, n, tuple(shapes))
 
 
 def dwt_flat_inverse(flat: Tensor, layout: tuple, wavelet: str, level: int) -> Tensor:
-    """The (M, H, W) planes whose :func:`dwt_flat` is (`flat`, `layout`)."""
+    """The (M, H, W) planes whose :func:`dwt_flat` is (`flat`, `layout`); `flat` is written into
+    (the LL quadrants' zeros)."""
     if layout[0] == "whole":
         _, m, h, w = layout
         return (flat.reshape(m, -1) @ _dwt_whole(h, w, wavelet, level, flat.device, flat.dtype)[1]).view(m, h, w)
-    ll_shape, where, band_shapes = layout
-    parts = flat.split([math.prod(s) for s in (ll_shape, *band_shapes)])
-    details = [t.view(s) for t, s in zip(parts[1:], band_shapes)]
-    return dwt_inverse(parts[0].view(ll_shape), details, where, wavelet)
+    _, tiling, n, shapes = layout
+    if not shapes:
+        return _untile(flat.view(n, *tiling[3:]), tiling)
+    ends = list(itertools.accumulate(n * hp * wp for _, _, hp, wp in shapes))
+    ll = None
+    for (h, w, hp, wp), end in zip(reversed(shapes), reversed(ends)):
+        y = flat[end - n * hp * wp:end].view(n, hp, wp)
+        if ll is not None:
+            y[:, :hp // 2, :wp // 2] = ll
+        ll = _apply_inverse(y, _level(h, wavelet, flat.device, flat.dtype), _level(w, wavelet, flat.device, flat.dtype))
+    return _untile(ll, tiling)
