@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     notes = f"- {where}: batch {args.batch}, {args.size} px, {args.threads} thread(s); {args.warmup} warm-up " \
             f"steps per configuration, then {args.reps} rounds in which every configuration takes one step.\n" + NOTES
     if profiles:
-        notes += "\n## Where a step's time goes (torch.profiler, self CPU time of one step, top ops)\n\n" + profiles + "\n"
+        notes += ("\n## Where a step's time goes (torch.profiler, self CPU time of one step, top ops)\n\nnumpy's "
+                  "work in a pack hook (the sample's selection, the compare and compaction) is no aten op: it shows "
+                  "as\nself time of the op whose output is packed (native_batch_norm, relu_).\n" + profiles + "\n")
     path = write_result(args.name, f"Activation compression: saved bytes and step time ({where})",
                         None, table, notes)
     print(f"wrote {path}")
