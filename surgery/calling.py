@@ -33,6 +33,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .pickling import CapturedGraphModule
+
 if TYPE_CHECKING:
     from .signature import TraceArguments
 
@@ -278,4 +280,4 @@ def entry_shell(root: nn.Module, arguments: TraceArguments) -> fx.GraphModule:
     graph.output(graph.call_module("model", tuple(args), kwargs))
     holder = nn.Module()
     holder.model = root
-    return fx.GraphModule(holder, graph, class_name=type(root).__name__)
+    return CapturedGraphModule(holder, graph, class_name=type(root).__name__)

@@ -36,6 +36,7 @@ from .layers import (
 )
 from .libraries import library_leaves
 from .nested import submodule_examples
+from .pickling import CapturedGraphModule
 from .progress import staged
 from .shapes import annotate_shapes
 from .signature import (
@@ -212,7 +213,7 @@ def _graph_module(module: nn.Module, leaf_modules, arguments: TraceArguments | N
     for qual in [q for q in opaque if q not in named]:
         _capture_children(submodule(module, qual), qual + ".", leaf_modules, opaque, examples)
     if code:
-        gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        gm = CapturedGraphModule(module, graph, class_name=type(module).__name__)
     else:
         gm = graph_module_without_code(module, graph, type(module).__name__)
     restore_layers(gm, module)
@@ -292,7 +293,7 @@ def _shell(root: nn.Module) -> fx.GraphModule:
     graph.output(graph.call_module("model", tuple(args), kwargs))
     holder = nn.Module()
     holder.model = root
-    return fx.GraphModule(holder, graph, class_name=type(root).__name__)
+    return CapturedGraphModule(holder, graph, class_name=type(root).__name__)
 
 
 @gc_paused()

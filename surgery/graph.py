@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SurgeryError
+from .pickling import CapturedGraphModule
 
 __all__ = ["insert_after", "replace_node", "extract", "unique_name", "finish", "submodule", "layer_of",
            "drop_dead_nodes", "drop_unused_submodules", "inplace_kind", "inplace_flag", "IN_PLACE_OPERATORS",
@@ -288,7 +289,7 @@ def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node], name: str,
     for n in chosen:
         env[n] = sub.node_copy(n, lambda x: env[x])
     sub.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
-    child: nn.Module = fx.GraphModule(gm, sub, class_name=name)
+    child: nn.Module = CapturedGraphModule(gm, sub, class_name=name)
     if wrap is not None:
         child = wrap(child)
     target = unique_name(gm, name)
@@ -359,7 +360,7 @@ def graph_module_without_code(root: nn.Module, graph: fx.Graph, class_name: str)
     recompiles at the end. Until ``recompile()``, calling the module raises."""
     stub = fx.Graph()
     stub.output(stub.call_function(_code_not_generated, (stub.placeholder("*args"),)))
-    gm = fx.GraphModule({}, stub, class_name=class_name)
+    gm = CapturedGraphModule({}, stub, class_name=class_name)
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             _install(root, gm, str(node.target))

@@ -138,7 +138,7 @@ def test_nothing_placeable_is_an_error_naming_why():
 
 @pytest.mark.parametrize("module", ["passes.dam", "passes.gumbel", "passes.sparsifier",
                                     "surgery.activations.sparsity", "benchmarks.digits", "passes.codecs",
-                                    "passes.packing", "surgery.graph", "surgery.shapes"])
+                                    "passes.packing", "surgery.graph", "surgery.shapes", "surgery.pickling"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib
