@@ -261,7 +261,7 @@ class QuantCodec:
         offset = 128 if self.bits == 8 else 0
         q = g.mul(inv).add_(-offset - low * inv)
         if self.stochastic:
-            q = q.add_(torch.rand_like(g)).floor_().clamp_max_(levels - offset)
+            q = q.add_(torch.rand_like(g)).floor_().clamp_(-offset, levels - offset)  # rounding may step past either end
         else:
             q = q.round_()  # in [-offset, levels - offset] up to rounding: the cast needs no clamp
         q = q.to(torch.int8)

@@ -257,3 +257,25 @@ def test_tiled_dct_is_scipys_dct_of_each_tile(h, w):
                 tile = x[m, 8 * i:8 * i + 8, 8 * j:8 * j + 8].numpy()
                 torch.testing.assert_close(coeffs[m, 8 * i:8 * i + 8, 8 * j:8 * j + 8],
                                            torch.from_numpy(dctn(tile, norm="ortho")), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_linear_quantization_stays_within_a_step_of_each_value(bits, stochastic):
+    from passes.codecs import QuantCodec
+    g = torch.Generator().manual_seed(bits)
+    # groups of 256: ordinary values, a ReLU-like group (low = 0 exactly), an offset narrow one, a constant one
+    x = torch.cat([torch.randn(512, generator=g), torch.relu(torch.randn(256, generator=g)),
+                   5.0 + 1e-3 * torch.rand(256, generator=g), torch.full((256,), -2.0)]).view(16, 80)
+    codec = QuantCodec(bits, 256, stochastic)
+    p = codec.pack(x)
+    y = codec.unpack(p)
+    groups = x.reshape(-1, 256)
+    step = (groups.amax(1) - groups.amin(1)) / (2 ** bits - 1)
+    err = (y - x).reshape(-1, 256).abs().amax(1)
+    limit = (1.0 if stochastic else 0.5) * step + 1e-6 * groups.abs().amax(1)
+    assert bool((err <= limit).all()), (err / step.clamp_min(1e-30)).tolist()
+    assert torch.equal(y.view(-1)[-256:], x.view(-1)[-256:])  # a constant group comes back exactly
+    if stochastic:  # unbiased: the mean of many draws approaches the value
+        mean = torch.stack([codec.unpack(codec.pack(x)) for _ in range(200)]).mean(0)
+        assert float(((mean - x).reshape(-1, 256).abs().amax(1) / step.clamp_min(1e-30))[:3].max()) < 0.25
