@@ -229,14 +229,10 @@ def dwt(planes: Tensor, wavelet: str, level: int) -> tuple[Tensor, list[Tensor],
     :func:`dwt_inverse` needs)."""
     ll, tiling = _tile(planes)
     details, sizes = [], []
-    for _ in range(level):
-        h, w = ll.shape[-2:]
-        if min(h, w) < 2:
-            break
+    for h, w, hp, wp in _level_shapes(*ll.shape[-2:], level):
         sizes.append((h, w))
-        rows, cols = _level(h, wavelet, ll.device, ll.dtype), _level(w, wavelet, ll.device, ll.dtype)
-        y = _apply(ll, rows, cols)
-        h2, w2 = rows[0].shape[0] // 2, cols[0].shape[0] // 2
+        y = _apply(ll, _level(h, wavelet, ll.device, ll.dtype), _level(w, wavelet, ll.device, ll.dtype))
+        h2, w2 = hp // 2, wp // 2
         details.append(torch.stack([y[:, :h2, w2:], y[:, h2:, :w2], y[:, h2:, w2:]], 1))
         ll = y[:, :h2, :w2]
     return ll, details, (tiling, tuple(sizes))

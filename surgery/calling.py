@@ -22,8 +22,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
-import importlib
 import inspect
 import types
 from collections.abc import Mapping
@@ -34,6 +32,7 @@ import torch.fx as fx
 from torch import nn
 
 from .pickling import CapturedGraphModule
+from .pickling import resolve as _resolve
 
 if TYPE_CHECKING:
     from .signature import TraceArguments
@@ -126,15 +125,6 @@ def _tracer_in(value: Any) -> fx.proxy.TracerBase | None:
         return value.tracer
     items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
     return next((t for t in map(_tracer_in, items) if t is not None), None)
-
-
-@functools.lru_cache(maxsize=None)
-def _resolve(type_name: str) -> type:
-    module, _, qualname = type_name.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def typed_dict(type_name: str, fields: dict[str, Any]) -> Any:

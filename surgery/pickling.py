@@ -23,12 +23,12 @@ Example::
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import pickle
 from typing import Any, Callable
 
 import torch.fx as fx
-from torch.fx.node import _get_qualified_name
 
 __all__ = ["CapturedGraphModule"]
 
@@ -51,29 +51,25 @@ def _by_reference(target: Callable[..., Any]) -> bool:
     return _PICKLABLE[target]
 
 
-def _resolve(name: str) -> Any:
-    """The object at the dotted `name` (the longest importable module prefix, then attributes)."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise pickle.UnpicklingError(f"cannot find {name!r}, a function a pickled graph calls")
+@functools.lru_cache(maxsize=None)
+def resolve(name: str) -> Any:
+    """The object named ``"module:qualname"``."""
+    module, _, qualname = name.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class _ByName:
-    """Stands for a function in a pickled graph: unpickles as the function its generated code
-    would name (``torch.nn.functional.max_pool2d``)."""
+    """Stands for a function in a pickled graph: unpickles as the attribute of its module that
+    bears its name (``torch.nn.functional:max_pool2d``), as its generated code would name it."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, target: Callable[..., Any]):
+        self.name = f"{target.__module__}:{target.__name__}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _resolve, (self.name,)
+        return resolve, (self.name,)
 
 
 class _NodeName:
@@ -107,7 +103,7 @@ def _portable(graph: fx.Graph) -> dict[str, Any]:
     for n in graph.nodes:
         target = n.target
         if n.op == "call_function" and not _by_reference(target):
-            target = _ByName(_get_qualified_name(target))
+            target = _ByName(target)
         meta = {k: v for k, v in n.meta.items() if not _holds_node(v)}
         nodes.append((n.op, target, fx.node.map_aggregate(n.args, named), fx.node.map_aggregate(n.kwargs, named),
                       n.name, n.type, meta))

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 from .calling import bind_placeholders, call
 from .copying import copy_module
 
-__all__ = ["max_abs_diff", "max_rel_diff", "run_eval", "eval_mode", "call", "float64_outputs", "float32_noise"]
+__all__ = ["max_abs_diff", "max_rel_diff", "run_eval", "eval_mode", "call", "float64_outputs", "rounding_only"]
 
 
 def _flatten(value: Any) -> tuple[list[Any], Any]:
@@ -104,7 +104,7 @@ def run_eval(model: torch.nn.Module, inputs: Any) -> Any:
 # ----------------------------------------------------------------------------- float32 rounding
 #: A file that misses its tolerance still matches the model when its outputs are at most this
 #: many times as far from the model's float64 result as the model's own float32 run is (see
-#: :func:`float32_noise`): a different kernel or summation order rounds differently, no worse.
+#: :func:`rounding_only`): a different kernel or summation order rounds differently, no worse.
 FLOAT32_FACTOR = 2.0
 #: ... as long as the model's own float32 run is this close to float64: past it, float32 outputs
 #: carry no meaning to check against, and only an explicit `tol` says what is close enough.
@@ -150,30 +150,19 @@ def float64_outputs(model: torch.nn.Module, inputs: Any) -> Any | None:
         torch.set_default_dtype(previous)
 
 
-def float32_noise(model: torch.nn.Module, inputs: Any, ref: Any, out: Any,
-                  compare: Any = max_rel_diff) -> tuple[float, float] | None:
-    """How far the model's own float32 outputs `ref` and another run's outputs `out` (an
-    exported file's) are from the model's float64 result on `inputs`, by `compare(reference,
-    outputs)` (relative to each output's largest magnitude by default), or None where the model
-    cannot run in float64. An `out` as close as :data:`FLOAT32_FACTOR` times the model's own
-    distance differs from the model by float32 rounding, not by what it computes."""
+def rounding_only(model: torch.nn.Module, inputs: Any, ref: Any, out: Any,
+                  compare: Any = max_rel_diff) -> tuple[bool, str]:
+    """Whether another run's outputs `out` (an exported file's) differ from the model's own float32
+    outputs `ref` on `inputs` by float32 rounding only: no further from the model's float64 result
+    (by `compare(reference, outputs)`, relative to each output's largest magnitude by default) than
+    :data:`FLOAT32_FACTOR` times the model's own distance, itself within :data:`FLOAT32_NOISE_CAP`.
+    Also returns what the comparison found, for an error message (starting with a semicolon)."""
     exact = float64_outputs(model, inputs)
-    if exact is None:
-        return None
     try:
-        return max_rel_diff(exact, ref), compare(exact, out)
+        own, other = (max_rel_diff(exact, ref), compare(exact, out)) if exact is not None else (None, None)
     except ValueError:
-        return None
-
-
-def within_float32_noise(noise: tuple[float, float] | None) -> bool:
-    """Whether :func:`float32_noise`'s (own, other) say the other run rounds no worse than the model."""
-    return noise is not None and noise[0] <= FLOAT32_NOISE_CAP and noise[1] <= FLOAT32_FACTOR * noise[0]
-
-
-def float32_note(noise: tuple[float, float] | None) -> str:
-    """What :func:`float32_noise` found, for an error message (it starts with a semicolon)."""
-    if noise is None:
-        return "; the model does not run in float64, so float32 rounding cannot be told apart"
-    own, other = noise
-    return f"; from the model run in float64 it is {other:.3g} off, the model's own float32 run {own:.3g}"
+        own = other = None
+    if own is None:
+        return False, "; the model does not run in float64, so float32 rounding cannot be told apart"
+    return (own <= FLOAT32_NOISE_CAP and other <= FLOAT32_FACTOR * own,
+            f"; from the model run in float64 it is {other:.3g} off, the model's own float32 run {own:.3g}")

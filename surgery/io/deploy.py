@@ -32,7 +32,7 @@ from torch import nn
 
 from ..calling import as_inputs, call
 from ..errors import ExportFailure, ExportMismatch, first_line, warn
-from ..verify import _flatten, eval_mode, float32_noise, float32_note, max_rel_diff, run_eval, within_float32_noise
+from ..verify import _flatten, eval_mode, max_rel_diff, rounding_only, run_eval
 
 __all__ = ["FORMATS", "format_of", "export_pt2", "export_onnx", "load_deployed", "verify_export",
            "second_batch"]
@@ -185,7 +185,7 @@ def verify_export(path: str | os.PathLike, model: nn.Module, example_inputs: Any
     `batch`, on them grown to that batch size): raise :class:`ExportMismatch` where it differs
     from `model` by more than `tol` relative to each output's largest magnitude, unless it
     differs by float32 rounding only: it is no further from the model run in float64 than
-    twice the model's own float32 run (:func:`surgery.verify.float32_noise`). Returns the
+    twice the model's own float32 run (:func:`surgery.verify.rounding_only`). Returns the
     largest relative error seen."""
     kind = format_of(path, format)
     inputs = as_inputs(example_inputs, model)
@@ -204,10 +204,10 @@ def verify_export(path: str | os.PathLike, model: nn.Module, example_inputs: Any
         except ValueError as e:
             raise ExportMismatch(f"{path}: the reloaded file's outputs differ from the model's ({e})") from e
         if not err <= tol:
-            noise = float32_noise(model, example, ref, out, lambda a, b: _compare(a, b, flat=kind == "onnx"))
-            if not within_float32_noise(noise):
+            ok, found = rounding_only(model, example, ref, out, lambda a, b: _compare(a, b, flat=kind == "onnx"))
+            if not ok:
                 raise ExportMismatch(f"{path}: the reloaded file differs from the model at batch {_batch(example)} "
-                                     f"(max rel. error {err:.3g} > {tol:g}{float32_note(noise)})", error=err)
+                                     f"(max rel. error {err:.3g} > {tol:g}{found})", error=err)
         worst = max(worst, err)
     return worst
 

@@ -29,7 +29,7 @@ from torch import nn
 from ..calling import as_inputs, call
 from ..errors import ExportFailure, first_line
 from ..progress import staged
-from ..verify import eval_mode, float32_noise, float32_note, max_rel_diff, run_eval, within_float32_noise
+from ..verify import eval_mode, max_rel_diff, rounding_only, run_eval
 from .deploy import export_onnx, export_pt2, format_of
 
 __all__ = ["export", "load_torchscript"]
@@ -37,15 +37,15 @@ __all__ = ["export", "load_torchscript"]
 
 def _close(model: nn.Module, inputs: Any, ref: Any, out: Any, tol: float) -> tuple[bool, str]:
     """Whether the reloaded file's `out` matches the model's `ref` (within `tol`, or by float32
-    rounding only: see :func:`surgery.verify.float32_noise`), and why not."""
+    rounding only: see :func:`surgery.verify.rounding_only`), and why not."""
     try:
         err = max_rel_diff(ref, out)
     except ValueError as e:
         return False, str(e)
     if err <= tol:
         return True, ""
-    noise = float32_noise(model, inputs, ref, out)
-    return within_float32_noise(noise), f"max rel. error {err:.3g} > {tol:g}{float32_note(noise)}"
+    ok, found = rounding_only(model, inputs, ref, out)
+    return ok, f"max rel. error {err:.3g} > {tol:g}{found}"
 
 
 def _trace(model: nn.Module, inputs: tuple | dict[str, Any], ref: Any) -> torch.jit.ScriptModule:
@@ -89,7 +89,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *, fo
 
     The file passes when its outputs are within `tol` of the model's (relative to each output's
     largest magnitude), or differ from them by float32 rounding only: no further from the model
-    run in float64 than twice the model's own float32 run (:func:`surgery.verify.float32_noise`;
+    run in float64 than twice the model's own float32 run (:func:`surgery.verify.rounding_only`;
     a model whose float32 outputs amplify rounding, such as a deep ViT with random weights, is
     reproduced by another runtime to no better than that).
 
