@@ -30,7 +30,7 @@ from torch import Tensor
 from surgery.errors import ConfigError
 
 from . import _fields as check
-from .packing import Sparse, bits_as, keep_largest, pack_bits
+from .packing import Sparse, bits_as, keep_largest, pack_bits, zero_outside_
 from .transforms import as_planes, check_wavelet, dwt_flat, dwt_flat_inverse, tiled_dct, tiled_dct_inverse
 
 __all__ = ["NoCodec", "RandomCodec", "ThresholdCodec", "DCTCodec", "WaveletCodec", "QuantCodec", "make_codec",
@@ -122,7 +122,7 @@ def _sparse_finish(y: Tensor, p: _SparsePacked) -> Tensor:
     if p.support is None:
         return y
     y = y.clamp_min_(positive_floor(p.dtype))  # y is the inverse transform's own fresh tensor
-    return y.mul_(bits_as(p.support, y.numel(), 1.0, y.dtype).view(p.shape))
+    return zero_outside_(y, p.support)
 
 
 def check_keep(owner: str, keep: Any) -> None:

@@ -199,6 +199,59 @@ def test_bit_packing_round_trips(n):
     assert bits.tolist() == np.packbits(mask.numpy(), bitorder="little").tolist()
 
 
+def _both_paths(monkeypatch, run):
+    """`run()` with numpy doing the CPU work (the default) and with the ATen ops that other devices
+    use; the two must agree."""
+    import passes.packing as packing
+    fast = run()
+    monkeypatch.setattr(packing, "_numpy", lambda t: False)
+    return fast, run()
+
+
+@pytest.mark.parametrize("n", [0, 7, 1000, 1 << 16])
+def test_bits_and_positions_agree_between_numpy_and_aten(monkeypatch, n):
+    from passes.packing import bits_as, pack_bits, unpack_bits, zero_outside_
+    g = torch.Generator().manual_seed(n)
+    mask, y = torch.rand(n, generator=g) < 0.3, torch.randn(n, generator=g)
+
+    def run():
+        bits = pack_bits(mask)
+        return (bits, pack_bits(mask.float()), unpack_bits(bits, n), bits_as(bits, n, 2.5, torch.float64),
+                zero_outside_(y.clone(), bits), zero_outside_(torch.stack([y, y], 1)[:, 0], bits))  # strided: ATen
+    fast, aten = _both_paths(monkeypatch, run)
+    for a, b in zip(fast, aten):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(fast[4], y * mask) and torch.equal(fast[5], y * mask)
+
+
+@pytest.mark.parametrize("n, keep, dtype", [(1000, 0.5, torch.float32), (10201, 0.05, torch.float16),
+                                            (10000, 0.001, torch.float64), (70000, 0.05, torch.float32)])
+def test_sparse_storage_agrees_between_numpy_and_aten(monkeypatch, n, keep, dtype):
+    """Selection, the index (bitmask, chunk-local, int32), positions and the dense vector."""
+    x = _distinct(n, seed=n).to(dtype)
+
+    def run():
+        s = keep_largest(x, keep, dtype)
+        base = torch.full((n,), 0.25, dtype=dtype)
+        return s, s.positions(), s.dense(dtype), s.dense(dtype, base=base)
+    (s, *fast), (t, *aten) = _both_paths(monkeypatch, run)
+    assert _kind(s) == _kind(t)
+    for a, b in zip([s.values, s.index, s.counts, *fast], [t.values, t.index, t.counts, *aten]):
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
+    assert torch.equal(fast[1][fast[0]], x[fast[0]]) and int((fast[1] != 0).sum()) == fast[0].numel()
+
+
+@pytest.mark.parametrize("method", ["threshold", "dct", "wavelet"])
+def test_codecs_agree_between_numpy_and_aten(monkeypatch, method):
+    from passes.codecs import make_codec
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 20, 20, generator=g)
+    codec = make_codec(method, keep=0.05)
+    fast, aten = _both_paths(monkeypatch, lambda: [codec.unpack(codec.pack(t)) for t in (x, torch.relu(x))])
+    for a, b in zip(fast, aten):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["threshold", "dct", "wavelet"])
 def test_relu_outputs_come_back_with_their_zeros_and_no_subnormals(method):
     """A dropped positive comes back as a small normal number: the smallest normal (1e-38) made
