@@ -78,6 +78,53 @@ def test_hugging_face_models_come_back_in_their_classes(name):
         assert attn.q_proj.out_features == 32 and attn.k_proj.out_features == 16 and attn.head_dim == 16
 
 
+@pytest.mark.parametrize("name, path, counts", [
+    ("bert", "bert.encoder.layer.0.attention.self", {"num_attention_heads": 2, "all_head_size": 16}),
+    ("t5", "encoder.block.0.layer.0.SelfAttention", {"n_heads": 2, "inner_dim": 16}),
+    ("vit", "vit.layers.0.attention", {"num_attention_heads": 2}),
+    ("gpt2", "transformer.h.0.attn", {"num_heads": 2, "split_size": 16})])
+def test_head_counts_follow_the_pruned_heads_where_no_forward_reads_them(name, path, counts):
+    """BERT's views say -1 heads, so no literal names its head count: it is read back from the
+    projections (4 heads of 8 -> 2). GPT-2 splits its fused qkv by self.split_size, which Shrink
+    rewrote to a list of sizes: the size is read back from that list."""
+    pytest.importorskip("transformers")
+    from _hf_models import build_hf, example_inputs, output_tensors
+    model, x = build_hf(name)
+    masked, small, graph = _masked_and_small(model, x, normalised=False)
+    attn, was = small.get_submodule(path), model.get_submodule(path)
+    assert {k: getattr(attn, k) for k in counts} == counts and {k: getattr(was, k) for k in counts} != counts
+    assert _params(small) == _params(graph) < _params(model)
+    fresh = example_inputs(name, seed=3, batch=2, length=9)
+    want, got = output_tensors(run_eval(masked, fresh)), output_tensors(run_eval(small, fresh))
+    assert len(want) == len(got) and max(max_rel_diff(a, b) for a, b in zip(want, got)) < 1e-5
+
+
+class _ReadsItsHeadCount(nn.Module):
+    """A forward that derives its head size from its head count at run time: pruning heads keeps the
+    head size, so the count it reads must stay 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = 16, 4, 4
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        size = self.dim // self.num_heads
+        q, k, v = (p(x).reshape(b, t, -1, size).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_head_count_the_forward_reads_stays_as_it_was():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), _ReadsItsHeadCount(), nn.Linear(16, 3)).eval()
+    x = (torch.randn(2, 5, 8),)
+    masked, small, graph = _masked_and_small(net, x)
+    assert small[1].q.out_features == 8 and small[1].num_heads == 4  # 2 heads left; the count stays
+    assert max_rel_diff(run_eval(masked, x), run_eval(small, x)) < 1e-5
+
+
 def test_a_decoder_with_its_rmsnorm_stream_pruned_comes_back_exact_and_round_trips(tmp_path):
     # the stream goes too: each RMSNorm over it takes eps * N/K and a weight scaled by sqrt(N/K),
     # and the config states the new widths and eps

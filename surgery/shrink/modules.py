@@ -8,6 +8,11 @@ graph calls is put back at its qualified name (Shrink edits layers in place, siz
 tensor the graph reads directly (a norm's weight inside a traced-through module, a class token)
 replaces the tensor at the same name.
 
+Head counts no forward reads (BERT's ``num_attention_heads`` and ``all_head_size``, whose views say
+``-1`` heads) are read back from the attention's projections, so that the module states the heads
+that are left, as HF's own ``prune_heads`` does; where the forward then fails (it derives its head
+size from the count), the counts go back to what they were.
+
 What the graph form can do and the user's classes cannot: rewrite a size written in the
 forward's code (``view(B, T, 12, 64)``, or ``self.num_heads`` read at run time), keep a mask's
 leftover per-channel scale as its own op. The model is therefore run on the example inputs and
@@ -113,8 +118,12 @@ class Before:
 
     @classmethod
     def of(cls, work: fx.GraphModule) -> Before:
-        calls = (n for n in work.graph.nodes if n.op in ("call_method", "call_function"))
+        calls = [n for n in work.graph.nodes if n.op in ("call_method", "call_function")]
         literals = {n: ints for n in calls if (ints := _ints(n))}
+        for n in calls:  # a split by one size: Shrink may rewrite it to a list of sizes
+            name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+            if name == "split" and len(n.args) > 1 and type(n.args[1]) is int:
+                n.meta[_SPLIT_BY] = n.args[1]
         source = getattr(surgery_meta(work).get("source"), "module", None)
         if not isinstance(source, nn.Module):
             return cls(literals, {}, norm_sites(work), {}, {}, {})
@@ -135,10 +144,9 @@ def resized_literals(before: dict[fx.Node, list[int]]) -> dict[str, dict[int, in
         if n.graph is None or n._erased:
             continue
         new = _ints(n)
-        if len(new) != len(old):
-            continue
+        pairs = zip(old, new) if len(new) == len(old) else _split_size(n, old)
         path = module_path(n)
-        for a, b in zip(old, new):
+        for a, b in pairs:
             if a != b:
                 seen = out.setdefault(path, {})
                 if seen.setdefault(a, b) != b:
@@ -146,6 +154,25 @@ def resized_literals(before: dict[fx.Node, list[int]]) -> dict[str, dict[int, in
     for path, a in clash:
         out[path].pop(a, None)
     return out
+
+
+def _split_size(n: fx.Node, old: list[int]) -> list[tuple[int, int]]:
+    """A ``split(size, dim)`` that Shrink rewrote to ``split([sizes], dim)``: (old size, new size)
+    when the new pieces are what a split by one size gives (all equal but a shorter last one), so
+    that the forward's ``self.split_size`` (GPT-2's fused qkv) takes the new size. Otherwise none
+    (a ``chunk(3)`` rewritten the same way keeps its count)."""
+    if n.target is not torch.split or n.meta.get(_SPLIT_BY) is None or len(n.args) < 2:
+        return []
+    sizes = n.args[1]
+    if not isinstance(sizes, (list, tuple)) or not sizes or not all(type(v) is int for v in sizes):
+        return []
+    if any(v != sizes[0] for v in sizes[:-1]) or not 0 < sizes[-1] <= sizes[0]:
+        return []
+    return [(n.meta[_SPLIT_BY], sizes[0])]
+
+
+_SPLIT_BY = "surgery_split_size"
+"""Node meta: the int size a ``split`` node was called with before Shrink's edits (see Before.of)."""
 
 
 def _resize_attributes(model: nn.Module, resized: dict[str, dict[int, int]]) -> None:
@@ -165,6 +192,61 @@ def _resize_attributes(model: nn.Module, resized: dict[str, dict[int, int]]) -> 
                 for k, v in hits.items():
                     setattr(m, k, v)
                 break
+
+
+_HEAD_COUNTS = ("num_attention_heads", "num_heads", "n_heads", "n_head", "num_key_value_heads")
+_HEAD_DIMS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
+_HEAD_PRODUCTS = ("all_head_size", "inner_dim")
+
+
+def _widths(m: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of a projection: an nn.Linear, or transformers' Conv1D (weight stored (in, out))."""
+    w = m._parameters.get("weight")
+    if w is None or w.dim() != 2:
+        return None
+    if isinstance(m, nn.Linear):
+        return w.shape[0], w.shape[1]
+    if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
+        return w.shape[1], w.shape[0]
+    return None
+
+
+def _resize_head_counts(model: nn.Module, before: Before) -> dict[tuple[str, str], int]:
+    """Head counts that no forward reads (BERT's ``num_attention_heads`` and ``all_head_size``, when its
+    views say ``-1`` heads) but that describe the module, and HF's own ``prune_heads`` keeps up to
+    date: read back from the attention's projections. A module with a head count H and a head size
+    D whose direct projections had H*D outputs (q, k, v) or inputs (the output projection) takes
+    H' = W / D where all of those that changed now have W; ``all_head_size``/``inner_dim`` of H*D
+    take W. Returns the old values of what changed, by (module path, attribute)."""
+    changed: dict[tuple[str, str], int] = {}
+    for path, m in model.named_modules():
+        was = before.attributes.get(path, {})
+        dim_name = next((k for k in _HEAD_DIMS if type(getattr(m, k, None)) is int), None)
+        if dim_name is None or type(was.get(dim_name)) is not int:
+            continue
+        d, d0 = getattr(m, dim_name), was[dim_name]
+        for heads in _HEAD_COUNTS:
+            h0 = was.get(heads)
+            if type(h0) is not int or type(getattr(m, heads, None)) is not int:
+                continue
+            now: set[int] = set()
+            for child_name, child in m.named_children():
+                widths = _widths(child)
+                old = before.shapes.get(f"{path}.{child_name}.weight" if path else f"{child_name}.weight")
+                if widths is None or old is None:
+                    continue
+                old_widths = (old[0], old[1]) if isinstance(child, nn.Linear) else (old[1], old[0])
+                now |= {w for w, w0 in zip(widths, old_widths) if w0 == h0 * d0 and w != w0}
+            if len(now) != 1 or next(iter(now)) % d:
+                continue
+            width = next(iter(now))  # (a count or product the literals already resized is left as it is)
+            updates = {k: width for k in _HEAD_PRODUCTS if was.get(k) == h0 * d0 and getattr(m, k, None) == h0 * d0}
+            if getattr(m, heads) == h0:
+                updates[heads] = width // d
+            for k, v in updates.items():
+                changed[(path, k)] = getattr(m, k)
+                setattr(m, k, v)
+    return changed
 
 
 def _sync_sizes(model: nn.Module) -> None:
@@ -261,7 +343,17 @@ def into_modules(work: fx.GraphModule, inputs: Any, ref: Any, tol: float, before
     _sync_sizes(model)
     _resize_attributes(model, resized_literals(before.literals))
     eps_ratios = rescale_norms(model, before.norms)
-    err = _run_against(model, inputs, ref)
+    heads = _resize_head_counts(model, before)
+    try:
+        err = _run_against(model, inputs, ref)
+    except SurgeryError:
+        if not heads:
+            raise
+        err = float("inf")
+    if heads and not err <= tol:  # a forward that reads a head count in a way the pruning keeps: as it was
+        for (path, name), value in heads.items():
+            setattr(model.get_submodule(path), name, value)
+        err = _run_against(model, inputs, ref)
     if not err <= tol:
         raise SurgeryError(f"Shrink(into='modules'): {type(model).__name__} in its own classes differs from the "
                            f"masked model (max rel. error {err:.2e} > {tol:g}); a forward reads a size from an "
