@@ -194,12 +194,13 @@ NOTES = """\
   wavelet keep the coefficients above a magnitude threshold estimated from a sample of about
   4096/keep values (linear time; the number kept is within 2% of the budget on the tensors of
   tests/test_codecs.py, and never includes a zero), then store them with their chunk-local index
-  (on CPU numpy's compare and flatnonzero, one gather, a bincount); dct and wavelet transform by
+  (on CPU numpy's compare and flatnonzero, one gather, a bincount; back, numpy's zeros and one
+  indexed store); dct and wavelet transform by
   matrix products: a plane of at most 256 values by one whole-plane matrix (a one-tile DCT's
   Kronecker matrix; every DWT level at once), a DCT plane no wider than 32 by each side's
   block-diagonal matrix, wider ones by 8 x 8 tile products, the DWT of larger planes by level
-  matrices; a ReLU output's support is one bit per value, packed by an int64 multiply, and comes
-  back as a table lookup. int8/int4: two reductions, a broadcast multiply, an in-place add and
+  matrices; a ReLU output's support is one bit per value (on CPU numpy's packbits and unpackbits,
+  elsewhere an int64 multiply and a table lookup). int8/int4: two reductions, a broadcast multiply, an in-place add and
   round, and a cast to int8 (3x faster than to uint8 on CPU). No Python loop runs over channels,
   planes or tiles.
 - dropped positives of a ReLU output come back as 2^-64, not as the smallest normal float: with
