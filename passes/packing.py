@@ -105,8 +105,9 @@ _GATHER = 0x0102040810204080
 
 
 def pack_bits(mask: Tensor) -> Tensor:
-    """One bit per entry of `mask` (flattened), least significant bit first: eight bool bytes read
-    as one int64 and gathered into a byte by a multiplication (no per-bit pass)."""
+    """One bit per entry of `mask` (flattened), least significant bit first (numpy's
+    ``packbits(bitorder="little")``, which does it on the CPU; elsewhere eight bool bytes are read
+    as one int64 and gathered into a byte by a multiplication: no per-bit pass)."""
     m = mask.reshape(-1).contiguous()
     if _numpy(m):  # numpy's packbits: 3x the multiply below there
         return torch.from_numpy(np.packbits((m if m.dtype == torch.bool else m != 0).numpy(), bitorder="little"))
@@ -122,7 +123,7 @@ _TABLES: dict[tuple, Tensor] = {}
 
 def bits_as(bits: Tensor, numel: int, value: float, dtype: torch.dtype) -> Tensor:
     """A fresh flat `dtype` tensor of length `numel`: `value` where :func:`pack_bits` packed a 1,
-    zero elsewhere (one row of a 256 x 8 table per byte)."""
+    zero elsewhere (numpy's ``unpackbits`` on the CPU; elsewhere one row of a 256 x 8 table per byte)."""
     if _numpy(bits) and (dtype == torch.bool or dtype in _NUMPY_FLOATS):  # numpy: 1.5x, bool 7x
         ones = np.unpackbits(bits.numpy(), count=numel, bitorder="little")
         if dtype == torch.bool:
