@@ -106,8 +106,9 @@ def _ints(n: fx.Node) -> list[int]:
 @dataclass
 class Before:
     """What :func:`into_modules` compares with after Shrink's edits: the int arguments of every
-    call in the graph (view sizes, split sizes), in order, the model's tensor shapes, and the norms
-    Shrink may rewrite (:func:`~surgery.shrink.module_norms.norm_sites`)."""
+    call in the graph (view sizes, split sizes), in order, the size of each split by one size
+    (Shrink may rewrite it to a list of sizes), the model's tensor shapes, and the norms Shrink may
+    rewrite (:func:`~surgery.shrink.module_norms.norm_sites`)."""
 
     literals: dict[fx.Node, list[int]]
     shapes: dict[str, tuple[int, ...]]
@@ -115,26 +116,26 @@ class Before:
     names: dict[int, list[str]]  # id(tensor) -> its qualified names (tied tensors have several)
     attributes: dict[str, dict[str, Any]]
     config: dict[str, Any]
+    splits: dict[fx.Node, int]
 
     @classmethod
     def of(cls, work: fx.GraphModule) -> Before:
         calls = [n for n in work.graph.nodes if n.op in ("call_method", "call_function")]
         literals = {n: ints for n in calls if (ints := _ints(n))}
-        for n in calls:  # a split by one size: Shrink may rewrite it to a list of sizes
-            name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-            if name == "split" and len(n.args) > 1 and type(n.args[1]) is int:
-                n.meta[_SPLIT_BY] = n.args[1]
+        splits = {n: n.args[1] for n in calls if len(n.args) > 1 and type(n.args[1]) is int
+                  and (n.target if n.op == "call_method" else getattr(n.target, "__name__", "")) == "split"}
         source = getattr(surgery_meta(work).get("source"), "module", None)
         if not isinstance(source, nn.Module):
-            return cls(literals, {}, norm_sites(work), {}, {}, {})
+            return cls(literals, {}, norm_sites(work), {}, {}, {}, splits)
         tensors = source.state_dict(keep_vars=True)
         names: dict[int, list[str]] = {}
         for k, v in tensors.items():
             names.setdefault(id(v), []).append(k)
-        return cls(literals, shapes(source), norm_sites(work), names, attributes(source), config_fields(source))
+        return cls(literals, shapes(source), norm_sites(work), names, attributes(source), config_fields(source),
+                   splits)
 
 
-def resized_literals(before: dict[fx.Node, list[int]]) -> dict[str, dict[int, int]]:
+def resized_literals(before: dict[fx.Node, list[int]], splits: dict[fx.Node, int]) -> dict[str, dict[int, int]]:
     """Module path -> {old: new} for the int arguments Shrink rewrote (nodes still in their graph,
     by the innermost module whose forward made them). An old size rewritten to two new ones in
     the same module is ambiguous and left out."""
@@ -144,7 +145,7 @@ def resized_literals(before: dict[fx.Node, list[int]]) -> dict[str, dict[int, in
         if n.graph is None or n._erased:
             continue
         new = _ints(n)
-        pairs = zip(old, new) if len(new) == len(old) else _split_size(n, old)
+        pairs = zip(old, new) if len(new) == len(old) else _split_size(n, splits.get(n))
         path = module_path(n)
         for a, b in pairs:
             if a != b:
@@ -156,23 +157,19 @@ def resized_literals(before: dict[fx.Node, list[int]]) -> dict[str, dict[int, in
     return out
 
 
-def _split_size(n: fx.Node, old: list[int]) -> list[tuple[int, int]]:
+def _split_size(n: fx.Node, size: int | None) -> list[tuple[int, int]]:
     """A ``split(size, dim)`` that Shrink rewrote to ``split([sizes], dim)``: (old size, new size)
     when the new pieces are what a split by one size gives (all equal but a shorter last one), so
     that the forward's ``self.split_size`` (GPT-2's fused qkv) takes the new size. Otherwise none
     (a ``chunk(3)`` rewritten the same way keeps its count)."""
-    if n.target is not torch.split or n.meta.get(_SPLIT_BY) is None or len(n.args) < 2:
+    if n.target is not torch.split or size is None or len(n.args) < 2:
         return []
     sizes = n.args[1]
     if not isinstance(sizes, (list, tuple)) or not sizes or not all(type(v) is int for v in sizes):
         return []
     if any(v != sizes[0] for v in sizes[:-1]) or not 0 < sizes[-1] <= sizes[0]:
         return []
-    return [(n.meta[_SPLIT_BY], sizes[0])]
-
-
-_SPLIT_BY = "surgery_split_size"
-"""Node meta: the int size a ``split`` node was called with before Shrink's edits (see Before.of)."""
+    return [(size, sizes[0])]
 
 
 def _resize_attributes(model: nn.Module, resized: dict[str, dict[int, int]]) -> None:
@@ -199,15 +196,15 @@ _HEAD_DIMS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_siz
 _HEAD_PRODUCTS = ("all_head_size", "inner_dim")
 
 
-def _widths(m: nn.Module) -> tuple[int, int] | None:
-    """(out, in) of a projection: an nn.Linear, or transformers' Conv1D (weight stored (in, out))."""
-    w = m._parameters.get("weight")
-    if w is None or w.dim() != 2:
+def _widths(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(out, in) of a projection whose weight has `shape`: an nn.Linear, or transformers' Conv1D
+    (weight stored (in, out))."""
+    if len(shape) != 2:
         return None
     if isinstance(m, nn.Linear):
-        return w.shape[0], w.shape[1]
+        return shape[0], shape[1]
     if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
-        return w.shape[1], w.shape[0]
+        return shape[1], shape[0]
     return None
 
 
@@ -231,11 +228,12 @@ def _resize_head_counts(model: nn.Module, before: Before) -> dict[tuple[str, str
                 continue
             now: set[int] = set()
             for child_name, child in m.named_children():
-                widths = _widths(child)
+                weight = child._parameters.get("weight")
                 old = before.shapes.get(f"{path}.{child_name}.weight" if path else f"{child_name}.weight")
-                if widths is None or old is None:
+                widths = _widths(child, tuple(weight.shape) if weight is not None else ())
+                old_widths = _widths(child, old or ())
+                if widths is None or old_widths is None:
                     continue
-                old_widths = (old[0], old[1]) if isinstance(child, nn.Linear) else (old[1], old[0])
                 now |= {w for w, w0 in zip(widths, old_widths) if w0 == h0 * d0 and w != w0}
             if len(now) != 1 or next(iter(now)) % d:
                 continue
@@ -341,7 +339,7 @@ def into_modules(work: fx.GraphModule, inputs: Any, ref: Any, tol: float, before
                            f"beside the graph; this GraphModule has none ({why}); use Shrink() for the graph form")
     _transfer(work, model)
     _sync_sizes(model)
-    _resize_attributes(model, resized_literals(before.literals))
+    _resize_attributes(model, resized_literals(before.literals, before.splits))
     eps_ratios = rescale_norms(model, before.norms)
     heads = _resize_head_counts(model, before)
     try:
