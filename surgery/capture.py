@@ -28,13 +28,8 @@ from .copying import SourceTree, copy_module, gc_paused
 from .errors import SurgeryError, TraceFailure, first_line, warn
 from .graph import graph_module_without_code, submodule
 from .inplace import rewrite_inplace
-from .layers import (
-    restore_layers,
-    torch_layer_subclass,
-    traced_as_ops,
-    traced_as_ops_candidate,
-)
-from .libraries import library_leaves
+from .layers import restore_layers, torch_layer_subclass, traced_as_ops, traced_as_ops_candidate
+from .libraries import library_leaves, whole_layer
 from .nested import submodule_examples
 from .pickling import CapturedGraphModule
 from .progress import staged
@@ -104,7 +99,8 @@ class _Tracer(ConcreteTracing, IndexedAttributes, fx.Tracer):
         return super().iter(obj)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+        if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)) or \
+                whole_layer(m):
             return True
         if m is self.as_ops:
             return False
@@ -256,7 +252,7 @@ def _capture_children(module: nn.Module, prefix: str, leaf_modules, opaque: dict
         qual = f"{prefix}{name}"
         if not any(True for _ in child.children()):
             continue  # a leaf layer runs as it is
-        if qual in leaf_names or (leaf_types and isinstance(child, leaf_types)):
+        if qual in leaf_names or (leaf_types and isinstance(child, leaf_types)) or whole_layer(child):
             continue
         if _has_extra_methods(child):
             opaque[qual] = f"eager: {type(child).__name__} has methods besides forward that its parent may call"

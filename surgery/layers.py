@@ -27,8 +27,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["torch_layer_subclass", "restore_layers", "traced_as_ops", "traced_as_ops_candidate", "attention_ops",
-           "window_attention_ops", "window_attention_3d_ops"]
+__all__ = ["ELEMENTWISE", "PASSING", "torch_layer_subclass", "restore_layers", "traced_as_ops",
+           "traced_as_ops_candidate", "attention_ops", "window_attention_ops", "window_attention_3d_ops"]
+
+# torch.nn layers that act on each element alone, with no parameters: activations (ELEMENTWISE) and
+# layers that pass their input on unchanged in eval mode (PASSING)
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
+               nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+               nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink)
+PASSING = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 # methods a subclass may define and still compute exactly what its torch.nn base computes
 _SETUP_METHODS = frozenset({"__init__", "extra_repr", "reset_parameters", "__repr__", "__setstate__"})

@@ -12,13 +12,24 @@ the layer (:mod:`surgery.channels.rules.libraries`) and none for what its forwar
 timm's StdConv2d and ScaledStdConv2d standardise their weight per filter, which traced ops
 would only show as a weight computed on the way; Hugging Face's Conv1D (GPT-2's linear layer,
 its weight transposed) would trace to an ``addmm`` that no module selection can name.
+
+timm's BatchNormAct2d (a BatchNorm2d that also runs its ``drop`` and ``act``) is kept whole when
+both are element-wise torch.nn layers without parameters (:func:`whole_layer`): its rule covers
+the three, and one node stands where its traced forward left eleven (a rank assert, four table
+reads, ``F.batch_norm``, two calls), which every later step pays for. Half the norm layers of
+timm's CNNs are these. With any other ``act`` (a PReLU per channel, timm's own activations) it is
+traced into, and ``F.batch_norm`` and the act's own rules see it.
 """
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
-__all__ = ["library_leaves"]
+from torch import nn
+
+from .layers import ELEMENTWISE, PASSING
+
+__all__ = ["library_leaves", "whole_layer"]
 
 _WHOLE_LAYERS = {"timm.layers": ("StdConv2d", "ScaledStdConv2d"), "transformers.pytorch_utils": ("Conv1D",)}
 
@@ -30,6 +41,21 @@ def _whole_layers() -> tuple[type, ...]:
         found += [getattr(loaded, k) for k in names
                   if loaded is not None and isinstance(getattr(loaded, k, None), type)]
     return tuple(found)
+
+
+_NORM_ACT = {"timm.layers.norm_act": ("BatchNormAct2d", "SyncBatchNormAct")}
+
+
+def whole_layer(m: nn.Module) -> bool:
+    """A library norm-activation layer that capture keeps whole although its class defines a
+    forward of its own (see the module docstring): its ``drop`` and ``act`` are element-wise
+    torch.nn layers of exactly those classes, so the layer is channel-local on axis 1 and its rule
+    (BatchNorm's tables, then drop and act on a constant channel) describes all of it."""
+    cls = type(m)
+    if cls.__name__ not in _NORM_ACT.get(cls.__module__, ()):
+        return False
+    drop, act = m._modules.get("drop"), m._modules.get("act")
+    return type(drop) in PASSING and type(act) in (*ELEMENTWISE, *PASSING) and set(m._modules) == {"drop", "act"}
 
 
 def library_leaves() -> tuple[tuple[type, ...], tuple[Callable, ...]]:

@@ -26,6 +26,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .calling import bind_placeholders
 from .layers import torch_layer_subclass
+from .libraries import whole_layer
 from .nested import recording_shapes
 from .verify import eval_mode
 
@@ -126,7 +127,8 @@ def _norm_shape(m: nn.Module, x: Any) -> torch.Tensor | None:
     elif isinstance(m, nn.GroupNorm):
         fits = x.dim() >= 2 and x.shape[1] == m.num_channels
     else:
-        dims = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}.get(type(m), range(2, 9))
+        ranks = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+        dims = next((ranks[c] for c in type(m).__mro__ if c in ranks), range(2, 9))  # timm's BatchNormAct2d: 4
         fits = x.dim() in dims and x.shape[1] == m.num_features
     return _meta_empty(x.shape, x.dtype) if fits else None
 
@@ -140,9 +142,15 @@ _META_SHAPES: dict[type, Callable[[nn.Module, Any], torch.Tensor | None]] = {
 }
 
 
+def _meta_shape_of(m: nn.Module) -> Callable[[nn.Module, Any], torch.Tensor | None] | None:
+    """How the meta run computes `m`'s output shape: by its exact class, or as a norm for the
+    library norm-activation layers capture keeps whole (element-wise after the norm)."""
+    return _META_SHAPES.get(type(m)) or (_norm_shape if whole_layer(m) else None)
+
+
 def _meta_layer(m: nn.Module) -> Callable[..., Any]:
     """`m` for the meta run: its output shape computed directly where that is plain."""
-    shape_of = _META_SHAPES[type(m)]
+    shape_of = _meta_shape_of(m)
 
     def run(x: Any, *args: Any, **kwargs: Any) -> Any:
         out = None if args or kwargs else shape_of(m, x)
@@ -200,7 +208,7 @@ def _meta_eligible(gm: fx.GraphModule, mods: dict[str, nn.Module]) -> bool:
         if n.op == "call_module":
             m = mods.get(str(n.target))
             if m is None or isinstance(m, nn.RNNBase) or \
-                    not (type(m).__module__.startswith("torch.nn.") or torch_layer_subclass(type(m))):
+                    not (type(m).__module__.startswith("torch.nn.") or torch_layer_subclass(type(m)) or whole_layer(m)):
                 return False
     return True
 
@@ -234,7 +242,7 @@ def annotate_shapes(gm: fx.GraphModule, inputs: tuple | dict[str, Any]) -> None:
                             store[k] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
             meta_inputs = tuple(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
                                 if isinstance(x, torch.Tensor) else x for x in inputs)
-            prop.submodules = {k: _same if type(m) in _SHAPE_KEEPING else _meta_layer(m) if type(m) in _META_SHAPES
+            prop.submodules = {k: _same if type(m) in _SHAPE_KEEPING else _meta_layer(m) if _meta_shape_of(m)
                                else m for k, m in real_modules.items()}
             prop.functions = _META_FUNCTIONS
             with warnings.catch_warnings():

@@ -437,3 +437,28 @@ def test_functional_shrink_leaves_its_input_alone():
     small = surgery.shrink(masked, (x,))
     assert all(torch.equal(before[k], v) for k, v in masked.state_dict().items())
     assert any(isinstance(m, UnitMask) for m in masked.modules()) and _params(small) < _params(masked)
+
+
+def test_timm_norm_act_layer_stays_whole_and_shrinks_exactly():
+    """timm's BatchNormAct2d with an element-wise act is one node of its own class, pruned by its
+    rule; a kept factor after it is not folded into its BatchNorm (the SiLU comes in between).
+    With a PReLU it is traced into (F.batch_norm, then the PReLU's own node)."""
+    from timm.layers import BatchNormAct2d
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), BatchNormAct2d(16, act_layer=nn.SiLU), nn.Conv2d(16, 8, 3),
+                        BatchNormAct2d(8, act_layer=nn.PReLU), nn.Flatten(), nn.Linear(8 * 12 * 12, 4))
+    x = torch.randn(2, 3, 16, 16)
+    gm = surgery.capture(_randomise(net), (x,))
+    modules = {n.target for n in gm.graph.find_nodes(op="call_module")}
+    norms = [n for n in gm.graph.nodes if n.target is torch.nn.functional.batch_norm]
+    assert "1" in modules and "3" not in modules and "3.act" in modules and len(norms) == 1
+    for g in channel_groups(gm):
+        if g.mask_points():
+            f = torch.rand(g.size) + 0.5
+            f[::3] = 0
+            _insert_shared(gm, g, Scale(f, g.mask_points()[0][1]), f"scale_{g.id}")
+    small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
+    x2 = torch.randn(2, 3, 16, 16)
+    assert max_rel_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5
+    assert small.get_submodule("1").num_features == 10 and small.get_submodule("3").num_features == 5
+    assert type(small.get_submodule("1")) is BatchNormAct2d

@@ -165,11 +165,7 @@ class Editor:
                 f = f[torch.as_tensor(self.kept_line(line))].repeat(tile)  # the units' copies (tile) alike
             elif tile > 1:
                 f = f.repeat(tile)
-            if bool((f == 1).all()):
-                node.replace_all_uses_with(inp)
-                g.erase_node(node)
-                continue
-            if self._fold_back(inp, node, f, dim) or self._fold_forward(node, f, dim, nd):
+            if bool((f == 1).all()) or self._fold_back(inp, node, f, dim) or self._fold_forward(node, f, dim, nd):
                 node.replace_all_uses_with(inp)
                 g.erase_node(node)
                 continue
@@ -236,7 +232,8 @@ class Editor:
         nd = len(n.meta["shape"])
         if isinstance(m, (nn.ReLU, nn.LeakyReLU)) and bool((f > 0).all()):
             return self._fold_back(n.args[0], n, f, dim)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and dim == 1 and m.affine and len(f) == m.num_features:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and dim == 1 and m.affine and len(f) == m.num_features \
+                and type(m).forward.__module__.startswith("torch.nn"):  # timm's BatchNormAct2d: an act follows
             _set_tensor(m, "weight", m.weight.detach() * f.to(m.weight.dtype))
             _set_tensor(m, "bias", m.bias.detach() * f.to(m.bias.dtype))
             return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
+from ...layers import ELEMENTWISE, PASSING
 from ...norms import emit_norm
 from ..rulebook import RuleContext, channel_local, passthrough, register_rule, when_imported
 from .common import (_BN_PARAMS, _layernorm, _linear, _softmax, _vals, bn_values, conv_rule, pool_rule, reshape_rule,
@@ -153,12 +154,9 @@ register_rule(nn.GroupNorm, groupnorm_rule)
 register_rule(nn.LayerNorm, layernorm_rule)
 if _RMSNorm is not None:
     register_rule(_RMSNorm, layernorm_rule)
-for _cls in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
-             nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-             nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink):
+for _cls in ELEMENTWISE:
     register_rule(_cls, passthrough("apply"))
-for _cls in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-             nn.FeatureAlphaDropout):
+for _cls in PASSING:
     register_rule(_cls, passthrough("keep"))
 
 
