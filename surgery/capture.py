@@ -26,7 +26,7 @@ from .calling import as_inputs, entry_shell, traced_entry
 from .concrete import ConcreteTracing, failing_line, specialised_dims
 from .copying import SourceTree, copy_module, gc_paused
 from .errors import SurgeryError, TraceFailure, first_line, warn
-from .graph import graph_module_without_code, submodule
+from .graph import drop_identities, graph_module_without_code, submodule
 from .inplace import rewrite_inplace
 from .layers import restore_layers, torch_layer_subclass, traced_as_ops, traced_as_ops_candidate
 from .libraries import library_leaves, whole_layer
@@ -213,6 +213,7 @@ def _graph_module(module: nn.Module, leaf_modules, arguments: TraceArguments | N
     else:
         gm = graph_module_without_code(module, graph, type(module).__name__)
     restore_layers(gm, module)
+    drop_identities(gm)
     # plain attributes the parent may read (out_channels, num_classes...) survive the swap
     for k, v in vars(module).items():
         if not k.startswith("_") and k != "training" and not hasattr(gm, k):

@@ -25,7 +25,8 @@ from torch import nn
 from .errors import SurgeryError
 from .pickling import CapturedGraphModule
 
-__all__ = ["insert_after", "replace_node", "extract", "unique_name", "finish", "submodule", "layer_of",
+__all__ = ["drop_identities", "insert_after", "replace_node", "extract", "unique_name", "finish", "submodule",
+           "layer_of",
            "drop_dead_nodes", "drop_unused_submodules", "inplace_kind", "inplace_flag", "IN_PLACE_OPERATORS",
            "graph_module_without_code"]
 
@@ -69,6 +70,18 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
     drop_unused_submodules(gm)
     gm.recompile()
     return gm
+
+
+def drop_identities(gm: fx.GraphModule) -> None:
+    """Calls of plain ``nn.Identity`` layers (no hooks) leave the graph: each returns its input,
+    and every later step (the analysis, the edits, Shrink's runs, the generated code) would pay
+    for the node. The layers stay in the module tree."""
+    for node in gm.graph.find_nodes(op="call_module"):
+        m = submodule(gm, str(node.target))
+        if type(m) is nn.Identity and len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs \
+                and not (m._forward_hooks or m._forward_pre_hooks):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
 
 
 def drop_dead_nodes(graph: fx.Graph) -> None:

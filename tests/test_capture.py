@@ -435,3 +435,17 @@ def test_attributes_read_in_forward_get_fx_names_without_a_search_per_read(monke
     assert torch.equal(gm(x), model(x))
     # fx searches every parameter per read (2 x 6 norms + 1): that would be 13 searches or more
     assert calls["n"] < 6, calls["n"]
+
+
+def test_identity_layers_leave_the_graph_unless_hooked():
+    """A plain nn.Identity call is dropped from the graph (its layer stays in the tree); one with
+    a forward hook keeps its node, and the hook still runs."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.ReLU(), nn.Identity(), nn.Flatten())
+    seen = []
+    net[3].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(1, 3, 6, 6)
+    gm = surgery.capture(net, (x,))
+    assert [n.target for n in gm.graph.find_nodes(op="call_module")] == ["0", "2", "3", "4"]
+    assert isinstance(gm.get_submodule("1"), nn.Identity)
+    seen.clear()
+    assert torch.equal(gm(x), net(x)) and len(seen) == 2
