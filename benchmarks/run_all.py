@@ -13,7 +13,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # scripts run more than once, one argument list per run (the rest run once without arguments)
 RUNS = {"shrink_sweep": [[], ["--family", "timm"], ["--family", "hf"], ["--family", "video"]],
-        "capture_sweep": [[], ["--family", "hf"]]}
+        "capture_sweep": [[], ["--family", "hf"]],
+        "shrink_speed": [[], ["--family", "timm"], ["--family", "hf"], ["--family", "video"]]}
 
 
 def main() -> int:
