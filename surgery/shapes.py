@@ -14,19 +14,18 @@ Example::
 """
 from __future__ import annotations
 
-import operator
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn import functional as F
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .calling import bind_placeholders
 from .layers import torch_layer_subclass
 from .libraries import whole_layer
+from .meta import META_FUNCTIONS, META_METHODS, SHAPE_KEEPING, meta_layer, meta_shape_of, same
 from .nested import recording_shapes
 from .verify import eval_mode
 
@@ -58,145 +57,6 @@ def _plain(value: Any) -> Any:
 
 
 _NESTED = frozenset({tuple, immutable_list, immutable_dict})
-
-
-# modules whose output has their (single) input's shape and dtype, by exact class: a subclass may
-# override forward. The meta shape run skips them (their meta kernels are slow Python decompositions).
-_SHAPE_KEEPING = frozenset({
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softmax, nn.LogSoftmax,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-})
-
-
-def _same(x: Any, *args: Any, **kwargs: Any) -> Any:
-    return x
-
-
-# Output shapes computed in Python for the meta run, where torch's meta kernels are slow Python
-# decompositions (an elementwise add or an adaptive pooling ~0.15-0.2 ms, a convolution ~40 us:
-# in a squeeze-excite network they cost more than the real layers). Each returns None when its
-# input is anything but the plain case (wrong channel count, odd dtype): the layer itself then
-# runs on meta, so bad input still fails the way it fails for real.
-
-def _meta_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(tuple(shape), dtype=dtype, device="meta")
-
-
-def _conv_shape(m: nn.Module, x: Any) -> torch.Tensor | None:
-    d = len(m.kernel_size)
-    if (not isinstance(x, torch.Tensor) or x.dim() not in (d + 1, d + 2) or x.shape[-d - 1] != m.in_channels
-            or x.dtype != m.weight.dtype):
-        return None
-    if m.padding == "same":
-        spatial = list(x.shape[-d:])
-    else:
-        pad = (0,) * d if m.padding == "valid" else m.padding
-        spatial = [(n + 2 * p - dil * (k - 1) - 1) // s + 1
-                   for n, p, dil, k, s in zip(x.shape[-d:], pad, m.dilation, m.kernel_size, m.stride)]
-        if min(spatial) <= 0:
-            return None
-    return _meta_empty((*x.shape[:-d - 1], m.out_channels, *spatial), x.dtype)
-
-
-def _linear_shape(m: nn.Module, x: Any) -> torch.Tensor | None:
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != m.in_features or x.dtype != m.weight.dtype:
-        return None
-    return _meta_empty((*x.shape[:-1], m.out_features), x.dtype)
-
-
-def _adaptive_avg_shape(m: nn.Module, x: Any) -> torch.Tensor | None:
-    d = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}[type(m)]
-    if (not isinstance(x, torch.Tensor) or x.dim() not in (d + 1, d + 2) or not x.is_floating_point()
-            or 0 in x.shape[1:]):
-        return None
-    size = (m.output_size,) * d if isinstance(m.output_size, int) else tuple(m.output_size)
-    if len(size) != d:
-        return None
-    return _meta_empty((*x.shape[:-d], *(n if o is None else o for n, o in zip(x.shape[-d:], size))), x.dtype)
-
-
-def _norm_shape(m: nn.Module, x: Any) -> torch.Tensor | None:
-    """A batch, layer or group norm keeps its input's shape, where its tables fit the input."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        return None
-    if isinstance(m, nn.LayerNorm):
-        d = len(m.normalized_shape)
-        fits = 0 < d <= x.dim() and tuple(x.shape[-d:]) == tuple(m.normalized_shape)
-    elif isinstance(m, nn.GroupNorm):
-        fits = x.dim() >= 2 and x.shape[1] == m.num_channels
-    else:
-        ranks = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
-        dims = next((ranks[c] for c in type(m).__mro__ if c in ranks), range(2, 9))  # timm's BatchNormAct2d: 4
-        fits = x.dim() in dims and x.shape[1] == m.num_features
-    return _meta_empty(x.shape, x.dtype) if fits else None
-
-
-_META_SHAPES: dict[type, Callable[[nn.Module, Any], torch.Tensor | None]] = {
-    **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm),
-                    _norm_shape),
-    nn.Conv1d: _conv_shape, nn.Conv2d: _conv_shape, nn.Conv3d: _conv_shape, nn.Linear: _linear_shape,
-    nn.AdaptiveAvgPool1d: _adaptive_avg_shape, nn.AdaptiveAvgPool2d: _adaptive_avg_shape,
-    nn.AdaptiveAvgPool3d: _adaptive_avg_shape,
-}
-
-
-def _meta_shape_of(m: nn.Module) -> Callable[[nn.Module, Any], torch.Tensor | None] | None:
-    """How the meta run computes `m`'s output shape: by its exact class, or as a norm for the
-    library norm-activation layers capture keeps whole (element-wise after the norm)."""
-    return _META_SHAPES.get(type(m)) or (_norm_shape if whole_layer(m) else None)
-
-
-def _meta_layer(m: nn.Module) -> Callable[..., Any]:
-    """`m` for the meta run: its output shape computed directly where that is plain."""
-    shape_of = _meta_shape_of(m)
-
-    def run(x: Any, *args: Any, **kwargs: Any) -> Any:
-        out = None if args or kwargs else shape_of(m, x)
-        return m(x, *args, **kwargs) if out is None else out
-    return run
-
-
-_NUMBER = (bool, int, float, complex)
-
-
-def _meta_binary(op: Callable[..., Any]) -> Callable[..., Any]:
-    """`op` (add, sub, mul) for the meta run: a broadcast shape and a promoted dtype."""
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if len(args) == 2 and not kwargs:
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            if (tensors and all(t.device.type == "meta" and t.dtype != torch.bool for t in tensors)
-                    and all(isinstance(a, (torch.Tensor, *_NUMBER)) for a in args)):
-                return _meta_empty(torch.broadcast_shapes(*(t.shape for t in tensors)), torch.result_type(*args))
-        return op(*args, **kwargs)
-    return run
-
-
-def _meta_batch_norm(x: Any, *tables: Any, **kwargs: Any) -> Any:
-    """F.batch_norm for the meta run (torch's meta kernel is a Python decomposition, ~1.4 ms):
-    the input's shape where every per-channel table matches its channel count."""
-    given = [t for t in (*tables[:4], *(kwargs.get(k) for k in ("running_mean", "running_var", "weight", "bias")))
-             if isinstance(t, torch.Tensor)]
-    if (isinstance(x, torch.Tensor) and x.device.type == "meta" and x.dim() >= 2 and x.is_floating_point()
-            and all(t.shape == (x.shape[1],) for t in given)):
-        return _meta_empty(x.shape, x.dtype)
-    return F.batch_norm(x, *tables, **kwargs)
-
-
-def _meta_layer_norm(x: Any, normalized_shape: Any, *tables: Any, **kwargs: Any) -> Any:
-    """F.layer_norm for the meta run: the input's shape where the normalised shape fits it."""
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    given = [t for t in (*tables[:2], *(kwargs.get(k) for k in ("weight", "bias"))) if isinstance(t, torch.Tensor)]
-    if (isinstance(x, torch.Tensor) and x.device.type == "meta" and x.is_floating_point() and 0 < len(shape) <= x.dim()
-            and tuple(x.shape[-len(shape):]) == shape and all(tuple(t.shape) == shape for t in given)):
-        return _meta_empty(x.shape, x.dtype)
-    return F.layer_norm(x, normalized_shape, *tables, **kwargs)
-
-
-_META_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
-    **{f: _meta_binary(f) for f in (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul)},
-    F.batch_norm: _meta_batch_norm, F.layer_norm: _meta_layer_norm}
 
 
 def _meta_eligible(gm: fx.GraphModule, mods: dict[str, nn.Module]) -> bool:
@@ -242,15 +102,15 @@ def annotate_shapes(gm: fx.GraphModule, inputs: tuple | dict[str, Any]) -> None:
                             store[k] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
             meta_inputs = tuple(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
                                 if isinstance(x, torch.Tensor) else x for x in inputs)
-            prop.submodules = {k: _same if type(m) in _SHAPE_KEEPING else _meta_layer(m) if _meta_shape_of(m)
+            prop.submodules = {k: same if type(m) in SHAPE_KEEPING else meta_layer(m) if meta_shape_of(m)
                                else m for k, m in real_modules.items()}
-            prop.functions = _META_FUNCTIONS
+            prop.functions, prop.methods = META_FUNCTIONS, META_METHODS
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 prop.propagate(*meta_inputs)
             return
         except Exception:
-            prop.submodules, prop.functions = real_modules, {}  # the real run below redoes every node
+            prop.submodules, prop.functions, prop.methods = real_modules, {}, {}  # the real run redoes every node
         finally:
             for store, k, t in saved:
                 store[k] = t
@@ -276,6 +136,8 @@ class ShapeProp(fx.Interpreter):
 
     #: call_function targets replaced for this run (the meta run's shape functions); empty by default
     functions: dict[Callable[..., Any], Callable[..., Any]] = {}
+    #: call_method targets replaced for this run, by method name (the meta run's); empty by default
+    methods: dict[str, Callable[..., Any]] = {}
 
     def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
         # generated code passes fresh lists; some callees mutate theirs (swin3d's window sizes)
@@ -298,7 +160,8 @@ class ShapeProp(fx.Interpreter):
         env: dict[fx.Node, Any] = {}
         self.env = env
         arg_iter = iter(args)
-        mods, fns, last_uses, get = self.submodules, self.functions, self.user_to_last_uses, env.__getitem__
+        mods, fns, meths, last_uses, get = (self.submodules, self.functions, self.methods, self.user_to_last_uses,
+                                            env.__getitem__)
         for n in self.graph.nodes:
             op = n.op
             try:
@@ -324,7 +187,7 @@ class ShapeProp(fx.Interpreter):
                     elif op == "call_function":
                         value = (fns.get(n.target, n.target) if fns else n.target)(*a, **k)
                     elif op == "call_method":
-                        value = getattr(a[0], n.target)(*a[1:], **k)
+                        value = meths[n.target](*a, **k) if n.target in meths else getattr(a[0], n.target)(*a[1:], **k)
                     else:  # get_attr
                         value = self.fetch_attr(n.target)
             except Exception as e:

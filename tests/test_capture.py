@@ -332,6 +332,42 @@ def test_meta_shape_shortcuts_equal_the_real_run(monkeypatch):
     assert got[add.name] == (torch.Size([2, 3]), torch.float32)
 
 
+class _FunctionShortcuts(nn.Module):
+    """The functions and methods the meta run computes shapes for directly, in their odd forms."""
+
+    def forward(self, x):                                          # (2, 4, 6, 10)
+        a = F.gelu(x, approximate="tanh") + torch.sigmoid(x).relu() + F.dropout(x, 0.1, False)
+        m = (x.mean((2, 3), keepdim=True), x.mean(-1), torch.mean(x, dim=[1, -1]), x.mean(dim=1, keepdim=True))
+        s = (F.softmax(x, dim=-1), x.softmax(1), F.log_softmax(x, -2), F.softmax(x, -1, dtype=torch.float64))
+        i = (F.interpolate(x, scale_factor=1.7, mode="bilinear"), F.interpolate(x, size=(3, 5)),
+             F.interpolate(x, scale_factor=(0.5, 2), mode="nearest"), F.interpolate(x[:, :, 0], size=7, mode="linear",
+                                                                               align_corners=True))
+        q, k, v = x[:, :, :5], x, x[..., :3]                       # L=5, S=6, Ev=3
+        att = (F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, scale=0.5),
+               F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool)))
+        return a, m, s, i, att, x.long().mean(dtype=torch.float32)
+
+
+def test_meta_function_shortcuts_equal_the_real_run(monkeypatch):
+    from surgery.shapes import annotate_shapes
+    x = torch.rand(2, 4, 6, 10)
+    gm = surgery.capture(_FunctionShortcuts())
+    devices = _runs_on(monkeypatch)
+    fell_back = []  # what the shortcuts handed to torch's own meta kernels
+    for name in ("interpolate", "scaled_dot_product_attention"):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, real=real, name=name, **k: fell_back.append(name) or real(*a, **k))
+    annotate_shapes(gm, (x,))
+    assert devices == ["meta"]
+    assert fell_back == ["scaled_dot_product_attention"]  # the one with a mask
+    got = {n.name: (n.meta["shape"], n.meta["dtype"]) for n in gm.graph.nodes}
+    surgery.ShapeProp(gm).propagate(x)
+    assert got == {n.name: (n.meta["shape"], n.meta["dtype"]) for n in gm.graph.nodes}
+    sizes = {n.name: n.meta["shape"] for n in gm.graph.nodes}
+    assert sizes["interpolate"] == torch.Size([2, 4, 10, 17])  # floor(6 * 1.7), floor(10 * 1.7)
+    assert sizes["scaled_dot_product_attention"] == torch.Size([2, 4, 5, 3])
+
+
 class _FunctionalNorm(nn.Module):
     def __init__(self):
         super().__init__()
