@@ -18,6 +18,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.proxy import ParameterProxy
 
+from .copying import tree_modules
+
 _Index = dict[int, tuple[torch.Tensor, str]]
 
 
@@ -73,11 +75,12 @@ def attributes_restored(root: nn.Module) -> Iterator[None]:
     """A forward may store what it computes on its module (HF Swin's ``self.shift_size``): traced,
     that is a Proxy, which the module tree kept beside the graph (``Shrink(into="modules")``) must
     not hold. After the block, such attributes get their value from before it back (or go, if new)."""
-    before = {id(m): dict(vars(m)) for m in root.modules()}
+    mods = tree_modules(root)
+    before = {id(m): dict(vars(m)) for m in mods}
     try:
         yield
     finally:
-        for m in root.modules():
+        for m in mods:  # a module added during the block holds nothing traced before it
             old = before.get(id(m), {})
             for k, v in list(vars(m).items()):
                 if isinstance(v, fx.Proxy):

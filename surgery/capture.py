@@ -24,7 +24,7 @@ from torch import nn
 from .attributes import IndexedAttributes, attributes_restored
 from .calling import as_inputs, entry_shell, traced_entry
 from .concrete import ConcreteTracing, failing_line, specialised_dims
-from .copying import SourceTree, copy_module, gc_paused
+from .copying import SourceTree, copy_module, gc_paused, tree_modules
 from .errors import SurgeryError, TraceFailure, first_line, warn
 from .graph import drop_identities, graph_module_without_code, submodule
 from .inplace import rewrite_inplace
@@ -364,7 +364,7 @@ def capture(
         opaque: dict[str, str] = {}
         examples = submodule_examples(root, inputs) if inputs is not None else None  # what each child gets
         _capture_children(root, "", leaf_modules, opaque, examples)
-        if not any(isinstance(m, fx.GraphModule) for m in root.modules()):
+        if not any(isinstance(m, fx.GraphModule) for m in tree_modules(root)):
             raise failure
         # a forward with *args/**kwargs has no placeholders of its own: the shell takes the entry's
         params = inspect.signature(root.forward).parameters.values()

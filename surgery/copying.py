@@ -18,8 +18,26 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["gc_paused", "copy_module", "lazy_copy", "storage_key", "SourceTree", "held_tensor", "tensor_key",
-           "tied_tensors"]
+__all__ = ["gc_paused", "tree_modules", "copy_module", "lazy_copy", "storage_key", "SourceTree", "held_tensor",
+           "tensor_key", "tied_tensors"]
+
+
+def tree_modules(root: nn.Module) -> list[nn.Module]:
+    """Every module of `root`'s tree once, `root` first, where order does not matter.
+
+    The set ``root.modules()`` yields, without its generator chain: that passes each module up
+    through one generator per level above it, and a compress walked the tree some twenty times
+    (a timm MobileNet's 540 modules, ~0.4 ms a walk); this is ~3x faster. The order is not the
+    module order: use ``named_modules()`` where names or order count."""
+    found, seen = [root], {id(root)}
+    stack = [root]
+    while stack:
+        for m in stack.pop()._modules.values():
+            if m is not None and id(m) not in seen:
+                seen.add(id(m))
+                found.append(m)
+                stack.append(m)
+    return found
 
 
 @contextmanager
@@ -114,7 +132,7 @@ def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
     """
     if memo is None:
         memo = {}
-        for m in module.modules():
+        for m in tree_modules(module):
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is not None and id(t) not in memo:
                     lazy = lazy_copy(t)

@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .calling import call
+from .copying import tree_modules
 from .verify import eval_mode
 
 __all__ = ["nested_graphs", "submodule_examples", "output_items", "recording_shapes", "Recording", "recording_calls",
@@ -56,6 +57,8 @@ __all__ = ["nested_graphs", "submodule_examples", "output_items", "recording_sha
 def nested_graphs(root: nn.Module) -> dict[str, fx.GraphModule]:
     """Every GraphModule in `root`'s module tree other than `root` itself, by qualified path
     (in module order; a module reachable under two names counts once, at its first)."""
+    if not any(isinstance(m, fx.GraphModule) for m in tree_modules(root)[1:]):  # the usual case, found fast
+        return {}
     return {name: m for name, m in root.named_modules() if name and isinstance(m, fx.GraphModule)}
 
 

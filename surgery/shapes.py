@@ -23,6 +23,7 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .calling import bind_placeholders
+from .copying import tree_modules
 from .layers import torch_layer_subclass
 from .libraries import whole_layer
 from .meta import META_FUNCTIONS, META_METHODS, SHAPE_KEEPING, meta_layer, meta_shape_of, same
@@ -94,7 +95,7 @@ def annotate_shapes(gm: fx.GraphModule, inputs: tuple | dict[str, Any]) -> None:
     if _meta_eligible(gm, real_modules):
         saved: list[tuple[dict, str, torch.Tensor]] = []
         try:
-            for m in gm.modules():
+            for m in tree_modules(gm):
                 for store in (m._parameters, m._buffers):
                     for k, t in store.items():
                         if t is not None:

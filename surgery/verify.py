@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .calling import bind_placeholders, call
-from .copying import copy_module
+from .copying import copy_module, tree_modules
 
 __all__ = ["max_abs_diff", "max_rel_diff", "run_eval", "eval_mode", "call", "float64_outputs", "rounding_only"]
 
@@ -82,7 +82,8 @@ def max_rel_diff(a: Any, b: Any) -> float:
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Put every submodule of `model` in eval mode for the block, then restore each one's own
     training flag (a model may mix train and eval submodules)."""
-    modes = {m: m.training for m in model.modules() if hasattr(m, "training")}  # frozen TorchScript has none
+    mods = model.modules() if isinstance(model, torch.jit.ScriptModule) else tree_modules(model)
+    modes = {m: m.training for m in mods if hasattr(m, "training")}  # frozen TorchScript has none
     if any(modes.values()):
         model.eval()
     try:

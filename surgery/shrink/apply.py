@@ -34,7 +34,7 @@ from ..calling import as_inputs, bind_placeholders, call
 from ..capture import surgery_meta
 from ..channels.groups import ChannelGraph
 from ..channels.tree import analyze_tree
-from ..copying import copy_module, gc_paused
+from ..copying import copy_module, gc_paused, tree_modules
 from ..errors import ShrinkMismatch, SurgeryError
 from ..graph import drop_dead_nodes, finish, layer_of
 from ..nested import output_items, recording_calls, replay
@@ -104,7 +104,7 @@ def _n_params(m: nn.Module) -> int:
     """Parameters of `m`, each counted once, those of masks left out."""
     seen: set[int] = set()
     total = 0
-    for mod in m.modules():
+    for mod in tree_modules(m):
         if isinstance(mod, UnitMask):
             continue
         for p in mod._parameters.values():
