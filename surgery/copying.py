@@ -194,10 +194,23 @@ def tensor_key(owner: nn.Module, name: str) -> Any:
     return id(t) if t is not None else (id(owner), name)
 
 
+def _holds_a_tensor_twice(module: nn.Module) -> bool:
+    held: set[int] = set()
+    for m in tree_modules(module):
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None:
+                if id(t) in held:
+                    return True
+                held.add(id(t))
+    return False
+
+
 def tied_tensors(module: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
     """The tensors that several places of `module`'s tree hold (tied weights: a language
     model's output head holding its embedding's weight), by ``id``: each with every
     ``(qualified name, owner module, attribute)`` that holds it. Tensors held once are left out."""
+    if not _holds_a_tensor_twice(module):  # the usual case, answered without names
+        return {}
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     seen: set[int] = set()
     for prefix, m in module.named_modules(remove_duplicate=False):
