@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import SelectionError
+from .graph import submodule
 
 __all__ = ["Selector", "matches", "select_modules", "select_nodes", "describe"]
 
@@ -112,7 +113,7 @@ def select_modules(root: nn.Module, select: Selector = None, exclude: Selector =
 def _module_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, str, nn.Module]]:
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            yield node, str(node.target), gm.get_submodule(str(node.target))
+            yield node, str(node.target), submodule(gm, str(node.target))
 
 
 def select_nodes(gm: fx.GraphModule, select: Selector = None, exclude: Selector = None, *,
