@@ -201,3 +201,17 @@ def test_drop_dead_nodes_and_unused_submodules_match_fx():
     names = [n for n, _ in ours.named_modules()]
     assert names == [n for n, _ in theirs.named_modules()]
     assert "fc" not in names and "extra" not in names and "layer4.spare" in names
+
+
+def test_tree_modules_is_the_set_modules_yields_root_first():
+    from surgery.copying import tree_modules, tied_tensors
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(nn.Sequential(shared, nn.ReLU()), shared, nn.ModuleDict({"a": nn.Conv2d(1, 1, 1)}))
+    net.add_module("gone", None)
+    found = tree_modules(net)
+    assert found[0] is net
+    assert len(found) == len({id(m) for m in found}) == len(list(net.modules())) == 6  # `shared` once
+    assert {id(m) for m in found} == {id(m) for m in net.modules()}
+    assert tied_tensors(net) == {}  # a module reachable twice holds its tensors once: nothing is tied
+    net[2]["a"].bias = shared.bias  # one tensor in two modules: tied, with both holders' names
+    assert [n for n, _, _ in tied_tensors(net)[id(shared.bias)]] == ["0.0.bias", "2.a.bias"]
