@@ -357,13 +357,12 @@ class Editor:
 
 
 def _select(t: torch.Tensor, picks: dict[int, torch.Tensor]) -> torch.Tensor:
-    """`t` with only the indices `picks` lists along each axis, in one allocation where the axes
-    are the first two (a weight pruned on both sides): one index_select after another would
-    leave the allocator a freed intermediate of each large weight (memory it keeps)."""
-    if sorted(picks) == [0, 1]:
-        return t[picks[0][:, None], picks[1]]
-    for dim, idx in picks.items():
-        t = t.index_select(dim, idx)
+    """`t` with only the indices `picks` lists along each axis: one index_select per axis, the
+    axis that keeps the smallest share first, so the one intermediate is the smaller one (two
+    index_selects are 3-4x faster than one advanced index ``t[i[:, None], j]`` on CPU, and the
+    intermediate, at most half the weight at ratio 0.5, is freed at once)."""
+    for dim in sorted(picks, key=lambda d: len(picks[d]) / t.shape[d]):
+        t = t.index_select(dim, picks[dim])
     return t
 
 
