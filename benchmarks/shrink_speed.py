@@ -12,8 +12,9 @@ does not do); Torch-Pruning's is shrink_sweep's (benchmarks/_torch_pruning.py), 
 of the model each run, since it prunes in place. Each tool's figure is the median of its runs;
 the ratio is surgery's over Torch-Pruning's.
 
-The models are those of the sweep's rows file (benchmarks/results/shrink_sweep*.jsonl) where
-both tools worked (surgery exact, Torch-Pruning's outputs of the original shapes), or --models.
+The models are those of the sweep's rows file (benchmarks/results/shrink_sweep*.jsonl) that
+both tools prune (surgery exact and smaller, Torch-Pruning's outputs of the original shapes and
+fewer parameters), or --models.
 Rows go to benchmarks/results/shrink_speed_<family>.jsonl (resumable, as the sweep's) and the
 table to shrink_speed_<family>.md.
 
@@ -46,14 +47,17 @@ TP_LIMIT = 120.0  # seconds for one Torch-Pruning run; the sweep found these mod
 
 
 def both_prune(family: str) -> list[str]:
-    """The models of the sweep's rows file on which surgery was exact and Torch-Pruning worked."""
+    """The models of the sweep's rows file that both tools prune: surgery exact and smaller,
+    Torch-Pruning working (outputs of the original shapes) and smaller. A model Torch-Pruning
+    returns whole (GPT-2, whose Conv1D layers it does not know) is not one it prunes."""
     rows: dict[str, dict] = {}
     path = HERE / "results" / f"{result_name(family)}.jsonl"
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
             rows[r["model"]] = r  # the last row of a model wins (a --redo appends)
-    return [n for n, r in rows.items() if r.get("exact") and r.get("tp_ok")]
+    return [n for n, r in rows.items() if r.get("exact") and r.get("tp_ok")
+            and r["params_after"] < r["params_before"] and (r.get("tp_params") or r["params_before"]) < r["params_before"]]
 
 
 def time_one(family: str, name: str, size: int, ratio: float, rounds: int) -> dict:
