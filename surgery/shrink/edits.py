@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..channels.groups import ChannelGraph
-from ..copying import held_tensor, tensor_key, tied_tensors
+from ..copying import held_tensor, select_indices, tensor_key, tied_tensors
 from ..errors import SurgeryError
 from ..graph import submodule, unique_name
 from .plan import Decider, _expand_index, _foldable, _who
@@ -144,7 +144,7 @@ class Editor:
             if p.edit is not None:
                 edits.append((p.edit, kept))
         for key, (owner, name, picks) in pending.items():
-            self.set_tensor(owner, name, _select(getattr(owner, name).detach(), picks))
+            self.set_tensor(owner, name, select_indices(getattr(owner, name).detach(), picks))
             self.selected.extend((key, dim, idx) for dim, idx in picks.items())
         for edit, kept in edits:
             edit(kept)
@@ -354,35 +354,6 @@ class Editor:
             del dim
         elif name in ("cat", "concat", "stack", "flatten", "unbind"):
             return
-
-
-_SELECT_CHUNK = 4 << 20  # bytes of a weight's rows cut at a time (see _select)
-
-
-def _select(t: torch.Tensor, picks: dict[int, torch.Tensor]) -> torch.Tensor:
-    """`t` with only the indices `picks` lists along each axis, by ``index_select`` (3-4x faster
-    on the CPU than one advanced index ``t[i[:, None], j]``), the axis keeping the smallest share
-    first. A large weight cut on two or more axes is cut a few MiB of its first axis at a time
-    into the one result tensor: one index_select after another would leave a freed intermediate
-    of up to half the weight per tensor, which the allocator keeps (+0.02 of a 1.1B Llama's
-    weights at peak in benchmarks/llm_scale.py)."""
-    dims = sorted(picks, key=lambda d: len(picks[d]) / t.shape[d])
-    if len(dims) == 1 or t.numel() * t.element_size() <= _SELECT_CHUNK:
-        for dim in dims:
-            t = t.index_select(dim, picks[dim])
-        return t
-    first, idx = dims[0], picks[dims[0]]
-    shape = list(t.shape)
-    for dim in dims:
-        shape[dim] = len(picks[dim])
-    out = t.new_empty(shape)
-    step = max(1, _SELECT_CHUNK * t.shape[first] // (t.numel() * t.element_size()))
-    for start in range(0, len(idx), step):
-        piece = t.index_select(first, idx[start:start + step])
-        for dim in dims[1:]:
-            piece = piece.index_select(dim, picks[dim])
-        out.narrow(first, start, piece.shape[first]).copy_(piece)
-    return out
 
 
 def _is_flatten(n: fx.Node) -> bool:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..copying import tied_tensors
+from ..copying import select_indices, tied_tensors
 from ..errors import SurgeryError
 
 __all__ = ["plan_of", "apply_plan", "save_plan", "load_plan", "save_pruned", "load_pruned", "FORMAT", "PLAN_FIELD"]
@@ -137,8 +137,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Any] | str | os.PathLike) -> nn
         new = done.get(id(old))
         if new is None:
             new = old.detach()
-            for dim, ranges in sorted(entry.get("keep", {}).items()):
-                new = new.index_select(int(dim), _indices(ranges).to(new.device))
+            new = select_indices(new, {int(d): _indices(r).to(new.device) for d, r in entry.get("keep", {}).items()})
             if list(new.shape) != entry["shape"]:
                 if "keep" in entry:
                     raise SurgeryError(f"apply_plan: {name!r} is {tuple(old.shape)}, which the plan's kept indices "
