@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 __all__ = ["gc_paused", "tree_modules", "copy_module", "lazy_copy", "storage_key", "SourceTree", "held_tensor",
-           "tensor_key", "tied_tensors", "select_indices"]
+           "tensor_key", "tied_tensors"]
 
 
 def tree_modules(root: nn.Module) -> list[nn.Module]:
@@ -222,33 +222,3 @@ def tied_tensors(module: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]
                 if t is not None:
                     holders.setdefault(id(t), []).append((f"{prefix}.{name}" if prefix else name, m, name))
     return {k: v for k, v in holders.items() if len(v) > 1}
-
-
-_SELECT_CHUNK = 4 << 20  # bytes of a weight's rows cut at a time (see select_indices)
-
-
-def select_indices(t: torch.Tensor, picks: dict[int, torch.Tensor]) -> torch.Tensor:
-    """`t` with only the indices `picks` (axis -> kept indices, on `t`'s device) lists along
-    each axis: how Shrink and apply_plan cut a weight. By ``index_select`` (3-4x faster
-    on the CPU than one advanced index ``t[i[:, None], j]``), the axis keeping the smallest share
-    first. A large weight cut on two or more axes is cut a few MiB of its first axis at a time
-    into the one result tensor: one index_select after another would leave a freed intermediate
-    of up to half the weight per tensor, which the allocator keeps (+0.02 of a 1.1B Llama's
-    weights at peak in benchmarks/llm_scale.py)."""
-    dims = sorted(picks, key=lambda d: len(picks[d]) / t.shape[d])
-    if len(dims) < 2 or t.numel() * t.element_size() <= _SELECT_CHUNK:
-        for dim in dims:
-            t = t.index_select(dim, picks[dim])
-        return t
-    first, idx = dims[0], picks[dims[0]]
-    shape = list(t.shape)
-    for dim in dims:
-        shape[dim] = len(picks[dim])
-    out = t.new_empty(shape)
-    step = max(1, _SELECT_CHUNK * t.shape[first] // (t.numel() * t.element_size()))
-    for start in range(0, len(idx), step):
-        piece = t.index_select(first, idx[start:start + step])
-        for dim in dims[1:]:
-            piece = piece.index_select(dim, picks[dim])
-        out.narrow(first, start, piece.shape[first]).copy_(piece)
-    return out

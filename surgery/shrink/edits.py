@@ -11,9 +11,10 @@ import torch.fx as fx
 from torch import nn
 
 from ..channels.groups import ChannelGraph
-from ..copying import held_tensor, select_indices, tensor_key, tied_tensors
+from ..copying import held_tensor, tensor_key, tied_tensors
 from ..errors import SurgeryError
 from ..graph import submodule, unique_name
+from .cut import select_indices
 from .plan import Decider, _expand_index, _foldable, _who
 
 

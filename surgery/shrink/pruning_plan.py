@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..copying import select_indices, tied_tensors
+from ..copying import tied_tensors
 from ..errors import SurgeryError
+from .cut import select_indices
 
 __all__ = ["plan_of", "apply_plan", "save_plan", "load_plan", "save_pruned", "load_pruned", "FORMAT", "PLAN_FIELD"]
 
