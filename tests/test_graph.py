@@ -102,6 +102,8 @@ def test_extract_with_several_outputs_and_interleaved_users():
     gm = surgery.capture(net)
     nodes = [n for n in gm.graph.nodes if n.target in ("a", "b")]
     call = extract(gm, nodes, "ab")
+    assert call.op == "call_module" and call.target == "ab" and isinstance(gm.get_submodule("ab"), fx.GraphModule)
+    assert len(call.users) == 2 and all(u.target is operator.getitem for u in call.users)  # a and b, both read outside
     assert sum(1 for n in gm.graph.nodes if n.target is operator.getitem) == 2
     x = torch.randn(2, 4)
     assert torch.equal(gm(x), net(x))

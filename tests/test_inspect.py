@@ -13,6 +13,8 @@ from surgery.errors import BadModelFile, SurgeryError, UnsafeFile
 from surgery.io.files import load_model_file
 from surgery.io.inspect import parse_shapes, summary
 
+from helpers import n_params
+
 
 class Small(nn.Module):
     def __init__(self):
@@ -23,10 +25,6 @@ class Small(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
 
 
 def test_rows_totals_and_macs_are_exact():

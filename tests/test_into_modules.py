@@ -15,6 +15,8 @@ from passes import ChannelPrune, Shrink
 from surgery.errors import ConfigError, SurgeryError
 from surgery.verify import max_rel_diff, run_eval
 
+from helpers import n_params
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
@@ -23,10 +25,6 @@ def _masked_and_small(model, x, **prune):
     small = surgery.compress(model, [ChannelPrune(ratio=0.5, **prune), Shrink(into="modules")], x)
     graph = surgery.compress(model, [ChannelPrune(ratio=0.5, **prune), Shrink()], x)
     return masked, small, graph
-
-
-def _params(m):
-    return sum(p.numel() for p in m.parameters())
 
 
 def test_a_torchvision_resnet_comes_back_as_a_resnet():
@@ -39,10 +37,10 @@ def test_a_torchvision_resnet_comes_back_as_a_resnet():
     assert type(small) is type(model) and type(small.layer1[0].conv1) is nn.Conv2d
     assert [n for n, _ in small.named_modules()] == [n for n, _ in model.named_modules()]
     assert small.layer1[0].conv1.out_channels == 32 and small.layer1[0].bn1.num_features == 32
-    assert _params(small) == _params(graph) < _params(model)
+    assert n_params(small) == n_params(graph) < n_params(model)
     fresh = torch.randn(2, 3, 64, 64)
     assert max_rel_diff(run_eval(masked, (fresh,)), run_eval(small, (fresh,))) < 1e-5
-    assert small.report.params_after == _params(small)
+    assert small.report.params_after == n_params(small)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's is untouched
     assert not any(k.startswith("_tensor_constant") for k in vars(small))
 
@@ -60,7 +58,7 @@ def test_a_timm_convnext_comes_back_with_its_norms_resized():
     assert tuple(norm.normalized_shape) == tuple(norm.weight.shape)
     fresh = torch.randn(2, 3, 64, 64)
     assert max_rel_diff(run_eval(masked, (fresh,)), run_eval(small, (fresh,))) < 1e-5
-    assert _params(small) == _params(graph) < _params(model)
+    assert n_params(small) == n_params(graph) < n_params(model)
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
@@ -69,7 +67,7 @@ def test_hugging_face_models_come_back_in_their_classes(name):
     from _hf_models import build_hf, example_inputs, output_tensors
     model, x = build_hf(name)
     masked, small, graph = _masked_and_small(model, x, normalised=False)
-    assert type(small) is type(model) and _params(small) == _params(graph) < _params(model)
+    assert type(small) is type(model) and n_params(small) == n_params(graph) < n_params(model)
     fresh = example_inputs(name, seed=3, batch=2, length=9)
     want, got = output_tensors(run_eval(masked, fresh)), output_tensors(run_eval(small, fresh))
     assert len(want) == len(got) and max(max_rel_diff(a, b) for a, b in zip(want, got)) < 1e-5
@@ -93,7 +91,7 @@ def test_head_counts_follow_the_pruned_heads_where_no_forward_reads_them(name, p
     masked, small, graph = _masked_and_small(model, x, normalised=False)
     attn, was = small.get_submodule(path), model.get_submodule(path)
     assert {k: getattr(attn, k) for k in counts} == counts and {k: getattr(was, k) for k in counts} != counts
-    assert _params(small) == _params(graph) < _params(model)
+    assert n_params(small) == n_params(graph) < n_params(model)
     fresh = example_inputs(name, seed=3, batch=2, length=9)
     want, got = output_tensors(run_eval(masked, fresh)), output_tensors(run_eval(small, fresh))
     assert len(want) == len(got) and max(max_rel_diff(a, b) for a, b in zip(want, got)) < 1e-5
@@ -133,7 +131,7 @@ def test_a_decoder_with_its_rmsnorm_stream_pruned_comes_back_exact_and_round_tri
     model, x = build_hf("llama")
     masked = surgery.compress(model, [ChannelPrune(ratio=0.5)], x)
     small = surgery.compress(model, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)
-    assert type(small) is type(model) and _params(small) / _params(model) < 0.35
+    assert type(small) is type(model) and n_params(small) / n_params(model) < 0.35
     cfg = small.config
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (32, 48, 2, 1)
     assert cfg.rms_norm_eps == 2 * model.config.rms_norm_eps and small.model.norm.weight.shape == (32,)
@@ -254,7 +252,7 @@ def test_a_forward_with_sizes_written_in_is_refused_naming_the_module_and_line()
     net = _Net().eval()
     x = (torch.randn(2, 5, 8),)
     graph = surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink()], x)  # the graph form rewrites the view
-    assert _params(graph) < _params(net)
+    assert n_params(graph) < n_params(net)
     with pytest.raises(SurgeryError, match=r"_HardCoded 'attn' fails on the pruned sizes: .* at "
                                            r"test_into_modules.py:\d+ \(q, k, v = .*use Shrink\(\)"):
         surgery.compress(net, [ChannelPrune(ratio=0.5), Shrink(into="modules")], x)

@@ -16,6 +16,8 @@ from surgery.channels import analyze_tree, channel_groups
 from surgery.nested import nested_graphs, recording_calls, replay
 from surgery.verify import max_abs_diff, run_eval
 
+from helpers import randomise_norms
+
 pytestmark = pytest.mark.filterwarnings("ignore:surgery.capture")  # the eager shell is the point here
 
 
@@ -39,14 +41,7 @@ class Detector(nn.Module):
 
 def _model(cls: type = Detector, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = cls()
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():  # BN that is no identity by accident
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
+    return randomise_norms(cls(), seed)
 
 
 def _capture(model: nn.Module, *inputs):

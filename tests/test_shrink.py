@@ -1,32 +1,19 @@
 """Shrink: exact, smaller, exported, on hand-built architectures that stress channel groups."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 import surgery
-from passes import ChannelPrune, Shrink
-from passes.channel_prune import HardMask
+from passes import Shrink
 from surgery.channels import channel_groups
 from surgery.errors import ShrinkMismatch
 from surgery.pipeline import UnitMask
 from surgery.verify import max_rel_diff, run_eval
 
-
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics and affine terms, so no BatchNorm is an identity by accident."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-    return model.eval()
+from helpers import masked_and_shrunk, n_params, randomise_norms
 
 
 class Inception(nn.Module):
@@ -211,27 +198,13 @@ ARCHS = {
 }
 
 
-def _params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def _masked_and_shrunk(model, shape, **prune):
-    torch.manual_seed(0)
-    x = torch.randn(*shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        masked = surgery.compress(model, [ChannelPrune(**{"ratio": 0.5, **prune})], example_inputs=(x,))
-    small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
-    return masked, small, x
-
-
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_architecture_exact_smaller_exported(name, tmp_path):
     cls, shape = ARCHS[name]
-    model = _randomise(cls())
-    masked, small, x = _masked_and_shrunk(model, shape)
+    model = randomise_norms(cls())
+    masked, small, x = masked_and_shrunk(model, shape)
     assert any(isinstance(m, UnitMask) for m in masked.modules()), "ChannelPrune placed no mask"
-    assert _params(small) < _params(model)
+    assert n_params(small) < n_params(model)
     assert not any(type(m).__module__.startswith(("surgery", "passes")) for m in small.modules()
                    if not isinstance(m, fx.GraphModule))
     x2 = torch.randn(*shape) * 2  # fresh inputs: exactness is not a property of the example inputs
@@ -242,7 +215,7 @@ def test_architecture_exact_smaller_exported(name, tmp_path):
 
 
 def test_report_lists_groups_and_is_printable():
-    _, small, _ = _masked_and_shrunk(_randomise(PreActResidual()), IMG)
+    _, small, _ = masked_and_shrunk(randomise_norms(PreActResidual()), IMG)
     rep = small.report
     assert rep is surgery.shrink_report(small)
     assert rep.params_after < rep.params_before
@@ -254,7 +227,7 @@ def test_report_lists_groups_and_is_printable():
 def test_exact_counts_on_a_chain():
     net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.ReLU(),
                         nn.Flatten(), nn.Linear(8 * 12 * 12, 4))
-    _, small, _ = _masked_and_shrunk(_randomise(net), (1, 3, 16, 16))
+    _, small, _ = masked_and_shrunk(randomise_norms(net), (1, 3, 16, 16))
     assert small.get_submodule("0").out_channels == 8
     assert small.get_submodule("1").num_features == 8
     assert small.get_submodule("3").in_channels == 8 and small.get_submodule("3").out_channels == 4
@@ -287,7 +260,7 @@ def test_non_binary_masks_fold_exactly(name):
     cls, shape = ARCHS[name]
     torch.manual_seed(1)
     x = torch.randn(*shape)
-    gm = surgery.capture(_randomise(cls()), (x,))
+    gm = surgery.capture(randomise_norms(cls()), (x,))
     for g in channel_groups(gm):
         if g.mask_points():
             f = torch.rand(g.size) * 2 - 0.5          # some negative factors: not foldable through ReLU
@@ -297,13 +270,13 @@ def test_non_binary_masks_fold_exactly(name):
     small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
     x2 = torch.randn(*shape)
     assert max_rel_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5
-    assert _params(small) < _params(gm)
+    assert n_params(small) < n_params(gm)
 
 
 def test_mask_before_batchnorm_keeps_or_folds_constant_channels():
     """A mask before BN makes a removed channel the BN's constant bias: the Linear reader folds
     it; the zero-padded conv reader cannot, so that channel stays (and the report says why)."""
-    net = _randomise(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+    net = randomise_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                                    nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 3)))
     x = torch.randn(2, 3, 16, 16)
     for pad, expect_removed in ((1, False), (0, True)):
@@ -351,7 +324,7 @@ def test_shrink_needs_example_inputs():
 
 
 def test_does_not_mutate_the_masked_model():
-    masked, small, x = _masked_and_shrunk(_randomise(Inception()), IMG)
+    masked, small, x = masked_and_shrunk(randomise_norms(Inception()), IMG)
     assert masked.get_submodule("stem.0").out_channels == 16
     assert any(isinstance(m, UnitMask) for m in masked.modules())
     shared = {p.data_ptr() for p in masked.state_dict().values()} & {p.data_ptr() for p in small.state_dict().values()}
@@ -361,50 +334,16 @@ def test_does_not_mutate_the_masked_model():
 def test_torchvision_resnet18_exact_and_smaller():
     import torchvision
     model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    masked, small, x = _masked_and_shrunk(_randomise(model), (1, 3, 32, 32))
-    assert _params(small) < 0.4 * _params(model)
+    masked, small, x = masked_and_shrunk(randomise_norms(model), (1, 3, 32, 32))
+    assert n_params(small) < 0.4 * n_params(model)
     assert max_rel_diff(run_eval(masked, (x,)), run_eval(small, (x,))) < 1e-4
 
 
-@pytest.mark.parametrize("kw", [dict(criterion="l2"), dict(criterion="bn_scale"), dict(criterion="random"),
-                                dict(scope="global"), dict(round_to=8), dict(exclude="layer2*")])
-def test_channel_prune_options(kw):
-    import torchvision
-    model = _randomise(torchvision.models.resnet18(weights=None, num_classes=10))
-    masked, small, x = _masked_and_shrunk(model, (1, 3, 32, 32), **kw)
-    x2 = torch.randn(1, 3, 32, 32)
-    assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-4
-    convs = {n: m for n, m in small.named_modules() if isinstance(m, nn.Conv2d)}
-    assert small.get_submodule("fc").out_features == 10  # the output is never pruned
-    if kw.get("round_to") == 8:
-        assert all(m.out_channels % 8 == 0 for m in convs.values())
-    if "exclude" in kw:
-        assert small.get_submodule("layer2.0.conv1").out_channels == 128
-        assert small.get_submodule("layer3.0.conv1").out_channels == 128
-    assert all(m.out_channels >= 1 for m in convs.values())
-    assert _params(small) < _params(model)
-
-
-@pytest.mark.parametrize("training", [False, True])
-def test_channel_prune_masks_take_the_models_mode(training):
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).train(training)
-    masked = surgery.compress(net, [ChannelPrune(ratio=0.5)], (torch.randn(1, 3, 8, 8),))
-    masks = [m for m in masked.modules() if isinstance(m, HardMask)]
-    assert len(masks) == 1 and masks[0].training is training and masked.training is training
-
-
-def test_channel_prune_rejects_bad_config():
-    with pytest.raises(surgery.SurgeryError, match="ratio"):
-        ChannelPrune(ratio=1.0)
-    with pytest.raises(surgery.SurgeryError, match="criterion"):
-        ChannelPrune(criterion="fisher")
-
-
 def test_grouped_convolution_keeps_equal_channels_per_group():
-    net = _randomise(nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+    net = randomise_norms(nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
                                    nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
                                    nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 8 * 8, 3)))
-    masked, small, x = _masked_and_shrunk(net, (1, 3, 8, 8))
+    masked, small, x = masked_and_shrunk(net, (1, 3, 8, 8))
     g = small.get_submodule("3")
     assert (small.get_submodule("0").out_channels, g.in_channels, g.out_channels, g.groups) == (8, 8, 8, 4)
     x2 = torch.randn(2, 3, 8, 8)
@@ -432,11 +371,11 @@ def test_soft_mask_folds_into_the_next_layer():
 
 
 def test_functional_shrink_leaves_its_input_alone():
-    masked, _, x = _masked_and_shrunk(_randomise(Inception()), IMG)
+    masked, _, x = masked_and_shrunk(randomise_norms(Inception()), IMG)
     before = {k: v.clone() for k, v in masked.state_dict().items()}
     small = surgery.shrink(masked, (x,))
     assert all(torch.equal(before[k], v) for k, v in masked.state_dict().items())
-    assert any(isinstance(m, UnitMask) for m in masked.modules()) and _params(small) < _params(masked)
+    assert any(isinstance(m, UnitMask) for m in masked.modules()) and n_params(small) < n_params(masked)
 
 
 def test_timm_norm_act_layer_stays_whole_and_shrinks_exactly():
@@ -448,7 +387,7 @@ def test_timm_norm_act_layer_stays_whole_and_shrinks_exactly():
     net = nn.Sequential(nn.Conv2d(3, 16, 3), BatchNormAct2d(16, act_layer=nn.SiLU), nn.Conv2d(16, 8, 3),
                         BatchNormAct2d(8, act_layer=nn.PReLU), nn.Flatten(), nn.Linear(8 * 12 * 12, 4))
     x = torch.randn(2, 3, 16, 16)
-    gm = surgery.capture(_randomise(net), (x,))
+    gm = surgery.capture(randomise_norms(net), (x,))
     modules = {n.target for n in gm.graph.find_nodes(op="call_module")}
     norms = [n for n in gm.graph.nodes if n.target is torch.nn.functional.batch_norm]
     assert "1" in modules and "3" not in modules and "3.act" in modules and len(norms) == 1

@@ -16,6 +16,8 @@ from passes import ChannelPrune, Shrink
 from surgery.norms import emit_norm
 from surgery.verify import max_abs_diff, run_eval
 
+from helpers import n_params
+
 
 def _prune(model, x, ratio=0.5):
     torch.manual_seed(0)
@@ -28,10 +30,6 @@ def _prune(model, x, ratio=0.5):
     assert not any(type(m).__module__.startswith(("surgery", "passes")) for m in small.modules()
                    if not isinstance(m, fx.GraphModule))
     return masked, small
-
-
-def _params(m):
-    return sum(p.numel() for p in m.parameters())
 
 
 # ----------------------------------------------------------------------------------------- norms
@@ -126,7 +124,7 @@ def test_the_residual_stream_of_a_pre_norm_transformer_is_pruned_exactly(norm):
     d, h = 8, 32  # half the stream and half of each MLP stay; attn_in reads and writes the stream
     norms = 2 * 2 + 1
     norm_params = {"LayerNorm": 2 * d, "F.layer_norm": 2 * d}.get(norm, d)
-    assert _params(small) == 11 * d + 2 * (2 * (d * d + d) + (d * h + h) + (h * d + d)) + norms * norm_params + \
+    assert n_params(small) == 11 * d + 2 * (2 * (d * d + d) + (d * h + h) + (h * d + d)) + norms * norm_params + \
         d * 5 + 5
     ids2 = torch.randint(0, 11, (3, 4))  # another batch and length
     assert max_abs_diff(run_eval(masked, (ids2,)), run_eval(small, (ids2,))) < 1e-5
@@ -202,7 +200,7 @@ def test_functional_layers_on_a_modules_own_tensors_are_pruned_exactly():
     assert small.get_submodule("c1").out_channels == 8 and small.get_submodule("bn1").num_features == 8
     assert small.get_submodule("c2").in_channels == 8 and small.get_submodule("c2").out_channels == 8
     assert small.get_submodule("scale").gamma.shape == (8,)
-    assert _params(small) == (3 * 8 * 9 + 8) + 2 * 8 + (8 * 8 * 9 + 8) + 8 + (8 * 4 + 4)  # BN: weight, bias
+    assert n_params(small) == (3 * 8 * 9 + 8) + 2 * 8 + (8 * 8 * 9 + 8) + 8 + (8 * 4 + 4)  # BN: weight, bias
 
 
 def test_a_subclass_with_its_own_forward_does_not_borrow_its_base_rule():
@@ -285,7 +283,7 @@ def test_a_width_read_from_one_tensor_does_not_decide_the_axis_it_sizes_in_anoth
     assert group.frozen is None and group.size == 8
     masked, small = _prune(WidthFromInput(), torch.randn(2, 5, 4))
     assert small.get_submodule("a").out_features == 4 and small.get_submodule("inner").out_features == 8
-    assert _params(small) == (4 * 4 + 4) + (4 * 8 + 8) + (4 * 3 + 3) + (8 * 3 + 3)
+    assert n_params(small) == (4 * 4 + 4) + (4 * 8 + 8) + (4 * 3 + 3) + (8 * 3 + 3)
 
 
 class WithPositions(nn.Module):
@@ -326,7 +324,7 @@ class SwiGLU(nn.Module):
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_gated_mlp_loses_gate_and_up_units_together(fused):
     masked, small = _prune(SwiGLU(fused), torch.randn(2, 5, 8))
-    assert _params(small) == 8 * 6 * 3  # gate, up and down keep 6 of 12 hidden units each
+    assert n_params(small) == 8 * 6 * 3  # gate, up and down keep 6 of 12 hidden units each
     assert small.get_submodule("down").in_features == 6
 
 
@@ -385,7 +383,7 @@ def test_a_mask_takes_a_channel_that_a_tensor_holds_several_times_over():
     assert [n.kwargs.get("tile") for n in masked.graph.nodes if n.op == "call_module" and "prune" in str(n.target)
             and n.args[0].target == "norm"] == [2]
     assert (small.up.out_features, small.down.in_features) == (4, 8)
-    assert _params(small) == (6 * 4 + 4) + 2 * 8 + (8 * 3 + 3)
+    assert n_params(small) == (6 * 4 + 4) + 2 * 8 + (8 * 3 + 3)
 
 
 def test_flipped_channels_are_followed():
@@ -398,4 +396,4 @@ def test_flipped_channels_are_followed():
             return self.b(torch.relu(self.a(x)).flip(-1))  # b reads channel 7 - j at position j
 
     masked, small = _prune(Flip(), torch.randn(3, 4))
-    assert small.a.out_features == 4 and _params(small) == (4 * 4 + 4) + (4 * 2 + 2)
+    assert small.a.out_features == 4 and n_params(small) == (4 * 4 + 4) + (4 * 2 + 2)

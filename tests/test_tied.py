@@ -7,6 +7,8 @@ from torch import nn
 import surgery
 from passes import ChannelPrune, Shrink
 
+from helpers import n_params
+
 
 class TiedLM(nn.Module):
     def __init__(self, vocab: int = 50, d: int = 16, hidden: int = 32):
@@ -55,10 +57,6 @@ class TiedWithOpaqueHolder(TiedLM):
         return self.gain(super().forward(ids))
 
 
-def _params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())  # parameters() lists a tied tensor once
-
-
 def test_tied_embedding_and_head_shrink_as_one_tensor():
     torch.manual_seed(0)
     model = TiedLM().eval()
@@ -69,10 +67,10 @@ def test_tied_embedding_and_head_shrink_as_one_tensor():
     assert tuple(small.emb.weight.shape) == (50, 8)
     assert small.head.in_features == 8 and small.emb.embedding_dim == 8
     # emb/head 50x8 (once) + fc1 8->16 + fc2 16->8
-    assert _params(small) == 50 * 8 + (8 * 16 + 16) + (16 * 8 + 8) == 680
+    assert n_params(small) == 50 * 8 + (8 * 16 + 16) + (16 * 8 + 8) == 680
     assert torch.allclose(small(ids), masked(ids), atol=1e-5)
     # the caller's model keeps its tie and its size
-    assert model.head.weight is model.emb.weight and _params(model) == 50 * 16 + 16 * 32 + 32 + 32 * 16 + 16
+    assert model.head.weight is model.emb.weight and n_params(model) == 50 * 16 + 16 * 32 + 32 + 32 * 16 + 16
 
 
 def test_tied_tensor_is_one_decision_in_the_channel_groups():
