@@ -9,7 +9,7 @@ squeeze-excite network or a small vision transformer they cost more than the rea
 functions here give those ops' output shapes directly. Each handles only the plain case (the
 input's channel count fits, the dtype is a float, no option it does not know) and otherwise
 runs the op itself on the meta device, so bad input still fails the way it fails for real.
-``tests/test_capture.py`` checks every one against the real run.
+``tests/test_shapes.py`` checks every one against the real run.
 """
 from __future__ import annotations
 
