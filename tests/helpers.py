@@ -1,5 +1,6 @@
 """What several test files share: a parameter count, BatchNorms that are no identity by accident,
-a torchvision model built offline, and a model masked by ChannelPrune then shrunk.
+a torchvision model built offline, a model masked by ChannelPrune then shrunk, and a mask of
+arbitrary factors placed by hand on a channel group's mask points.
 
 Imported as ``from helpers import ...`` (pytest puts this folder on the path); it holds no tests.
 """
@@ -8,10 +9,14 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch import nn
+import torch.fx as fx
+from torch import Tensor, nn
 
 import surgery
 from passes import ChannelPrune, Shrink
+from passes._placement import axis_kwargs
+from surgery.channels import ChannelGroup
+from surgery.pipeline import UnitMask
 
 
 def n_params(m: nn.Module) -> int:
@@ -53,3 +58,25 @@ def masked_and_shrunk(model: nn.Module, shape: tuple[int, ...], **prune) -> tupl
         masked = surgery.compress(model, [ChannelPrune(**{"ratio": 0.5, **prune})], example_inputs=(x,))
     small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
     return masked, small, x
+
+
+class Scale(UnitMask):
+    """A mask with arbitrary per-unit factors (zeros removed, the rest folded or kept)."""
+
+    def __init__(self, f: Tensor, dim: int):
+        super().__init__(len(f), dim)
+        self.register_buffer("f", f)
+
+    def factors(self) -> Tensor:
+        return self.f
+
+
+def insert_shared_mask(gm: fx.GraphModule, group: ChannelGroup, mask: UnitMask, name: str) -> None:
+    """`mask` installed as `name` and called after every mask point of `group` (one module shared by
+    all of them, as the mask passes place theirs); `gm` recompiled."""
+    gm.add_submodule(name, mask)
+    for node, dim in group.mask_points():
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim, mask.units))
+        node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+    gm.recompile()

@@ -353,13 +353,13 @@ def test_a_mask_on_the_one_kv_head_of_grouped_query_attention_is_read_per_copy()
     """One kv head serving two query heads: its group has one unit, and the mask over it is
     called with tile=2 on the repeated heads. Shrink reads its factor once per copy (an
     IndexError before), keeps the last head, and stays exact."""
-    from test_shrink import Scale, _insert_shared
+    from helpers import Scale, insert_shared_mask
     torch.manual_seed(0)
     model = Attention(heads=2, kv_heads=1, mode="eager").eval()
     x = torch.randn(2, 7, 24)
     gm = surgery.capture(model, (x,))
     (group,) = [g for g in channel_groups(gm) if g.size == 1 and g.frozen is None]
-    _insert_shared(gm, group, Scale(torch.tensor([0.5]), group.mask_points()[0][1]), "hm")
+    insert_shared_mask(gm, group, Scale(torch.tensor([0.5]), group.mask_points()[0][1]), "hm")
     small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
     x2 = torch.randn(3, 7, 24)
     assert max_abs_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5

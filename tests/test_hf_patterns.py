@@ -6,7 +6,8 @@ from torch import nn
 
 import surgery
 from passes import ChannelPrune, Shrink
-from test_streams import _params, _prune
+from helpers import n_params
+from test_streams import _prune
 
 
 class _InlineActivation(nn.Module):
@@ -27,7 +28,7 @@ def test_a_module_built_inside_forward_is_traced_as_its_ops():
     assert any(n.target in (torch.relu, F.relu) for n in gm.graph.nodes)
     assert torch.equal(gm(x), model(x))
     _, small = _prune(model, x)
-    assert _params(small) == 8 * 8 + 8 + 8 * 3 + 3
+    assert n_params(small) == 8 * 8 + 8 + 8 * 3 + 3
 
 
 class _FactorisedEmbedding(nn.Module):
@@ -48,7 +49,7 @@ def test_a_width_only_embeddings_produce_is_pruned_by_default():
     ids = torch.randint(0, 20, (2, 6))
     _, small = _prune(_FactorisedEmbedding(), ids)
     e, d = 4, 6
-    assert _params(small) == 20 * e + 10 * e + 2 * e + e * d + d + d * 2 + 2
+    assert n_params(small) == 20 * e + 10 * e + 2 * e + e * d + d + d * 2 + 2
     masked = surgery.compress(_FactorisedEmbedding().eval(), [ChannelPrune(0.5, exclude=nn.Embedding)], (ids,))
     small = surgery.compress(masked, [Shrink()], (ids,))
     assert small.get_submodule("words").weight.shape == (20, 8)  # excluded: nothing else produces it
@@ -82,7 +83,7 @@ def test_a_class_embedding_and_a_position_table_lose_channels_with_the_stream():
     _, small = _prune(_ClassToken(), x)
     d = 4
     assert small.get_parameter("cls").shape == (d,) and small.get_parameter("pos").shape == (1, 5, d)
-    assert _params(small) == 3 * 16 * d + d + d + 5 * d + d * d + d + d * 3 + 3
+    assert n_params(small) == 3 * 16 * d + d + d + 5 * d + d * d + d + d * 3 + 3
 
 
 class _MaskedScores(nn.Module):
@@ -109,7 +110,7 @@ def test_masked_fill_on_attention_scores_keeps_the_heads_prunable():
     small = surgery.compress(masked, [Shrink()], (x, keep))
     x2 = torch.randn(2, 5, 8)
     assert torch.allclose(masked(x2, keep), small(x2, keep), atol=1e-6)
-    assert _params(small) == 3 * (8 * 4 + 4) + 4 * 8 + 8
+    assert n_params(small) == 3 * (8 * 4 + 4) + 4 * 8 + 8
 
 
 class _HeadsInBatch(nn.Module):
@@ -139,7 +140,7 @@ def test_heads_merged_into_the_batch_axis_are_pruned_whole():
     heads = [g for g in surgery.channel_groups(gm) if g.size == 4]
     assert len(heads) == 1 and heads[0].frozen is None
     _, small = _prune(_HeadsInBatch(), x)
-    assert _params(small) == 3 * (8 * 4 + 4) + 4 * 8 + 8
+    assert n_params(small) == 3 * (8 * 4 + 4) + 4 * 8 + 8
 
 
 class _WrittenSizes(nn.Module):
@@ -172,7 +173,7 @@ def test_lengths_written_into_views_of_a_parameter_follow_its_cut():
     _, small = _prune(_WrittenSizes(), x)
     assert small.get_parameter("table").shape == (11, 2) and small.get_parameter("scale").shape == (4,)
     c, heads = 4, 2
-    assert _params(small) == 3 * c + c + c + 3 * (c * 2 * heads + 2 * heads) + (2 * heads * c + c) + 11 * heads \
+    assert n_params(small) == 3 * c + c + c + 3 * (c * 2 * heads + 2 * heads) + (2 * heads * c + c) + 11 * heads \
         + c * 2 + 2
 
 
@@ -193,4 +194,4 @@ class _Clipped(nn.Module):
 def test_a_clamp_with_buffer_bounds_keeps_a_zero_zero():
     x = torch.randn(4, 6)
     _, small = _prune(_Clipped(), x)
-    assert _params(small) == 6 * 4 + 4 + 4 * 2 + 2
+    assert n_params(small) == 6 * 4 + 4 + 4 * 2 + 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
+from torch import nn
 
 import surgery
 from passes import Shrink
@@ -13,7 +13,7 @@ from surgery.errors import ShrinkMismatch
 from surgery.pipeline import UnitMask
 from surgery.verify import max_rel_diff, run_eval
 
-from helpers import masked_and_shrunk, n_params, randomise_norms
+from helpers import Scale, insert_shared_mask, masked_and_shrunk, n_params, randomise_norms
 
 
 class Inception(nn.Module):
@@ -234,27 +234,6 @@ def test_exact_counts_on_a_chain():
     assert small.get_submodule("6").in_features == 4 * 12 * 12 and small.get_submodule("6").out_features == 4
 
 
-class Scale(UnitMask):
-    """A mask with arbitrary per-unit factors (zeros removed, the rest folded or kept)."""
-
-    def __init__(self, f: Tensor, dim: int):
-        super().__init__(len(f), dim)
-        self.register_buffer("f", f)
-
-    def factors(self) -> Tensor:
-        return self.f
-
-
-def _insert_shared(gm, group, mask, name):
-    from passes._placement import axis_kwargs
-    gm.add_submodule(name, mask)
-    for node, dim in group.mask_points():
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim, mask.units))
-        node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
-    gm.recompile()
-
-
 @pytest.mark.parametrize("name", ["preact_projection", "depthwise_se", "inception_cat", "channel_shuffle"])
 def test_non_binary_masks_fold_exactly(name):
     cls, shape = ARCHS[name]
@@ -266,7 +245,7 @@ def test_non_binary_masks_fold_exactly(name):
             f = torch.rand(g.size) * 2 - 0.5          # some negative factors: not foldable through ReLU
             f[torch.rand(g.size) < 0.4] = 0
             f[0] = 1.0
-            _insert_shared(gm, g, Scale(f, g.mask_points()[0][1]), f"scale_{g.id}")
+            insert_shared_mask(gm, g, Scale(f, g.mask_points()[0][1]), f"scale_{g.id}")
     small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
     x2 = torch.randn(*shape)
     assert max_rel_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5
@@ -311,7 +290,7 @@ def test_shrink_raises_on_a_wrong_rule():
             g = [g for g in channel_groups(gm) if g.mask_points()][0]
             f = torch.ones(g.size)
             f[:3] = 0
-            _insert_shared(gm, g, Scale(f, 1), "m")
+            insert_shared_mask(gm, g, Scale(f, 1), "m")
             surgery.compress(gm, [Shrink()], example_inputs=(x,))
         finally:
             del surgery.channels.RULES[Flip]
@@ -395,7 +374,7 @@ def test_timm_norm_act_layer_stays_whole_and_shrinks_exactly():
         if g.mask_points():
             f = torch.rand(g.size) + 0.5
             f[::3] = 0
-            _insert_shared(gm, g, Scale(f, g.mask_points()[0][1]), f"scale_{g.id}")
+            insert_shared_mask(gm, g, Scale(f, g.mask_points()[0][1]), f"scale_{g.id}")
     small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
     x2 = torch.randn(2, 3, 16, 16)
     assert max_rel_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5

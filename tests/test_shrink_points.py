@@ -3,7 +3,7 @@ makes a zero channel a constant, and calls a model makes for what they do in pla
 from __future__ import annotations
 
 import torch
-from test_shrink import _params, _randomise
+from helpers import n_params, randomise_norms
 from torch import Tensor, nn
 
 import surgery
@@ -58,7 +58,7 @@ def test_a_batchnorm_on_the_stream_gets_the_groups_mask_so_its_constant_goes_too
     """BN(0) is a constant, which the next zero-padded conv cannot fold: a mask after the identity
     branch's BN makes the channel zero there too, and it leaves exactly."""
     torch.manual_seed(0)
-    net = _randomise(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RepVGGBlock(8), RepVGGBlock(8),
+    net = randomise_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RepVGGBlock(8), RepVGGBlock(8),
                                    nn.Flatten(), nn.Linear(8 * 6 * 6, 2)))
     x = torch.randn(2, 3, 6, 6)
     masked = surgery.compress(net.eval(), [ChannelPrune(0.5)], example_inputs=(x,))
@@ -66,4 +66,4 @@ def test_a_batchnorm_on_the_stream_gets_the_groups_mask_so_its_constant_goes_too
     x2 = torch.randn(3, 3, 6, 6)
     assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-4
     block = 4 * 4 * 9 + 4 * 4 + 3 * 2 * 4  # two convs, three BNs (weight, bias) of 4 channels
-    assert _params(small) == (3 * 4 * 9 + 4) + 2 * block + (4 * 36 * 2 + 2)
+    assert n_params(small) == (3 * 4 * 9 + 4) + 2 * block + (4 * 36 * 2 + 2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from test_shrink import Scale, _insert_shared, _params, _randomise
+from helpers import Scale, insert_shared_mask, n_params, randomise_norms
 from torch import nn
 
 import surgery
@@ -150,7 +150,7 @@ def draw_dag(data, hw: int = 4) -> RandomDag:
     if not spec or spec[-1][0] != "conv":
         spec.append(("conv", len(chans) - 1, None, (1, 4, 1)))
     head = data.draw(st.sampled_from(["flatten", "mean"]))
-    return _randomise(RandomDag(spec, head, hw), seed=data.draw(st.integers(0, 99)))
+    return randomise_norms(RandomDag(spec, head, hw), seed=data.draw(st.integers(0, 99)))
 
 
 def random_masks(gm, data) -> None:
@@ -164,7 +164,7 @@ def random_masks(gm, data) -> None:
         f = torch.tensor([0.0 if z else 1.0 for z in zero])
         if soft:
             f = f * (torch.rand(g.size) * 2 - 0.3)
-        _insert_shared(gm, g, Scale(f, g.mask_points()[0][1]), f"hm_{g.id}")
+        insert_shared_mask(gm, g, Scale(f, g.mask_points()[0][1]), f"hm_{g.id}")
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and len(n.meta.get("shape", ())) == 4
              and not isinstance(gm.get_submodule(str(n.target)), UnitMask)]
     for n in data.draw(st.lists(st.sampled_from(nodes), max_size=2, unique=True)) if nodes else []:
@@ -183,7 +183,7 @@ def check_random_dag(data) -> None:
     small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
     x2 = torch.randn(3, 3, 4, 4)
     assert max_rel_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-4
-    assert _params(small) <= _params(gm)
+    assert n_params(small) <= n_params(gm)
 
 
 def test_random_dags_shrink_exactly():

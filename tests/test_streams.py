@@ -329,7 +329,7 @@ def test_a_gated_mlp_loses_gate_and_up_units_together(fused):
 
 
 def test_a_mask_kept_as_a_scale_still_shows_its_channels_to_the_mask_after_it():
-    from test_shrink import Scale
+    from helpers import Scale
     net = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)).eval()
     x = torch.randn(2, 5, 4)
     gm = surgery.capture(net, (x,))
