@@ -23,7 +23,8 @@ from torch import nn
 
 from .attributes import IndexedAttributes, attributes_restored
 from .calling import as_inputs, entry_shell, traced_entry
-from .concrete import ConcreteTracing, failing_line, specialised_dims
+from .codelines import failing_line
+from .concrete import ConcreteTracing, specialised_dims
 from .copying import SourceTree, copy_module, gc_paused, tree_modules
 from .errors import SurgeryError, TraceFailure, first_line, warn
 from .graph import drop_identities, graph_module_without_code, submodule
@@ -176,7 +177,7 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceAr
             graph = tracer.trace(root, arguments.fx_concrete if arguments else None)
             graph._surgery_guards = list(tracer.__dict__.get("guards", ()))  # see surgery.concrete
             graph._surgery_specialised = specialised_dims(tracer.__dict__.get("specialised", {}),
-                                                          tracer.__dict__.get("values", {}))
+                                                          tracer.__dict__.get("shapes", {}))
             return graph, opaque
         except Exception as e:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
             culprit = (tracer.failure_stack or [""])[-1]
@@ -195,8 +196,9 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceAr
             # an opaque module hides its descendants: drop any of them recorded earlier
             opaque = {k: v for k, v in opaque.items() if not k.startswith(culprit + ".")}
             opaque[culprit] = _reason(e)
-        finally:  # every node's example value (the concrete trace's): freed now, not at the next gc
-            tracer.__dict__.pop("values", None)
+        finally:  # the concrete trace's example values (those a proxy still held): freed now, not at the next gc
+            for state in ("values", "shapes", "lifetimes"):
+                tracer.__dict__.pop(state, None)
     raise TraceFailure(type(root).__name__, "gave up after marking every submodule opaque")
 
 

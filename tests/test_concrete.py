@@ -117,3 +117,37 @@ def test_timm_registries_and_autowrap_functions_are_honoured():
     assert wrapped & set(timm.layers._fx.get_notrace_functions())  # called as single nodes
     gm = surgery.capture(Scaled(), (torch.randn(3),), autowrap_functions=[scale])
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [scale]
+
+
+class _Deep(nn.Module):
+    """Forty layers and a size read from a tensor attribute (``x.mT``) after them: plain fx
+    refuses the branch, so capture traces concretely."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(40))
+
+    def forward(self, x):
+        t = x.mT
+        y = t
+        for layer in self.layers:
+            y = torch.relu(layer(y))
+        if t.shape[0] > 4:  # t's value is still needed here, forty layers on
+            return y * 2
+        return y
+
+
+def test_a_concrete_trace_frees_each_value_with_its_proxy_and_keeps_attributes(monkeypatch):
+    import importlib
+    concrete = importlib.import_module("surgery.concrete")
+    live, keep = [], concrete.ConcreteTracing._keep
+
+    def counting(self, proxy, value):
+        keep(self, proxy, value)
+        live.append(sum(isinstance(v, torch.Tensor) for v in self.__dict__["values"].values()))
+    monkeypatch.setattr(concrete.ConcreteTracing, "_keep", counting)
+    model, x = _Deep().eval(), torch.randn(2, 8, 6)
+    gm = surgery.capture(model, (x,))
+    assert gm.meta["surgery"]["guards"]  # the branch was traced concretely, behind a guard
+    assert len(live) > 80 and max(live) <= 6  # a chain holds a few values at a time, not all 80
+    assert torch.equal(gm(x), model(x))

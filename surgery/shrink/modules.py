@@ -35,7 +35,7 @@ from torch import nn
 
 from ..calling import call
 from ..capture import surgery_meta
-from ..concrete import failing_line
+from ..codelines import failing_line
 from ..errors import SurgeryError, first_line, warn
 from ..graph import submodule
 from ..verify import eval_mode, max_rel_diff
