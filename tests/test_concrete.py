@@ -138,8 +138,7 @@ class _Deep(nn.Module):
 
 
 def test_a_concrete_trace_frees_each_value_with_its_proxy_and_keeps_attributes(monkeypatch):
-    import importlib
-    concrete = importlib.import_module("surgery.concrete")
+    from surgery import concrete
     live, keep = [], concrete.ConcreteTracing._keep
 
     def counting(self, proxy, value):
