@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 import surgery
 from passes import ChannelPrune, Shrink
-from passes._importance import split_batch
+from passes._importance import position_norms, split_batch
 from surgery.io.macs import count_macs
 
 F = nn.functional
@@ -50,6 +50,32 @@ def test_weight_criteria_match_their_formulas():
     want = np.array([si / s[s >= si].sum() for si in s])
     np.testing.assert_allclose(_scores(model, x, criterion="lamp")[("0",)], want, rtol=1e-6)
     assert _scores(model, x, criterion="lamp")[("0",)].max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shape, axis", [
+    ((600, 500), 0),  # linear rows, over one block (2**18 elements)
+    ((3000, 96), 1),  # an embedding's hidden axis: columns
+    ((40, 64, 4, 4), 1),  # a transposed conv's output axis, in the middle
+    ((300, 400, 3), 2),  # the last axis of a 3-d weight
+    ((400_000,), 0),  # a 1-d weight: one value per position
+    ((64, 32, 3, 3), 0),  # within one block: torch's vector_norm
+    ((0, 8), 1),
+])
+@pytest.mark.parametrize("order", [1, 2])
+def test_position_norms_match_float64(shape, axis, order):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    ref = torch.linalg.vector_norm(w.double().movedim(axis, 0).reshape(shape[axis], -1), order, dim=1)
+    got = position_norms(w, axis, order)
+    assert got.dtype == np.float64 and got.shape == (shape[axis],)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5)
+
+
+def test_position_norms_of_half_weights_sum_in_float32():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)).half()
+    ref = w.double().abs().sum(1).numpy()
+    np.testing.assert_allclose(position_norms(w, 0, 1), ref, rtol=1e-6)  # a float16 sum: ~1e-3 off
+    big = torch.randn(700, 400, generator=torch.Generator().manual_seed(1)).bfloat16()
+    np.testing.assert_allclose(position_norms(big, 1, 2), big.double().norm(dim=0).numpy(), rtol=1e-5)
 
 
 def test_activation_is_the_readers_weights_times_their_inputs_norm():
