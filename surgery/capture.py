@@ -34,7 +34,7 @@ from .libraries import library_leaves, whole_layer
 from .nested import submodule_examples
 from .pickling import CapturedGraphModule
 from .progress import staged
-from .shapes import annotate_shapes
+from .shapes import annotate_shapes, complete_traced_shapes
 from .signature import (
     TraceArguments,
     annotate_inputs,
@@ -171,13 +171,13 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceAr
     while retries_left is None or retries_left >= 0:
         tracer = _Tracer(leaf_types, leaf_names | set(opaque), arguments, leaf_functions)
         if concrete:
-            tracer.example = dict(arguments.supplied)
+            # the constants too: the guards that bake() puts on them then compute, as every node does
+            tracer.example = {**arguments.supplied, **arguments.constants}
             tracer.proxy_buffer_attributes = True  # a buffer sliced by a size stays a graph op, not a constant
         try:
             graph = tracer.trace(root, arguments.fx_concrete if arguments else None)
             graph._surgery_guards = list(tracer.__dict__.get("guards", ()))  # see surgery.concrete
-            graph._surgery_specialised = specialised_dims(tracer.__dict__.get("specialised", {}),
-                                                          tracer.__dict__.get("shapes", {}))
+            graph._surgery_specialised = specialised_dims(tracer.__dict__.get("specialised", {}))
             return graph, opaque
         except Exception as e:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
             culprit = (tracer.failure_stack or [""])[-1]
@@ -197,7 +197,7 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceAr
             opaque = {k: v for k, v in opaque.items() if not k.startswith(culprit + ".")}
             opaque[culprit] = _reason(e)
         finally:  # the concrete trace's example values (those a proxy still held): freed now, not at the next gc
-            for state in ("values", "shapes", "lifetimes"):
+            for state in ("values", "lifetimes"):
                 tracer.__dict__.pop(state, None)
     raise TraceFailure(type(root).__name__, "gave up after marking every submodule opaque")
 
@@ -390,7 +390,8 @@ def capture(
              f"because their forward cannot be traced: {listing}")
     if inputs is not None:
         try:
-            annotate_shapes(gm, inputs)
+            if opaque or not complete_traced_shapes(gm, inputs):  # a concrete trace has run the forward once already
+                annotate_shapes(gm, inputs)
         except SurgeryError:
             raise  # already names its culprit
         except Exception as e:  # a raw TypeError at %mul_1 names neither the module nor the argument

@@ -38,6 +38,7 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 
 from .codelines import caller_line
+from .shapes import describe
 
 __all__ = ["ConcreteTracing", "ConcreteProxy", "sizes_read", "specialised_dims"]
 
@@ -227,15 +228,22 @@ class ConcreteTracing:
                     self.sized.add(p.node)
         return p
 
+    def create_arg(self, a: Any) -> Any:
+        out = super().create_arg(a)
+        if self.example is not None and isinstance(a, torch.Tensor) and isinstance(out, fx.Node):
+            out.meta["shape"], out.meta["dtype"] = describe(a)  # a tensor constant's get_attr: `a` is its value
+        return out
+
     def _keep(self, proxy: fx.Proxy, value: Any) -> None:
         """Hold `proxy`'s node's value while the proxy lives. Later code reads a value only through
         a proxy of its node, so a tensor is dropped with its proxy, as an eager forward drops it,
         not at the trace's end: holding every activation of swin3d_t's 16x224x224 clip took 3.3 GB
-        at once, against 0.4 GB for an eager forward. Its shape stays (see :func:`specialised_dims`)."""
+        at once, against 0.4 GB for an eager forward. Its shape and dtype stay in the node's meta,
+        as a run of the graph records them (see :func:`surgery.shapes.complete_traced_shapes`)."""
         values = self.__dict__.setdefault("values", {})
         values[proxy.node] = value
+        proxy.node.meta["shape"], proxy.node.meta["dtype"] = describe(value)
         if isinstance(value, torch.Tensor):
-            self.__dict__.setdefault("shapes", {})[proxy.node] = value.shape
             # the weak references live in the tracer: once the trace's state goes, so do they
             self.__dict__.setdefault("lifetimes", []).append(
                 weakref.ref(proxy, lambda _, node=proxy.node: values.pop(node, None)))
@@ -302,15 +310,21 @@ class ConcreteTracing:
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     # --- the questions fx refuses to answer
+    def _guard_node(self, target: Any, args: tuple, value: Any) -> fx.Proxy:
+        """A guard's own call node (test, assert) as plain fx makes it, described by its value (see _keep)."""
+        p = super().create_proxy("call_function", target, args, {})
+        p.node.meta["shape"], p.node.meta["dtype"] = describe(value)
+        return p
+
     def guard(self, proxy: fx.Proxy, value: Any, what: str) -> None:
         """Record that `proxy` was traced as `value`: a torch._assert node and a meta entry."""
-        test = super().create_proxy("call_function", operator.eq, (proxy, value), {})
+        was = self.value_of(proxy)
+        test = self._guard_node(operator.eq, (proxy, value), was == value if isinstance(was, torch.Tensor) else True)
         self._assert(test, f"{what} {proxy.node.name} was traced as {value!r}", "inputs of these sizes")
 
     def _assert(self, test: fx.Proxy, text: str, fix: str) -> None:
         text += f" at {caller_line()}"
-        super().create_proxy("call_function", torch._assert,
-                             (test, f"surgery guard: {text}; capture again with {fix}"), {})
+        self._guard_node(torch._assert, (test, f"surgery guard: {text}; capture again with {fix}"), None)
         self.__dict__.setdefault("guards", []).append(text)
         specialised = self.__dict__.setdefault("specialised", {})
         for tensor, dims in sizes_read(test.node).items():
@@ -330,7 +344,7 @@ class ConcreteTracing:
         if value is _MISSING or obj.node not in self.__dict__.get("sized", ()):
             return super().to_bool(obj)  # unknown, or read from tensor data: fx's refusal stands
         out = bool(value)
-        test = obj if out else super().create_proxy("call_function", operator.not_, (obj,), {})
+        test = obj if out else self._guard_node(operator.not_, (obj,), True)
         self._assert(test, f"condition {obj.node.name} was traced as {out}", "inputs that take this branch")
         return out
 
@@ -341,7 +355,7 @@ class ConcreteTracing:
         n = len(value)
         if not isinstance(value, (torch.Size, tuple, list)) or obj.node.op == "placeholder":
             # a tensor's first size, an input list's length (a tuple's made in the code is fixed)
-            self.guard(super().create_proxy("call_function", builtins.len, (obj,), {}), n, "len")
+            self.guard(self._guard_node(builtins.len, (obj,), n), n, "len")
         return iter([obj[i] for i in range(n)])
 
     def keys(self, obj: fx.Proxy) -> Any:
@@ -351,16 +365,15 @@ class ConcreteTracing:
         return super().keys(obj)
 
 
-def specialised_dims(specialised: dict[fx.Node, set[int | None]], shapes: dict[fx.Node, torch.Size]
-                     ) -> dict[str, list[int] | str]:
+def specialised_dims(specialised: dict[fx.Node, set[int | None]]) -> dict[str, list[int] | str]:
     """What a trace's guards fixed, for ``meta["surgery"]["specialised"]``: input name -> the
     dims (counted from 0) whose size a guard holds; a tensor made inside the graph is named by
     its node and its example shape (``"transpose [2, 12, 9, 64] (inside the graph)": [2]``: the
-    model read the size of an intermediate tensor, here the sequence length). `shapes`: each
-    tensor node's example shape."""
+    model read the size of an intermediate tensor, here the sequence length; shapes as _keep recorded them)."""
     out: dict[str, Any] = {}
     for tensor, dims in specialised.items():
-        shape_of = shapes.get(tensor)
+        shape_of = tensor.meta.get("shape")
+        shape_of = shape_of if isinstance(shape_of, torch.Size) else None
         rank = len(shape_of) if shape_of is not None else None
         if None in dims or rank is None:
             listed: list[int] | str = list(range(rank)) if rank is not None else "all"

@@ -30,10 +30,12 @@ from .meta import META_FUNCTIONS, META_METHODS, SHAPE_KEEPING, meta_layer, meta_
 from .nested import recording_shapes
 from .verify import eval_mode
 
-__all__ = ["ShapeProp", "annotate_shapes"]
+__all__ = ["ShapeProp", "annotate_shapes", "complete_traced_shapes", "describe"]
 
 
-def _describe(value: Any) -> tuple[Any, Any]:
+def describe(value: Any) -> tuple[Any, Any]:
+    """What ``meta["shape"]``/``meta["dtype"]`` record for a node's `value`: a tensor's shape and
+    dtype, a list or tuple of tensors' shapes and first dtype, or (None, None)."""
     if isinstance(value, torch.Tensor):
         return value.shape, value.dtype
     if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
@@ -118,6 +120,34 @@ def annotate_shapes(gm: fx.GraphModule, inputs: tuple | dict[str, Any]) -> None:
     prop.propagate(*inputs)
 
 
+def complete_traced_shapes(gm: fx.GraphModule, inputs: tuple | dict[str, Any]) -> bool:
+    """Finish the annotation that a concrete trace (:mod:`surgery.concrete`) left, and say so.
+
+    That trace computed every node's value on the example inputs, the value a run of the graph
+    computes, and recorded its shape and dtype; running the graph again would repeat a whole
+    forward (BERT-base: 0.15 s of a 1.2 s compress). Here the placeholders are described from
+    `inputs` and the output from the nodes it returns, as :class:`ShapeProp` does. False, with
+    nothing changed, when some node has no recorded shape (a plain fx trace, or a value the
+    concrete trace could not compute): :func:`annotate_shapes` is then needed."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    if any(str(n.target).startswith("*") for n in placeholders) or \
+            any("shape" not in n.meta for n in gm.graph.nodes if n.op not in ("placeholder", "output")):
+        return False
+    values = bind_placeholders(gm.graph, inputs)
+    for i, n in enumerate(placeholders):
+        n.meta["shape"], n.meta["dtype"] = describe(values[i] if i < len(values) else n.args[0] if n.args else None)
+    out = gm.graph.output_node()
+    returned = out.args[0]
+    if isinstance(returned, fx.Node):
+        out.meta["shape"], out.meta["dtype"] = returned.meta["shape"], returned.meta["dtype"]
+    elif isinstance(returned, (tuple, list)) and returned and \
+            all(isinstance(a, fx.Node) and isinstance(a.meta["shape"], torch.Size) for a in returned):
+        out.meta["shape"], out.meta["dtype"] = tuple(a.meta["shape"] for a in returned), returned[0].meta["dtype"]
+    else:
+        out.meta["shape"], out.meta["dtype"] = None, None
+    return True
+
+
 _MISSING = object()
 
 
@@ -147,7 +177,7 @@ class ShapeProp(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        n.meta["shape"], n.meta["dtype"] = _describe(result)
+        n.meta["shape"], n.meta["dtype"] = describe(result)
         return result
 
     def run(self, *args: Any, initial_env: dict | None = None, enable_io_processing: bool = True) -> Any:
@@ -178,7 +208,7 @@ class ShapeProp(fx.Interpreter):
                             value = n.args[0]
                 elif op == "output":
                     out = _plain(fx.node.map_arg(n.args[0], get))  # the types the generated code returns
-                    n.meta["shape"], n.meta["dtype"] = _describe(out)
+                    n.meta["shape"], n.meta["dtype"] = describe(out)
                     return self.graph.process_outputs(out) if enable_io_processing else out
                 else:
                     a = _plain(fx.node.map_arg(n.args, get))
@@ -197,7 +227,7 @@ class ShapeProp(fx.Interpreter):
                 if isinstance(e, KeyError):
                     raise RuntimeError(*e.args) from e
                 raise
-            n.meta["shape"], n.meta["dtype"] = _describe(value)
+            n.meta["shape"], n.meta["dtype"] = describe(value)
             env[n] = value
             for dead in last_uses.get(n, ()):
                 del env[dead]

@@ -150,3 +150,35 @@ def test_a_concrete_trace_frees_each_value_with_its_proxy_and_keeps_attributes(m
     assert gm.meta["surgery"]["guards"]  # the branch was traced concretely, behind a guard
     assert len(live) > 80 and max(live) <= 6  # a chain holds a few values at a time, not all 80
     assert torch.equal(gm(x), model(x))
+
+
+class Counted(nn.Module):
+    """A leaf that counts its calls: how many forwards a capture runs."""
+    calls = 0
+
+    def forward(self, x):
+        Counted.calls += 1
+        return x * 2
+
+
+class CountedHeads(HeadSplit):
+    def __init__(self):
+        super().__init__()
+        self.leaf = Counted()
+
+    def forward(self, x):
+        return self.leaf(super().forward(x)).split(8, -1)  # a tuple output
+
+
+def test_a_concrete_trace_records_the_shapes_a_run_would_and_runs_the_forward_once():
+    from surgery.shapes import ShapeProp
+    model, x = CountedHeads().eval(), torch.randn(2, 5, 16)
+    Counted.calls = 0
+    gm = surgery.capture(model, (x,), leaf_modules=[Counted])
+    assert Counted.calls == 1  # the trace's values; no second run to annotate (2 before)
+    assert gm.meta["surgery"]["guards"]
+    got = {n.name: (n.meta["shape"], n.meta["dtype"]) for n in gm.graph.nodes}
+    assert got["output"] == ((torch.Size([2, 5, 8]), torch.Size([2, 5, 8])), torch.float32)
+    assert any(n.target is torch._assert and got[n.name] == (None, None) for n in gm.graph.nodes)
+    ShapeProp(gm).propagate(x)  # a real run records every node again
+    assert got == {n.name: (n.meta["shape"], n.meta["dtype"]) for n in gm.graph.nodes}
