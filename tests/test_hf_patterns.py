@@ -195,3 +195,47 @@ def test_a_clamp_with_buffer_bounds_keeps_a_zero_zero():
     x = torch.randn(4, 6)
     _, small = _prune(_Clipped(), x)
     assert n_params(small) == 6 * 4 + 4 + 4 * 2 + 2
+
+
+class _Disentangled(nn.Module):
+    """DeBERTa-v2/v3's disentangled attention in miniature: heads merged into the batch axis; the
+    key projection applied to the relative-position table as well, its heads repeated once per
+    batch row (``repeat(q.size(0) // heads, 1, 1)``); position scores gathered by buckets
+    expanded to ``q.size(0)`` rows; a ``zeros_like`` of the stream."""
+
+    def __init__(self, d=8, heads=4, span=3, n=5):
+        super().__init__()
+        self.heads = heads
+        self.inp, self.q, self.k, self.v, self.o = nn.Linear(6, d), *(nn.Linear(d, d) for _ in range(4))
+        self.rel, self.head = nn.Embedding(2 * span, d), nn.Linear(d, 2)
+        pos = torch.arange(n)
+        self.register_buffer("buckets", (pos[:, None] - pos[None, :] + span).clamp(0, 2 * span - 1))
+
+    def split(self, t):
+        t = t.view(t.size()[:-1] + (self.heads, -1))
+        return t.permute(0, 2, 1, 3).contiguous().view(-1, t.size(1), t.size(-1))
+
+    def forward(self, x):
+        h = self.inp(x)
+        q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
+        pos_k = self.split(self.k(self.rel.weight.unsqueeze(0))).repeat(q.size(0) // self.heads, 1, 1)
+        index = self.buckets.unsqueeze(0).expand(q.size(0), q.size(1), q.size(1))
+        scores = torch.bmm(q, k.transpose(-1, -2)) + torch.gather(torch.bmm(q, pos_k.transpose(-1, -2)), -1, index)
+        y = torch.bmm(torch.softmax(scores, -1), v)
+        y = y.view(-1, self.heads, y.size(1), y.size(2)).permute(0, 2, 1, 3).reshape(x.size(0), x.size(1), -1)
+        return self.head(h + self.o(y) + torch.zeros_like(h))
+
+
+def test_disentangled_attention_loses_heads_and_keeps_the_stream_its_table_feeds():
+    x = torch.randn(2, 5, 6)
+    gm = surgery.capture(_Disentangled().eval(), (x,))
+    groups = {g.size: g for g in surgery.channel_groups(gm)}
+    assert groups[4].frozen is None  # the heads, through repeat, gather and the merged batch axis
+    # k also reads the position table, whose columns no rule tracks: cutting k's inputs would break that call
+    assert "'k' is also called at node 'k_1', on an input whose channels the rules do not track along axis 1" \
+        in str(groups[8].frozen)
+    masked, small = _prune(_Disentangled(), x)
+    assert n_params(small) == (6 * 8 + 8) + 3 * (8 * 4 + 4) + (4 * 8 + 8) + 6 * 8 + (8 * 2 + 2)
+    for b in (1, 3):  # the repeat and the gather read the batch size at run time, as before
+        x2 = torch.randn(b, 5, 6)
+        assert torch.allclose(masked(x2), small(x2), atol=1e-5)

@@ -128,6 +128,9 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
                     continue  # reshaping the tensor counted: the count is its own
                 out = g.layouts.get(u)
                 sizes = _sizes(u)
+                if axis is not None and node in sizes and isinstance(out, np.ndarray) and u.target == "expand" and \
+                        _same_line(_line(lay, axis), _line(out, sizes.index(node))):
+                    continue  # expands a tensor along these very channels (gather_rule's index): both shrink alike
                 if decoupled is not None and dims is None and node not in packed and sizes.count(node) == 1:
                     decoupled.append((u, sizes.index(node)))  # the count, or a number made from it (C // heads)
                     continue
@@ -168,6 +171,10 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
     return None, pairs
 
 
+def _same_line(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return a is not None and b is not None and np.array_equal(a, b)
+
+
 def _is_shape_arg_use(u: fx.Node, v: fx.Node) -> bool:
     if u.op == "call_method" and u.target in ("view", "reshape", "expand", "repeat") and u.args and u.args[0] is not v:
         return True
@@ -177,13 +184,16 @@ def _is_shape_arg_use(u: fx.Node, v: fx.Node) -> bool:
 
 
 def check_tensor_uses(cg: ChannelGraph) -> None:
-    """A tensor can lose channels on an axis only if the rules saw every use of that axis. Two
+    """A tensor can lose channels on an axis only if the rules saw every use of that axis. Three
     kinds of use can escape them: another module holding the same tensor (tied weights, whose
-    places are otherwise coupled into one decision by :func:`surgery.copying.tensor_key`), and a
-    ``get_attr`` read whose reader no rule recorded (``self.conv.weight.norm()``). Either would see
-    a tensor resized behind its back, so the axis stays whole, with the use named."""
+    places are otherwise coupled into one decision by :func:`surgery.copying.tensor_key`), a
+    ``get_attr`` read whose reader no rule recorded (``self.conv.weight.norm()``), and another
+    call of the same module on an input whose channels the rules do not track (DeBERTa's
+    ``query_proj`` applied to the relative-position table as well as to the hidden states).
+    Each would see a tensor resized behind its back, so the axis stays whole, with the use named."""
     tied: dict = {}
     reads: dict[int, list] = {}  # tensor id -> get_attr nodes that read it
+    calls: dict[int, list] = {}  # tensor id -> the calls of a module called more than once that holds it
     for gm, _ in cg.parts:
         tied.update(tied_tensors(gm))
         for g in gm.graph.find_nodes(op="get_attr"):
@@ -191,13 +201,22 @@ def check_tensor_uses(cg: ChannelGraph) -> None:
             t = held_tensor(submodule(gm, prefix), name)
             if t is not None:
                 reads.setdefault(id(t), []).append(g)
-    if not tied and not reads:
+        by_module: dict[str, list] = {}
+        for n in gm.graph.find_nodes(op="call_module"):
+            by_module.setdefault(str(n.target), []).append(n)
+        for target, nodes in by_module.items():
+            if len(nodes) > 1:
+                m = submodule(gm, target)
+                for t in (*m._parameters.values(), *m._buffers.values()):
+                    if t is not None:
+                        calls.setdefault(id(t), []).extend(nodes)
+    if not tied and not reads and not calls:
         return
     seen: dict[tuple[int, int], tuple[set, set, list]] = {}
     for p in cg.places:
         for owner, name, dim in p.params:
             t = held_tensor(owner, name)
-            if t is not None and (id(t) in tied or id(t) in reads):
+            if t is not None and (id(t) in tied or id(t) in reads or id(t) in calls):
                 holders, nodes, ids = seen.setdefault((id(t), dim), (set(), set(), []))
                 holders.add((id(owner), name))
                 nodes.add(p.node)
@@ -209,6 +228,10 @@ def check_tensor_uses(cg: ChannelGraph) -> None:
             names = [q for q, *_ in tied[tid]]
             reason = (f"{names[0]} is tied to {', '.join(names[1:])} (one tensor), and the use of {missing[0]} "
                       f"along axis {dim} is not followed by the channel rules")
+        unseen = [c for c in calls.get(tid, ()) if c not in nodes]
+        if unseen and reason is None:
+            reason = (f"{unseen[0].target!r} is also called at node {unseen[0].name!r}, on an input whose channels "
+                      f"the rules do not track along axis {dim}")
         for g in reads.get(tid, ()) if reason is None else ():
             unfollowed = [u for u in g.users if not _followed(u, g, nodes) and not _reads_other_axes(u, g, dim)]
             if unfollowed:

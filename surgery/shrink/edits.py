@@ -14,6 +14,7 @@ from ..channels.groups import ChannelGraph
 from ..copying import held_tensor, tensor_key, tied_tensors
 from ..errors import SurgeryError
 from ..graph import submodule, unique_name
+from .counts import divide_anew
 from .cut import select_indices
 from .plan import Decider, _expand_index, _foldable, _who
 
@@ -267,7 +268,17 @@ class Editor:
             sizes = list(node.args[1] if packed else node.args[1:])
             if j >= len(sizes) or len(sizes) != len(new) or not isinstance(sizes[j], fx.Node):
                 continue
+            count = sizes[j]
             sizes[j] = int(new[j])
+            if node.target == "repeat":  # a count of copies, not a size (DeBERTa's size(0) // heads): out / in
+                source = node.args[0]
+                have = self._new_shape(source) or list(source.meta["shape"])
+                k = j - (len(sizes) - len(have))  # repeat's counts align with the input's last axes
+                if k >= 0 and sizes[j] % have[k]:
+                    raise SurgeryError(f"Shrink: {node.name!r} cannot repeat {have[k]} rows into {sizes[j]}")
+                sizes[j] //= have[k] if k >= 0 else 1
+                if divide_anew(count, sizes[j], self._new_shape):
+                    continue  # still read at run time: other batch sizes repeat as they did
             node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
     def _rewrite_shape_tail(self, node: fx.Node, shape: fx.Node) -> None:
