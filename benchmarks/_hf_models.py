@@ -20,6 +20,8 @@ _DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_
                 intermediate_size=96, max_position_embeddings=64, **_TEXT)
 _VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
                patch_size=8)
+_DEBERTA_V3 = dict(relative_attention=True, max_relative_positions=-1, position_buckets=256, norm_rel_ebd="layer_norm",
+                   share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0)
 HF_MODELS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     # encoders
     "bert": ("encoder", "BertConfig", _SMALL, "BertForSequenceClassification"),
@@ -28,7 +30,8 @@ HF_MODELS: dict[str, tuple[str, str, dict[str, Any], str]] = {
                    "DistilBertForSequenceClassification"),
     "albert": ("encoder", "AlbertConfig", dict(_SMALL, embedding_size=16), "AlbertForSequenceClassification"),
     "electra": ("encoder", "ElectraConfig", dict(_SMALL, embedding_size=16), "ElectraForSequenceClassification"),
-    "deberta_v2": ("encoder", "DebertaV2Config", _SMALL, "DebertaV2ForSequenceClassification"),
+    # with DeBERTa-v3's disentangled attention (its checkpoints' settings; the config's defaults leave it out)
+    "deberta_v2": ("encoder", "DebertaV2Config", dict(_SMALL, **_DEBERTA_V3), "DebertaV2ForSequenceClassification"),
     "mpnet": ("encoder", "MPNetConfig", _SMALL, "MPNetForSequenceClassification"),
     # decoder language models
     "gpt2": ("decoder", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, **_TEXT),
@@ -73,14 +76,40 @@ HF_MODELS: dict[str, tuple[str, str, dict[str, Any], str]] = {
                         "WhisperForAudioClassification"),
 }
 
+# name -> config kwargs of the smallest published checkpoint of the architecture (the sizes users
+# prune), for the models both tools prune in the sweep: ``build_hf(name, scale="base")``
+_BASE_TEXT = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+HF_BASE: dict[str, dict[str, Any]] = {
+    "bert": dict(_BASE_TEXT, vocab_size=30522),  # bert-base-uncased
+    "roberta": dict(_BASE_TEXT, vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                    pad_token_id=1, bos_token_id=0, eos_token_id=2),  # roberta-base
+    "distilbert": dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=3072),  # distilbert-base
+    "albert": dict(_BASE_TEXT, vocab_size=30000, embedding_size=128),  # albert-base-v2
+    "electra": dict(_BASE_TEXT, vocab_size=30522, embedding_size=768),  # electra-base-discriminator
+    "deberta_v2": dict(_BASE_TEXT, vocab_size=128100, **_DEBERTA_V3),  # deberta-v3-base
+    "mpnet": dict(_BASE_TEXT, vocab_size=30527),  # mpnet-base
+    "gpt_neo": dict(hidden_size=768, num_layers=12, num_heads=12, vocab_size=50257, max_position_embeddings=2048,
+                    attention_types=[[["global", "local"], 6]], window_size=256),  # gpt-neo-125M
+    "opt": dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=50272,
+                word_embed_proj_dim=768, max_position_embeddings=2048),  # opt-125m
+    "bart": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                 decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, vocab_size=50265),  # bart-base
+    "vit": dict(_BASE_TEXT, image_size=224, patch_size=16),  # vit-base-patch16-224
+    "deit": dict(_BASE_TEXT, image_size=224, patch_size=16),  # deit-base-patch16-224
+    "beit": dict(_BASE_TEXT, image_size=224, patch_size=16, use_mask_token=False),  # beit-base-patch16-224
+    "convnext": dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3], num_stages=4, image_size=224),  # -tiny
+}
+SCALES = ("toy", "base")
 
-def example_inputs(name: str, seed: int = 0, batch: int = 2, length: int = 9) -> dict[str, Any]:
-    """Keyword inputs for model `name`: token ids and an attention mask (text), pixels (vision),
-    mel features (audio); decoder ids too for encoder-decoders."""
+
+def example_inputs(name: str, seed: int = 0, batch: int = 2, length: int = 9, scale: str = "toy") -> dict[str, Any]:
+    """Keyword inputs for model `name`: token ids and an attention mask (text), pixels (vision;
+    224 px at scale "base"), mel features (audio); decoder ids too for encoder-decoders."""
     kind = HF_MODELS[name][0]
     g = torch.Generator().manual_seed(seed)
     if kind == "vision":
-        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+        side = HF_BASE[name]["image_size"] if scale == "base" else 32
+        return {"pixel_values": torch.randn(batch, 3, side, side, generator=g)}
     if kind == "audio":
         return {"input_features": torch.randn(batch, 16, 32, generator=g)}
     ids = torch.randint(3, VOCAB, (batch, length), generator=g)
@@ -92,18 +121,25 @@ def example_inputs(name: str, seed: int = 0, batch: int = 2, length: int = 9) ->
     return out
 
 
-def build_hf(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def build_hf(name: str, seed: int = 0, scale: str = "toy") -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The model (eval mode, random weights from `seed`) and its example inputs. Encoders and
     vision models come with the classification head a user fine-tunes (their base models return
     the residual stream itself, whose width then cannot change); Whisper is represented by its
-    encoder, with an audio-classification head."""
+    encoder, with an audio-classification head. `scale`: "toy" (2 layers of width 32-64, the
+    sweeps' and tests') or "base" (the smallest published checkpoint's sizes, see HF_BASE)."""
     import transformers
 
     kind, config_name, kwargs, model_name = HF_MODELS[name]
+    if scale == "base":
+        if name not in HF_BASE:
+            raise KeyError(f"no base-scale config for {name!r}; those with one: {', '.join(HF_BASE)}")
+        kwargs = HF_BASE[name]
+    elif scale != "toy":
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     config = getattr(transformers, config_name)(**kwargs)
     torch.manual_seed(seed)
     model: torch.nn.Module = getattr(transformers, model_name)(config)
-    return model.eval(), example_inputs(name, seed)
+    return model.eval(), example_inputs(name, seed, scale=scale)
 
 
 def output_tensors(out: Any) -> list[torch.Tensor]:

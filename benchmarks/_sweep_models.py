@@ -89,12 +89,12 @@ class Subject:
     rebuild: Callable[[], Any]
 
 
-def subject(family: str, name: str, size: int) -> Subject:
+def subject(family: str, name: str, size: int, scale: str = "toy") -> Subject:
     """Build model `name` of `family` (for timm a family name, see benchmarks/_timm_models.py)
     and its inputs. torchvision: 1x3x`size`x`size`; timm: the model's own input size, sides over
     `size` brought down to it where the model runs on that; hf: _hf_models' example inputs, and
-    those of seed 1 as the fresh ones. Raises _timm_models.NoModelBuilds for a timm family none
-    of whose models builds."""
+    those of seed 1 as the fresh ones, at `scale` (see _hf_models.build_hf). Raises
+    _timm_models.NoModelBuilds for a timm family none of whose models builds."""
     import torch
     torch.manual_seed(0)
     if family == "torchvision":
@@ -132,9 +132,10 @@ def subject(family: str, name: str, size: int) -> Subject:
         from _hf_models import HF_MODELS, build_hf, example_inputs
 
         def build():
-            return prepare(build_hf(name)[0], vectors=True)
+            return prepare(build_hf(name, scale=scale)[0], vectors=True)
         model = build()
-        return Subject(model, example_inputs(name), example_inputs(name, seed=1), {"kind": HF_MODELS[name][0]}, build)
+        return Subject(model, example_inputs(name, scale=scale), example_inputs(name, seed=1, scale=scale),
+                       {"kind": HF_MODELS[name][0]}, build)
     raise ValueError(f"unknown family {family!r}")
 
 

@@ -20,6 +20,11 @@ table to shrink_speed_<family>.md.
 
     OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/shrink_speed.py --family timm
     OMP_NUM_THREADS=1 python benchmarks/shrink_speed.py --family torchvision --models resnet18,mobilenet_v2
+    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/shrink_speed.py --family hf --scale base
+
+--scale base times the Hugging Face models at the sizes of each architecture's smallest published
+checkpoint (BERT-base, ViT-B/16, OPT-125m...; see _hf_models.HF_BASE) instead of the sweep's toy
+configs of 2 layers of width 32, on which both tools' fixed costs are all there is to time.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from _hf_models import SCALES  # noqa: E402
 from _report import markdown_table, write_result  # noqa: E402
 from _sweep_models import subject  # noqa: E402
 from _torch_pruning import time_limit, tp_prune  # noqa: E402
@@ -60,14 +66,15 @@ def both_prune(family: str) -> list[str]:
             and r["params_after"] < r["params_before"] and (r.get("tp_params") or r["params_before"]) < r["params_before"]]
 
 
-def time_one(family: str, name: str, size: int, ratio: float, rounds: int) -> dict:
-    """Interleaved timings of both tools on one model (see the module docstring)."""
+def time_one(family: str, name: str, size: int, ratio: float, rounds: int, scale: str = "toy") -> dict:
+    """Interleaved timings of both tools on one model (see the module docstring); `scale`: of a
+    Hugging Face model (see _hf_models.build_hf)."""
     import torch
 
     import surgery
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    sub = subject(family, name, size)
+    sub = subject(family, name, size, scale)
     x_tp = sub.inputs[0] if family in ("torchvision", "video") else sub.inputs
     warm_up("ours", ratio, family)
     warm_up("tp", ratio, family)
@@ -118,6 +125,8 @@ def main() -> None:
     ap.add_argument("--models", default="", help="comma-separated names (default: those both tools prune in the sweep)")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--scale", choices=SCALES, default="toy",
+                    help="hf: the sweep's toy configs, or the sizes of each architecture's smallest checkpoint")
     ap.add_argument("--rounds", type=int, default=5, help="timed runs per tool and model, interleaved")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model")
     ap.add_argument("--redo", action="store_true", help="rerun models already in the rows file")
@@ -125,10 +134,13 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("ROW " + json.dumps(time_one(args.family, args.one, args.size, args.ratio, args.rounds)), flush=True)
+        print("ROW " + json.dumps(time_one(args.family, args.one, args.size, args.ratio, args.rounds, args.scale)),
+              flush=True)
         return
+    if args.scale != "toy" and args.family != "hf":
+        ap.error("--scale is for --family hf")
     names = [n for n in args.models.split(",") if n] or both_prune(args.family)
-    stem = f"shrink_speed_{args.family}"
+    stem = f"shrink_speed_{args.family}" + ("" if args.scale == "toy" else f"_{args.scale}")
     rows_path = HERE / "results" / f"{stem}.jsonl"
     done: dict[str, dict] = {}
     if rows_path.exists():
@@ -141,7 +153,7 @@ def main() -> None:
         if name in done and not args.redo:
             continue
         cmd = [sys.executable, __file__, "--one", name, "--family", args.family, "--ratio", str(args.ratio),
-               "--size", str(args.size), "--rounds", str(args.rounds)]
+               "--size", str(args.size), "--rounds", str(args.rounds), "--scale", args.scale]
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             found = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
@@ -162,7 +174,8 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS")
     command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python " + \
         " ".join(["benchmarks/shrink_speed.py", *sys.argv[1:]])
-    path = write_result(stem, f"Shrink speed ({args.family}): surgery against Torch-Pruning, interleaved, "
+    scale = " at the sizes of published checkpoints (HF_BASE)" if args.scale == "base" else ""
+    path = write_result(stem, f"Shrink speed ({args.family}{scale}): surgery against Torch-Pruning, interleaved, "
                         f"ratio {args.ratio}", command, tab, text)
     print(f"wrote {path}")
 
