@@ -174,7 +174,7 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS")
     command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python " + \
         " ".join(["benchmarks/shrink_speed.py", *sys.argv[1:]])
-    scale = " at the sizes of published checkpoints (HF_BASE)" if args.scale == "base" else ""
+    scale = ", at the sizes of published checkpoints" if args.scale == "base" else ""
     path = write_result(stem, f"Shrink speed ({args.family}{scale}): surgery against Torch-Pruning, interleaved, "
                         f"ratio {args.ratio}", command, tab, text)
     print(f"wrote {path}")
