@@ -13,7 +13,7 @@ def repeat_rule(ctx: RuleContext):
     """``x.repeat(*counts)``: x tiled, so position i of an axis holds x's position i % size, and
     each copy keeps the channels (DeBERTa's relative-position keys, repeated once per batch
     row). The counts stay as they are; one read from a size at run time is rewritten by Shrink
-    (see checks.size_uses)."""
+    (a count computed as ``size(0) // heads``: see shrink.counts)."""
     lay, out, src = ctx.ids(ctx.x), ctx.shape(), ctx.shape(ctx.x)
     if lay is None:
         return None
