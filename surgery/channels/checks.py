@@ -129,7 +129,7 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
                 out = g.layouts.get(u)
                 sizes = _sizes(u)
                 if axis is not None and node in sizes and isinstance(out, np.ndarray) and u.target == "expand" and \
-                        _same_line(_line(lay, axis), _line(out, sizes.index(node))):
+                        (a := _line(lay, axis)) is not None and np.array_equal(a, _line(out, sizes.index(node))):
                     continue  # expands a tensor along these very channels (gather_rule's index): both shrink alike
                 if decoupled is not None and dims is None and node not in packed and sizes.count(node) == 1:
                     decoupled.append((u, sizes.index(node)))  # the count, or a number made from it (C // heads)
@@ -169,10 +169,6 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
             else:
                 return u, []
     return None, pairs
-
-
-def _same_line(a: np.ndarray | None, b: np.ndarray | None) -> bool:
-    return a is not None and b is not None and np.array_equal(a, b)
 
 
 def _is_shape_arg_use(u: fx.Node, v: fx.Node) -> bool:
