@@ -135,6 +135,7 @@ def test_copy_module_is_a_deep_copy():
             self.b.weight = self.a.weight            # tied
             self.bn = nn.BatchNorm1d(3)
             self.sizes = [1, 2]                      # mutable attribute: must not be shared
+            self.table = torch.arange(3.0)           # a plain tensor attribute (neither parameter nor buffer)
             self.traced = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU()))  # own __deepcopy__
             self.again = self.a                      # one module under two names
 
@@ -148,9 +149,15 @@ def test_copy_module_is_a_deep_copy():
     assert torch.equal(c(x), net(x))
     assert c.b.weight is c.a.weight and c.again is c.a and c.a is not net.a
     assert c.sizes == [1, 2] and c.sizes is not net.sizes
+    assert torch.equal(c.table, net.table) and c.table is not net.table
     ours = {t.data_ptr() for t in (*c.parameters(), *c.buffers())}
     assert not ours & {t.data_ptr() for t in (*net.parameters(), *net.buffers())}
     assert len(c.a._forward_hooks) == 1 and c.a._forward_hooks is not net.a._forward_hooks
+    assert not c.bn._forward_hooks and c.bn._forward_hooks is not net.bn._forward_hooks  # empty ones made anew
+    c.bn.register_forward_hook(lambda m, i, o: o)
+    assert not net.bn._forward_hooks
+    net.bn.compile()  # torch.compile's wrapper stays behind, as nn.Module's pickling leaves it
+    assert "_compiled_call_impl" in vars(net.bn) and "_compiled_call_impl" not in vars(copy_module(net).bn)
     shared = {id(p): p for p in net.parameters()}
     s = copy_module(net, memo=dict(shared))
     assert s.a.weight is net.a.weight and s.bn.running_mean is not net.bn.running_mean

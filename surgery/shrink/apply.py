@@ -318,7 +318,7 @@ def _edit(cg: ChannelGraph) -> tuple[ChannelGraph, list[GroupShrink], np.ndarray
     if cg.boundary is None or cg.mask_nodes or removed.any():
         for gm, _ in cg.parts:
             drop_dead_nodes(gm.graph)
-            finish(gm)
+            finish(gm, lint=False)  # shrink() runs the edited graph next, and raises if it is malformed
     return cg, rows, removed, editor
 
 

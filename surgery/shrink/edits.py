@@ -164,9 +164,11 @@ class Editor:
             if isinstance(lay, np.ndarray) and lay.shape[dim] == len(f) * tile:
                 # one channel per position along dim (a head's channel is constant along its other axes)
                 line = np.moveaxis(lay, dim, 0).reshape(len(f) * tile, -1)[:len(f), 0]
-                f = f[torch.as_tensor(self.kept_line(line))].repeat(tile)  # the units' copies (tile) alike
-            elif tile > 1:
-                f = f.repeat(tile)
+                kept = self.kept_line(line)
+                if not kept.all():
+                    f = f.index_select(0, torch.from_numpy(np.flatnonzero(kept)).to(f.device))
+            if tile > 1:
+                f = f.repeat(tile)  # the units' copies alike
             if bool((f == 1).all()) or self._fold_back(inp, node, f, dim) or self._fold_forward(node, f, dim, nd):
                 node.replace_all_uses_with(inp)
                 g.erase_node(node)
