@@ -203,11 +203,13 @@ class _Disentangled(nn.Module):
     batch row (``repeat(q.size(0) // heads, 1, 1)``); position scores gathered by buckets
     expanded to ``q.size(0)`` rows; a ``zeros_like`` of the stream."""
 
-    def __init__(self, d=8, heads=4, span=3, n=5):
+    def __init__(self, d=8, heads=4, span=3, n=5, table=True):
         super().__init__()
         self.heads = heads
         self.inp, self.q, self.k, self.v, self.o = nn.Linear(6, d), *(nn.Linear(d, d) for _ in range(4))
-        self.rel, self.head = nn.Embedding(2 * span, d), nn.Linear(d, 2)
+        # the table: an Embedding's, as DeBERTa's, or a bare parameter, which no rule tracks as channels
+        self.rel = nn.Embedding(2 * span, d) if table else nn.ParameterDict({"weight": torch.randn(2 * span, d)})
+        self.head = nn.Linear(d, 2)
         pos = torch.arange(n)
         self.register_buffer("buckets", (pos[:, None] - pos[None, :] + span).clamp(0, 2 * span - 1))
 
@@ -226,16 +228,56 @@ class _Disentangled(nn.Module):
         return self.head(h + self.o(y) + torch.zeros_like(h))
 
 
-def test_disentangled_attention_loses_heads_and_keeps_the_stream_its_table_feeds():
+def test_disentangled_attention_loses_heads_and_the_stream_with_its_position_table():
     x = torch.randn(2, 5, 6)
     gm = surgery.capture(_Disentangled().eval(), (x,))
     groups = {g.size: g for g in surgery.channel_groups(gm)}
     assert groups[4].frozen is None  # the heads, through repeat, gather and the merged batch axis
-    # k also reads the position table, whose columns no rule tracks: cutting k's inputs would break that call
-    assert "'k' is also called at node 'k_1', on an input whose channels the rules do not track along axis 1" \
-        in str(groups[8].frozen)
+    # the stream: the table's columns (read whole, as DeBERTa's rel_embeddings.weight) are its channels too
+    assert groups[8].frozen is None and "rel_weight" in [p.node.name for p in groups[8].producers]
     masked, small = _prune(_Disentangled(), x)
-    assert n_params(small) == (6 * 8 + 8) + 3 * (8 * 4 + 4) + (4 * 8 + 8) + 6 * 8 + (8 * 2 + 2)
+    assert small.rel.weight.shape == (6, 4) and small.rel.embedding_dim == 4
+    assert n_params(small) == (6 * 4 + 4) + 3 * (4 * 4 + 4) + (4 * 4 + 4) + 6 * 4 + (4 * 2 + 2)
     for b in (1, 3):  # the repeat and the gather read the batch size at run time, as before
         x2 = torch.randn(b, 5, 6)
         assert torch.allclose(masked(x2), small(x2), atol=1e-5)
+
+
+def test_a_module_also_called_on_an_untracked_table_keeps_its_inputs():
+    x = torch.randn(2, 5, 6)
+    gm = surgery.capture(_Disentangled(table=False).eval(), (x,))
+    groups = {g.size: g for g in surgery.channel_groups(gm)}
+    # k also reads a bare parameter, whose columns no rule tracks: cutting k's inputs would break that call
+    assert "'k' is also called at node 'k_1', on an input whose channels the rules do not track along axis 1" \
+        in str(groups[8].frozen)
+    _, small = _prune(_Disentangled(table=False), x)
+    assert n_params(small) == (6 * 8 + 8) + 3 * (8 * 4 + 4) + (4 * 8 + 8) + 6 * 8 + (8 * 2 + 2)
+
+
+class _ObjectQueries(nn.Module):
+    """DETR's decoder in miniature: learned object queries (an Embedding's table, read whole),
+    repeated per image and added to the decoder's stream before each layer, which starts at zero;
+    the encoder's memory reaches the stream through a Linear."""
+
+    def __init__(self, d=8, queries=5):
+        super().__init__()
+        self.query, self.memory = nn.Embedding(queries, d), nn.Linear(6, d)
+        self.l1, self.l2, self.norm, self.head = nn.Linear(d, d), nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        pos = self.query.weight.unsqueeze(0).repeat(x.size(0), 1, 1)
+        h = torch.zeros_like(pos) + self.memory(x).mean(1, keepdim=True)
+        h = h + self.l1(h + pos)
+        return self.head(self.norm(h + self.l2(h + pos)))
+
+
+def test_object_queries_read_whole_are_channels_of_the_decoder_stream():
+    x = torch.randn(2, 4, 6)
+    gm = surgery.capture(_ObjectQueries().eval(), (x,))
+    (stream,) = [g for g in surgery.channel_groups(gm) if g.size == 8]
+    assert stream.frozen is None and "query_weight" in [p.node.name for p in stream.producers]
+    masked, small = _prune(_ObjectQueries(), x)
+    assert small.query.weight.shape == (5, 4) and small.query.embedding_dim == 4
+    assert n_params(small) == 5 * 4 + (6 * 4 + 4) + 2 * (4 * 4 + 4) + 2 * 4 + (4 * 3 + 3)
+    x3 = torch.randn(3, 4, 6)  # the repeat follows the batch size
+    assert torch.allclose(masked(x3), small(x3), atol=1e-5)

@@ -229,6 +229,8 @@ def check_tensor_uses(cg: ChannelGraph) -> None:
             reason = (f"{unseen[0].target!r} is also called at node {unseen[0].name!r}, on an input whose channels "
                       f"the rules do not track along axis {dim}")
         for g in reads.get(tid, ()) if reason is None else ():
+            if g in nodes:  # a read the rules track as channels (an Embedding's table): its uses are followed
+                continue
             unfollowed = [u for u in g.users if not _followed(u, g, nodes) and not _reads_other_axes(u, g, dim)]
             if unfollowed:
                 reason = (f"node {unfollowed[0].name!r} reads {g.target!r} as a whole tensor, which the channel "

@@ -41,7 +41,7 @@ from .checks import check_sizes, check_tensor_uses
 from .components import components
 from .points import mask_points
 from .rulebook import NO_CHANNELS, RULES, Ids, Rule, RuleContext, _RawPlace, load_pending, varying
-from .rules.modules import mask_rule  # importing .rules registers the standard table
+from .rules.modules import mask_rule, table_rule  # importing .rules registers the standard table
 
 __all__ = ["ChannelGroup", "Place", "ChannelGraph", "group_of", "analyze"]
 
@@ -173,6 +173,10 @@ class ChannelGraph:
                 seed(self, node)
                 continue
             if node.op == "get_attr":
+                if node.users and str(node.target).endswith(".weight"):  # an Embedding's table, read whole?
+                    out = table_rule(RuleContext(self, node))
+                    if out is not None:
+                        self.layouts[node] = out
                 continue
             if node.op == "output":
                 _freeze_output(self, node)

@@ -1,7 +1,8 @@
 """The standard channel rules, one file per family; importing this package registers them all
 in the rule book (:data:`surgery.channels.RULES`).
 
-- :mod:`.modules`: torch.nn layers and surgery's masks (conv, linear, norms, activations, pooling)
+- :mod:`.modules`: torch.nn layers and surgery's masks (conv, linear, norms, activations, pooling), and an
+  Embedding's table read whole as activations (DeBERTa's relative positions, DETR's object queries)
 - :mod:`.tensor`: element-wise ops, cat/split/getitem, reshapes and permutes, size reads
 - :mod:`.copies`: repeat, gather, zeros_like and its kin
 - :mod:`.functional`: reductions, softmax, functional layers, stochastic depth

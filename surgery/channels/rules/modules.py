@@ -9,13 +9,14 @@ unknown) so Shrink can tell a removed channel's readers see zero (or a foldable 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import nn
 
 from ...layers import ELEMENTWISE, PASSING
 from ...norms import emit_norm
 from ..rulebook import RuleContext, channel_local, passthrough, register_rule, when_imported
-from .common import (_BN_PARAMS, _layernorm, _linear, _softmax, _vals, bn_values, conv_rule, pool_rule, reshape_rule,
-                     spatial_keep_rule)
+from .common import (_BN_PARAMS, _layernorm, _linear, _owner, _softmax, _vals, bn_values, conv_rule, pool_rule,
+                     reshape_rule, spatial_keep_rule)
 
 
 # ----------------------------------------------------------------------------------------- masks
@@ -75,6 +76,29 @@ def embedding_rule(ctx: RuleContext):
     if m.max_norm is not None:
         ctx.freeze(out, f"{ctx.describe()} renormalises its rows (max_norm) over all their channels")
     return out
+
+
+_TABLE_VIEWS = frozenset({"unsqueeze", "expand", "repeat", "view", "reshape", torch.unsqueeze, torch.reshape})
+
+
+def table_rule(ctx: RuleContext):
+    """A get_attr that reads an Embedding's whole table as activations: DeBERTa's relative-position
+    table, normalised and projected like the hidden states; DETR's object queries, repeated per
+    image and added to the decoder's stream. Each row is a vector of the table's channels, on the
+    last axis, as the Embedding's lookups give them (one decision with those, through the weight
+    they slice). Only where every use takes the table as an input to a module or to a view or
+    repeat of it: other reads (a tied output head's ``weight.t()``, a weight handed to a functional
+    layer) are the rules' business as they always were, through the parameter they read."""
+    owner, name = _owner(ctx.g.gm, str(ctx.node.target))
+    shape = ctx.shape()
+    if not isinstance(owner, nn.Embedding) or name != "weight" or owner.max_norm is not None or \
+            shape is None or tuple(shape) != tuple(owner.weight.shape) or not ctx.node.users:
+        return None
+    for u in ctx.node.users:
+        if not (u.op == "call_module" or u.op in ("call_method", "call_function") and u.target in _TABLE_VIEWS
+                and u.args and u.args[0] is ctx.node and ctx.node not in u.args[1:] and ctx.node not in u.kwargs.values()):
+            return None
+    return ctx.new_space(-1, params=[(owner, "weight", 1)], attrs=[(owner, "embedding_dim")])
 
 
 def instancenorm_values(ctx: RuleContext, v: np.ndarray):
