@@ -94,9 +94,11 @@ def table_rule(ctx: RuleContext):
     if not isinstance(owner, nn.Embedding) or name != "weight" or owner.max_norm is not None or \
             shape is None or tuple(shape) != tuple(owner.weight.shape) or not ctx.node.users:
         return None
-    for u in ctx.node.users:
-        if not (u.op == "call_module" or u.op in ("call_method", "call_function") and u.target in _TABLE_VIEWS
-                and u.args and u.args[0] is ctx.node and ctx.node not in u.args[1:] and ctx.node not in u.kwargs.values()):
+    node = ctx.node
+    for u in node.users:
+        viewed = u.op in ("call_method", "call_function") and u.target in _TABLE_VIEWS and u.args and \
+            u.args[0] is node and node not in u.args[1:] and node not in u.kwargs.values()
+        if not (u.op == "call_module" or viewed):
             return None
     return ctx.new_space(-1, params=[(owner, "weight", 1)], attrs=[(owner, "embedding_dim")])
 
