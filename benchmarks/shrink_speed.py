@@ -176,7 +176,7 @@ def main() -> None:
         " ".join(["benchmarks/shrink_speed.py", *sys.argv[1:]])
     scale = ", at the sizes of published checkpoints" if args.scale == "base" else ""
     path = write_result(stem, f"Shrink speed ({args.family}{scale}): surgery against Torch-Pruning, interleaved, "
-                        f"ratio {args.ratio}", command, tab, text)
+                        f"ratio {args.ratio}", command, tab, text, then=bool(args.models))
     print(f"wrote {path}")
 
 

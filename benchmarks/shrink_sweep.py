@@ -387,15 +387,11 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS")
     command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python " + \
         " ".join(["benchmarks/shrink_sweep.py", *sys.argv[1:]])
-    if args.models or args.table_only:  # rows of earlier runs into the same rows file are in the table too
-        full = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/shrink_sweep.py" + \
-            ("" if args.family == "torchvision" else f" --family {args.family}")
-        command = f"{full}, then {command}"
     units = "" if args.attention == "heads" else f", attention={args.attention!r}"
     path = write_result(result_name(args.family, args.attention),
                         f"Shrink sweep{which}: ChannelPrune(ratio={args.ratio}{units}) -> Shrink -> export",
-                        command,
-                        tab, text + "\n\n" + notes(args.family, args.size))
+                        command, tab, text + "\n\n" + notes(args.family, args.size),
+                        then=bool(args.models or args.table_only))  # rows of earlier runs are in the table too
     print(f"wrote {path}")
 
 
