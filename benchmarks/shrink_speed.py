@@ -62,8 +62,8 @@ def both_prune(family: str) -> list[str]:
         if line.strip():
             r = json.loads(line)
             rows[r["model"]] = r  # the last row of a model wins (a --redo appends)
-    return [n for n, r in rows.items() if r.get("exact") and r.get("tp_ok")
-            and r["params_after"] < r["params_before"] and (r.get("tp_params") or r["params_before"]) < r["params_before"]]
+    return [n for n, r in rows.items() if r.get("exact") and r.get("tp_ok") and r["params_after"] < r["params_before"]
+            and (r.get("tp_params") or r["params_before"]) < r["params_before"]]
 
 
 def time_one(family: str, name: str, size: int, ratio: float, rounds: int, scale: str = "toy") -> dict:

@@ -138,7 +138,7 @@ def test_a_layernorm_output_is_a_producer_so_masks_go_after_it():
     assert {"embed", "norm", "blocks_0_norm1", "blocks_1_norm2"} <= points
 
 
-# ----------------------------------------------------------------------------------------- functional and library layers
+# ------------------------------------------------------------------------------ functional and library layers
 class BatchNormAct(nn.BatchNorm2d):
     """timm's BatchNormAct2d pattern: its own forward calls F.batch_norm on its own tensors."""
 

@@ -120,7 +120,8 @@ def test_a_weight_read_whole_elsewhere_keeps_its_channels():
 
     x = torch.randn(1, 3, 12, 12)
     [g, _] = surgery.channel_groups(surgery.capture(Net().eval(), (x,)))
-    assert g.frozen == "node 'norm' reads 'c.weight' as a whole tensor, which the channel rules do not follow along axis 0"
+    assert g.frozen == ("node 'norm' reads 'c.weight' as a whole tensor, which the channel rules do not follow "
+                        "along axis 0")
     small = surgery.compress(Net().eval(), [ChannelPrune(ratio=0.5, select=(nn.Conv2d,)), Shrink()],
                              example_inputs=(x,))
     assert small.c.out_channels == 8
