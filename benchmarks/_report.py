@@ -26,9 +26,13 @@ def machine() -> str:
 
 
 def provenance(command: str) -> str:
-    """`command` as this process ran it: with the ``taskset -c CPUS`` it was pinned by (before
-    its ``python``), and the commit it ran at, "with uncommitted changes" where the code differs
-    from it (results files aside)."""
+    """`command` as this process ran it: with the ``OMP_NUM_THREADS`` of its environment and the
+    ``taskset -c CPUS`` it was pinned by (before its ``python``), where it does not name them
+    itself, and the commit it ran at, "with uncommitted changes" where the code differs from it
+    (results files aside)."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and "OMP_NUM_THREADS" not in command:
+        command = f"OMP_NUM_THREADS={threads} {command}"
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -171,9 +170,7 @@ def main() -> None:
     print(text)
     if args.no_write:
         return
-    threads = os.environ.get("OMP_NUM_THREADS")
-    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python " + \
-        " ".join(["benchmarks/shrink_speed.py", *sys.argv[1:]])
+    command = " ".join(["python", "benchmarks/shrink_speed.py", *sys.argv[1:]])  # threads, taskset, commit: _report
     scale = ", at the sizes of published checkpoints" if args.scale == "base" else ""
     path = write_result(stem, f"Shrink speed ({args.family}{scale}): surgery against Torch-Pruning, interleaved, "
                         f"ratio {args.ratio}", command, tab, text, then=bool(args.models))

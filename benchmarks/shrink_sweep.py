@@ -57,7 +57,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -384,9 +383,7 @@ def main() -> None:
     from _report import write_result
     which = {"torchvision": "", "timm": " (timm, one model per architecture family)",
              "hf": " (Hugging Face transformers)", "video": " (torchvision video classifiers)"}[args.family]
-    threads = os.environ.get("OMP_NUM_THREADS")
-    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python " + \
-        " ".join(["benchmarks/shrink_sweep.py", *sys.argv[1:]])
+    command = " ".join(["python", "benchmarks/shrink_sweep.py", *sys.argv[1:]])  # threads, taskset, commit: _report
     units = "" if args.attention == "heads" else f", attention={args.attention!r}"
     path = write_result(result_name(args.family, args.attention),
                         f"Shrink sweep{which}: ChannelPrune(ratio={args.ratio}{units}) -> Shrink -> export",
