@@ -1,5 +1,6 @@
 """Patterns met in Hugging Face task models and timm models, each in miniature: pruned exactly,
 with the parameter count that the kept widths give (see test_streams for the helper's checks)."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -280,4 +281,57 @@ def test_object_queries_read_whole_are_channels_of_the_decoder_stream():
     assert small.query.weight.shape == (5, 4) and small.query.embedding_dim == 4
     assert n_params(small) == 5 * 4 + (6 * 4 + 4) + 2 * (4 * 4 + 4) + 2 * 4 + (4 * 3 + 3)
     x3 = torch.randn(3, 4, 6)  # the repeat follows the batch size
+    assert torch.allclose(masked(x3), small(x3), atol=1e-5)
+
+
+class _FrozenNorm(nn.Module):
+    """DETR's ``DetrFrozenBatchNorm2d``: its scale and shift computed in forward from four tensors
+    (buffers, or parameters that do not train), each read whole and reshaped per channel."""
+
+    def __init__(self, c, as_parameters):
+        super().__init__()
+        g = torch.Generator().manual_seed(c)
+        tensors = dict(weight=torch.rand(c, generator=g) + 0.5, bias=torch.randn(c, generator=g),
+                       running_mean=torch.randn(c, generator=g), running_var=torch.rand(c, generator=g) + 0.5)
+        for k, v in tensors.items():
+            if as_parameters:
+                self.register_parameter(k, nn.Parameter(v, requires_grad=False))
+            else:
+                self.register_buffer(k, v)
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale + bias
+
+
+class _FrozenBackbone(nn.Module):
+    """A backbone of frozen norms, traced with values beside the proxies (its ``if`` on a size
+    defeats plain fx), which makes the norms' buffers graph inputs rather than constants."""
+
+    def __init__(self, as_parameters=False):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 8, 3, padding=1), _FrozenNorm(8, as_parameters)
+        self.c2, self.n2 = nn.Conv2d(8, 6, 3, padding=1), _FrozenNorm(6, as_parameters)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = F.max_pool2d(x, 2)
+        h = torch.relu(self.n2(self.c2(torch.relu(self.n1(self.c1(x))))))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("as_parameters", [False, True])
+def test_a_frozen_norm_computed_from_several_tensors_is_cut_through_all_of_them(as_parameters):
+    x = torch.randn(2, 3, 8, 8)
+    gm = surgery.capture(_FrozenBackbone(as_parameters).eval(), (x,))
+    assert any(n.op == "get_attr" and n.target.endswith("running_var") for n in gm.graph.nodes)
+    assert all(g.frozen is None for g in surgery.channel_groups(gm) if g.size in (8, 6))
+    masked, small = _prune(_FrozenBackbone(as_parameters), x)
+    assert [tuple(getattr(small.n1, k).shape) for k in ("weight", "bias", "running_mean", "running_var")] == [(4,)] * 4
+    assert small.n2.running_var.shape == (3,)
+    kept = 4 * 3 * 9 + 4 + 3 * 4 * 9 + 3 + 3 * 2 + 2
+    assert n_params(small) == kept + (4 * 4 + 4 * 3 if as_parameters else 0)
+    x3 = torch.randn(3, 3, 10, 10)
     assert torch.allclose(masked(x3), small(x3), atol=1e-5)

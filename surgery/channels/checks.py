@@ -13,7 +13,7 @@ import torch.fx as fx
 from ..copying import held_tensor, tied_tensors
 from ..graph import submodule
 from .rulebook import varying
-from .rules.operands import _param_source
+from .rules.operands import _param_source, _param_tree
 
 if TYPE_CHECKING:
     from .groups import ChannelGraph
@@ -266,10 +266,13 @@ def _reads_other_axes(use: fx.Node, read: fx.Node, dim: int) -> bool:
 
 def _followed(use: fx.Node, read: fx.Node, nodes: set) -> bool:
     """Whether a rule saw `use` of the get_attr `read`: a place at it, or at every use of a tensor
-    computed from `read` element by element (Gemma's ``1.0 + weight.float()``)."""
+    computed from `read` element by element (Gemma's ``1.0 + weight.float()``, a frozen
+    BatchNorm's ``weight * (running_var + eps).rsqrt()``)."""
     if use in nodes:
         return True
     if use.op == "call_function" and use.target in (torch.cat, torch.concat) and use.users and \
             all(u in nodes for u in use.users):
         return True  # parts of one bias, each cut where the layer that adds it is (BEiT's q/k/v biases)
-    return _param_source(use) is read and bool(use.users) and all(_followed(u, read, nodes) for u in use.users)
+    if _param_source(use) is not read and not any(s is read for s, _ in _param_tree(use) or ()):
+        return False
+    return bool(use.users) and all(_followed(u, read, nodes) for u in use.users)

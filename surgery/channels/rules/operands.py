@@ -43,6 +43,64 @@ def _param_source(t: fx.Node) -> fx.Node | None:
     return t
 
 
+# element-wise functions of one tensor: a per-channel tensor computed from the model's own
+# (a frozen BatchNorm's ``weight * (running_var + eps).rsqrt()``) is cut where they are
+_UNARY = {"rsqrt", "sqrt", "exp", "abs", "reciprocal", "sigmoid", "tanh", torch.rsqrt, torch.sqrt, torch.exp,
+          torch.abs, torch.reciprocal, torch.sigmoid, torch.tanh}
+
+
+def _param_tree(t: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]] | None:
+    """The get_attrs `t` is computed from element by element (with broadcasting), through views,
+    permutes and basic indexing, each with its chain of ops as :func:`_chain` gives one: a frozen
+    BatchNorm's ``bias - running_mean * (weight * (running_var + eps).rsqrt())`` is cut where its
+    four buffers are. Else None (an op of another kind, or an input that is not the model's)."""
+    pairs: list[tuple[fx.Node, list[fx.Node]]] = []
+    todo: list[tuple[fx.Node, list[fx.Node]]] = [(t, [])]
+    while todo:
+        n, after = todo.pop()
+        if n.op == "get_attr":
+            pairs.append((n, after[::-1]))
+            continue
+        if n.op not in ("call_function", "call_method") or n.kwargs:
+            return None
+        if n.target in _VIEWS | _MOVES or n.target is operator.getitem:
+            idx = n.args[1] if n.target is operator.getitem and len(n.args) > 1 else ()
+            if any(isinstance(i, fx.Node) for i in (idx if isinstance(idx, tuple) else (idx,))) or \
+                    not isinstance(n.args[0], fx.Node):
+                return None  # rows gathered by an index: :func:`_param_source`'s single chains only
+            todo.append((n.args[0], after + [n]))
+        elif n.target in _ELEMENTWISE | _UNARY and n.all_input_nodes:
+            todo.extend((a, after + [n]) for a in n.all_input_nodes)
+        else:
+            return None
+    return pairs
+
+
+def _tree_axes(t: fx.Node, axis: int) -> list[tuple[fx.Node, list[fx.Node], int]] | None:
+    """The parameters to cut along which of their axes when `t`, computed from several of them
+    (:func:`_param_tree`), loses channels along `axis`: those constant along it are left whole.
+    None where some source's axis cannot be followed."""
+    tree = _param_tree(t)
+    out = t.meta.get("shape")
+    if not tree or not isinstance(out, torch.Size):
+        return None
+    cuts = []
+    for source, chain in tree:
+        src = source.meta.get("shape")
+        if not isinstance(src, torch.Size):
+            return None
+        axes = _axes_after(list(range(len(src))), src, chain)
+        if axes is None or len(axes) != len(out):
+            return None
+        a = axes[axis]
+        if a is None or src[a] == 1:
+            continue  # constant along the channels' axis (broadcast, or a new axis)
+        if src[a] != out[axis]:
+            return None
+        cuts.append((source, chain, a))
+    return cuts or None
+
+
 def _chain(source: fx.Node, t: fx.Node) -> list[fx.Node]:
     """The ops from `source` (exclusive) to `t` (inclusive), in order, as :func:`_param_source`
     walked them."""
@@ -132,18 +190,24 @@ def _axes_after(axes: list, shape: tuple, chain: list[fx.Node]) -> list | None:
             axes = out
         elif name == "expand" and len(new) > len(axes):  # new axes go in front (CLIP's class embedding)
             axes = [None] * (len(new) - len(axes)) + axes
+        elif n.target in _ELEMENTWISE | _UNARY and len(new) >= len(axes):
+            # broadcast with another operand: new axes in front, and an axis of length 1 widened
+            # to the other's length is constant along it
+            lead = len(new) - len(axes)
+            axes = [None] * lead + [None if shape[k] == 1 and new[lead + k] != 1 else a for k, a in enumerate(axes)]
         elif len(new) != len(axes):
             return None
         shape = tuple(new)
     return axes
 
 
-def _sized_on_the_way(ctx: RuleContext, source: fx.Node, t: fx.Node, axis: int, line: np.ndarray) -> None:
-    """The parameter `source` loses channels `line` along `axis` on its way to `t`: a view or
-    reshape on that way with the length written in (timm's ``table[index].view(N, N, heads)``,
-    a scale's ``gamma.view(C, 1, 1)``) gets the channels' layout, so Shrink rewrites that length."""
+def _sized_on_the_way(ctx: RuleContext, source: fx.Node, chain: list[fx.Node], axis: int, line: np.ndarray
+                      ) -> None:
+    """The parameter `source` loses channels `line` along `axis` on its way (`chain`, as
+    :func:`_chain` gives it): a view or reshape on that way with the length written in (timm's
+    ``table[index].view(N, N, heads)``, a scale's ``gamma.view(C, 1, 1)``) gets the channels'
+    layout, so Shrink rewrites that length."""
     src = source.meta.get("shape")
-    chain = _chain(source, t)
     for i, n in enumerate(chain):
         if not (n.op == "call_method" and n.target in ("view", "reshape") or n.target is torch.reshape):
             continue
@@ -174,11 +238,14 @@ def untracked_operand(ctx: RuleContext, t: Any, tracked: np.ndarray | None, nd: 
         return
     source = _param_source(t)
     axis = _param_axis(source, t, clash[0] - (nd - len(ts))) if source is not None and len(clash) == 1 else None
-    if axis is not None and len(varying(tracked)) == 1:
-        owner, attr = _owner(ctx.g.gm, str(source.target))
-        ctx.place("local", tracked, clash[0], params=[(owner, attr, axis)])
+    cuts = [(source, _chain(source, t), axis)] if axis is not None else None
+    if cuts is None and source is None and len(clash) == 1:
+        cuts = _tree_axes(t, clash[0] - (nd - len(ts)))
+    if cuts is not None and len(varying(tracked)) == 1:
+        ctx.place("local", tracked, clash[0], params=[(*_owner(ctx.g.gm, str(s.target)), a) for s, _, a in cuts])
         line = np.moveaxis(tracked, clash[0], 0).reshape(tracked.shape[clash[0]], -1)[:, 0]
-        _sized_on_the_way(ctx, source, t, axis, line)
+        for s, chain, a in cuts:
+            _sized_on_the_way(ctx, s, chain, a, line)
     elif len(clash) < len(varying(tracked)):
         # it varies along some of the channels' axes only (a rotary table along each head's
         # dimensions): the others stay prunable, these stay whole
