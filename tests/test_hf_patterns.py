@@ -335,3 +335,51 @@ def test_a_frozen_norm_computed_from_several_tensors_is_cut_through_all_of_them(
     assert n_params(small) == kept + (4 * 4 + 4 * 3 if as_parameters else 0)
     x3 = torch.randn(3, 3, 10, 10)
     assert torch.allclose(masked(x3), small(x3), atol=1e-5)
+
+
+class _ResampledPositions(nn.Module):
+    """A ViT embedding whose position table is resized to the image (Hugging Face's ViT with
+    ``interpolate_pos_encoding=True``, Dinov2 and YOLOS always): the grid part of the table viewed
+    as an image, interpolated, flattened back and joined to the class token's row."""
+
+    def __init__(self, d=8, grid=2, patch=4):
+        super().__init__()
+        self.patch, self.grid = nn.Conv2d(3, d, patch, stride=patch), grid
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 1 + grid * grid, d))
+        self.mlp, self.norm, self.head = nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h, w = x.shape[2] // 4, x.shape[3] // 4
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat((self.cls.expand(x.shape[0], -1, -1), tokens), dim=1)
+        d = tokens.shape[-1]  # as Hugging Face's ViT reads it: the stream's width, at run time
+        grid = self.pos[:, 1:].reshape(1, self.grid, self.grid, d).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        pos = torch.cat((self.pos[:, :1], grid.flatten(2).transpose(1, 2)), dim=1)
+        t = tokens + pos
+        t = t + self.mlp(self.norm(t))
+        return self.head(t[:, 0])
+
+
+def test_a_position_table_resized_to_the_image_loses_channels_with_the_stream():
+    x = torch.randn(2, 3, 12, 16)  # a 3 x 4 grid of patches, from a table of 2 x 2
+    masked, small = _prune(_ResampledPositions(), x)
+    assert small.pos.shape == (1, 5, 4) and small.cls.shape == (1, 1, 4)
+    assert n_params(small) == (4 * 3 * 16 + 4) + 4 + 5 * 4 + (4 * 4 + 4) + 2 * 4 + (4 * 3 + 3)
+    x2 = torch.randn(1, 3, 8, 20)  # another image size: the interpolation follows it
+    assert torch.allclose(masked(x2), small(x2), atol=1e-5)
+
+
+def test_timm_dynamic_image_size_resamples_a_position_table_cut_with_the_stream():
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              num_heads=3, dynamic_img_size=True, num_classes=5).eval()
+    x = torch.randn(2, 3, 48, 40)  # not the table's 4 x 4 grid
+    gm = surgery.capture(model, (x,))
+    assert any(getattr(n.target, "__name__", "") == "resample_abs_pos_embed" for n in gm.graph.nodes)
+    (stream,) = [g for g in surgery.channel_groups(gm) if g.size == 192]
+    assert stream.frozen is None
+    masked, small = _prune(model, x)
+    assert small.pos_embed.shape == (1, 17, 96)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..rulebook import RuleContext, varying
 from .common import _owner, _reshape
@@ -47,6 +48,27 @@ def _param_source(t: fx.Node) -> fx.Node | None:
 # (a frozen BatchNorm's ``weight * (running_var + eps).rsqrt()``) is cut where they are
 _UNARY = {"rsqrt", "sqrt", "exp", "abs", "reciprocal", "sigmoid", "tanh", torch.rsqrt, torch.sqrt, torch.exp,
           torch.abs, torch.reciprocal, torch.sigmoid, torch.tanh}
+_CATS = {torch.cat, torch.concat}
+# ops that resample a tensor over some axes, each position of the others alone -> those others
+# (the first two: batch and channels, for torch's); the axes they resize vary along no axis of
+# the source that `_axes_after` can name (``_MIXED``)
+_RESAMPLE: dict[Any, tuple[int, ...]] = {F.interpolate: (0, 1), F.adaptive_avg_pool1d: (0, 1),
+                                         F.adaptive_avg_pool2d: (0, 1), F.avg_pool1d: (0, 1), F.avg_pool2d: (0, 1)}
+# timm's position-table resampling (``dynamic_img_size=True``), wrapped as one call: by name, so
+# that timm is not imported for it
+_RESAMPLE_NAMED = {("timm.layers.pos_embed", "resample_abs_pos_embed"): (0, -1),
+                   ("timm.layers.pos_embed", "resample_abs_pos_embed_nhwc"): (0, -1)}
+_MIXED = "mixed"
+
+
+def _resampled(target: Any) -> tuple[int, ...] | None:
+    """The axes a resampling op (:data:`_RESAMPLE`) keeps position by position, or None."""
+    if callable(target):
+        kept = _RESAMPLE.get(target)
+        return kept if kept is not None else _RESAMPLE_NAMED.get(
+            (getattr(target, "__module__", None), getattr(target, "__qualname__", None)))
+    return None
+_FLATTEN = {"flatten", torch.flatten}
 
 
 def _param_tree(t: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]] | None:
@@ -61,9 +83,23 @@ def _param_tree(t: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]] | None:
         if n.op == "get_attr":
             pairs.append((n, after[::-1]))
             continue
-        if n.op not in ("call_function", "call_method") or n.kwargs:
+        if n.op not in ("call_function", "call_method"):
             return None
-        if n.target in _VIEWS | _MOVES or n.target is operator.getitem:
+        if _resampled(n.target) is not None:  # a table resized over its spatial axes (YOLOS's, Dinov2's)
+            sizes: list[fx.Node] = []
+            fx.node.map_arg((n.args[1:], n.kwargs), sizes.append)
+            if not isinstance(n.args[0], fx.Node) or any(isinstance(a.meta.get("shape"), torch.Size) for a in sizes):
+                return None  # the other arguments are sizes and options, not tensors
+            todo.append((n.args[0], after + [n]))
+            continue
+        if any(isinstance(v, fx.Node) for v in n.kwargs.values()):
+            return None
+        if n.target in _CATS:  # parts of one table joined along another axis
+            parts = n.args[0]
+            if not isinstance(parts, (list, tuple)) or not all(isinstance(a, fx.Node) for a in parts):
+                return None
+            todo.extend((a, after + [n]) for a in parts)
+        elif n.target in _VIEWS | _MOVES | _FLATTEN or n.target is operator.getitem:
             idx = n.args[1] if n.target is operator.getitem and len(n.args) > 1 else ()
             if any(isinstance(i, fx.Node) for i in (idx if isinstance(idx, tuple) else (idx,))) or \
                     not isinstance(n.args[0], fx.Node):
@@ -89,10 +125,12 @@ def _tree_axes(t: fx.Node, axis: int) -> list[tuple[fx.Node, list[fx.Node], int]
         src = source.meta.get("shape")
         if not isinstance(src, torch.Size):
             return None
-        axes = _axes_after(list(range(len(src))), src, chain)
+        axes = _axes_after(list(range(len(src))), src, chain, mixed=True)
         if axes is None or len(axes) != len(out):
             return None
         a = axes[axis]
+        if a == _MIXED:
+            return None
         if a is None or src[a] == 1:
             continue  # constant along the channels' axis (broadcast, or a new axis)
         if src[a] != out[axis]:
@@ -149,9 +187,11 @@ def _axes_indexed(axes: list, idx: tuple) -> list | None:
     return out + axes[k:]
 
 
-def _axes_after(axes: list, shape: tuple, chain: list[fx.Node]) -> list | None:
+def _axes_after(axes: list, shape: tuple, chain: list[fx.Node], mixed: bool = False) -> list | None:
     """For each axis of the result of `chain` (ops applied in turn to a tensor of `shape` whose
-    axis k runs along source axis ``axes[k]``, or None), the source axis it runs along."""
+    axis k runs along source axis ``axes[k]``, or None), the source axis it runs along. With
+    `mixed`, an axis that a view spreads over several (YOLOS's positions viewed as a grid) makes
+    each of them ``_MIXED``, as resampling ops do, instead of ending the walk."""
     for n in chain:
         new = n.meta.get("shape")
         name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
@@ -184,12 +224,26 @@ def _axes_after(axes: list, shape: tuple, chain: list[fx.Node]) -> list | None:
                     continue
                 lay = np.arange(shape[k]).reshape([shape[k] if d == k else 1 for d in range(len(shape))])
                 moved = _reshape(lay, tuple(shape), tuple(new))
+                if moved is not None and mixed and len(varying(moved)) > 1:
+                    for d in varying(moved):
+                        out[d] = _MIXED
+                    continue
                 if moved is None or len(varying(moved)) != 1:
                     return None
                 out[varying(moved)[0]] = a
             axes = out
         elif name == "expand" and len(new) > len(axes):  # new axes go in front (CLIP's class embedding)
             axes = [None] * (len(new) - len(axes)) + axes
+        elif (kept := _resampled(n.target)) is not None and len(new) == len(axes):
+            kept = {k % len(axes) for k in kept}
+            axes = [a if k in kept else _MIXED for k, a in enumerate(axes)]
+        elif n.target in _CATS and len(new) == len(axes):
+            pass  # every axis runs as it did; the joined one is longer
+        elif name == "flatten":
+            start, end = (list(n.args[1:]) + [0, -1][len(n.args) - 1:])[:2]
+            start, end = start % len(axes), end % len(axes)
+            merged = [a for k, a in enumerate(axes[start:end + 1], start) if shape[k] != 1]
+            axes = axes[:start] + [merged[0] if len(merged) == 1 else _MIXED if merged else None] + axes[end + 1:]
         elif n.target in _ELEMENTWISE | _UNARY and len(new) >= len(axes):
             # broadcast with another operand: new axes in front, and an axis of length 1 widened
             # to the other's length is constant along it
@@ -211,7 +265,7 @@ def _sized_on_the_way(ctx: RuleContext, source: fx.Node, chain: list[fx.Node], a
     for i, n in enumerate(chain):
         if not (n.op == "call_method" and n.target in ("view", "reshape") or n.target is torch.reshape):
             continue
-        axes = _axes_after(list(range(len(src))), src, chain[:i + 1])
+        axes = _axes_after(list(range(len(src))), src, chain[:i + 1], mixed=True)
         shape = n.meta.get("shape")
         if axes is None or axis not in axes or not isinstance(shape, torch.Size) or n in ctx.g.layouts:
             continue
