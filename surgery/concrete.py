@@ -99,6 +99,22 @@ class ConcreteProxy(fx.Proxy):
     def __iter__(self) -> Iterator:
         return self.tracer.iter(self)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # a proxy looks callable to ``callable()`` whatever it holds; Hugging Face's checks then
+        # call a condition (``if callable(cond): cond = cond()``): a value known not to be callable
+        # is what eager code would have kept
+        if isinstance(self, fx.proxy.Attribute) or "tracer" not in self.__dict__:
+            return super().__call__(*args, **kwargs)  # x.relu(): a method call, no getattr node
+        value = self.tracer.value_of(self)
+        if value is not _MISSING and not callable(value) and not args and not kwargs:
+            return self
+        return super().__call__(*args, **kwargs)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # ``boxes[..., :2] += reference`` (Conditional and Deformable DETR): one in-place node,
+        # computed on the concrete value as eager code would (see surgery.inplace)
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
 
 class ConcreteAttribute(ConcreteProxy, fx.proxy.Attribute):
     """``proxy.shape`` and friends: fx's lazy attribute proxy, with the concrete answers."""
@@ -130,11 +146,13 @@ def _from_sizes(kind: str, target: Any, args: tuple, kwargs: dict, value: Any, s
 
 # torch's factory functions parse sizes before __torch_function__ can see a proxy among them
 # (torch.ones(b, s) with b, s read from a shape): during a trace they record a node instead
-_FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "arange", "eye", "tensor", "ones_like")
+_FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "arange", "eye", "tensor", "as_tensor", "ones_like")
 
 
 @contextlib.contextmanager
 def _factories_recorded(tracer: fx.Tracer) -> Iterator[None]:
+    """While `tracer` traces: torch's tensor factories called with traced arguments (a size read
+    at run time) are graph nodes, and torch's checks of a traced condition are asserts in it."""
     originals = {name: getattr(torch, name) for name in _FACTORIES}
 
     def wrap(fn: Any) -> Any:
@@ -147,12 +165,30 @@ def _factories_recorded(tracer: fx.Tracer) -> Iterator[None]:
             return fn(*args, **kwargs)
         return recorded
 
+    def check(fn: Any, at: int) -> Any:
+        # torch._check(cond) / torch._check_with(error_type, cond, msg) on a traced condition
+        # (Hugging Face's torch_compilable_check: Deformable DETR's spatial shapes against the
+        # sequence): asserted in the graph, as eager code asserts it; a Python bool checks now
+        @functools.wraps(fn)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            cond = args[at] if len(args) > at else kwargs.get("cond")
+            if isinstance(cond, fx.Proxy) and cond.tracer is tracer:
+                tracer.create_proxy("call_function", torch._assert, (cond, f"{fn.__name__} failed"), {})
+                return None
+            return fn(*args, **kwargs)
+        return checked
+
+    checks = {"_check": (torch._check, 0), "_check_with": (torch._check_with, 1)}
     try:
         for name, fn in originals.items():
             setattr(torch, name, wrap(fn))
+        for name, (fn, at) in checks.items():
+            setattr(torch, name, check(fn, at))
         yield
     finally:
         for name, fn in originals.items():
+            setattr(torch, name, fn)
+        for name, (fn, _) in checks.items():
             setattr(torch, name, fn)
 
 

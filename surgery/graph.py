@@ -133,12 +133,14 @@ def inplace_flag(fn: Any, node: fx.Node) -> inspect.BoundArguments | None:
 
 def inplace_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """How `node` changes its first argument in place ("method", "operator", "function",
-    "flag", "module"), or None when it does not."""
+    "flag", "module", "setitem": ``x[idx] = v``), or None when it does not."""
     if node.op == "call_method":
         t = node.target
         return "method" if t.endswith("_") and not t.endswith("__") and t not in _NOT_MUTATING else None
     if node.op == "call_function":
         fn = node.target
+        if fn is operator.setitem:
+            return "setitem" if node.args and isinstance(node.args[0], fx.Node) else None
         if fn in IN_PLACE_OPERATORS:
             return "operator" if node.args and isinstance(node.args[0], fx.Node) and \
                 isinstance(node.args[0].meta.get("shape"), torch.Size) else None

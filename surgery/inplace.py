@@ -142,7 +142,8 @@ def rewrite_inplace(gm: fx.GraphModule) -> fx.GraphModule:
                        key=order.__getitem__)
         if not later:
             continue  # nobody reads the old value afterwards: in place or not, the graph is the same
-        why = _why_not(gm, node, kind, x, fam, sites)
+        why = "an item assignment has no out-of-place form" if kind == "setitem" else \
+            _why_not(gm, node, kind, x, fam, sites)
         if why is not None:
             node.meta["inplace"] = (f"{node.name!r} changes {x.name!r} in place, and {later[0].name!r} reads it "
                                     f"afterwards ({why})")

@@ -182,3 +182,78 @@ def test_a_concrete_trace_records_the_shapes_a_run_would_and_runs_the_forward_on
     assert any(n.target is torch._assert and got[n.name] == (None, None) for n in gm.graph.nodes)
     ShapeProp(gm).propagate(x)  # a real run records every node again
     assert got == {n.name: (n.meta["shape"], n.meta["dtype"]) for n in gm.graph.nodes}
+
+
+class BoxRefine(nn.Module):
+    """Conditional and Deformable DETR's box head: item assignment on a traced tensor
+    (``boxes[..., :2] += reference``), a size check through ``torch._check_with`` and
+    ``torch.as_tensor`` of sizes read at run time; the size branch defeats plain fx."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.box, self.ref = nn.Linear(6, 8), nn.Linear(8, 4), nn.Linear(6, 2)
+
+    def forward(self, x):
+        if x.shape[1] > 1:
+            x = x * 1.0
+        torch._check_with(ValueError, x.shape[-1] == 6, lambda: "six features")
+        torch._check(x.shape[1] * x.shape[2] == x.shape[1] * 6)
+        h = torch.relu(self.body(x))
+        sizes = torch.as_tensor([x.shape[1], x.shape[2]], dtype=torch.long)
+        boxes = self.box(h)
+        boxes[..., :2] += self.ref(x)
+        return boxes.sigmoid(), sizes
+
+
+def test_item_assignment_checks_and_as_tensor_trace_whole_and_shrink_exactly():
+    from passes import ChannelPrune, Shrink
+    torch.manual_seed(0)
+    model, x = BoxRefine().eval(), torch.randn(2, 5, 6)
+    gm = surgery.capture(model, (x,))
+    assert gm.meta["surgery"]["opaque"] == {}
+    sets = [n for n in gm.graph.nodes if n.target is __import__("operator").setitem]
+    assert len(sets) == 1 and "in place" in sets[0].meta["inplace"]
+    assert sum(n.target is torch._assert for n in gm.graph.nodes) >= 1
+    x2 = torch.randn(3, 7, 6)
+    for a, b in zip(gm(x2), model(x2)):
+        assert torch.equal(a, b)
+    small = surgery.compress(model, [ChannelPrune(0.5), Shrink()], (x,))
+    assert small.body.out_features == 4 and small.box.out_features == 4  # the assigned-to box channels stay
+    masked = surgery.compress(model, [ChannelPrune(0.5)], (x,))
+    assert torch.allclose(small(x2)[0], masked(x2)[0], atol=1e-6)
+    with pytest.raises(AssertionError, match="_check_with failed"):
+        gm(torch.randn(2, 5, 7))  # the check runs in the graph, before the Linear would fail
+
+
+class Cached(nn.Module):
+    """timm ConViT's GPSA: a table built in forward for the input's length (item assignment on
+    a fresh tensor) and cached on the module, buffer and plain attribute alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("table", torch.zeros(1, 4), persistent=False)
+        self.note = None
+
+    def forward(self, x):
+        if self.table.shape[0] != x.shape[1]:
+            t = torch.zeros(x.shape[1], 4)
+            t[:, 0] = 1.0
+            self.table, self.note = t, t
+        return self.lin(x) + self.table
+
+
+def test_what_a_traced_forward_caches_on_its_modules_is_put_back():
+    from passes import ChannelPrune, Shrink
+    torch.manual_seed(0)
+    model, x = Cached().eval(), torch.randn(2, 3, 4)
+    eager = Cached().eval()
+    eager.load_state_dict(model.state_dict())
+    want = eager(x)
+    gm = surgery.capture(model, (x,))
+    assert model.note is None and torch.equal(model.table, torch.zeros(1, 4))  # no proxy left behind
+    assert any(n.target is __import__("operator").setitem for n in gm.graph.nodes)
+    assert torch.equal(gm(x), want)
+    small = surgery.compress(model, [ChannelPrune(0.5), Shrink()], (x,))  # traces the same modules again
+    assert model.note is None and torch.equal(model.table, torch.zeros(1, 4))
+    assert torch.allclose(small(x), want, atol=1e-6)
