@@ -1,5 +1,7 @@
 """Patterns met in Hugging Face task models and timm models, each in miniature: pruned exactly,
 with the parameter count that the kept widths give (see test_streams for the helper's checks)."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -383,3 +385,72 @@ def test_timm_dynamic_image_size_resamples_a_position_table_cut_with_the_stream(
     assert stream.frozen is None
     masked, small = _prune(model, x)
     assert small.pos_embed.shape == (1, 17, 96)
+
+
+class _ExpandedHeads(nn.Module):
+    """Conditional DETR's cross-attention: each head's query is its content part joined to its
+    position part, and the doubled head size is computed at run time, ``C // heads``, beside a
+    written head count. Pruning heads would change that count behind the division's back."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.qc, self.qp, self.kc, self.kp, self.v, self.o = (nn.Linear(d, d) for _ in range(6))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        split = (b, n, self.heads, self.hd)
+        q = torch.cat([self.qc(x).view(split), self.qp(x).view(split)], -1).view(b, n, -1)
+        k = torch.cat([self.kc(x).view(split), self.kp(x).view(split)], -1).view(b, n, -1)
+        size = q.shape[-1] // self.heads
+        q, k = (t.view(b, n, self.heads, size).transpose(1, 2) for t in (q, k))
+        v = self.v(x).view(split).transpose(1, 2)
+        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return self.o(a.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_head_size_computed_from_a_written_head_count_keeps_the_heads():
+    x = torch.randn(2, 5, 8)
+    gm = surgery.capture(_ExpandedHeads().eval(), (x,))
+    (heads,) = [g for g in surgery.channel_groups(gm) if g.size == 2]
+    assert "'floordiv', a number computed from its channel count" in heads.frozen
+    _, small = _prune(_ExpandedHeads(), x)  # before: Shrink cut the written count and refused its result
+    assert n_params(small) == n_params(_ExpandedHeads())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masked = surgery.compress(_ExpandedHeads().eval(), [ChannelPrune(0.5, attention="head_dims")], (x,))
+        small = surgery.compress(masked, [Shrink()], (x,))
+    # each head narrower instead: the computed size follows the width it divides
+    assert [small.get_submodule(k).out_features for k in ("qc", "qp", "kc", "kp", "v")] == [4] * 5
+    x2 = torch.randn(3, 4, 8)
+    assert torch.allclose(masked(x2), small(x2), atol=1e-6)
+
+
+class _Sampled(nn.Module):
+    """Deformable attention's sampling in miniature: values projected, split into heads merged
+    into the batch axis, each head sampled at its own predicted points by ``F.grid_sample``,
+    then projected out."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.value, self.offsets, self.out = nn.Conv2d(d, d, 1), nn.Linear(d, heads * 3 * 2), nn.Conv2d(d, 4, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        v = self.value(x).view(b * self.heads, c // self.heads, h, w)
+        grid = torch.tanh(self.offsets(x.mean((2, 3)))).view(b * self.heads, 3, 1, 2)
+        s = F.grid_sample(v, grid, align_corners=False)  # (b * heads, c // heads, 3, 1)
+        return self.out(s.reshape(b, c, 3, 1))
+
+
+def test_grid_sample_passes_channels_and_keeps_its_grid_and_per_entry_heads():
+    x = torch.randn(2, 8, 5, 6)
+    gm = surgery.capture(_Sampled().eval(), (x,))
+    frozen = {g.size: g.frozen for g in surgery.channel_groups(gm) if g.frozen}
+    assert "reads these channels as sampling coordinates" in frozen[12]
+    masked, small = _prune(_Sampled(), x)
+    # the same dims of both heads go (the view into heads stays rectangular); the offsets stay
+    kept = small.value.out_channels
+    assert kept in (4, 6) and small.out.in_channels == kept and small.offsets.out_features == 12
+    assert n_params(small) == (8 * kept + kept) + (8 * 12 + 12) + (kept * 4 + 4)

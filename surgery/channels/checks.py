@@ -124,10 +124,17 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
                     and u.args[0] is tensor:
                 fixes.append(read)  # x[..., :x.shape[-1] // 2]: the getitem rule keeps that axis whole
             elif _is_shape_arg_use(u, node):
-                if u.args[0] is tensor:
-                    continue  # reshaping the tensor counted: the count is its own
                 out = g.layouts.get(u)
                 sizes = _sizes(u)
+                if u.args[0] is tensor:  # reshaping the tensor counted: the count is its own, but a number
+                    # computed from it (Conditional DETR's ``C // heads`` beside a written ``heads``) stays
+                    # right only while the tensor's other axes keep their lengths
+                    if axis is None and read is not None and isinstance(out, np.ndarray) and node in sizes:
+                        k = sizes.index(node) % out.ndim
+                        g.fixed.extend((out, j, f"{u.name!r} sizes axis {k} of {tensor.name!r} with "
+                                                f"{node.name!r}, a number computed from its channel count")
+                                       for j in varying(out) if j != k)
+                    continue
                 if axis is not None and node in sizes and isinstance(out, np.ndarray) and u.target == "expand" and \
                         (a := _line(lay, axis)) is not None and np.array_equal(a, _line(out, sizes.index(node))):
                     continue  # expands a tensor along these very channels (gather_rule's index): both shrink alike

@@ -274,6 +274,23 @@ def normalize_rule(ctx: RuleContext):
     return None
 
 
+def grid_sample_rule(ctx: RuleContext):
+    """``F.grid_sample(x, grid)`` samples every channel of x (axis 1) at the same points: the
+    channels pass through, and a zero one stays zero (out of bounds too). The grid's last axis
+    holds coordinates, never channels (Deformable DETR's sampling offsets stay whole)."""
+    grid = ctx.node.args[1] if len(ctx.node.args) > 1 else ctx.node.kwargs.get("grid")
+    g = ctx.ids(grid) if isinstance(grid, fx.Node) else None
+    if g is not None:
+        ctx.freeze(g, f"{ctx.describe()} reads these channels as sampling coordinates")
+    ids = ctx.ids(ctx.x)
+    if ids is None or not _spatial_ok(ctx, ids, list(range(2, ids.ndim))):
+        return None
+    if ids.shape[0] > 1:  # heads merged into the batch axis, each sampled at its own points: kept whole
+        ctx.fix_axis(ids, 0, f"{ctx.describe()} samples each entry of axis 0 at its own points")
+    v = ctx.values(ctx.x)
+    return ids, (np.where(v == 0, 0.0, np.nan) if v is not None else None)
+
+
 def ignore_rule(ctx: RuleContext):
     """Ops that read metadata only (dim(), dtype, device)."""
     return None
@@ -283,6 +300,7 @@ for _t in [F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, 
            F.avg_pool2d, F.max_pool2d, F.avg_pool1d, F.max_pool1d]:
     register_rule(_t, pool_rule)
 register_rule(F.interpolate, spatial_keep_rule)
+register_rule(F.grid_sample, grid_sample_rule)
 register_rule(F.normalize, normalize_rule)
 for _t in [torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin", "std", "var",
            torch.std, torch.var]:
