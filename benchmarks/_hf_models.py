@@ -22,6 +22,12 @@ _VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, inter
                patch_size=8)
 _DEBERTA_V3 = dict(relative_attention=True, max_relative_positions=-1, position_buckets=256, norm_rel_ebd="layer_norm",
                    share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0)
+# DETR and its followers: a config-built ResNet backbone (nothing downloaded), 64 x 64 pixels
+_RESNET = dict(model_type="resnet", embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])
+_DETR = dict(use_timm_backbone=False, use_pretrained_backbone=False, d_model=32, encoder_layers=1, decoder_layers=2,
+             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+             num_queries=10, num_labels=5, backbone_config=dict(_RESNET, out_features=["stage4"]))
+_LEVELS = dict(out_features=["stage2", "stage3", "stage4"])
 HF_MODELS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     # encoders
     "bert": ("encoder", "BertConfig", _SMALL, "BertForSequenceClassification"),
@@ -74,6 +80,21 @@ HF_MODELS: dict[str, tuple[str, str, dict[str, Any], str]] = {
                                                        max_source_positions=16, max_target_positions=16,
                                                        decoder_start_token_id=1, **_TEXT),
                         "WhisperForAudioClassification"),
+    # detection: the task model as users run it, its output the boxes and the decoder's stream
+    "detr": ("detection", "DetrConfig", _DETR, "DetrForObjectDetection"),
+    "conditional_detr": ("detection", "ConditionalDetrConfig", _DETR, "ConditionalDetrForObjectDetection"),
+    "deformable_detr": ("detection", "DeformableDetrConfig",
+                        dict(_DETR, backbone_config=dict(_RESNET, **_LEVELS), num_feature_levels=3,
+                             encoder_n_points=2, decoder_n_points=2), "DeformableDetrForObjectDetection"),
+    "table_transformer": ("detection", "TableTransformerConfig", _DETR, "TableTransformerForObjectDetection"),
+    "rt_detr": ("detection", "RTDetrConfig",
+                dict(backbone_config=dict(_RESNET, model_type="rt_detr_resnet", **_LEVELS),
+                     use_pretrained_backbone=False, encoder_hidden_dim=32, encoder_in_channels=[32, 64, 128],
+                     d_model=32, decoder_in_channels=[32] * 3,
+                     num_feature_levels=3, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                     encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_labels=5), "RTDetrForObjectDetection"),
+    "yolos": ("detection", "YolosConfig", dict(_VISION, image_size=[64, 64], num_detection_tokens=5, num_labels=5),
+              "YolosForObjectDetection"),
 }
 
 # name -> config kwargs of the smallest published checkpoint of the architecture (the sizes users
@@ -104,11 +125,12 @@ SCALES = ("toy", "base")
 
 def example_inputs(name: str, seed: int = 0, batch: int = 2, length: int = 9, scale: str = "toy") -> dict[str, Any]:
     """Keyword inputs for model `name`: token ids and an attention mask (text), pixels (vision;
-    224 px at scale "base"), mel features (audio); decoder ids too for encoder-decoders."""
+    224 px at scale "base"; detection: 64 px), mel features (audio); decoder ids too for
+    encoder-decoders."""
     kind = HF_MODELS[name][0]
     g = torch.Generator().manual_seed(seed)
-    if kind == "vision":
-        side = HF_BASE[name]["image_size"] if scale == "base" else 32
+    if kind in ("vision", "detection"):
+        side = HF_BASE[name]["image_size"] if scale == "base" else 32 if kind == "vision" else 64
         return {"pixel_values": torch.randn(batch, 3, side, side, generator=g)}
     if kind == "audio":
         return {"input_features": torch.randn(batch, 16, 32, generator=g)}

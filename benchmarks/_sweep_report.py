@@ -169,9 +169,10 @@ def notes(family: str, size: int) -> str:
                 f"statistics random); {exact}.")
     if family == "hf":
         return ("Hugging Face transformers models from small configs (benchmarks/_hf_models.py), keyword inputs "
-                "(batch 2, 9 tokens; 32x32 pixels; 16x32 mel features); weights random (zero-initialised tensors and "
-                f"near-zero norm gains re-drawn); {exact} (every output tensor, fresh inputs of seed 1). Export "
-                "gets the fresh inputs' tensors (TorchScript takes no bool: use_cache=False stays as captured).")
+                "(batch 2, 9 tokens; 32x32 pixels, 64x64 for detection; 16x32 mel features); weights random "
+                f"(zero-initialised tensors and near-zero norm gains re-drawn); {exact} (every output tensor, fresh "
+                "inputs of seed 1). Export gets the fresh inputs' tensors (TorchScript takes no bool: use_cache=False "
+                "stays as captured).")
     if family == "video":
         return ("torchvision's video classifiers; input 1x3xTxHxW (column input: 16x224x224 for MViT, S3D and Swin3D, "
                 "which are built for it, else 8x112x112); weights random (weights=None, zero-initialised tensors "
