@@ -1,6 +1,6 @@
 """Shrink(into="modules") on the Hugging Face set: the pruned model back in its own class.
 
-For each of the 26 architectures of benchmarks/_hf_models.py (small configs, random weights):
+For each architecture of benchmarks/_hf_models.py (small configs, random weights):
 ``compress(model, [ChannelPrune(0.5), Shrink(into="modules")], x)``; where that is refused because
 a LayerNorm reads the pruned stream, again with ``ChannelPrune(0.5, normalised=False)``. Recorded:
 
