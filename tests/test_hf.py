@@ -38,3 +38,45 @@ def test_a_decoder_lm_keeps_its_tied_embeddings_and_names_its_guards():
     gm = surgery.capture(model, example_inputs=x)
     assert gm.lm_head.weight is gm.transformer.wte.weight
     assert all(" at " in g and ".py:" in g for g in gm.meta["surgery"]["guards"])
+
+
+class _Boxes(torch.nn.Module):
+    """What a user who runs only the detections keeps of a DETR: its logits and boxes, not the
+    decoder's stream (``last_hidden_state``), whose width the model's own output fixes."""
+
+    def __init__(self, detr):
+        super().__init__()
+        self.detr = detr
+
+    def forward(self, pixel_values):
+        out = self.detr(pixel_values=pixel_values)
+        return out.logits, out.pred_boxes
+
+
+@pytest.mark.parametrize("name, kept", [("detr", 29990), ("conditional_detr", 43175), ("deformable_detr", 39247)])
+def test_detection_transformers_capture_whole_and_shrink_exactly(name, kept):
+    from passes import ChannelPrune, Shrink
+    model, x = build_hf(name)
+    gm = surgery.capture(model, example_inputs=x)
+    assert gm.meta["surgery"]["opaque"] == {}  # item assignment and torch._check in the graph
+    small = surgery.compress(model, [ChannelPrune(0.5), Shrink()], x)
+    assert sum(p.numel() for p in small.parameters()) == kept  # of 74698, 87403, 79203
+    # the frozen BatchNorms' buffers go with their convs (the backbone was whole before)
+    backbone = [k for k, v in small.named_buffers() if k.endswith("running_var") and v.numel() < 16]
+    assert backbone
+    fresh = example_inputs(name, seed=3)
+    masked = surgery.compress(model, [ChannelPrune(0.5)], x)
+    for a, b in zip(output_tensors(small(**fresh)), output_tensors(masked(**fresh))):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_detr_returning_only_its_boxes_loses_its_decoder_stream_too():
+    from passes import ChannelPrune, Shrink
+    model, x = build_hf("detr")
+    px = x["pixel_values"]
+    whole = surgery.compress(model, [ChannelPrune(0.5), Shrink()], x)
+    boxes = surgery.compress(_Boxes(model), [ChannelPrune(0.5), Shrink()], (px,))
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (n(whole), n(boxes)) == (29990, 24038)
+    assert boxes.get_submodule("detr.model.query_position_embeddings").weight.shape == (10, 16)
+    assert whole.get_submodule("model.query_position_embeddings").weight.shape == (10, 32)
