@@ -168,7 +168,6 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceAr
     # plain fx first; on a failure, once more with concrete values beside the proxies (an eager
     # forward per trace: kept only while it gets further than plain fx did)
     concrete, plain_failure = False, None
-    state = [(m, dict(m.__dict__), dict(m._buffers)) for m in root.modules()]
     while retries_left is None or retries_left >= 0:
         tracer = _Tracer(leaf_types, leaf_names | set(opaque), arguments, leaf_functions)
         if concrete:
@@ -198,26 +197,9 @@ def _trace(root: nn.Module, leaf_modules: Iterable[LeafSpec], arguments: TraceAr
             opaque = {k: v for k, v in opaque.items() if not k.startswith(culprit + ".")}
             opaque[culprit] = _reason(e)
         finally:  # the concrete trace's example values (those a proxy still held): freed now, not at the next gc
-            for key in ("values", "lifetimes"):
-                tracer.__dict__.pop(key, None)
-            _forget_proxies(state)
+            for state in ("values", "lifetimes"):
+                tracer.__dict__.pop(state, None)
     raise TraceFailure(type(root).__name__, "gave up after marking every submodule opaque")
-
-
-def _forget_proxies(state: list[tuple[nn.Module, dict, dict]]) -> None:
-    """Put back what a traced forward stored on its modules as proxies (timm ConViT's
-    ``self.rel_indices = self.get_rel_indices(N)``, a cache): outside its trace a proxy means
-    nothing, and a later trace reading it would add nodes to a finished graph."""
-    for m, attrs, buffers in state:
-        for k, v in list(m.__dict__.items()):
-            if isinstance(v, fx.Proxy):
-                if k in attrs:
-                    m.__dict__[k] = attrs[k]
-                else:
-                    del m.__dict__[k]
-        for k, v in list(m._buffers.items()):
-            if isinstance(v, fx.Proxy):
-                m._buffers[k] = buffers.get(k)
 
 
 def _graph_module(module: nn.Module, leaf_modules, arguments: TraceArguments | None, code: bool = True,

@@ -26,8 +26,6 @@ computed, the proxy behaves as in plain fx.
 from __future__ import annotations
 
 import builtins
-import contextlib
-import functools
 import operator
 import types
 import weakref
@@ -39,6 +37,7 @@ from torch.fx.node import map_aggregate
 
 from .codelines import caller_line
 from .shapes import describe
+from .trace_effects import modules_kept, traced_torch
 
 __all__ = ["ConcreteTracing", "ConcreteProxy", "sizes_read", "specialised_dims"]
 
@@ -146,52 +145,6 @@ def _from_sizes(kind: str, target: Any, args: tuple, kwargs: dict, value: Any, s
 
 # torch's factory functions parse sizes before __torch_function__ can see a proxy among them
 # (torch.ones(b, s) with b, s read from a shape): during a trace they record a node instead
-_FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "arange", "eye", "tensor", "as_tensor", "ones_like")
-
-
-@contextlib.contextmanager
-def _factories_recorded(tracer: fx.Tracer) -> Iterator[None]:
-    """While `tracer` traces: torch's tensor factories called with traced arguments (a size read
-    at run time) are graph nodes, and torch's checks of a traced condition are asserts in it."""
-    originals = {name: getattr(torch, name) for name in _FACTORIES}
-
-    def wrap(fn: Any) -> Any:
-        @functools.wraps(fn)
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            found: list[fx.Proxy] = []
-            map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
-            if found and found[0].tracer is tracer:
-                return tracer.create_proxy("call_function", fn, args, kwargs)
-            return fn(*args, **kwargs)
-        return recorded
-
-    def check(fn: Any, at: int) -> Any:
-        # torch._check(cond) / torch._check_with(error_type, cond, msg) on a traced condition
-        # (Hugging Face's torch_compilable_check: Deformable DETR's spatial shapes against the
-        # sequence): asserted in the graph, as eager code asserts it; a Python bool checks now
-        @functools.wraps(fn)
-        def checked(*args: Any, **kwargs: Any) -> Any:
-            cond = args[at] if len(args) > at else kwargs.get("cond")
-            if isinstance(cond, fx.Proxy) and cond.tracer is tracer:
-                tracer.create_proxy("call_function", torch._assert, (cond, f"{fn.__name__} failed"), {})
-                return None
-            return fn(*args, **kwargs)
-        return checked
-
-    checks = {"_check": (torch._check, 0), "_check_with": (torch._check_with, 1)}
-    try:
-        for name, fn in originals.items():
-            setattr(torch, name, wrap(fn))
-        for name, (fn, at) in checks.items():
-            setattr(torch, name, check(fn, at))
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(torch, name, fn)
-        for name, (fn, _) in checks.items():
-            setattr(torch, name, fn)
-
-
 def _size_read(node: fx.Node) -> tuple[fx.Node, tuple[int, ...] | None] | None:
     """(tensor, dims) when `node` reads sizes of a tensor: ``x.shape``/``x.size()`` (dims None: every
     one), ``x.size(d)``, ``len(x)`` (dim 0), ``x.numel()`` (every dim); else None."""
@@ -239,7 +192,7 @@ class ConcreteTracing:
     computing = False  # True while a node's value is computed (see _compute)
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
-        with _factories_recorded(self):
+        with traced_torch(self), modules_kept(root):
             return super().trace(root, concrete_args)
 
     def value_of(self, proxy: fx.Proxy) -> Any:
