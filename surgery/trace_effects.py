@@ -69,19 +69,25 @@ def traced_torch(tracer: fx.Tracer) -> Iterator[None]:
 
 @contextlib.contextmanager
 def modules_kept(root: Any) -> Iterator[None]:
-    """Put back, when the block ends, what it stored as a proxy on `root`'s modules (attributes
-    and buffers alike); `root` may be a plain function, which has none."""
-    state = [(m, dict(m.__dict__), dict(m._buffers)) for m in root.modules()] if isinstance(root, nn.Module) else []
+    """Put back, when the block ends, what it stored as a proxy on `root`'s modules: attributes,
+    buffers, and entries of a module's own dict attributes (timm TinyViT's
+    ``attention_bias_cache[device]``); `root` may be a plain function, which has none."""
+    state = [(m, dict(m.__dict__), dict(m._buffers),
+              {k: dict(v) for k, v in m.__dict__.items() if type(v) is dict and k[0] != "_"})
+             for m in root.modules()] if isinstance(root, nn.Module) else []
     try:
         yield
     finally:
-        for m, attrs, buffers in state:
+        for m, attrs, buffers, dicts in state:
             for k, v in list(m.__dict__.items()):
                 if isinstance(v, fx.Proxy):
                     if k in attrs:
                         m.__dict__[k] = attrs[k]
                     else:
                         del m.__dict__[k]
+                elif type(v) is dict and k[0] != "_" and any(isinstance(e, fx.Proxy) for e in v.values()):
+                    v.clear()
+                    v.update(dicts.get(k, {}))
             for k, v in list(m._buffers.items()):
                 if isinstance(v, fx.Proxy):
                     m._buffers[k] = buffers.get(k)

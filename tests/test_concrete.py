@@ -257,3 +257,26 @@ def test_what_a_traced_forward_caches_on_its_modules_is_put_back():
     small = surgery.compress(model, [ChannelPrune(0.5), Shrink()], (x,))  # traces the same modules again
     assert model.note is None and torch.equal(model.table, torch.zeros(1, 4))
     assert torch.allclose(small(x), want, atol=1e-6)
+
+
+class DictCached(nn.Module):
+    """timm TinyViT's attention: a tensor computed from a parameter and cached in a dict by
+    device; the size branch after it defeats plain fx, so capture traces a second time."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bias = nn.Linear(4, 4), nn.Parameter(torch.randn(4))
+        self.cache = {}
+
+    def forward(self, x):
+        if "cpu" not in self.cache:
+            self.cache["cpu"] = self.bias * 2
+        y = self.lin(x) + self.cache["cpu"]
+        return y * 2 if x.shape[1] > 1 else y
+
+
+def test_a_proxy_cached_in_a_dict_does_not_reach_the_next_trace():
+    model, x = DictCached().eval(), torch.randn(2, 3, 4)
+    gm = surgery.capture(model, (x,))
+    assert model.cache == {} and gm.meta["surgery"]["opaque"] == {}
+    assert torch.allclose(gm(x), DictCached.forward(model, x))
