@@ -119,18 +119,27 @@ HF_BASE: dict[str, dict[str, Any]] = {
     "deit": dict(_BASE_TEXT, image_size=224, patch_size=16),  # deit-base-patch16-224
     "beit": dict(_BASE_TEXT, image_size=224, patch_size=16, use_mask_token=False),  # beit-base-patch16-224
     "convnext": dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3], num_stages=4, image_size=224),  # -tiny
+    # detr-resnet-50 (the configs' defaults, ResNetConfig's are ResNet-50's) and yolos-tiny; 512 px
+    "detr": dict(use_timm_backbone=False, use_pretrained_backbone=False,
+                 backbone_config=dict(model_type="resnet", out_features=["stage4"])),
+    "yolos": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+                  image_size=[800, 1333], num_detection_tokens=100, use_mid_position_embeddings=False),
 }
+BASE_DETECTION_PIXELS = 512  # a side: the checkpoints' 800 x 1333 would be most of a CPU run
 SCALES = ("toy", "base")
 
 
 def example_inputs(name: str, seed: int = 0, batch: int = 2, length: int = 9, scale: str = "toy") -> dict[str, Any]:
     """Keyword inputs for model `name`: token ids and an attention mask (text), pixels (vision;
-    224 px at scale "base"; detection: 64 px), mel features (audio); decoder ids too for
-    encoder-decoders."""
+    224 px at scale "base"; detection: 64 px, 512 at scale "base"), mel features (audio); decoder
+    ids too for encoder-decoders."""
     kind = HF_MODELS[name][0]
     g = torch.Generator().manual_seed(seed)
     if kind in ("vision", "detection"):
-        side = HF_BASE[name]["image_size"] if scale == "base" else 32 if kind == "vision" else 64
+        if scale == "base":
+            side = HF_BASE[name]["image_size"] if kind == "vision" else BASE_DETECTION_PIXELS
+        else:
+            side = 32 if kind == "vision" else 64
         return {"pixel_values": torch.randn(batch, 3, side, side, generator=g)}
     if kind == "audio":
         return {"input_features": torch.randn(batch, 16, 32, generator=g)}
