@@ -80,3 +80,22 @@ def test_a_detr_returning_only_its_boxes_loses_its_decoder_stream_too():
     assert (n(whole), n(boxes)) == (29990, 24038)
     assert boxes.get_submodule("detr.model.query_position_embeddings").weight.shape == (10, 16)
     assert whole.get_submodule("model.query_position_embeddings").weight.shape == (10, 32)
+
+
+def test_a_detr_on_timm_s_resnet_as_its_checkpoints_load_prunes_its_backbone():
+    """facebook/detr-resnet-50 loads its backbone from timm, each BatchNorm replaced by
+    DetrFrozenBatchNorm2d; built here from a config, the backbone a resnet18 without weights."""
+    pytest.importorskip("timm")
+    import transformers
+    from passes import ChannelPrune, Shrink
+    config = transformers.DetrConfig(use_timm_backbone=True, use_pretrained_backbone=False, backbone="resnet18",
+                                     d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                     num_queries=10, num_labels=5)
+    torch.manual_seed(0)
+    model = transformers.DetrForObjectDetection(config).eval()
+    x = {"pixel_values": torch.randn(2, 3, 64, 64)}
+    assert any(type(m).__name__ == "DetrFrozenBatchNorm2d" for m in model.modules())
+    small = surgery.compress(model, [ChannelPrune(0.5), Shrink()], x)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (n(model), n(small)) == (11220362, 2821242)  # 0.998 kept before its norms were cut
