@@ -1,5 +1,6 @@
-"""Norms over the last axis that keep their original divisor: what Shrink writes into the graph
-for a LayerNorm or an RMSNorm whose stream lost channels.
+"""Norms that keep their original divisor: what Shrink writes into the graph for a LayerNorm or
+an RMSNorm (over the last axis) or a one-group GroupNorm (over all but the batch axis) whose
+stream lost channels.
 
 A channel that is exactly zero at a norm's input may be removed through the norm if the norm
 still divides by the original width D:
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["emit_norm", "emit_mean"]
+__all__ = ["emit_norm", "emit_mean", "emit_group_norm"]
 
 
 def emit_norm(node: fx.Node, x: fx.Node, total: int, kept: int, weight: Any, bias: Any, eps: float | None,
@@ -67,3 +68,33 @@ def emit_mean(node: fx.Node, x: fx.Node, dims: Any, total: int, keepdim: bool) -
     with g.inserting_before(node):
         summed = g.call_method("sum", (x, dims), {"keepdim": keepdim})
     node.op, node.target, node.args, node.kwargs = "call_function", operator.truediv, (summed, total), {}
+
+
+def emit_group_norm(node: fx.Node, x: fx.Node, total: int, kept: int, weight: Any, bias: Any, eps: float) -> None:
+    """Turn `node` (a GroupNorm of one group, over every axis of `x` but the first, its channels
+    on axis 1, `kept` of `total` left) into torch ops that normalise as over all `total`: with
+    ``r = kept / total``, the mean is r times the kept channels' mean, and the variance r times
+    theirs about that mean plus ``(1 - r) * mean^2`` for the removed zeros. Means, not sums, so no
+    spatial size is written in. `weight` and `bias` (nodes or None) are per channel."""
+    g = node.graph
+    shape = x.meta.get("shape")
+    nd = len(shape) if shape is not None else 4
+    dims, r = tuple(range(1, nd)), kept / total
+    per_channel = (-1,) + (1,) * (nd - 2)
+    with g.inserting_before(node):
+        mean = g.call_function(operator.mul, (g.call_method("mean", (x, dims), {"keepdim": True}), r))
+        centred = g.call_function(operator.sub, (x, mean))
+        spread = g.call_function(operator.mul, (g.call_method("mean", (g.call_method("pow", (centred, 2)), dims),
+                                                              {"keepdim": True}), r))
+        var = g.call_function(operator.add, (spread, g.call_function(operator.mul, (
+            g.call_method("pow", (mean, 2)), 1.0 - r))))
+        out = g.call_function(operator.mul, (centred, g.call_method("rsqrt", (g.call_function(
+            operator.add, (var, eps)),))))
+        steps = [(operator.mul, weight), (operator.add, bias)]
+        steps = [(op, g.call_method("reshape", (t, per_channel))) for op, t in steps if t is not None]
+        for op, t in steps[:-1]:
+            out = g.call_function(op, (out, t))
+    if steps:
+        node.op, node.target, node.args, node.kwargs = "call_function", steps[-1][0], (out, steps[-1][1]), {}
+    else:
+        node.op, node.target, node.args, node.kwargs = "call_method", "contiguous", (out,), {}
