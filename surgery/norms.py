@@ -70,18 +70,23 @@ def emit_mean(node: fx.Node, x: fx.Node, dims: Any, total: int, keepdim: bool) -
     node.op, node.target, node.args, node.kwargs = "call_function", operator.truediv, (summed, total), {}
 
 
-def emit_group_norm(node: fx.Node, x: fx.Node, total: int, kept: int, weight: Any, bias: Any, eps: float) -> None:
-    """Turn `node` (a GroupNorm of one group, over every axis of `x` but the first, its channels
-    on axis 1, `kept` of `total` left) into torch ops that normalise as over all `total`: with
-    ``r = kept / total``, the mean is r times the kept channels' mean, and the variance r times
-    theirs about that mean plus ``(1 - r) * mean^2`` for the removed zeros. Means, not sums, so no
-    spatial size is written in. `weight` and `bias` (nodes or None) are per channel."""
+def emit_group_norm(node: fx.Node, x: fx.Node, total: int, kept: int, weight: Any, bias: Any, eps: float,
+                    groups: int = 1) -> None:
+    """Turn `node` (a GroupNorm of `groups` groups, its channels on axis 1 of `x`, `kept` of
+    `total` left, as many in every group) into torch ops that normalise each group as over all
+    its channels: with ``r = kept / total``, a group's mean is r times its kept channels' mean,
+    and its variance r times theirs about that mean plus ``(1 - r) * mean^2`` for the removed
+    zeros. Means, not sums, so no spatial size is written in; several groups are split off axis 1
+    (``unflatten``) and joined again. `weight` and `bias` (nodes or None) are per channel."""
     g = node.graph
     shape = x.meta.get("shape")
     nd = len(shape) if shape is not None else 4
-    dims, r = tuple(range(1, nd)), kept / total
+    r = kept / total
     per_channel = (-1,) + (1,) * (nd - 2)
     with g.inserting_before(node):
+        if groups > 1:
+            x = g.call_method("unflatten", (x, 1, (groups, kept // groups)))
+        dims = tuple(range(2 if groups > 1 else 1, nd + (groups > 1)))
         mean = g.call_function(operator.mul, (g.call_method("mean", (x, dims), {"keepdim": True}), r))
         centred = g.call_function(operator.sub, (x, mean))
         spread = g.call_function(operator.mul, (g.call_method("mean", (g.call_method("pow", (centred, 2)), dims),
@@ -90,6 +95,8 @@ def emit_group_norm(node: fx.Node, x: fx.Node, total: int, kept: int, weight: An
             g.call_method("pow", (mean, 2)), 1.0 - r))))
         out = g.call_function(operator.mul, (centred, g.call_method("rsqrt", (g.call_function(
             operator.add, (var, eps)),))))
+        if groups > 1:
+            out = g.call_method("flatten", (out, 1, 2))
         steps = [(operator.mul, weight), (operator.add, bias)]
         steps = [(op, g.call_method("reshape", (t, per_channel))) for op, t in steps if t is not None]
         for op, t in steps[:-1]:

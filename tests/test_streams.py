@@ -405,17 +405,17 @@ class PoolFormerBlock(nn.Module):
     pooling) and before a 1x1-conv MLP, both on the residual stream; the module form
     (Hugging Face's PoolFormerGroupNorm) or the functional one (timm's GroupNorm1)."""
 
-    def __init__(self, c=8, functional=False):
+    def __init__(self, c=8, functional=False, groups=1):
         super().__init__()
         self.stem, self.functional = nn.Conv2d(3, c, 3, padding=1), functional
-        self.n1, self.n2 = nn.GroupNorm(1, c), nn.GroupNorm(1, c)
+        self.n1, self.n2 = nn.GroupNorm(groups, c), nn.GroupNorm(groups, c)
         self.fc1, self.fc2, self.head = nn.Conv2d(c, 2 * c, 1), nn.Conv2d(2 * c, c, 1), nn.Linear(c, 3)
         for n in (self.n1, self.n2):
             nn.init.normal_(n.weight)
             nn.init.normal_(n.bias)
 
     def norm(self, n, x):
-        return F.group_norm(x, 1, n.weight, n.bias, n.eps) if self.functional else n(x)
+        return F.group_norm(x, n.num_groups, n.weight, n.bias, n.eps) if self.functional else n(x)
 
     def forward(self, x):
         x = self.stem(x)
@@ -461,3 +461,15 @@ def test_a_stream_through_one_group_groupnorms_is_pruned_exactly(functional):
     if not functional:  # a GroupNorm module of fewer channels would divide by fewer: refused, named
         with pytest.raises(surgery.SurgeryError, match="GroupNorm 'n1' normalises pruned channels"):
             surgery.compress(PoolFormerBlock().eval(), [ChannelPrune(0.5), Shrink(into="modules")], (x,))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_groupnorm_of_several_groups_loses_the_same_count_from_each(functional):
+    x = torch.randn(2, 3, 7, 9)
+    masked, small = _prune(PoolFormerBlock(c=8, functional=functional, groups=2), x)
+    kept = small.n1.weight.shape[0]
+    assert kept in (2, 4, 6) and small.stem.out_channels == kept  # as many from each group of four
+    assert n_params(small) == (kept * 3 * 9 + kept) + 2 * (2 * kept) + (8 * kept + 8) + (kept * 8 + kept) + \
+        (kept * 3 + 3)
+    x2 = torch.randn(1, 3, 5, 6)
+    assert torch.allclose(masked(x2), small(x2), atol=1e-5)

@@ -94,18 +94,23 @@ def _layernorm(ctx: RuleContext, k: int, rms: bool = False, params=(), edit=None
     return ctx.couple(out, ids), None
 
 
-def _one_group_norm(ctx: RuleContext, params=(), edit=None):
-    """A GroupNorm of one group (PoolFormer's, timm's GroupNorm1): statistics over every axis but
-    the batch's, per-channel parameters on axis 1. As a LayerNorm over the channels
-    (:func:`_layernorm`): a reader of zeros that `edit` rewrites to keep the original divisor
-    (:func:`surgery.norms.emit_group_norm`), and a producer of the same channels, its output at a
-    zero channel being the bias and more. Channels along other axes, or no `edit`, freeze."""
+def _group_norm(ctx: RuleContext, groups: int = 1, params=(), edit=None):
+    """A GroupNorm (PoolFormer's of one group, timm's GroupNorm1, a detection head's of 32):
+    statistics per group over its channels and every axis after them, per-channel parameters on
+    axis 1. As a LayerNorm over the channels (:func:`_layernorm`): a reader of zeros that `edit`
+    rewrites to keep each group's divisor (:func:`surgery.norms.emit_group_norm`), and a producer
+    of the same channels, its output at a zero channel being the bias and more. With several
+    groups, a position within a group goes from every group at once (each keeps as many). Channels
+    along other axes, or no `edit`, freeze."""
     ids = ctx.ids(ctx.x)
     if ids is None:
         return None
-    if edit is None or varying(ids) != [1] or not normalised(ctx):
+    if edit is None or varying(ids) != [1] or ids.shape[1] % groups or not normalised(ctx):
         ctx.freeze(ids, f"{ctx.describe()} counts these channels in its statistics")
         return ids, None
+    if groups > 1:
+        grid = ids.reshape(groups, -1)
+        ctx.couple(grid, grid[:1])
     ctx.place("reader", ids, 1, arg=0, kind="zero", values=ctx.values(ctx.x), edit=edit)
     out = ctx.new_space(1, params=list(params))
     return ctx.couple(out, ids), None

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ...norms import emit_group_norm, emit_mean, emit_norm
 from ..rulebook import RuleContext, register_rule, varying, when_imported
-from .common import (_ConvNd, _layernorm, _linear, _one_group_norm, _owner, _softmax, _spatial_ok, bn_values,
+from .common import (_ConvNd, _layernorm, _linear, _group_norm, _owner, _softmax, _spatial_ok, bn_values,
                      conv_rule, no_folds, normalised, pool_rule, spatial_keep_rule)
 
 
@@ -229,22 +229,26 @@ _RMS_NORM = getattr(F, "rms_norm", None)  # torch >= 2.4
 
 
 def functional_group_norm_rule(ctx: RuleContext):
-    """``F.group_norm(x, 1, weight, bias, eps)`` with the weight and bias read from the model (timm's
-    GroupNorm1, PoolFormer's norm): see :func:`.common._one_group_norm`. Other group counts, and
-    a weight computed on the way, freeze the channels."""
+    """``F.group_norm(x, groups, weight, bias, eps)`` with the weight and bias read from the model
+    (timm's GroupNorm1 and GroupNorm): see :func:`.common._group_norm`. A weight computed on the
+    way freezes the channels."""
     node = ctx.node
     groups = ctx.arg(1, "num_groups")
     tensors = {"weight": ctx.arg(2, "weight"), "bias": ctx.arg(3, "bias")}
     owned = {k: _attr_of(ctx, t) for k, t in tensors.items()}
     shape = ctx.x.meta.get("shape") if isinstance(ctx.x, fx.Node) else None
-    if groups != 1 or any(t is not None and owned[k] is None for k, t in tensors.items()) or shape is None:
-        return _one_group_norm(ctx)  # the channels freeze
+    if not isinstance(groups, int) or any(t is not None and owned[k] is None for k, t in tensors.items()) or \
+            shape is None:
+        return _group_norm(ctx)  # the channels freeze
     params = [(o, a, 0) for o, a in (t for t in owned.values() if t is not None)]
     x, total, eps = ctx.x, int(shape[1]), ctx.arg(4, "eps", 1e-5)
+    if groups == total and (ids := ctx.ids(x)) is not None:  # each channel alone, as an instance norm
+        ctx.place("local", ids, 1, params=params)
+        return ids, None
 
     def edit(kept: np.ndarray) -> None:
-        emit_group_norm(node, x, total, int(kept.sum()), tensors["weight"], tensors["bias"], eps)
-    return _one_group_norm(ctx, params, edit)
+        emit_group_norm(node, x, total, int(kept.sum()), tensors["weight"], tensors["bias"], eps, groups)
+    return _group_norm(ctx, groups, params, edit)
 
 
 def pad_rule(ctx: RuleContext):

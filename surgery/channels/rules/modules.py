@@ -15,7 +15,7 @@ from torch import nn
 from ...layers import ELEMENTWISE, PASSING
 from ...norms import emit_group_norm, emit_norm
 from ..rulebook import RuleContext, channel_local, passthrough, register_rule, when_imported
-from .common import (_BN_PARAMS, _layernorm, _linear, _one_group_norm, _owner, _softmax, _vals, bn_values, conv_rule,
+from .common import (_BN_PARAMS, _layernorm, _linear, _group_norm, _owner, _softmax, _vals, bn_values, conv_rule,
                      pool_rule, reshape_rule, spatial_keep_rule)
 
 
@@ -119,9 +119,9 @@ def groupnorm_rule(ctx: RuleContext):
     ids = ctx.ids(ctx.x)
     if ids is None:
         return None
-    if m.num_groups == 1 and m.num_channels > 1 and len(ctx.node.args) == 1 and not ctx.node.kwargs:
+    if m.num_groups < m.num_channels and len(ctx.node.args) == 1 and not ctx.node.kwargs:
         ps = [(m, k, 0) for k in ("weight", "bias") if getattr(m, k, None) is not None]
-        return _one_group_norm(ctx, ps, _group_norm_over_original_width(ctx.node, m))
+        return _group_norm(ctx, m.num_groups, ps, _group_norm_over_original_width(ctx.node, m))
     if m.num_groups != m.num_channels:
         ctx.freeze(ids, f"{ctx.describe()} normalises {m.num_channels // m.num_groups} channels together")
         return ids, None
@@ -131,8 +131,8 @@ def groupnorm_rule(ctx: RuleContext):
 
 
 def _group_norm_over_original_width(node, m: nn.GroupNorm):
-    """Shrink's edit for a one-group GroupNorm module whose input lost channels (as
-    :func:`_norm_over_original_width` for a LayerNorm)."""
+    """Shrink's edit for a GroupNorm module whose input lost channels, as many from each group
+    (as :func:`_norm_over_original_width` for a LayerNorm)."""
     total, x = int(m.num_channels), node.args[0]
 
     def edit(kept: np.ndarray) -> None:
@@ -140,7 +140,7 @@ def _group_norm_over_original_width(node, m: nn.GroupNorm):
         with g.inserting_before(node):
             w, b = (g.get_attr(f"{node.target}.{t}") if getattr(m, t, None) is not None else None
                     for t in ("weight", "bias"))
-        emit_group_norm(node, x, total, k, w, b, m.eps)
+        emit_group_norm(node, x, total, k, w, b, m.eps, m.num_groups)
         m.num_channels = k
     return edit
 
