@@ -51,8 +51,15 @@ def emit_norm(node: fx.Node, x: fx.Node, total: int, kept: int, weight: Any, bia
             var = g.call_function(operator.truediv, (g.call_function(operator.add, (spread, gone)), total))
             out = g.call_function(operator.mul, (centred, g.call_method("rsqrt", (g.call_function(
                 operator.add, (var, eps)),))))
-        steps = [(operator.mul, weight), (operator.add, None if rms else bias)]
-        steps = [(op, t) for op, t in steps if t is not None]
+    _affine(node, out, weight, None if rms else bias)
+
+
+def _affine(node: fx.Node, out: fx.Node, weight: Any, bias: Any) -> None:
+    """``out * weight + bias`` (either may be None), the last op written into `node` itself, so
+    every reference to `node` stays valid."""
+    g = node.graph
+    steps = [(op, t) for op, t in ((operator.mul, weight), (operator.add, bias)) if t is not None]
+    with g.inserting_before(node):
         for op, t in steps[:-1]:
             out = g.call_function(op, (out, t))
     if steps:
@@ -97,11 +104,5 @@ def emit_group_norm(node: fx.Node, x: fx.Node, total: int, kept: int, weight: An
             operator.add, (var, eps)),))))
         if groups > 1:
             out = g.call_method("flatten", (out, 1, 2))
-        steps = [(operator.mul, weight), (operator.add, bias)]
-        steps = [(op, g.call_method("reshape", (t, per_channel))) for op, t in steps if t is not None]
-        for op, t in steps[:-1]:
-            out = g.call_function(op, (out, t))
-    if steps:
-        node.op, node.target, node.args, node.kwargs = "call_function", steps[-1][0], (out, steps[-1][1]), {}
-    else:
-        node.op, node.target, node.args, node.kwargs = "call_method", "contiguous", (out,), {}
+        weight, bias = (g.call_method("reshape", (t, per_channel)) if t is not None else None for t in (weight, bias))
+    _affine(node, out, weight, bias)
