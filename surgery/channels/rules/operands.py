@@ -59,6 +59,7 @@ _RESAMPLE: dict[Any, tuple[int, ...]] = {F.interpolate: (0, 1), F.adaptive_avg_p
 _RESAMPLE_NAMED = {("timm.layers.pos_embed", "resample_abs_pos_embed"): (0, -1),
                    ("timm.layers.pos_embed", "resample_abs_pos_embed_nhwc"): (0, -1)}
 _MIXED = "mixed"
+_FLATTEN = {"flatten", torch.flatten}
 
 
 def _resampled(target: Any) -> tuple[int, ...] | None:
@@ -68,14 +69,15 @@ def _resampled(target: Any) -> tuple[int, ...] | None:
         return kept if kept is not None else _RESAMPLE_NAMED.get(
             (getattr(target, "__module__", None), getattr(target, "__qualname__", None)))
     return None
-_FLATTEN = {"flatten", torch.flatten}
 
 
 def _param_tree(t: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]] | None:
     """The get_attrs `t` is computed from element by element (with broadcasting), through views,
-    permutes and basic indexing, each with its chain of ops as :func:`_chain` gives one: a frozen
-    BatchNorm's ``bias - running_mean * (weight * (running_var + eps).rsqrt())`` is cut where its
-    four buffers are. Else None (an op of another kind, or an input that is not the model's)."""
+    permutes, flattens, basic indexing, joins (``cat``) and resampling (:func:`_resampled`), each
+    with its chain of ops as :func:`_chain` gives one: a frozen BatchNorm's ``bias - running_mean *
+    (weight * (running_var + eps).rsqrt())`` is cut where its four buffers are, a position table
+    resized to the image where the table is. Else None (an op of another kind, or an input that is
+    not the model's)."""
     pairs: list[tuple[fx.Node, list[fx.Node]]] = []
     todo: list[tuple[fx.Node, list[fx.Node]]] = [(t, [])]
     while todo:
