@@ -36,6 +36,7 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 
 from .codelines import caller_line
+from .data_sizes import from_sizes, shaped_by_data
 from .shapes import describe
 from .trace_effects import modules_kept, traced_torch
 
@@ -79,8 +80,8 @@ class ConcreteProxy(fx.Proxy):
 
     def __len__(self) -> int:
         value = self.tracer.value_of(self)
-        if value is _MISSING or not hasattr(value, "__len__"):
-            return super().__len__()
+        if value is _MISSING or not hasattr(value, "__len__") or self.node in self.tracer.__dict__.get("by_data", ()):
+            return super().__len__()  # unknown, or a count of what tensor data let through
         n = len(value)
         if isinstance(value, torch.Tensor):  # a shape's or a tuple's length is fixed by the code
             self.tracer.guard(self.tracer.create_proxy("call_function", builtins.len, (self,), {}), n, "len")
@@ -126,21 +127,6 @@ class ConcreteAttribute(ConcreteProxy, fx.proxy.Attribute):
             self._made = self.tracer.create_proxy("call_function", getattr, (self.root, self.attr), {})
             self._node = self._made.node
         return self._node
-
-
-def _from_sizes(kind: str, target: Any, args: tuple, kwargs: dict, value: Any, sized: set) -> bool:
-    """Whether a node's value follows from tensor sizes (and constants) alone: only such values
-    may steer Python, behind a guard. A value read from tensor data (``if mask.any()``) may not:
-    a guard on it would make the graph fail on most other inputs, so fx's refusal stands."""
-    if isinstance(value, torch.Tensor) or kind == "placeholder":  # an input is data, even a Python bool
-        return False
-    if kind == "call_function" and target is getattr and len(args) > 1 and args[1] == "shape" or \
-            kind == "call_method" and target in ("size", "numel", "dim") or \
-            kind == "call_function" and target is builtins.len:
-        return True
-    proxies: list[fx.Proxy] = []
-    map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
-    return all(p.node in sized for p in proxies)
 
 
 # torch's factory functions parse sizes before __torch_function__ can see a proxy among them
@@ -213,8 +199,11 @@ class ConcreteTracing:
             value = self._compute(kind, target, args, kwargs, p.node)
             if value is not _MISSING:
                 self._keep(p, value)
-                if _from_sizes(kind, target, args, kwargs, value, self.__dict__.setdefault("sized", set())):
-                    self.sized.add(p.node)
+                if shaped_by_data(kind, target, args, kwargs, self.__dict__.setdefault("by_data", set())):
+                    self.by_data.add(p.node)
+                sized = self.__dict__.setdefault("sized", set())
+                if from_sizes(kind, target, args, kwargs, value, sized, self.by_data):
+                    sized.add(p.node)
         return p
 
     def create_arg(self, a: Any) -> Any:

@@ -98,6 +98,39 @@ def test_a_branch_on_tensor_data_is_still_refused():
     assert gm.meta["surgery"]["guards"] == []
 
 
+class Detector(nn.Module):
+    """A backbone, then post-processing whose sizes are set by the data: the boxes that pass a
+    score threshold. A guard on their count would hold only for images that let as many through."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))
+        self.post = Select()
+
+    def forward(self, x):
+        return self.post(self.body(x))
+
+
+class Select(nn.Module):
+    def forward(self, out):
+        boxes = out[out[:, 0] > 0][:, 1:]
+        if boxes.numel() == 0:  # torchvision's batched_nms asks this
+            return out.new_zeros(0, 4)
+        return boxes[: len(boxes)] * 2
+
+
+def test_sizes_of_tensors_selected_by_data_take_no_guard_and_stay_eager():
+    torch.manual_seed(0)
+    model = Detector().eval()
+    with pytest.warns(UserWarning, match="post"):
+        gm = surgery.capture(model, (torch.randn(6, 4),))
+    assert list(gm.meta["surgery"]["opaque"]) == ["post"]
+    assert gm.meta["surgery"]["guards"] == []
+    for x in [torch.randn(6, 4), torch.randn(9, 4), torch.full((3, 4), -10.0)]:
+        assert torch.equal(gm(x), model(x))
+    assert model(torch.full((3, 4), -10.0)).shape == (0, 4)  # the branch the example did not take
+
+
 def test_plain_fx_models_take_no_guards_and_no_values():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     gm = surgery.capture(net, (torch.randn(1, 3, 8, 8),))
