@@ -16,13 +16,35 @@ from .common import (_ConvNd, _layernorm, _linear, _group_norm, _owner, _softmax
 
 
 def reduce_rule(ctx: RuleContext):
+    """``sum``/``mean``/``amax``/``amin``/``std``/``var`` over `dim` (see :func:`_reduce`)."""
+    name = getattr(ctx.node.target, "__name__", str(ctx.node.target))
+    return _reduce(ctx, name, ctx.arg(1, "dim", None), ctx.arg(2, "keepdim", False))
+
+
+def norm_rule(ctx: RuleContext):
+    """A vector p-norm over `dim` (``x.norm(p, dim)``, ``torch.norm``, ``torch.linalg.vector_norm``
+    and ``torch.linalg.norm``; ConvNeXt-V2's global response norm takes one over the positions).
+    Over the positions it is channel-local; over the channels, for p >= 0 (``inf`` and "fro"
+    too), a removed zero adds nothing, so it reads the kept channels as a sum does. A matrix norm
+    other than Frobenius (``linalg.norm(A, ord=2, dim=(0, 1))``, "nuc") or p < 0 is none of these."""
+    name = getattr(ctx.node.target, "__name__", str(ctx.node.target))
+    linalg = ctx.node.target in (torch.linalg.vector_norm, torch.linalg.norm)
+    p = ctx.arg(1, "ord" if linalg else "p", 2 if ctx.node.target is torch.linalg.vector_norm else None)
+    dims = ctx.arg(2, "dim", None)
+    matrix = ctx.node.target is torch.linalg.norm and isinstance(dims, (tuple, list)) and len(dims) == 2
+    elementwise = p in (None, "fro") or isinstance(p, (int, float)) and p >= 0 and not (matrix and p != "fro")
+    return _reduce(ctx, "norm" if elementwise else name + f"(p={p!r})", dims, ctx.arg(3, "keepdim", False))
+
+
+def _reduce(ctx: RuleContext, name: str, dims, keep) -> object:
+    """A reduction over `dims`: channel-local over axes no channel varies along, inside each unit
+    where channels also vary along kept axes, and across the channels a reader of zeros where a
+    removed zero changes nothing (``sum``, ``norm``) or the divisor is kept (``mean``, rewritten
+    by Shrink); other reductions across channels freeze them."""
     n = ctx.node
     lay = ctx.ids(ctx.x)
     if lay is None:
         return None
-    name = getattr(n.target, "__name__", str(n.target))
-    dims = ctx.arg(1, "dim", None)
-    keep = ctx.arg(2, "keepdim", False)
     if dims is None:
         ctx.freeze(lay, f"{ctx.describe()} reduces over every axis")
         return None
@@ -35,11 +57,11 @@ def reduce_rule(ctx: RuleContext):
         ctx.couple(lay, rep)
         v = ctx.values(ctx.x)
         v = np.where((v == 0).all(axis=tuple(hit), keepdims=True), 0.0, np.nan) if v is not None \
-            and name in ("sum", "mean", "amax", "amin") else None
+            and name in ("sum", "mean", "amax", "amin", "norm") else None
         squeeze = (lambda t: t) if keep else (lambda t: np.squeeze(t, axis=tuple(dims)))
         return squeeze(rep), (squeeze(v) if v is not None else None)
     if hit:
-        if name == "sum" and len(varying(lay)) == 1:
+        if name in ("sum", "norm") and len(varying(lay)) == 1:
             ctx.place("reader", lay, hit[0], arg=0, kind="zero", values=ctx.values(ctx.x))
         elif name == "mean" and varying(lay) == hit and not set(n.kwargs) - {"dim", "keepdim"}:
             # a mean over the channels (an RMSNorm's mean of squares): zeros may go if the mean
@@ -62,7 +84,7 @@ def reduce_rule(ctx: RuleContext):
     v = ctx.values(ctx.x)
     if v is not None:
         v = v if keep else np.squeeze(v, axis=tuple(dims))
-        if name == "sum":
+        if name in ("sum", "norm"):
             v = np.where(v == 0, 0.0, np.nan)
         elif name not in ("mean", "amax", "amin"):
             v = None
@@ -328,6 +350,8 @@ register_rule(F.normalize, normalize_rule)
 for _t in [torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin", "std", "var",
            torch.std, torch.var]:
     register_rule(_t, reduce_rule)
+for _t in [torch.norm, torch.linalg.vector_norm, torch.linalg.norm, "norm"]:
+    register_rule(_t, norm_rule)
 for _t in [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"]:
     register_rule(_t, softmax_fn_rule)
 register_rule(F.linear, functional_linear_rule)

@@ -61,6 +61,39 @@ def where_rule(ctx: RuleContext):
     return out, None
 
 
+def addcmul_rule(ctx: RuleContext):
+    """``torch.addcmul(input, t1, t2, value=v)`` (= input + v * t1 * t2; ConvNeXt-V2's global
+    response norm applies its weight and bias so): element-wise over three operands, as
+    :func:`where_rule`; untracked ones (a parameter's view) are cut with the channels, and the
+    values follow (a zero factor makes the product zero, so a bias alone shows where the output
+    is not zero)."""
+    n = ctx.node
+    args = list(n.args[:3]) + [n.kwargs[k] for k in ("input", "self", "tensor1", "tensor2") if k in n.kwargs]
+    out_shape = ctx.shape()
+    lays = [ctx.ids(t) for t in args]
+    if len(args) != 3 or all(x is None for x in lays) or out_shape is None:
+        return None
+    nd = len(out_shape)
+    lays = [x.reshape((1,) * (nd - x.ndim) + x.shape) if x is not None else None for x in lays]
+    tracked = [x for x in lays if x is not None]
+    out = tracked[0]
+    for x in tracked[1:]:
+        out = ctx.couple(out, x)
+    for t, x in zip(args, lays):
+        if x is None:
+            untracked_operand(ctx, t, out, nd)
+    known = [_operand(ctx, t, x, out) for t, x in zip(args, lays)]
+    if any(k is None for k in known):
+        return out, None
+    base, t1, t2 = known
+    product = torch.where((t1 == 0) | (t2 == 0), torch.zeros((), dtype=torch.float64), t1 * t2)
+    values = (base + float(ctx.arg(3, "value", 1)) * product).numpy()
+    try:
+        return out, np.broadcast_to(values, out.shape).copy()
+    except ValueError:
+        return out, None
+
+
 def _operand(ctx: RuleContext, t: Any, ids: np.ndarray | None, out: np.ndarray):
     if isinstance(t, (int, float, bool)):
         return torch.tensor(float(t), dtype=torch.float64)
@@ -327,6 +360,8 @@ def pow_rule(ctx: RuleContext):
     return None
 
 
+for _t in (torch.addcmul, "addcmul"):
+    register_rule(_t, addcmul_rule)
 for _t in (torch.pow, operator.pow, "pow"):
     register_rule(_t, pow_rule)
 
