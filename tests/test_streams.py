@@ -301,6 +301,28 @@ def test_a_mask_goes_after_a_position_embedding_too():
     assert small.get_submodule("embed").out_features == 4 and small.pos.shape == (5, 4)
 
 
+class ClassTokenSwap(nn.Module):
+    """CrossViT's fusion: a class token projected from elsewhere joins the stream's patch tokens
+    (a cat along the tokens), and a LayerNorm reads the result. Both parts are zero where masked,
+    so the join is too, and the stream goes through the norm."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.embed, self.proj = nn.Linear(4, d), nn.Linear(d, d)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = torch.cat((self.proj(x[:, :1]), x[:, 1:]), dim=1)
+        return self.head(self.norm(x) + x)
+
+
+def test_tokens_joined_along_another_axis_keep_the_zeros_they_share():
+    masked, small = _prune(ClassTokenSwap(), torch.randn(2, 5, 4))
+    assert small.get_submodule("norm").weight.shape == (4,)  # before: kept whole ("reads a nonzero value")
+    assert n_params(small) == (4 * 4 + 4) + (4 * 4 + 4) + 2 * 4 + (3 * 4 + 3)
+
+
 class SwiGLU(nn.Module):
     """Llama's gated MLP (separate gate and up) or Phi-3's (one fused gate_up projection)."""
 

@@ -39,6 +39,24 @@ def binary_rule(ctx: RuleContext):
     return out, _binary_values(ctx, a, b, ia, ib, out, name)
 
 
+def _joined_values(out: np.ndarray, lays: list, vals: list) -> np.ndarray | None:
+    """The values of tensors joined along an axis no channel varies along (a class token's cat
+    with the patch tokens): a channel holds a known value where every part holds that value
+    (CrossViT joins a branch's tokens with the other branch's projected class token, both zero
+    where masked); None where an untracked part joins (its values along the channels are not
+    followed)."""
+    if any(x is None for x in lays) or any(v is None for v in vals):
+        return None
+    try:
+        parts = [np.broadcast_to(v, out.shape) for v in vals]
+    except ValueError:
+        return None
+    joined = parts[0].copy()
+    for v in parts[1:]:
+        joined = np.where(joined == v, joined, np.nan)
+    return joined
+
+
 def where_rule(ctx: RuleContext):
     """``torch.where(cond, x, y)`` and ``x.masked_fill(mask, value)``: element-wise, like
     :func:`binary_rule` over three operands."""
@@ -171,7 +189,7 @@ def cat_rule(ctx: RuleContext):
         for t, x in zip(tensors, lays):  # a class token: a parameter of the model, cut alike
             if x is None:
                 untracked_operand(ctx, t, out.reshape((1,) * (len(out_shape) - out.ndim) + out.shape), len(out_shape))
-        return out, None
+        return out, _joined_values(out, lays, vals)
     parts, vparts = [], []
     other = [max((x.shape[d] for x in lays if x is not None), default=1) if d != dim else None
              for d in range(len(out_shape))]
