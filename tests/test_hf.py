@@ -99,3 +99,25 @@ def test_a_detr_on_timm_s_resnet_as_its_checkpoints_load_prunes_its_backbone():
     small = surgery.compress(model, [ChannelPrune(0.5), Shrink()], x)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert (n(model), n(small)) == (11220362, 2821242)  # 0.998 kept before its norms were cut
+
+
+def test_convnext_v2s_global_response_norm_lets_its_mlp_width_go():
+    """ConvNeXt-V2's GRN: a vector norm over the positions, its mean over the channels (kept
+    dividing by the full width) and weight and bias on the MLP's hidden channels."""
+    import transformers
+    from passes import ChannelPrune, Shrink
+    config = transformers.ConvNextV2Config(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1], num_labels=5)
+    torch.manual_seed(0)
+    model = transformers.ConvNextV2ForImageClassification(config).eval()
+    for m in model.modules():  # zero-initialised, the GRN would be the identity
+        if type(m).__name__ == "ConvNextV2GRN":
+            torch.nn.init.normal_(m.weight)
+            torch.nn.init.normal_(m.bias)
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    masked = surgery.compress(model, [ChannelPrune(0.5)], x)
+    small = surgery.compress(masked, [Shrink()], x)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (n(model), n(small)) == (32653, 10057)
+    assert small.get_submodule("convnextv2.encoder.stages.0.layers.0.grn").weight.shape == (1, 1, 1, 16)
+    fresh = torch.randn(3, 3, 48, 40)
+    assert torch.allclose(small(pixel_values=fresh).logits, masked(pixel_values=fresh).logits, atol=1e-5)

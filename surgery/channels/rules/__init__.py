@@ -3,7 +3,8 @@ in the rule book (:data:`surgery.channels.RULES`).
 
 - :mod:`.modules`: torch.nn layers and surgery's masks (conv, linear, norms, activations, pooling), and an
   Embedding's table read whole as activations (DeBERTa's relative positions, DETR's object queries)
-- :mod:`.tensor`: element-wise ops, cat/split/getitem, reshapes and permutes, size reads
+- :mod:`.elementwise`: arithmetic with broadcasting (add, mul, addcmul, where), activations, casts, dropout
+- :mod:`.tensor`: cat/split/getitem, reshapes and permutes, expand, size reads
 - :mod:`.copies`: repeat, gather, zeros_like and its kin
 - :mod:`.functional`: reductions, softmax, functional layers, stochastic depth
 - :mod:`.attention`: matmul (heads as channels) and scaled_dot_product_attention
@@ -11,4 +12,4 @@ in the rule book (:data:`surgery.channels.RULES`).
 - :mod:`.libraries`: library layers with a forward of their own (timm's BatchNormAct2d, Conv2dSame...)
 - :mod:`.common`: the pieces several families share (rule files import it, never each other)
 """
-from . import attention, copies, functional, libraries, modules, shifts, tensor  # noqa: F401  (each registers its rules)
+from . import attention, copies, elementwise, functional, libraries, modules, shifts, tensor  # noqa: F401  (each registers its rules)
