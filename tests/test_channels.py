@@ -215,3 +215,45 @@ def test_library_rules_load_when_the_library_is_imported_after_the_analysis():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[False, False, False] [True, True, True] False"
+
+
+class LinearNorm(nn.Module):
+    """LeViT's Linear + BatchNorm1d over the flattened tokens, shaped back with ``reshape_as``."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(a, b, bias=False), nn.BatchNorm1d(b)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LeViTMLP(nn.Module):
+    def __init__(self, d=8, view_as=False):
+        super().__init__()
+        self.view_as = view_as
+        self.embed, self.up, self.down = LinearNorm(4, d), LinearNorm(d, 2 * d), LinearNorm(2 * d, d)
+        self.head = nn.Linear(d, 3)
+        self.register_buffer("template", torch.zeros(2, 5, d))
+
+    def forward(self, x):
+        x = self.embed(x)
+        h = nn.functional.hardswish(self.up(x))
+        y = self.down(h)
+        if self.view_as:  # the shape of a tensor whose channels are not tracked
+            y = y.flatten(0, 1).view_as(self.template)
+        return self.head(x + y)
+
+
+def test_reshape_as_follows_the_channels_and_couples_them_with_the_other_tensor():
+    from helpers import masked_and_shrunk, n_params, randomise_norms
+    masked, small, _ = masked_and_shrunk(randomise_norms(LeViTMLP()), (2, 5, 4))
+    # embed 4->4 (+ BN 4), up 4->8 (+ BN 8), down 8->4 (+ BN 4), head 4->3; LeViT's whole stream
+    # stayed when reshape_as had no rule
+    assert n_params(small) == (16 + 8) + (32 + 16) + (32 + 8) + (12 + 3)
+    x = torch.randn(3, 7, 4)
+    assert torch.allclose(small(x), masked(x), atol=1e-5)
+    _, groups = _groups(LeViTMLP(view_as=True).eval(), 2, 5, 4)
+    [down] = _by_producer(groups, "down_linear")
+    assert down.frozen == "view_as at node 'view_as' takes the shape of 'template', whose channels are not tracked"

@@ -255,6 +255,30 @@ for _t in ["size", getattr, "numel"]:
     register_rule(_t, size_rule)
 
 
+def reshape_as_rule(ctx: RuleContext):
+    """``x.reshape_as(other)`` / ``x.view_as(other)``: a reshape to `other`'s shape, which the
+    shrunk graph reads at run time (LeViT's BatchNorm over flattened tokens:
+    ``bn(x.flatten(0, 1)).reshape_as(x)``). So where the result holds channels, `other` must
+    hold the same ones there: the two are coupled, or, `other` untracked, they freeze."""
+    out = reshape_rule(ctx)
+    if out is None:
+        return None
+    lay, vals = out
+    other = ctx.arg(1, "other")
+    io = ctx.ids(other)
+    if io is None:
+        if varying(lay):
+            ctx.freeze(lay, f"{ctx.describe()} takes the shape of {getattr(other, 'name', other)!r}, whose "
+                            "channels are not tracked")
+            return None
+        return lay, vals
+    lay = ctx.couple(lay, io)
+    try:
+        return lay, (np.broadcast_to(vals, lay.shape).copy() if vals is not None else None)
+    except ValueError:
+        return lay, None
+
+
 def typed_dict_rule(ctx: RuleContext):
     """A ModelOutput (or OrderedDict) built in the graph (:func:`surgery.calling.typed_dict`): its
     fields keep their shapes, so the channels in them stay, each named by its field."""
@@ -272,3 +296,5 @@ def typed_dict_rule(ctx: RuleContext):
 
 
 register_rule(typed_dict, typed_dict_rule)
+for _t in ("reshape_as", "view_as"):
+    register_rule(_t, reshape_as_rule)
