@@ -272,6 +272,8 @@ class Editor:
                 continue
             count = sizes[j]
             sizes[j] = int(new[j])
+            if node.target != "repeat":
+                sizes[j] = self._size_at_run_time(node, count, int(new[j]), -1 not in sizes)
             if node.target == "repeat":  # a count of copies, not a size (DeBERTa's size(0) // heads): out / in
                 source = node.args[0]
                 have = self._new_shape(source) or list(source.meta["shape"])
@@ -282,6 +284,27 @@ class Editor:
                 if divide_anew(count, sizes[j], self._new_shape):
                     continue  # still read at run time: other batch sizes repeat as they did
             node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+
+    def _size_at_run_time(self, node: fx.Node, count: fx.Node, new: int, free: bool) -> int | fx.Node:
+        """What sizes axis j of reshape `node` (read as `count` from another tensor, new length
+        `new` here): where the axis holds the batch as well (HaloNet's B * heads), a literal would
+        hold for the example's batch only. So -1, inferred from the shrunk input, where `free`
+        (no other -1); else `count` scaled by new / its own value in the shrunk graph, where it
+        is read straight from a shape (at batch B that is B times the example's share); else the
+        literal."""
+        if free and _infers_a_size(node):
+            return -1
+        read = _shape_read(count)
+        shape = read[0].meta.get("shape") if read is not None else None
+        have = (self._new_shape(read[0]) or list(shape)) if isinstance(shape, torch.Size) else None
+        if have is None or not -len(have) <= read[1] < len(have):
+            return new
+        now = int(have[read[1]])
+        if now == new:
+            return count
+        with node.graph.inserting_before(node):
+            scaled = node.graph.call_function(operator.mul, (count, new))
+            return node.graph.call_function(operator.floordiv, (scaled, now))
 
     def _rewrite_shape_tail(self, node: fx.Node, shape: fx.Node) -> None:
         """``shape`` is ``sizes + (a, b)``, read by `node` alone: put the new sizes in (a, b)."""
@@ -368,6 +391,24 @@ class Editor:
             del dim
         elif name in ("cat", "concat", "stack", "flatten", "unbind"):
             return
+
+
+def _shape_read(n: Any) -> tuple[fx.Node, int] | None:
+    """(tensor, axis) where `n` reads one length of a tensor: ``t.shape[a]`` or ``t.size(a)``."""
+    if not isinstance(n, fx.Node):
+        return None
+    if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int) and \
+            isinstance(shape := n.args[0], fx.Node) and shape.op == "call_function" and shape.target is getattr \
+            and shape.args[1] == "shape" and isinstance(shape.args[0], fx.Node):
+        return shape.args[0], n.args[1]
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 2 and isinstance(n.args[1], int):
+        return n.args[0], n.args[1]
+    return None
+
+
+def _infers_a_size(n: fx.Node) -> bool:
+    """A view or reshape: one size given as -1 is inferred from the input's number of entries."""
+    return n.op == "call_method" and n.target in ("view", "reshape") or n.target is torch.reshape
 
 
 def _is_flatten(n: fx.Node) -> bool:
