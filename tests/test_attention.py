@@ -396,7 +396,7 @@ def test_strided_slices_inside_the_heads_keep_their_step():
 
 def test_a_strided_slice_of_an_axis_that_loses_positions():
     from surgery.errors import SurgeryError
-    from surgery.shrink.edits import _slice_of_kept
+    from surgery.shrink.cut import slice_of_kept as _slice_of_kept
     from types import SimpleNamespace
     kept = np.array([1, 0, 1, 1, 1, 0, 1, 1], dtype=bool)  # positions 0, 2, 3, 4, 6, 7 become 0..5
     node = SimpleNamespace(name="getitem_3")

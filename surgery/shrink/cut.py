@@ -1,10 +1,15 @@
 """Cutting a tensor down to the indices it keeps: how Shrink's edits and apply_plan's replay cut
-a weight, fast and without holding a second copy of it."""
+a weight, fast and without holding a second copy of it; and where a slice of the kept positions
+lands after the cut."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.fx as fx
 
-__all__ = ["select_indices"]
+from ..errors import SurgeryError
+
+__all__ = ["select_indices", "slice_of_kept"]
 
 
 _SELECT_CHUNK = 4 << 20  # bytes of a weight's rows cut at a time (see select_indices)
@@ -35,3 +40,19 @@ def select_indices(t: torch.Tensor, picks: dict[int, torch.Tensor]) -> torch.Ten
             piece = piece.index_select(dim, picks[dim])
         out.narrow(first, start, piece.shape[first]).copy_(piece)
     return out
+
+
+def slice_of_kept(i: slice, kept: np.ndarray, node: fx.Node) -> slice:
+    """The slice of the kept positions that takes what `i` took of the kept ones among the
+    original positions `kept` (a boolean mask); a step survives where they stay evenly spaced."""
+    start, stop, step = i.indices(len(kept))
+    new = np.cumsum(kept) - 1  # original position -> its index after the cut
+    wanted = [int(new[p]) for p in range(start, stop, step) if kept[p]]
+    if not wanted:
+        at = int(kept[:start].sum())
+        return slice(at, at)
+    gaps = set(np.diff(wanted).tolist()) or {1}
+    if len(gaps) != 1 or step < 0:
+        raise SurgeryError(f"Shrink: the kept positions of {node.name!r}'s strided slice are not evenly spaced")
+    gap = gaps.pop()
+    return slice(wanted[0], wanted[-1] + 1, gap if gap != 1 else None)

@@ -14,8 +14,8 @@ from ..channels.groups import ChannelGraph
 from ..copying import held_tensor, tensor_key, tied_tensors
 from ..errors import SurgeryError
 from ..graph import submodule, unique_name
-from .counts import divide_anew
-from .cut import select_indices
+from .counts import divide_anew, size_at_run_time
+from .cut import select_indices, slice_of_kept
 from .plan import Decider, _expand_index, _foldable, _who
 
 
@@ -273,7 +273,7 @@ class Editor:
             count = sizes[j]
             sizes[j] = int(new[j])
             if node.target != "repeat":
-                sizes[j] = self._size_at_run_time(node, count, int(new[j]), -1 not in sizes)
+                sizes[j] = size_at_run_time(node, count, int(new[j]), -1 not in sizes, self._new_shape)
             if node.target == "repeat":  # a count of copies, not a size (DeBERTa's size(0) // heads): out / in
                 source = node.args[0]
                 have = self._new_shape(source) or list(source.meta["shape"])
@@ -284,27 +284,6 @@ class Editor:
                 if divide_anew(count, sizes[j], self._new_shape):
                     continue  # still read at run time: other batch sizes repeat as they did
             node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
-
-    def _size_at_run_time(self, node: fx.Node, count: fx.Node, new: int, free: bool) -> int | fx.Node:
-        """What sizes axis j of reshape `node` (read as `count` from another tensor, new length
-        `new` here): where the axis holds the batch as well (HaloNet's B * heads), a literal would
-        hold for the example's batch only. So -1, inferred from the shrunk input, where `free`
-        (no other -1); else `count` scaled by new / its own value in the shrunk graph, where it
-        is read straight from a shape (at batch B that is B times the example's share); else the
-        literal."""
-        if free and _infers_a_size(node):
-            return -1
-        read = _shape_read(count)
-        shape = read[0].meta.get("shape") if read is not None else None
-        have = (self._new_shape(read[0]) or list(shape)) if isinstance(shape, torch.Size) else None
-        if have is None or not -len(have) <= read[1] < len(have):
-            return new
-        now = int(have[read[1]])
-        if now == new:
-            return count
-        with node.graph.inserting_before(node):
-            scaled = node.graph.call_function(operator.mul, (count, new))
-            return node.graph.call_function(operator.floordiv, (scaled, now))
 
     def _rewrite_shape_tail(self, node: fx.Node, shape: fx.Node) -> None:
         """``shape`` is ``sizes + (a, b)``, read by `node` alone: put the new sizes in (a, b)."""
@@ -347,8 +326,9 @@ class Editor:
             if len(sizes) != len(new):
                 raise SurgeryError(f"Shrink: cannot rewrite the sizes of {node.name!r}")
             for d, (o, n_) in enumerate(zip(old, new)):
-                if o != n_ and sizes[d] != -1:
-                    sizes[d] = n_
+                if o != n_ and sizes[d] != -1:  # a size read at run time stays so (the batch may be in it)
+                    sizes[d] = size_at_run_time(node, sizes[d], n_, False, self._new_shape) \
+                        if isinstance(sizes[d], fx.Node) else n_
             node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
         elif name == "getitem":
             src = self.cg.layouts.get(node.args[0])
@@ -365,7 +345,7 @@ class Editor:
                 if a is not None and isinstance(i, slice) and a.all():
                     out.append(i)  # nothing leaves this axis: the slice stands (its step too)
                 elif a is not None and isinstance(i, slice):
-                    out.append(_slice_of_kept(i, a, node))
+                    out.append(slice_of_kept(i, a, node))
                 elif a is not None and isinstance(i, int):
                     out.append(int(a[:i % len(a)].sum()))
                 else:
@@ -393,24 +373,6 @@ class Editor:
             return
 
 
-def _shape_read(n: Any) -> tuple[fx.Node, int] | None:
-    """(tensor, axis) where `n` reads one length of a tensor: ``t.shape[a]`` or ``t.size(a)``."""
-    if not isinstance(n, fx.Node):
-        return None
-    if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int) and \
-            isinstance(shape := n.args[0], fx.Node) and shape.op == "call_function" and shape.target is getattr \
-            and shape.args[1] == "shape" and isinstance(shape.args[0], fx.Node):
-        return shape.args[0], n.args[1]
-    if n.op == "call_method" and n.target == "size" and len(n.args) == 2 and isinstance(n.args[1], int):
-        return n.args[0], n.args[1]
-    return None
-
-
-def _infers_a_size(n: fx.Node) -> bool:
-    """A view or reshape: one size given as -1 is inferred from the input's number of entries."""
-    return n.op == "call_method" and n.target in ("view", "reshape") or n.target is torch.reshape
-
-
 def _is_flatten(n: fx.Node) -> bool:
     if n.op == "call_module":
         m = submodule(n.graph.owning_module, str(n.target))
@@ -423,19 +385,3 @@ def _is_flatten(n: fx.Node) -> bool:
 
 class _Skip(Exception):
     pass
-
-
-def _slice_of_kept(i: slice, kept: np.ndarray, node: fx.Node) -> slice:
-    """The slice of the kept positions that takes what `i` took of the kept ones among the
-    original positions `kept` (a boolean mask); a step survives where they stay evenly spaced."""
-    start, stop, step = i.indices(len(kept))
-    new = np.cumsum(kept) - 1  # original position -> its index after the cut
-    wanted = [int(new[p]) for p in range(start, stop, step) if kept[p]]
-    if not wanted:
-        at = int(kept[:start].sum())
-        return slice(at, at)
-    gaps = set(np.diff(wanted).tolist()) or {1}
-    if len(gaps) != 1 or step < 0:
-        raise SurgeryError(f"Shrink: the kept positions of {node.name!r}'s strided slice are not evenly spaced")
-    gap = gaps.pop()
-    return slice(wanted[0], wanted[-1] + 1, gap if gap != 1 else None)
