@@ -68,15 +68,18 @@ def test_windows_across_the_channels_keep_them_and_say_so():
     assert fc.frozen == "unfold at node 'unfold' takes windows across the channels' axis"
 
 
-def test_halonet_shrunk_at_one_batch_size_runs_at_another():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_halonet_shrunk_at_one_batch_size_runs_at_another(batch):
     """timm's HaloNet unfolds its keys and values into neighbourhoods and holds batch x heads in
     one axis, whose length a reshape reads from another tensor. Shrink wrote the example's
     length there as a number, so the shrunk model raised at batch 3; now it stays a run-time
-    size (-1, or the count scaled by new over old)."""
+    size (-1, or the count scaled by new over old). At batch 1 the heads looked like channels of
+    that axis, and the masks went there: the masked model raised at batch 3 too; now the axis,
+    sized by the batch times a count, keeps its heads, as at batch 2."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("halonet26t", pretrained=False).eval()
-    masked, small, _ = masked_and_shrunk(model, (2, 3, 256, 256))
+    masked, small, _ = masked_and_shrunk(model, (batch, 3, 256, 256))
     assert n_params(small) == 4679716  # of 12480288
     x = torch.randn(3, 3, 256, 256)
     assert torch.allclose(small(x), masked(x), atol=1e-5)

@@ -30,6 +30,7 @@ def check_sizes(cg: ChannelGraph) -> None:
     count that sizes an axis of other channels after arithmetic) would change when channels go:
     the channels stay."""
     for size_node, tensor in cg.size_nodes:
+        _batch_in_channel_axes(cg, size_node, tensor)
         fixes: list[int] = []
         bad, pairs = size_uses(cg, size_node, fixes, cg.decoupled)
         for axis in fixes:
@@ -42,6 +43,40 @@ def check_sizes(cg: ChannelGraph) -> None:
             continue
         for a, b in pairs:
             cg.edges.append((a, b))
+
+
+def _batch_in_channel_axes(cg: ChannelGraph, size_node: fx.Node, tensor: fx.Node) -> None:
+    """A length read from axis 0 of a tensor that holds no channels there (its batch) which,
+    multiplied (``B * num_heads``: timm's HaloNet merges heads into the batch), sizes a reshape's
+    axis along which channels vary: that axis holds the batch as well, so those channels stay.
+    An example of batch 1 cannot tell them from the batch, and a mask on that axis would then hold
+    for batch 1 only; with a larger batch the channels could not go either."""
+    lay = cg.layouts.get(tensor)
+    if not isinstance(lay, np.ndarray) or 0 in varying(lay):
+        return
+    whole = size_node.op == "call_function" or size_node.target == "size" and len(size_node.args) < 2 \
+        and "dim" not in size_node.kwargs
+    if whole:
+        reads = [u for u in size_node.users if u.target is operator.getitem and u.args[1] == 0]
+    else:
+        d = size_node.args[1] if len(size_node.args) > 1 else size_node.kwargs.get("dim")
+        reads = [size_node] if isinstance(d, int) and d % lay.ndim == 0 else []
+    frontier = [(r, False) for r in reads]
+    seen: set[fx.Node] = set()
+    while frontier:
+        node, scaled = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for u in node.users:
+            if u.op == "call_function" and u.target is operator.mul:
+                frontier.append((u, True))
+            elif scaled and _is_shape_arg_use(u, node) and isinstance(out := cg.layouts.get(u), np.ndarray):
+                sizes = _sizes(u)
+                for k in (k for k, a in enumerate(sizes) if a is node and len(sizes) == out.ndim):
+                    if out.shape[k] > 1:
+                        cg.fixed.append((out, k, f"{u.name!r} sizes axis {k} with {node.name!r}, the batch "
+                                                 f"read from {tensor.name!r} times a count: the axis holds both"))
 
 
 _ARITH = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
