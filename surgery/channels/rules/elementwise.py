@@ -45,6 +45,14 @@ def where_rule(ctx: RuleContext):
     n = ctx.node  # the order does not matter here (torch.where(c, x, y) or x.where(c, y))
     args = list(n.args[:3]) + [n.kwargs[k] for k in ("condition", "input", "self", "other", "mask", "value")
                                if k in n.kwargs]
+    joined = _joined(ctx, args)
+    return (joined[0], None) if joined is not None else None
+
+
+def _joined(ctx: RuleContext, args: list) -> tuple[np.ndarray, list] | None:
+    """Operands of an element-wise op, broadcast to its output: the tracked ones coupled, each
+    untracked one cut with them or freezing them (:func:`untracked_operand`). (The output's
+    layout, the operands' layouts) or None where none is tracked."""
     out_shape = ctx.shape()
     lays = [ctx.ids(t) for t in args]
     if all(x is None for x in lays) or out_shape is None:
@@ -58,7 +66,7 @@ def where_rule(ctx: RuleContext):
     for t, x in zip(args, lays):
         if x is None:
             untracked_operand(ctx, t, out, nd)
-    return out, None
+    return out, lays
 
 
 def addcmul_rule(ctx: RuleContext):
@@ -69,19 +77,10 @@ def addcmul_rule(ctx: RuleContext):
     is not zero)."""
     n = ctx.node
     args = list(n.args[:3]) + [n.kwargs[k] for k in ("input", "self", "tensor1", "tensor2") if k in n.kwargs]
-    out_shape = ctx.shape()
-    lays = [ctx.ids(t) for t in args]
-    if len(args) != 3 or all(x is None for x in lays) or out_shape is None:
+    joined = _joined(ctx, args) if len(args) == 3 else None
+    if joined is None:
         return None
-    nd = len(out_shape)
-    lays = [x.reshape((1,) * (nd - x.ndim) + x.shape) if x is not None else None for x in lays]
-    tracked = [x for x in lays if x is not None]
-    out = tracked[0]
-    for x in tracked[1:]:
-        out = ctx.couple(out, x)
-    for t, x in zip(args, lays):
-        if x is None:
-            untracked_operand(ctx, t, out, nd)
+    out, lays = joined
     known = [_operand(ctx, t, x, out) for t, x in zip(args, lays)]
     if any(k is None for k in known):
         return out, None
