@@ -28,6 +28,8 @@ def _set_tensor(owner: nn.Module, name: str, new: torch.Tensor) -> None:
         owner._buffers[name] = new
     else:
         setattr(owner, name, new)
+    if isinstance(owner, nn.RNNBase):  # its forward reads a cached list of its weights
+        owner._init_flat_weights()
 
 
 class Editor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ...layers import ELEMENTWISE, PASSING
 from ...norms import emit_group_norm, emit_norm
-from ..rulebook import RuleContext, channel_local, passthrough, register_rule, when_imported
+from ..rulebook import NO_CHANNELS, RuleContext, channel_local, passthrough, register_rule, varying, when_imported
 from .common import (_BN_PARAMS, _layernorm, _linear, _group_norm, _owner, _softmax, _vals, bn_values, conv_rule,
                      pool_rule, reshape_rule, spatial_keep_rule)
 
@@ -65,6 +65,24 @@ def linear_rule(ctx: RuleContext):
     bias = [(m, "bias", 0)]  # always: a constant fold may add a bias later
     return _linear(ctx, ids, [(m, "weight", 1)], [(m, "in_features")],
                    [(m, "weight", 0), *bias], [(m, "out_features")])
+
+
+def rnn_rule(ctx: RuleContext):
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` read their input's features through the first layer's
+    input weights (both directions'): a reader, whose columns go with the channels, a zero one
+    adding nothing to any gate. The hidden units feed back into the recurrence, which a mask after
+    the output cannot cut exactly: the outputs carry no channels of ours."""
+    m = ctx.module
+    ids = ctx.ids(ctx.x)
+    if ids is not None and varying(ids):
+        last = ids.ndim - 1
+        if varying(ids) != [last]:
+            ctx.freeze(ids, f"{ctx.describe()} reads channels that also vary along other axes")
+        else:
+            params = [(m, "weight_ih_l0", 1)] + ([(m, "weight_ih_l0_reverse", 1)] if m.bidirectional else [])
+            ctx.place("reader", ids, -1, arg=0, params=params, attrs=[(m, "input_size")], kind="linear",
+                      values=ctx.values(ctx.x))
+    return NO_CHANNELS
 
 
 def embedding_rule(ctx: RuleContext):
@@ -188,6 +206,8 @@ def permute_module_rule(ctx: RuleContext):
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
     register_rule(_cls, conv_rule)
 register_rule(nn.Linear, linear_rule)
+for _cls in (nn.LSTM, nn.GRU, nn.RNN):
+    register_rule(_cls, rnn_rule)
 register_rule(nn.Embedding, embedding_rule)
 register_rule(nn.EmbeddingBag, embedding_rule)
 register_rule(nn.modules.batchnorm._BatchNorm,
