@@ -13,33 +13,27 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.node import map_aggregate
+
+from .trace_effects import proxies_in
 
 __all__ = ["from_sizes", "shaped_by_data"]
 
 _SELECTING = frozenset({"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere", "nms", "batched_nms"})
 
 
-def _proxies(args: Any, kwargs: Any) -> list[fx.Proxy]:
-    found: list[fx.Proxy] = []
-    map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
-    return found
-
-
 def shaped_by_data(kind: str, target: Any, args: tuple, kwargs: dict, by_data: set) -> bool:
     """Whether a node's value has a length set by tensor data: a selection by data (see the module
     docstring), or anything computed from one."""
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    found = _proxies(args, kwargs)
+    found = proxies_in(args, kwargs)
     if any(p.node in by_data for p in found):
         return True
     if name in _SELECTING or target is torch.where and len(args) == 1 and not kwargs:
         return True
-    if target is operator.getitem and len(args) > 1:  # x[mask]: a boolean index
+    if target is operator.getitem and len(args) > 1 and found:  # x[mask]: a boolean index
         index = args[1] if isinstance(args[1], tuple) else (args[1],)
-        tracer = found[0].tracer if found else None
-        return any(isinstance(i, fx.Proxy) and getattr(tracer.value_of(i), "dtype", None) is torch.bool
-                   for i in index) if tracer is not None and hasattr(tracer, "value_of") else False
+        value_of = found[0].tracer.value_of
+        return any(isinstance(i, fx.Proxy) and getattr(value_of(i), "dtype", None) is torch.bool for i in index)
     return False
 
 
@@ -55,4 +49,4 @@ def from_sizes(kind: str, target: Any, args: tuple, kwargs: dict, value: Any, si
             kind == "call_function" and target is builtins.len:
         return not (isinstance(args[0], fx.Proxy) and args[0].node in by_data) or \
             kind == "call_method" and target == "dim"
-    return all(p.node in sized for p in _proxies(args, kwargs))
+    return all(p.node in sized for p in proxies_in(args, kwargs))

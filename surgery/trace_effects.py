@@ -19,9 +19,16 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
 
-__all__ = ["FACTORIES", "traced_torch", "modules_kept"]
+__all__ = ["FACTORIES", "traced_torch", "modules_kept", "proxies_in"]
 
 FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "arange", "eye", "tensor", "as_tensor", "ones_like")
+
+
+def proxies_in(args: Any, kwargs: Any = None) -> list[fx.Proxy]:
+    """The proxies among a call's arguments, nested ones included, in order."""
+    found: list[fx.Proxy] = []
+    map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+    return found
 
 
 @contextlib.contextmanager
@@ -33,8 +40,7 @@ def traced_torch(tracer: fx.Tracer) -> Iterator[None]:
     def wrap(fn: Any) -> Any:
         @functools.wraps(fn)
         def recorded(*args: Any, **kwargs: Any) -> Any:
-            found: list[fx.Proxy] = []
-            map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+            found = proxies_in(args, kwargs)
             if found and found[0].tracer is tracer:
                 return tracer.create_proxy("call_function", fn, args, kwargs)
             return fn(*args, **kwargs)

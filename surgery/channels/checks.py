@@ -45,6 +45,12 @@ def check_sizes(cg: ChannelGraph) -> None:
             cg.edges.append((a, b))
 
 
+def _reads_whole_shape(size_node: fx.Node) -> bool:
+    """Whether a size read gives the whole shape (``x.shape``, ``x.size()``), not one length."""
+    return size_node.op == "call_function" or size_node.target == "size" and len(size_node.args) < 2 \
+        and "dim" not in size_node.kwargs
+
+
 def _batch_in_channel_axes(cg: ChannelGraph, size_node: fx.Node, tensor: fx.Node) -> None:
     """A length read from axis 0 of a tensor that holds no channels there (its batch) which,
     multiplied (``B * num_heads``: timm's HaloNet merges heads into the batch), sizes a reshape's
@@ -54,9 +60,7 @@ def _batch_in_channel_axes(cg: ChannelGraph, size_node: fx.Node, tensor: fx.Node
     lay = cg.layouts.get(tensor)
     if not isinstance(lay, np.ndarray) or 0 in varying(lay):
         return
-    whole = size_node.op == "call_function" or size_node.target == "size" and len(size_node.args) < 2 \
-        and "dim" not in size_node.kwargs
-    if whole:
+    if _reads_whole_shape(size_node):
         reads = [u for u in size_node.users if u.target is operator.getitem and u.args[1] == 0]
     else:
         d = size_node.args[1] if len(size_node.args) > 1 else size_node.kwargs.get("dim")
@@ -112,8 +116,7 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
     tensor = size_node.args[0]
     lay = g.layouts.get(tensor)
     vary = set(varying(lay)) if lay is not None else set()
-    whole = size_node.op == "call_function" or (size_node.target == "size" and len(size_node.args) < 2
-                                                 and "dim" not in size_node.kwargs)
+    whole = _reads_whole_shape(size_node)
     if size_node.target == "numel":
         return (None, []) if not vary else (next(iter(size_node.users), size_node), [])
     if not whole:

@@ -38,8 +38,7 @@ def _length_now(read: tuple[fx.Node, int] | None, new_shape: NewShape) -> int | 
     return int((new_shape(read[0]) or list(shape))[read[1]])
 
 
-_ARITH = {operator.mul: operator.mul, operator.add: operator.add, operator.sub: operator.sub,
-          operator.floordiv: operator.floordiv}
+_ARITH = frozenset({operator.mul, operator.add, operator.sub, operator.floordiv})
 
 
 def _value_now(n: Any, new_shape: NewShape, depth: int = 0) -> int | None:
@@ -56,8 +55,8 @@ def _value_now(n: Any, new_shape: NewShape, depth: int = 0) -> int | None:
 
 
 def size_at_run_time(node: fx.Node, count: fx.Node, new: int, free: bool, new_shape: NewShape) -> int | fx.Node:
-    """What sizes an axis of reshape `node` that `count`, read from another tensor, sized (new
-    length `new` on the example). Where the axis holds the batch as well (HaloNet's B * heads), a
+    """What sizes an axis of reshape `node` that `count`, read at run time, sized (new length
+    `new` on the example). Where the axis holds the batch as well (HaloNet's B * heads), a
     literal would hold for the example's batch only (and the batch may be 1, the axis then the
     heads alone: timm's ``B * num_heads``). So -1, inferred from the shrunk input, where `free`
     (no other -1); else `count` scaled by new over its own value after the cut, where that follows

@@ -263,7 +263,8 @@ class Editor:
 
     def decouple(self) -> None:
         """A reshape sized by a count read from another tensor (checks.size_uses): that argument
-        becomes the axis' own new size, so the other tensor's width no longer decides it."""
+        becomes the axis' own new size, read at run time where it can be (counts.size_at_run_time),
+        so the other tensor's width no longer decides it."""
         for node, j in self.cg.decoupled:
             if node.graph not in self.graphs:
                 continue
@@ -273,10 +274,10 @@ class Editor:
             if j >= len(sizes) or len(sizes) != len(new) or not isinstance(sizes[j], fx.Node):
                 continue
             count = sizes[j]
-            sizes[j] = int(new[j])
             if node.target != "repeat":
                 sizes[j] = size_at_run_time(node, count, int(new[j]), -1 not in sizes, self._new_shape)
-            if node.target == "repeat":  # a count of copies, not a size (DeBERTa's size(0) // heads): out / in
+            else:  # a count of copies, not a size (DeBERTa's size(0) // heads): out / in
+                sizes[j] = int(new[j])
                 source = node.args[0]
                 have = self._new_shape(source) or list(source.meta["shape"])
                 k = j - (len(sizes) - len(have))  # repeat's counts align with the input's last axes

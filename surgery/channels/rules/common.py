@@ -27,6 +27,14 @@ def _vals(ctx: RuleContext, a: Any, ids: np.ndarray | None) -> np.ndarray | None
     return v
 
 
+def _fit(values: np.ndarray | None, shape: tuple) -> np.ndarray | None:
+    """`values` broadcast to a layout's `shape` (a writable copy); None where they do not fit."""
+    try:
+        return np.broadcast_to(values, shape).copy() if values is not None else None
+    except ValueError:
+        return None
+
+
 def _owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
     prefix, _, name = target.rpartition(".")
     return submodule(gm, prefix), name
@@ -45,15 +53,22 @@ def _linear(ctx, ids, rparams, rattrs, pparams, pattrs, arg: int = 0):
     weight's input axis) and makes fresh ones (`pparams`)."""
     if ids is not None:
         v = varying(ids)
-        last = ids.ndim - 1
-        if v and last not in v:
+        if v and ids.ndim - 1 not in v:
             return ids, None  # a Linear over an axis the channels do not vary on is channel-local
-        if v and v != [last]:
-            ctx.freeze(ids, f"{ctx.describe()} reads channels that also vary along other axes")
-        else:
-            ctx.place("reader", ids, -1, arg=arg, params=rparams, attrs=rattrs, kind="linear",
-                      values=ctx.values(ctx.node.args[arg] if len(ctx.node.args) > arg else None))
+        _reads_last_axis(ctx, ids, rparams, rattrs, arg)
     return ctx.new_space(-1, params=pparams, attrs=pattrs)
+
+
+def _reads_last_axis(ctx, ids, params, attrs, arg: int = 0) -> None:
+    """Argument `arg` (layout `ids`) is read through weights over its last axis (`params`: each
+    weight's input axis, `attrs`: the width attributes): a reader of its channels there. Channels
+    that also vary along other axes freeze."""
+    v = varying(ids)
+    if v and v != [ids.ndim - 1]:
+        ctx.freeze(ids, f"{ctx.describe()} reads channels that also vary along other axes")
+    else:
+        ctx.place("reader", ids, -1, arg=arg, params=params, attrs=attrs, kind="linear",
+                  values=ctx.values(ctx.node.args[arg] if len(ctx.node.args) > arg else None))
 
 
 def normalised(ctx: RuleContext) -> bool:

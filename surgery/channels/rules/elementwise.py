@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..rulebook import RuleContext, passthrough, register_rule
-from .common import _nan_like, _owner
+from .common import _fit, _nan_like, _owner
 from .operands import untracked_operand
 
 
@@ -86,11 +86,7 @@ def addcmul_rule(ctx: RuleContext):
         return out, None
     base, t1, t2 = known
     product = torch.where((t1 == 0) | (t2 == 0), torch.zeros((), dtype=torch.float64), t1 * t2)
-    values = (base + float(ctx.arg(3, "value", 1)) * product).numpy()
-    try:
-        return out, np.broadcast_to(values, out.shape).copy()
-    except ValueError:
-        return out, None
+    return out, _fit((base + float(ctx.arg(3, "value", 1)) * product).numpy(), out.shape)
 
 
 def _operand(ctx: RuleContext, t: Any, ids: np.ndarray | None, out: np.ndarray):

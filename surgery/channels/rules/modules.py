@@ -15,8 +15,8 @@ from torch import nn
 from ...layers import ELEMENTWISE, PASSING
 from ...norms import emit_group_norm, emit_norm
 from ..rulebook import NO_CHANNELS, RuleContext, channel_local, passthrough, register_rule, varying, when_imported
-from .common import (_BN_PARAMS, _layernorm, _linear, _group_norm, _owner, _softmax, _vals, bn_values, conv_rule,
-                     pool_rule, reshape_rule, spatial_keep_rule)
+from .common import (_BN_PARAMS, _layernorm, _linear, _group_norm, _owner, _reads_last_axis, _softmax, _vals,
+                     bn_values, conv_rule, pool_rule, reshape_rule, spatial_keep_rule)
 
 
 # ----------------------------------------------------------------------------------------- masks
@@ -75,13 +75,8 @@ def rnn_rule(ctx: RuleContext):
     m = ctx.module
     ids = ctx.ids(ctx.x)
     if ids is not None and varying(ids):
-        last = ids.ndim - 1
-        if varying(ids) != [last]:
-            ctx.freeze(ids, f"{ctx.describe()} reads channels that also vary along other axes")
-        else:
-            params = [(m, "weight_ih_l0", 1)] + ([(m, "weight_ih_l0_reverse", 1)] if m.bidirectional else [])
-            ctx.place("reader", ids, -1, arg=0, params=params, attrs=[(m, "input_size")], kind="linear",
-                      values=ctx.values(ctx.x))
+        params = [(m, "weight_ih_l0", 1)] + ([(m, "weight_ih_l0_reverse", 1)] if m.bidirectional else [])
+        _reads_last_axis(ctx, ids, params, [(m, "input_size")])
     return NO_CHANNELS
 
 
@@ -150,32 +145,35 @@ def groupnorm_rule(ctx: RuleContext):
 
 def _group_norm_over_original_width(node, m: nn.GroupNorm):
     """Shrink's edit for a GroupNorm module whose input lost channels, as many from each group
-    (as :func:`_norm_over_original_width` for a LayerNorm)."""
-    total, x = int(m.num_channels), node.args[0]
-
-    def edit(kept: np.ndarray) -> None:
-        g, k = node.graph, int(kept.sum())
-        with g.inserting_before(node):
-            w, b = (g.get_attr(f"{node.target}.{t}") if getattr(m, t, None) is not None else None
-                    for t in ("weight", "bias"))
+    (:func:`surgery.norms.emit_group_norm`)."""
+    def emit(x, total, k, w, b) -> None:
         emit_group_norm(node, x, total, k, w, b, m.eps, m.num_groups)
         m.num_channels = k
-    return edit
+    return _over_original_width(node, m, int(m.num_channels), emit)
 
 
 def _norm_over_original_width(node, m: nn.Module, rms: bool):
-    """Shrink's edit for a LayerNorm/RMSNorm module whose input lost channels: the call becomes
-    torch ops that divide by the original width (:func:`surgery.norms.emit_norm`), reading the
-    module's weight and bias (already cut); the module stays where it was, holding them."""
-    total, x = int(m.normalized_shape[0]), node.args[0]
+    """Shrink's edit for a LayerNorm/RMSNorm module whose input lost channels
+    (:func:`surgery.norms.emit_norm`)."""
+    def emit(x, total, k, w, b) -> None:
+        emit_norm(node, x, total, k, w, b, m.eps, rms)
+        m.normalized_shape = (k,)
+    return _over_original_width(node, m, int(m.normalized_shape[0]), emit)
+
+
+def _over_original_width(node, m: nn.Module, total: int, emit):
+    """Shrink's edit for a norm module's call whose input lost channels: the call becomes torch
+    ops that divide by the original width `total`, reading the module's weight and bias (already
+    cut); the module stays where it was, holding them. ``emit(x, total, kept, weight, bias)``
+    writes the ops and sets the module's new width."""
+    x = node.args[0]
 
     def edit(kept: np.ndarray) -> None:
-        g, k = node.graph, int(kept.sum())
+        g = node.graph
         with g.inserting_before(node):
             w, b = (g.get_attr(f"{node.target}.{t}") if getattr(m, t, None) is not None else None
                     for t in ("weight", "bias"))
-        emit_norm(node, x, total, k, w, b, m.eps, rms)
-        m.normalized_shape = (k,)
+        emit(x, total, int(kept.sum()), w, b)
     return edit
 
 

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from ...calling import typed_dict
 from ..rulebook import NO_CHANNELS, RuleContext, register_rule, varying
-from .common import _nan_like, _vals, reshape_rule
+from .common import _fit, _nan_like, _vals, reshape_rule
 from .operands import untracked_operand
 
 
@@ -273,10 +273,7 @@ def reshape_as_rule(ctx: RuleContext):
             return None
         return lay, vals
     lay = ctx.couple(lay, io)
-    try:
-        return lay, (np.broadcast_to(vals, lay.shape).copy() if vals is not None else None)
-    except ValueError:
-        return lay, None
+    return lay, _fit(vals, lay.shape)
 
 
 def typed_dict_rule(ctx: RuleContext):
