@@ -1,8 +1,10 @@
 """Mask training under DistributedDataParallel: two CPU processes (gloo) train a masked model
 on different data and must end with identical kept() for every mask."""
 import datetime
+import gc
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -41,11 +43,29 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             surgery.step(model)
         kept = {name: m.kept().tolist() for name, m in surgery.masks(model).items()}
         torch.save(kept, os.path.join(out_dir, f"kept{rank}.pt"))
-        # both ranks are done with collectives before either tears gloo down: a rank that destroys its
-        # group while the other's gloo threads still talk to it can die in std::terminate at exit
-        dist.barrier()
+        del model, opt  # the DDP wrapper holds the process group
+        dist.barrier()  # both ranks are done with collectives before either tears gloo down
     finally:
+        end_rank()
+    leave()
+
+
+def end_rank() -> None:
+    """Tear a worker's gloo group down (after a barrier, on success): a rank that destroys its group
+    while the other's gloo threads still talk to it, or whose group outlives destroy_process_group
+    in an object freed at interpreter exit, can die in std::terminate."""
+    gc.collect()  # modules with hooks sit in reference cycles; their process group goes with them
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave() -> None:
+    """End a worker that finished: its results are on disk, so skip interpreter finalization, where
+    gloo threads left behind by torch abort the process now and then (seen in CI after the barrier
+    was in place: SIGABRT, 'terminate called without an active exception')."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(worker, world: int, out_dir, what: str, deadline: int = 180) -> None:

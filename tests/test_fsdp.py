@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from test_ddp import run_ranks
+from test_ddp import end_rank, leave, run_ranks
 from torch import nn
 
 import surgery
@@ -46,11 +46,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         kept = {name: m.kept().tolist() for name, m in surgery.masks(gm).items()}
         full = get_model_state_dict(gm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         torch.save({"kept": kept, "state": full if rank == 0 else None}, os.path.join(out_dir, f"rank{rank}.pt"))
-        # both ranks are done with collectives before either tears gloo down: a rank that destroys its
-        # group while the other's gloo threads still talk to it can die in std::terminate at exit
-        dist.barrier()
+        del gm, opt, full
+        dist.barrier()  # both ranks are done with collectives before either tears gloo down
     finally:
-        dist.destroy_process_group()
+        end_rank()
+    leave()
 
 
 @pytest.mark.slow
