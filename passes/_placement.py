@@ -14,6 +14,7 @@ GraphModule whose nodes it follows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -24,10 +25,12 @@ from surgery import channels
 from surgery.errors import SurgeryError
 from surgery.graph import submodule, unique_name
 from surgery.nested import nested_graphs
+from surgery.channels.points import MaskPoint
 from surgery.pipeline import UnitMask
 from surgery.select import Selector, matches, select_nodes
 
-__all__ = ["Site", "unit_sites", "tensor_sites", "insert_site", "axis_kwargs", "tail", "select_tree", "owner_of"]
+__all__ = ["Site", "unit_sites", "tensor_sites", "insert_site", "call_after", "axis_kwargs", "tail", "select_tree",
+           "owner_of"]
 
 # ops that keep each channel in place and map 0 -> 0 (so a mask may move past them)
 _LOCAL_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU,
@@ -39,11 +42,12 @@ _LOCAL_METHODS = {"relu", "tanh"}
 
 @dataclass
 class Site:
-    """One mask decision: `units` units, shared by every (node, dim) in `points`."""
+    """One mask decision: `units` units, shared by every call in `points` (see
+    :class:`surgery.channels.points.MaskPoint`)."""
 
     name: str
     units: int
-    points: list[tuple[fx.Node, int]]
+    points: list[MaskPoint]
     sources: list[fx.Node] = field(default_factory=list)  # the selected nodes it covers
 
     @property
@@ -51,11 +55,11 @@ class Site:
         """The unit axis valid at every point: counted from the front when all points agree
         that way, else from the end; where they agree neither way, the first point's (the
         others name theirs in the call: see :func:`insert_site`)."""
-        if len({d for _, d in self.points}) == 1:
-            return self.points[0][1]
+        if len({p.dim for p in self.points}) == 1:
+            return self.points[0].dim
         front, back = set(), set()
-        for node, d in self.points:
-            shape = node.meta.get("shape")
+        for p in self.points:
+            shape, d = p.node.meta.get("shape"), p.dim
             rank = len(shape) if isinstance(shape, torch.Size) else None
             if rank is None:
                 return d
@@ -65,7 +69,7 @@ class Site:
             return front.pop()
         if len(back) == 1:
             return back.pop()
-        return self.points[0][1]
+        return self.points[0].dim
 
 
 def select_tree(gm: fx.GraphModule, select: Selector, exclude: Selector, skip: tuple[type, ...] = ()
@@ -161,20 +165,35 @@ def tensor_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner:
     """One site per selected op (after its channel-local tail), for per-tensor modules that
     need no channel coupling (the activation sparsifier; `units` is 0: not per unit)."""
     nodes = select_tree(gm, select, exclude, skip=(UnitMask, *skip))
-    return [Site(f"{owner}_{str(n.target)}", 0, [(tail(owner_of(n), n), -1)], [n]) for n in nodes]
+    return [Site(f"{owner}_{str(n.target)}", 0, [MaskPoint(tail(owner_of(n), n), -1)], [n]) for n in nodes]
 
 
-def axis_kwargs(node: fx.Node, dim: int, mask_dim: int, units: int | None = None) -> dict[str, int]:
+def axis_kwargs(node: fx.Node, dim: int, mask_dim: int, units: int | None = None,
+                runs: tuple[tuple[int, int], ...] | None = None) -> dict[str, Any]:
     """The keyword arguments of a mask's call at `node` with its `units` on axis `dim`: ``dim``
-    unless that is the mask's own axis, and ``tile`` where the axis holds the units several times
-    over (see :class:`surgery.pipeline.UnitMask`)."""
+    unless that is the mask's own axis, ``runs`` where the axis holds some of the units only,
+    and ``tile`` where it holds them several times over (see :class:`surgery.pipeline.UnitMask`)."""
     shape = node.meta.get("shape")
     rank = len(shape) if isinstance(shape, torch.Size) else None
     same = dim == mask_dim or rank is not None and dim % rank == mask_dim % rank
     kw = {} if same else {"dim": dim}
-    if units and rank is not None and shape[dim] != units and shape[dim] % units == 0:
+    if runs is not None:
+        kw["runs"] = runs
+    elif units and rank is not None and shape[dim] != units and shape[dim] % units == 0:
         kw["tile"] = shape[dim] // units
     return kw
+
+
+def call_after(point: MaskPoint, target: str, mask: nn.Module) -> fx.Node:
+    """Call `mask`, installed as `target` in the graph of `point`'s node, on that node's output
+    (after the node, on `point`'s axis and units), and route the node's users through it."""
+    node, g = point.node, point.node.graph
+    with g.inserting_after(node):
+        new = g.call_module(target, (node,), axis_kwargs(node, point.dim, getattr(mask, "dim", point.dim),
+                                                         getattr(mask, "units", None), point.runs))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
+    return new
 
 
 def insert_site(gm: fx.GraphModule, site: Site, module: nn.Module) -> list[fx.Node]:
@@ -184,17 +203,12 @@ def insert_site(gm: fx.GraphModule, site: Site, module: nn.Module) -> list[fx.No
     target = unique_name(gm, site.name)
     gm.add_submodule(target, module)
     new_nodes = []
-    for node, dim in site.points:
-        if node.op == "output":
+    for point in site.points:
+        if point.node.op == "output":
             raise SurgeryError(f"{site.name}: cannot place a mask after the graph output")
-        if owner_of(node) is not gm:
+        if owner_of(point.node) is not gm:
             raise SurgeryError(f"{site.name}: its points lie in different graphs; one mask cannot serve them")
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(target, (node,), axis_kwargs(node, dim, getattr(module, "dim", dim),
-                                                                  getattr(module, "units", None)))
-        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
-        new_nodes.append(new)
+        new_nodes.append(call_after(point, target, module))
     gm.graph.lint()
     gm.recompile()
     return new_nodes

@@ -37,7 +37,7 @@ from surgery.select import Selector, describe, matches
 from . import _fields as check
 from ._budget import Costs, allocate
 from ._importance import DATA_CRITERIA, GRADIENT_CRITERIA, WEIGHT_CRITERIA, data_scores, weight_scores
-from ._placement import axis_kwargs, select_tree
+from ._placement import call_after, select_tree
 
 __all__ = ["ChannelPrune", "HardMask"]
 
@@ -277,20 +277,16 @@ class ChannelPrune:
                 continue
             if kept[g.id].all():
                 continue
-            first = points[g.id][0][0].graph.owning_module
-            mask = HardMask(torch.as_tensor(kept[g.id]), points[g.id][0][1]).train(first.training)
+            first = points[g.id][0].node.graph.owning_module
+            mask = HardMask(torch.as_tensor(kept[g.id]), points[g.id][0].dim).train(first.training)
             masks[g.id] = mask
             names: dict[fx.GraphModule, str] = {}  # the mask goes into the graph of each point (one, as a rule)
-            for node, dim in points[g.id]:
-                owner = node.graph.owning_module
+            for point in points[g.id]:
+                owner = point.node.graph.owning_module
                 if owner not in names:
                     names[owner] = name = unique_name(owner, f"prune_g{g.id}")
                     owner.add_submodule(name, mask)
-                name = names[owner]
-                with owner.graph.inserting_after(node):
-                    new = owner.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim, mask.units))
-                node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
-                new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
+                call_after(point, names[owner], mask)
             edited.update(names)
         for owner in edited:
             # eager code calls a nested graph's generated code, which compress never regenerates;

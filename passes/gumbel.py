@@ -20,7 +20,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -67,8 +67,9 @@ class GumbelGate(UnitMask):
         hard = (soft > 0.5).to(soft.dtype)
         return hard + (soft - soft.detach())  # exactly `hard` forward, the soft gradient backward
 
-    def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1) -> Tensor:
-        return x * self.unit_factors(x, self.gate(), dim, tile)
+    def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1,
+                runs: Optional[List[Tuple[int, int]]] = None) -> Tensor:
+        return x * self.unit_factors(x, self.gate(), dim, tile, runs)
 
     def penalty(self) -> Tensor:
         return self.weight * whole(self.logits).sum()

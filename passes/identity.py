@@ -3,7 +3,7 @@ function is unchanged. It proves the plumbing and marks where masks would go."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -22,8 +22,9 @@ class OnesMask(UnitMask):
     def factors(self) -> Tensor:
         return torch.ones(self.units)
 
-    def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1) -> Tensor:
-        self.shape_for(x, dim, tile)
+    def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1,
+                runs: Optional[List[Tuple[int, int]]] = None) -> Tensor:
+        self.shape_for(x, dim, tile, runs)
         return x
 
 

@@ -12,7 +12,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 import torch.fx as fx
@@ -84,6 +84,10 @@ class UnitMask(nn.Module):
     unit axis, counted from the end when negative, so one mask fits any batch shape. A call may
     name another axis, ``mask(x, dim=-1)``: one decision shared by tensors whose units lie on
     different axes (a convolution's NCHW output and a channels-last LayerNorm's, in ConvNeXt).
+    A call may also cover some of the units only, ``mask(x, runs=((a, b), (c, d)))``: the axis
+    holds units ``a .. b - 1`` and then ``c .. d - 1`` (a tensor that carries part of the
+    decision's channels, as each layer's output does in a dense block whose concatenation one norm
+    reads, or some of them twice).
     """
 
     def __init__(self, units: int, dim: int):
@@ -96,24 +100,49 @@ class UnitMask(nn.Module):
     def factors(self) -> Tensor:
         raise NotImplementedError
 
-    def shape_for(self, x: Tensor, dim: Optional[int] = None, tile: int = 1) -> list[int]:
+    def shape_for(self, x: Tensor, dim: Optional[int] = None, tile: int = 1,
+                  runs: Optional[List[Tuple[int, int]]] = None) -> list[int]:
         axis = self.dim if dim is None else dim
         dim = axis if axis >= 0 else x.dim() + axis
-        if x.shape[dim] != self.units * tile:
+        n = x.shape[dim]
+        if runs is not None:
+            held = 0
+            for a, b in runs:
+                if a < 0 or b > self.units or a >= b:
+                    raise SurgeryError(f"{type(self).__name__}: units {a} to {b - 1} are not among its {self.units}")
+                held += b - a
+            if held != n:
+                raise SurgeryError(f"{type(self).__name__}: runs of {held} units on dim {axis}, got a tensor of "
+                                   f"shape {tuple(x.shape)}")
+        elif n != self.units * tile:
             raise SurgeryError(f"{type(self).__name__}: expected {self.units} units" + (f" {tile} times" if tile > 1
                                else "") + f" on dim {axis}, got a tensor of shape {tuple(x.shape)}")
         shape = [1] * x.dim()
-        shape[dim] = self.units * tile
+        shape[dim] = n
         return shape
 
-    def unit_factors(self, x: Tensor, f: Tensor, dim: Optional[int] = None, tile: int = 1) -> Tensor:
+    def unit_factors(self, x: Tensor, f: Tensor, dim: Optional[int] = None, tile: int = 1,
+                     runs: Optional[List[Tuple[int, int]]] = None) -> Tensor:
         """Per-unit factors `f` shaped to multiply `x` along the unit axis; with `tile`, the axis
-        holds the units `tile` times over (Swin's patch merging joins four copies of each channel)."""
+        holds the units `tile` times over (Swin's patch merging joins four copies of each channel);
+        with `runs`, those runs of them."""
+        shape = self.shape_for(x, dim, tile, runs)
         f = f.to(x.dtype)
-        return (f.repeat(tile) if tile > 1 else f).reshape(self.shape_for(x, dim, tile))
+        if runs is not None:
+            return torch.cat([f[a:b] for a, b in runs]).reshape(shape)
+        return (f.repeat(tile) if tile > 1 else f).reshape(shape)
 
-    def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1) -> Tensor:
-        return x * self.unit_factors(x, self.factors(), dim, tile)
+    def factors_at(self, length: int, tile: int = 1, runs: Optional[List[Tuple[int, int]]] = None) -> Tensor:
+        """The factors a call applies along its axis of `length` positions (see ``forward``'s
+        `tile` and `runs`), detached: what the channel analysis and Shrink read of one call."""
+        f = self.factors().detach()
+        if runs is not None:
+            return torch.cat([f[a:b] for a, b in runs])
+        return f.repeat(tile) if tile > 1 and len(f) * tile == length else f
+
+    def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1,
+                runs: Optional[List[Tuple[int, int]]] = None) -> Tensor:
+        return x * self.unit_factors(x, self.factors(), dim, tile, runs)
 
     def kept(self) -> Tensor:
         return self.factors().detach() != 0

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import surgery
 from passes import ChannelPrune, Shrink
-from passes._placement import axis_kwargs
+from passes._placement import call_after
 from surgery.channels import ChannelGroup
 from surgery.pipeline import UnitMask
 
@@ -75,8 +75,6 @@ def insert_shared_mask(gm: fx.GraphModule, group: ChannelGroup, mask: UnitMask, 
     """`mask` installed as `name` and called after every mask point of `group` (one module shared by
     all of them, as the mask passes place theirs); `gm` recompiled."""
     gm.add_submodule(name, mask)
-    for node, dim in group.mask_points():
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (node,), axis_kwargs(node, dim, mask.dim, mask.units))
-        node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+    for point in group.mask_points():
+        call_after(point, name, mask)
     gm.recompile()

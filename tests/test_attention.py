@@ -188,7 +188,7 @@ def test_a_head_mask_zeroes_whole_heads_of_the_attention_output():
     model = Attention(kv_heads=2, mode="eager")
     x = torch.randn(2, 7, 24)
     (group,) = [g for g in channel_groups(surgery.capture(model, (x,))) if g.size == 2]
-    (node, dim), = group.mask_points()  # one mask: on v's 2 heads, before they are repeated for 8
+    (node, dim, _), = group.mask_points()  # one mask: on v's 2 heads, before they are repeated for 8
     assert node.meta["shape"][dim] == 2 and all(s != 8 for s in node.meta["shape"])
 
 
@@ -359,7 +359,7 @@ def test_a_mask_on_the_one_kv_head_of_grouped_query_attention_is_read_per_copy()
     x = torch.randn(2, 7, 24)
     gm = surgery.capture(model, (x,))
     (group,) = [g for g in channel_groups(gm) if g.size == 1 and g.frozen is None]
-    insert_shared_mask(gm, group, Scale(torch.tensor([0.5]), group.mask_points()[0][1]), "hm")
+    insert_shared_mask(gm, group, Scale(torch.tensor([0.5]), group.mask_points()[0].dim), "hm")
     small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
     x2 = torch.randn(3, 7, 24)
     assert max_abs_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5

@@ -28,8 +28,8 @@ def test_residual_stream_is_one_group():
     names = {p.node.name for p in stream.producers}
     assert names == {"conv1", "layer1_0_conv2", "layer1_1_conv2"}
     assert stream.size == 64 and stream.frozen is None
-    assert [n.name for n, _ in stream.mask_points()] == ["relu", "layer1_0_bn2", "layer1_1_bn2"]
-    assert all(d == -3 for _, d in stream.mask_points())
+    assert [p.node.name for p in stream.mask_points()] == ["relu", "layer1_0_bn2", "layer1_1_bn2"]
+    assert all(p.dim == -3 for p in stream.mask_points())
     # the final Linear's channels are the model's output: frozen, named
     fc = _by_producer(gs, "fc")[0]
     assert "model output" in fc.frozen
@@ -76,7 +76,7 @@ def test_squeeze_excite_gate_couples_branches():
     _, gs = _groups(SE(), 1, 3, 8, 8)
     g = _by_producer(gs, "conv")[0]
     assert {p.node.name for p in g.producers} == {"conv", "fc2"}
-    assert {n.name for n, _ in g.mask_points()} == {"conv", "sigmoid"}
+    assert {p.node.name for p in g.mask_points()} == {"conv", "sigmoid"}
 
 
 def test_depthwise_ties_input_to_output_and_grouped_conv_reads():

@@ -245,7 +245,7 @@ def test_non_binary_masks_fold_exactly(name):
             f = torch.rand(g.size) * 2 - 0.5          # some negative factors: not foldable through ReLU
             f[torch.rand(g.size) < 0.4] = 0
             f[0] = 1.0
-            insert_shared_mask(gm, g, Scale(f, g.mask_points()[0][1]), f"scale_{g.id}")
+            insert_shared_mask(gm, g, Scale(f, g.mask_points()[0].dim), f"scale_{g.id}")
     small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
     x2 = torch.randn(*shape)
     assert max_rel_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5
@@ -374,7 +374,7 @@ def test_timm_norm_act_layer_stays_whole_and_shrinks_exactly():
         if g.mask_points():
             f = torch.rand(g.size) + 0.5
             f[::3] = 0
-            insert_shared_mask(gm, g, Scale(f, g.mask_points()[0][1]), f"scale_{g.id}")
+            insert_shared_mask(gm, g, Scale(f, g.mask_points()[0].dim), f"scale_{g.id}")
     small = surgery.compress(gm, [Shrink()], example_inputs=(x,))
     x2 = torch.randn(2, 3, 16, 16)
     assert max_rel_diff(run_eval(gm, (x2,)), run_eval(small, (x2,))) < 1e-5

@@ -164,7 +164,7 @@ def random_masks(gm, data) -> None:
         f = torch.tensor([0.0 if z else 1.0 for z in zero])
         if soft:
             f = f * (torch.rand(g.size) * 2 - 0.3)
-        insert_shared_mask(gm, g, Scale(f, g.mask_points()[0][1]), f"hm_{g.id}")
+        insert_shared_mask(gm, g, Scale(f, g.mask_points()[0].dim), f"hm_{g.id}")
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and len(n.meta.get("shape", ())) == 4
              and not isinstance(gm.get_submodule(str(n.target)), UnitMask)]
     for n in data.draw(st.lists(st.sampled_from(nodes), max_size=2, unique=True)) if nodes else []:

@@ -134,7 +134,7 @@ def test_a_layernorm_output_is_a_producer_so_masks_go_after_it():
     gm = surgery.capture(TinyTransformer(nn.LayerNorm).eval(), (torch.randint(0, 11, (2, 7)),))
     stream = next(g for g in surgery.channel_groups(gm) if any(p.node.name == "embed" for p in g.producers))
     assert stream.frozen is None
-    points = {n.name for n, _ in stream.mask_points()}
+    points = {p.node.name for p in stream.mask_points()}
     assert {"embed", "norm", "blocks_0_norm1", "blocks_1_norm2"} <= points
 
 

@@ -39,7 +39,7 @@ from ..pipeline import UnitMask
 from .boundary import Boundary, check_boundary, handed_leaves, seed
 from .checks import check_sizes, check_tensor_uses
 from .components import components
-from .points import mask_points
+from .points import MaskPoint, mask_points
 from .rulebook import NO_CHANNELS, RULES, Ids, Rule, RuleContext, _RawPlace, load_pending, varying
 from .rules.modules import mask_rule, table_rule  # importing .rules registers the standard table
 
@@ -88,9 +88,9 @@ class ChannelGroup:
     graph: str = ""
     points: list[Place] = field(default_factory=list)  # where rules say one mask fits (attention heads)
 
-    def mask_points(self) -> list[tuple[fx.Node, int]]:
-        """(node, dim) pairs after which one shared per-channel mask of ``size`` units realises
-        this group (see :func:`surgery.channels.points.mask_points`)."""
+    def mask_points(self) -> list[MaskPoint]:
+        """Where one shared per-channel mask of ``size`` units realises this group: (node, dim,
+        start) calls (see :func:`surgery.channels.points.mask_points`)."""
         return mask_points(self)
 
     def places(self) -> list[Place]:

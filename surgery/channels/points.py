@@ -6,6 +6,7 @@ producer's only reader; on the head axis of attention's output for attention hea
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -16,31 +17,46 @@ from torch import nn
 from ..graph import submodule
 from ..pipeline import UnitMask
 
-__all__ = ["mask_points", "data_users", "is_trailing", "adds_parameter"]
+__all__ = ["MaskPoint", "mask_points", "data_users", "is_trailing", "adds_parameter"]
 
 
-def mask_points(group) -> list[tuple[fx.Node, int]]:
-    """(node, dim) pairs after which one shared per-channel mask of ``group.size`` units
-    realises the group: after each producer and its trailing single-user BN/activation chain, and
-    after each op that adds a parameter of the model to the channels (a position embedding:
-    ``x + pos`` is not zero where x is) or shifts them (a BatchNorm on the stream).
+class MaskPoint(NamedTuple):
+    """A mask's call after `node`, its units on axis `dim` (from the end where the node's rank is
+    known); `runs` where the axis carries some of the group's channels, ``((a, b), ...)``: channels
+    a .. b - 1, then the next run's (see :class:`surgery.pipeline.UnitMask`); None where it carries
+    all of them in order."""
 
-    Only producers that carry every channel of the group in group order (or in group order
-    several times over, :func:`_tiled`) are listed (true for convolutional and residual
-    streams). Where a producer carries part of the group, or
-    repeats its channels (each attention head spans head_dim outputs of q, k and v), the points
-    the rules recorded serve instead (a head axis: :mod:`.rules.attention`), else the readers'
-    inputs (:func:`_reader_points`); a frozen group has none.
+    node: fx.Node
+    dim: int
+    runs: Optional[tuple[tuple[int, int], ...]] = None
+
+
+def mask_points(group) -> list[MaskPoint]:
+    """Where one shared per-channel mask of ``group.size`` units realises the group: after each
+    producer and its trailing single-user BN/activation chain, and after each op that adds a
+    parameter of the model to the channels (a position embedding: ``x + pos`` is not zero where
+    x is) or shifts them (a BatchNorm on the stream).
+
+    Producers that carry every channel of the group in group order (or in group order several
+    times over, :func:`_tiled`) take the whole mask (convolutional and residual streams); one
+    that carries runs of the group's channels and nothing else takes those runs of the mask (the
+    layers of a dense block, whose concatenation one norm reads; DPN's 1x1 conv, split between
+    its residual and its dense path: :func:`_runs`). Where a producer
+    carries channels otherwise (each attention head spans head_dim outputs of q, k and v), the
+    points the rules recorded serve instead (a head axis: :mod:`.rules.attention`), else the
+    readers' inputs (:func:`_reader_points`); a frozen group has none.
     """
     if group.frozen:
         return []
-    points = []
     whole = lambda p: len(p.channels) == group.size and np.array_equal(p.channels, np.arange(group.size))  # noqa: E731
-    added = [p for p in group.locals if p.params and (adds_parameter(p.node) or _shifts(p)) and whole(p)]
-    if not all(whole(p) or _tiled(p, group.size) for p in group.producers):
-        heads = [(p.node, p.dim - len(p.node.meta["shape"])) for p in group.points if whole(p)]
+    runs = {id(p): None if whole(p) or _tiled(p, group.size) else _runs(p) for p in group.producers}
+    if any(r == () for r in runs.values()):
+        heads = [MaskPoint(p.node, p.dim - len(p.node.meta["shape"])) for p in group.points if whole(p)]
         return list(dict.fromkeys(heads)) if heads else _reader_points(group, whole)
-    for p in group.producers + added:
+    added = [p for p in group.locals if p.params and (adds_parameter(p.node) or _shifts(p))]
+    runs.update({id(p): None if whole(p) else _runs(p) for p in added})
+    points = []
+    for p in group.producers + [p for p in added if runs[id(p)] != ()]:
         node = p.node
         while len(users := data_users(node)) == 1:
             if not is_trailing(users[0], node):
@@ -50,8 +66,24 @@ def mask_points(group) -> list[tuple[fx.Node, int]]:
         shape = node.meta.get("shape")
         if isinstance(shape, torch.Size) and dim >= 0:
             dim = dim - len(shape)  # from the end, so one mask fits any batch shape
-        points.append((node, dim))
+        points.append(MaskPoint(node, dim, runs[id(p)]))
     return list(dict.fromkeys(points))
+
+
+_MAX_RUNS = 16  # more, and a mask's call would spell out a scatter of channels: no mask there
+
+
+def _runs(p) -> tuple[tuple[int, int], ...]:
+    """The runs of consecutive group channels a place's axis holds, ``((a, b), ...)`` for channels
+    a .. b - 1, where it holds the group's channels only, in at most :data:`_MAX_RUNS` runs; () otherwise."""
+    c = p.channels
+    if len(c) == 0 or (c < 0).any():
+        return ()
+    cuts = np.flatnonzero(np.diff(c) != 1) + 1
+    if len(cuts) >= _MAX_RUNS:
+        return ()
+    starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(c)]])
+    return tuple((int(c[s]), int(c[e - 1]) + 1) for s, e in zip(starts, ends))
 
 
 def _shifts(p) -> bool:
@@ -69,7 +101,7 @@ def _tiled(p, size: int) -> bool:
     return k > 1 and len(p.channels) == k * size and np.array_equal(p.channels, np.tile(np.arange(size), k))
 
 
-def _reader_points(group, whole) -> list[tuple[fx.Node, int]]:
+def _reader_points(group, whole) -> list[MaskPoint]:
     """Where no producer carries the group whole (a fused projection split into parts: Phi-3's
     gate_up_proj, whose halves a SwiGLU couples position by position), a mask goes on every
     reader's input instead, if each carries the group whole (``act(gate) * up`` before down)."""
@@ -79,7 +111,7 @@ def _reader_points(group, whole) -> list[tuple[fx.Node, int]]:
         shape = src.meta.get("shape") if isinstance(src, fx.Node) else None
         if not whole(r) or not isinstance(shape, torch.Size):
             return []
-        points.append((src, r.dim - len(shape) if r.dim >= 0 else r.dim))
+        points.append(MaskPoint(src, r.dim - len(shape) if r.dim >= 0 else r.dim))
     return list(dict.fromkeys(points))
 
 

@@ -158,10 +158,11 @@ class Editor:
             g = (gm := node.graph.owning_module).graph
             m = submodule(gm, str(node.target))
             inp = node.args[0]
-            f = m.factors().detach()
             lay = self.cg.layouts.get(inp)
             nd = len(node.meta["shape"])
             dim = node.kwargs.get("dim", m.dim) % nd
+            runs = node.kwargs.get("runs")  # some of the units only: their factors, as one mask of them
+            f = m.factors_at(node.meta["shape"][dim], runs=runs)
             tile = node.kwargs.get("tile", 1)
             if isinstance(lay, np.ndarray) and lay.shape[dim] == len(f) * tile:
                 # one channel per position along dim (a head's channel is constant along its other axes)

@@ -54,9 +54,9 @@ class Decider:
         cg = self.cg
         for p in cg.places:
             if p.role == "mask":
-                f = submodule(p.node.graph.owning_module, str(p.node.target)).factors().detach().cpu().numpy()
-                if len(f) != len(p.ids) and len(f) and len(p.ids) % len(f) == 0:
-                    f = np.tile(f, len(p.ids) // len(f))  # a mask called with tile=k: its units k times over
+                m = submodule(p.node.graph.owning_module, str(p.node.target))
+                kw = p.node.kwargs  # a call with tile=k holds its units k times over; one with runs, some of them
+                f = m.factors_at(len(p.ids), kw.get("tile", 1), kw.get("runs")).cpu().numpy()
                 self.candidate[self.chan[p.ids[f == 0]]] = True
         frozen: dict[str, list[int]] = {}
         for c, r in cg.frozen_chan.items():

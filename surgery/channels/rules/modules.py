@@ -29,7 +29,8 @@ def mask_rule(ctx: RuleContext):
         return None
     dim = ctx.node.kwargs.get("dim", m.dim) % ids.ndim  # a call may name its own axis
     v = _vals(ctx, ctx.x, ids)
-    f = m.factors().detach().double().cpu().numpy()
+    runs = ctx.node.kwargs.get("runs")  # some of the units only: their factors
+    f = m.factors_at(ids.shape[dim], runs=runs).double().cpu().numpy()
     tile = ctx.node.kwargs.get("tile", 1)
     if tile > 1 and ids.shape[dim] == len(f) * tile:
         # the units `tile` times over on the axis: one factor for each unit's copies, one channel
