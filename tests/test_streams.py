@@ -301,6 +301,33 @@ def test_a_mask_goes_after_a_position_embedding_too():
     assert small.get_submodule("embed").out_features == 4 and small.pos.shape == (5, 4)
 
 
+class MixerBlock(nn.Module):
+    """MLP-Mixer's block: a Linear over the tokens mixes each channel's positions (channel-local),
+    its bias making a masked channel nonzero on the stream; the channel MLP reads the stream."""
+
+    def __init__(self, tokens=6, d=8):
+        super().__init__()
+        self.embed, self.tok, self.fc = nn.Linear(4, d), nn.Linear(tokens, tokens), nn.Linear(d, d)
+        self.norm1, self.norm2, self.head = nn.LayerNorm(d), nn.LayerNorm(d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.tok(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.fc(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+def test_a_biased_linear_over_the_tokens_takes_a_mask_so_the_stream_goes():
+    x = torch.randn(2, 6, 4)
+    gm = surgery.capture(MixerBlock(), (x,))
+    (stream,) = [g for g in surgery.channels.channel_groups(gm) if g.size == 8 and not g.frozen]
+    assert ("tok", -2) in {(p.node.name, p.dim) for p in stream.mask_points()}
+    masked, small = _prune(MixerBlock(), x)
+    # the stream keeps 4 of 8: embed 4x4+4, the norms 2x(4+4), tok whole (6x6+6), fc 4x4+4, head 3x4+3
+    assert n_params(MixerBlock()) == 40 + 32 + 42 + 72 + 27
+    assert n_params(small) == 20 + 16 + 42 + 20 + 15
+
+
 class ClassTokenSwap(nn.Module):
     """CrossViT's fusion: a class token projected from elsewhere joins the stream's patch tokens
     (a cat along the tokens), and a LayerNorm reads the result. Both parts are zero where masked,

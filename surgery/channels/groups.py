@@ -51,7 +51,9 @@ class Place:
     """Where a group's channels live at one op.
 
     ``role`` is "producer" (the op creates the channels on its output), "local" (the op keeps
-    them channel by channel) or "reader" (the op mixes them, reading its input ``arg``).
+    them channel by channel), "shift" (a local op with nothing of ours to cut that maps a zero
+    channel to a constant: a Linear with a bias over the tokens) or "reader" (the op mixes them,
+    reading its input ``arg``).
     ``dim`` is the axis of that tensor, ``channels[p]`` the group channel at position ``p`` along
     it (-1 where the position belongs to another group).
     """
@@ -87,6 +89,7 @@ class ChannelGroup:
     masks: list[Place] = field(default_factory=list)
     graph: str = ""
     points: list[Place] = field(default_factory=list)  # where rules say one mask fits (attention heads)
+    shifts: list[Place] = field(default_factory=list)  # channel-local ops that map zero to a constant: masks after
 
     def mask_points(self) -> list[MaskPoint]:
         """Where one shared per-channel mask of ``size`` units realises this group: (node, dim,
@@ -287,7 +290,8 @@ class ChannelGraph:
             gids, first = np.unique(self.chan_group[chans], return_index=True)
             for gi, k in zip(gids.tolist(), first.tolist()):
                 groups[gi].frozen = frozen_chan[int(chans[k])]
-        buckets = {"producer": "producers", "local": "locals", "reader": "readers", "mask": "masks", "point": "points"}
+        buckets = {"producer": "producers", "local": "locals", "reader": "readers", "mask": "masks", "point": "points",
+                   "shift": "shifts"}
         # every place's channels at once (numpy calls on small arrays cost microseconds each)
         place_sizes = np.fromiter((p.ids.size for p in self.places), dtype=np.int64, count=len(self.places))
         ends = np.cumsum(place_sizes)

@@ -35,7 +35,7 @@ def mask_points(group) -> list[MaskPoint]:
     """Where one shared per-channel mask of ``group.size`` units realises the group: after each
     producer and its trailing single-user BN/activation chain, and after each op that adds a
     parameter of the model to the channels (a position embedding: ``x + pos`` is not zero where
-    x is) or shifts them (a BatchNorm on the stream).
+    x is) or shifts them (a BatchNorm on the stream, a Linear with a bias over the tokens).
 
     Producers that carry every channel of the group in group order (or in group order several
     times over, :func:`_tiled`) take the whole mask (convolutional and residual streams); one
@@ -53,7 +53,7 @@ def mask_points(group) -> list[MaskPoint]:
     if any(r == () for r in runs.values()):
         heads = [MaskPoint(p.node, p.dim - len(p.node.meta["shape"])) for p in group.points if whole(p)]
         return list(dict.fromkeys(heads)) if heads else _reader_points(group, whole)
-    added = [p for p in group.locals if p.params and (adds_parameter(p.node) or _shifts(p))]
+    added = [p for p in group.locals if p.params and (adds_parameter(p.node) or _shifts(p))] + group.shifts
     runs.update({id(p): None if whole(p) else _runs(p) for p in added})
     points = []
     for p in group.producers + [p for p in added if runs[id(p)] != ()]:

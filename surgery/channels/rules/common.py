@@ -54,7 +54,13 @@ def _linear(ctx, ids, rparams, rattrs, pparams, pattrs, arg: int = 0):
     if ids is not None:
         v = varying(ids)
         if v and ids.ndim - 1 not in v:
-            return ids, None  # a Linear over an axis the channels do not vary on is channel-local
+            # a Linear over an axis the channels do not vary on is channel-local (MLP-Mixer's token
+            # mixing); with a bias it maps a zero channel to that bias, so the group's mask goes
+            # after it too (see points.mask_points)
+            if len(v) == 1 and any(n == "bias" and isinstance(getattr(o, n, None), torch.Tensor)
+                                   for o, n, _ in pparams):
+                ctx.place("shift", ids, v[0])
+            return ids, None
         _reads_last_axis(ctx, ids, rparams, rattrs, arg)
     return ctx.new_space(-1, params=pparams, attrs=pattrs)
 
