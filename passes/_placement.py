@@ -169,16 +169,19 @@ def tensor_sites(gm: fx.GraphModule, select: Selector, exclude: Selector, owner:
 
 
 def axis_kwargs(node: fx.Node, dim: int, mask_dim: int, units: int | None = None,
-                runs: tuple[tuple[int, int], ...] | None = None) -> dict[str, Any]:
+                runs: tuple[tuple[int, int], ...] | None = None, each: int = 1) -> dict[str, Any]:
     """The keyword arguments of a mask's call at `node` with its `units` on axis `dim`: ``dim``
     unless that is the mask's own axis, ``runs`` where the axis holds some of the units only,
-    and ``tile`` where it holds them several times over (see :class:`surgery.pipeline.UnitMask`)."""
+    ``each`` where it holds each unit several times in a row, and ``tile`` where it holds them
+    several times over (see :class:`surgery.pipeline.UnitMask`)."""
     shape = node.meta.get("shape")
     rank = len(shape) if isinstance(shape, torch.Size) else None
     same = dim == mask_dim or rank is not None and dim % rank == mask_dim % rank
     kw = {} if same else {"dim": dim}
     if runs is not None:
         kw["runs"] = runs
+    elif each > 1:
+        kw["each"] = each
     elif units and rank is not None and shape[dim] != units and shape[dim] % units == 0:
         kw["tile"] = shape[dim] // units
     return kw
@@ -190,7 +193,7 @@ def call_after(point: MaskPoint, target: str, mask: nn.Module) -> fx.Node:
     node, g = point.node, point.node.graph
     with g.inserting_after(node):
         new = g.call_module(target, (node,), axis_kwargs(node, point.dim, getattr(mask, "dim", point.dim),
-                                                         getattr(mask, "units", None), point.runs))
+                                                         getattr(mask, "units", None), point.runs, point.each))
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     new.meta.update({k: v for k, v in node.meta.items() if k in ("shape", "dtype")})
     return new

@@ -68,8 +68,8 @@ class GumbelGate(UnitMask):
         return hard + (soft - soft.detach())  # exactly `hard` forward, the soft gradient backward
 
     def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1,
-                runs: Optional[List[Tuple[int, int]]] = None) -> Tensor:
-        return x * self.unit_factors(x, self.gate(), dim, tile, runs)
+                runs: Optional[List[Tuple[int, int]]] = None, each: int = 1) -> Tensor:
+        return x * self.unit_factors(x, self.gate(), dim, tile, runs, each)
 
     def penalty(self) -> Tensor:
         return self.weight * whole(self.logits).sum()

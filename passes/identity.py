@@ -23,8 +23,8 @@ class OnesMask(UnitMask):
         return torch.ones(self.units)
 
     def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1,
-                runs: Optional[List[Tuple[int, int]]] = None) -> Tensor:
-        self.shape_for(x, dim, tile, runs)
+                runs: Optional[List[Tuple[int, int]]] = None, each: int = 1) -> Tensor:
+        self.shape_for(x, dim, tile, runs, each)
         return x
 
 

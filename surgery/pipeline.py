@@ -87,7 +87,7 @@ class UnitMask(nn.Module):
     A call may also cover some of the units only, ``mask(x, runs=((a, b), (c, d)))``: the axis
     holds units ``a .. b - 1`` and then ``c .. d - 1`` (a tensor that carries part of the
     decision's channels, as each layer's output does in a dense block whose concatenation one norm
-    reads, or some of them twice).
+    reads, or some of them twice); ``mask(x, each=k)``: each unit k times in a row.
     """
 
     def __init__(self, units: int, dim: int):
@@ -101,7 +101,7 @@ class UnitMask(nn.Module):
         raise NotImplementedError
 
     def shape_for(self, x: Tensor, dim: Optional[int] = None, tile: int = 1,
-                  runs: Optional[List[Tuple[int, int]]] = None) -> list[int]:
+                  runs: Optional[List[Tuple[int, int]]] = None, each: int = 1) -> list[int]:
         axis = self.dim if dim is None else dim
         dim = axis if axis >= 0 else x.dim() + axis
         n = x.shape[dim]
@@ -114,35 +114,45 @@ class UnitMask(nn.Module):
             if held != n:
                 raise SurgeryError(f"{type(self).__name__}: runs of {held} units on dim {axis}, got a tensor of "
                                    f"shape {tuple(x.shape)}")
-        elif n != self.units * tile:
-            raise SurgeryError(f"{type(self).__name__}: expected {self.units} units" + (f" {tile} times" if tile > 1
-                               else "") + f" on dim {axis}, got a tensor of shape {tuple(x.shape)}")
+        elif n != self.units * tile * each:
+            copies = f" {tile} times" if tile > 1 else f", each {each} times" if each > 1 else ""
+            raise SurgeryError(f"{type(self).__name__}: expected {self.units} units{copies} on dim {axis}, got a "
+                               f"tensor of shape {tuple(x.shape)}")
         shape = [1] * x.dim()
         shape[dim] = n
         return shape
 
     def unit_factors(self, x: Tensor, f: Tensor, dim: Optional[int] = None, tile: int = 1,
-                     runs: Optional[List[Tuple[int, int]]] = None) -> Tensor:
+                     runs: Optional[List[Tuple[int, int]]] = None, each: int = 1) -> Tensor:
         """Per-unit factors `f` shaped to multiply `x` along the unit axis; with `tile`, the axis
         holds the units `tile` times over (Swin's patch merging joins four copies of each channel);
-        with `runs`, those runs of them."""
-        shape = self.shape_for(x, dim, tile, runs)
-        f = f.to(x.dtype)
-        if runs is not None:
-            return torch.cat([f[a:b] for a, b in runs]).reshape(shape)
-        return (f.repeat(tile) if tile > 1 else f).reshape(shape)
+        with `runs`, those runs of them; with `each`, each unit `each` times in a row (a grouped
+        convolution that makes several outputs of each input channel, PiT's pooling)."""
+        shape = self.shape_for(x, dim, tile, runs, each)
+        return self._spread(f.to(x.dtype), tile, runs, each).reshape(shape)
 
-    def factors_at(self, length: int, tile: int = 1, runs: Optional[List[Tuple[int, int]]] = None) -> Tensor:
+    def factors_at(self, length: int, tile: int = 1, runs: Optional[List[Tuple[int, int]]] = None,
+                   each: int = 1) -> Tensor:
         """The factors a call applies along its axis of `length` positions (see ``forward``'s
-        `tile` and `runs`), detached: what the channel analysis and Shrink read of one call."""
+        `tile`, `runs` and `each`), detached: what the channel analysis and Shrink read of one
+        call. A `length` of the units alone gives them once (the analysis records one place
+        per unit)."""
         f = self.factors().detach()
+        if runs is None and len(f) == length:
+            return f
+        return self._spread(f, tile, runs, each)
+
+    @staticmethod
+    def _spread(f: Tensor, tile: int, runs: Optional[List[Tuple[int, int]]], each: int) -> Tensor:
         if runs is not None:
             return torch.cat([f[a:b] for a, b in runs])
-        return f.repeat(tile) if tile > 1 and len(f) * tile == length else f
+        if each > 1:
+            return f.repeat_interleave(each)
+        return f.repeat(tile) if tile > 1 else f
 
     def forward(self, x: Tensor, dim: Optional[int] = None, tile: int = 1,
-                runs: Optional[List[Tuple[int, int]]] = None) -> Tensor:
-        return x * self.unit_factors(x, self.factors(), dim, tile, runs)
+                runs: Optional[List[Tuple[int, int]]] = None, each: int = 1) -> Tensor:
+        return x * self.unit_factors(x, self.factors(), dim, tile, runs, each)
 
     def kept(self) -> Tensor:
         return self.factors().detach() != 0

@@ -188,7 +188,7 @@ def test_a_head_mask_zeroes_whole_heads_of_the_attention_output():
     model = Attention(kv_heads=2, mode="eager")
     x = torch.randn(2, 7, 24)
     (group,) = [g for g in channel_groups(surgery.capture(model, (x,))) if g.size == 2]
-    (node, dim, _), = group.mask_points()  # one mask: on v's 2 heads, before they are repeated for 8
+    (node, dim, *_), = group.mask_points()  # one mask: on v's 2 heads, before they are repeated for 8
     assert node.meta["shape"][dim] == 2 and all(s != 8 for s in node.meta["shape"])
 
 

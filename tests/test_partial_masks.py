@@ -152,3 +152,45 @@ def test_a_call_whose_runs_do_not_match_the_tensor_names_both():
     x = torch.randn(2, 4)
     f = torch.tensor([1.0, 0.0, 2.0, 3.0, 0.5, 0.0])
     assert torch.equal(Scale(f, 1)(x, runs=((1, 3), (4, 6))), x * torch.tensor([0.0, 2.0, 0.5, 0.0]))
+
+
+class Widening(nn.Module):
+    """FastViT's and PiT's downsampling: a grouped convolution makes two outputs of each input
+    channel, so the next stage's channels come in pairs of the first stage's."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.b0 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+        self.down = nn.Conv2d(4, 8, 3, padding=1, groups=4)
+        self.b1, self.head = nn.Conv2d(8, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.b0(F.relu(x))
+        y = self.down(x)
+        y = y + self.b1(F.relu(y))
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_stage_holding_each_channel_twice_takes_the_mask_twice_in_a_row():
+    x = torch.randn(2, 3, 8, 8)
+    gm = surgery.capture(Widening().eval(), (x,))
+    points = {p.node.name: (p.runs, p.each) for p in _group(gm, 4).mask_points()}
+    assert points == {"stem": (None, 1), "b0": (None, 1), "down": (None, 2), "b1": (None, 2)}
+    masked = surgery.compress(Widening().eval(), [ChannelPrune(ratio=0.5)], (x,))
+    calls = [n.kwargs for n in masked.graph.nodes if n.op == "call_module" and "prune" in str(n.target)]
+    assert sorted(kw.get("each", 1) for kw in calls) == [1, 1, 2, 2]
+    small = surgery.compress(masked, [Shrink()], (x,))
+    x2 = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x2), masked(x2), rtol=1e-5, atol=1e-5)
+    # 2 of 4 channels, and their 4 of 8 outputs: stem 2x3+2, b0 2x2+2, down 4x1x9+4, b1 4x4+4, head 3x4+3
+    assert (n_params(Widening()), n_params(small)) == (16 + 20 + 80 + 72 + 27, 8 + 6 + 40 + 20 + 15)
+
+
+def test_a_call_with_each_repeats_every_factor_in_a_row():
+    f = torch.tensor([1.0, 0.0, 2.0])
+    x = torch.randn(2, 6)
+    assert torch.equal(Scale(f, 1)(x, each=2), x * torch.tensor([1.0, 1.0, 0.0, 0.0, 2.0, 2.0]))
+    with pytest.raises(SurgeryError, match=r"Scale: expected 3 units, each 2 times on dim 1, got a tensor of shape"):
+        Scale(f, 1)(torch.randn(2, 4), each=2)

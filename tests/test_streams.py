@@ -328,6 +328,27 @@ def test_a_biased_linear_over_the_tokens_takes_a_mask_so_the_stream_goes():
     assert n_params(small) == 20 + 16 + 42 + 20 + 15
 
 
+class CountedClassToken(nn.Module):
+    """PiT's tokens: the class token, expanded to the batch, is counted (``shape[1]``) as well as
+    joined to the patch tokens; the count reads the tokens' axis, not the channels'."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Linear(4, d), nn.LayerNorm(d), nn.Linear(d, 3)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+
+    def forward(self, x):
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        n = cls.shape[1]
+        x = self.norm(torch.cat((cls, self.embed(x)), dim=1))
+        return self.head(x[:, :n].squeeze(1))
+
+
+def test_a_class_token_whose_count_of_tokens_is_read_still_loses_channels():
+    masked, small = _prune(CountedClassToken(), torch.randn(2, 5, 4))
+    assert small.cls.shape == (1, 1, 4) and small.get_submodule("embed").out_features == 4
+
+
 class ClassTokenSwap(nn.Module):
     """CrossViT's fusion: a class token projected from elsewhere joins the stream's patch tokens
     (a cat along the tokens), and a LayerNorm reads the result. Both parts are zero where masked,

@@ -276,7 +276,7 @@ def check_tensor_uses(cg: ChannelGraph) -> None:
         for g in reads.get(tid, ()) if reason is None else ():
             if g in nodes:  # a read the rules track as channels (an Embedding's table): its uses are followed
                 continue
-            unfollowed = [u for u in g.users if not _followed(u, g, nodes) and not _reads_other_axes(u, g, dim)]
+            unfollowed = [u for u in g.users if not _followed(u, g, nodes, dim) and not _reads_other_axes(u, g, dim)]
             if unfollowed:
                 reason = (f"node {unfollowed[0].name!r} reads {g.target!r} as a whole tensor, which the channel "
                           f"rules do not follow along axis {dim}")
@@ -309,10 +309,11 @@ def _reads_other_axes(use: fx.Node, read: fx.Node, dim: int) -> bool:
     return use.op == "call_method" and use.target == "size" and len(use.args) == 2 and other(use.args[1])
 
 
-def _followed(use: fx.Node, read: fx.Node, nodes: set) -> bool:
+def _followed(use: fx.Node, read: fx.Node, nodes: set, dim: int) -> bool:
     """Whether a rule saw `use` of the get_attr `read`: a place at it, or at every use of a tensor
     computed from `read` element by element (Gemma's ``1.0 + weight.float()``, a frozen
-    BatchNorm's ``weight * (running_var + eps).rsqrt()``)."""
+    BatchNorm's ``weight * (running_var + eps).rsqrt()``) but those that read only sizes of axes
+    other than `dim` (PiT's ``cls_token.expand(B, -1, -1).shape[1]``, a count of tokens)."""
     if use in nodes:
         return True
     if use.op == "call_function" and use.target in (torch.cat, torch.concat) and use.users and \
@@ -320,4 +321,7 @@ def _followed(use: fx.Node, read: fx.Node, nodes: set) -> bool:
         return True  # parts of one bias, each cut where the layer that adds it is (BEiT's q/k/v biases)
     if _param_source(use) is not read and not any(s is read for s, _ in _param_tree(use) or ()):
         return False
-    return bool(use.users) and all(_followed(u, read, nodes) for u in use.users)
+    rank = read.meta.get("shape"), use.meta.get("shape")
+    same_axes = all(isinstance(r, torch.Size) for r in rank) and len(rank[0]) == len(rank[1])
+    return bool(use.users) and all(_followed(u, read, nodes, dim) or same_axes and _reads_other_axes(u, use, dim)
+                                   for u in use.users)

@@ -24,11 +24,13 @@ class MaskPoint(NamedTuple):
     """A mask's call after `node`, its units on axis `dim` (from the end where the node's rank is
     known); `runs` where the axis carries some of the group's channels, ``((a, b), ...)``: channels
     a .. b - 1, then the next run's (see :class:`surgery.pipeline.UnitMask`); None where it carries
-    all of them in order."""
+    all of them in order (`each` times in a row each, or in the group's order several times over:
+    the call's ``tile``, which :func:`passes._placement.axis_kwargs` reads off the shapes)."""
 
     node: fx.Node
     dim: int
     runs: Optional[tuple[tuple[int, int], ...]] = None
+    each: int = 1  # the axis holds each channel `each` times in a row
 
 
 def mask_points(group) -> list[MaskPoint]:
@@ -41,22 +43,29 @@ def mask_points(group) -> list[MaskPoint]:
     times over, :func:`_tiled`) take the whole mask (convolutional and residual streams); one
     that carries runs of the group's channels and nothing else takes those runs of the mask (the
     layers of a dense block, whose concatenation one norm reads; DPN's 1x1 conv, split between
-    its residual and its dense path: :func:`_runs`). Where a producer
-    carries channels otherwise (each attention head spans head_dim outputs of q, k and v), the
-    points the rules recorded serve instead (a head axis: :mod:`.rules.attention`), else the
-    readers' inputs (:func:`_reader_points`); a frozen group has none.
+    its residual and its dense path: :func:`_runs`); one that carries each channel k times in a
+    row takes the mask with ``each=k`` (a grouped convolution making k outputs of each input
+    channel: FastViT's and PiT's downsampling). Where a producer carries channels otherwise
+    (each attention head spans head_dim outputs of q, k and v), the points the rules recorded
+    serve instead (a head axis: :mod:`.rules.attention`), else the readers' inputs
+    (:func:`_reader_points`); a frozen group has none.
     """
     if group.frozen:
         return []
     whole = lambda p: len(p.channels) == group.size and np.array_equal(p.channels, np.arange(group.size))  # noqa: E731
-    runs = {id(p): None if whole(p) or _tiled(p, group.size) else _runs(p) for p in group.producers}
-    if any(r == () for r in runs.values()):
+    cover = {id(p): _cover(p, group.size) for p in group.producers}
+    if any(c != (None, 1) for c in cover.values()):
+        # the points the rules recorded come first: a head's q, k and v outputs hold each head
+        # head_dim times in a row, but zeros there do not take the head out of the scores
         heads = [MaskPoint(p.node, p.dim - len(p.node.meta["shape"])) for p in group.points if whole(p)]
-        return list(dict.fromkeys(heads)) if heads else _reader_points(group, whole)
+        if heads:
+            return list(dict.fromkeys(heads))
+        if any(c is None for c in cover.values()):
+            return _reader_points(group, whole)
     added = [p for p in group.locals if p.params and (adds_parameter(p.node) or _shifts(p))] + group.shifts
-    runs.update({id(p): None if whole(p) else _runs(p) for p in added})
+    cover.update({id(p): _cover(p, group.size) for p in added})
     points = []
-    for p in group.producers + [p for p in added if runs[id(p)] != ()]:
+    for p in group.producers + [p for p in added if cover[id(p)] is not None]:
         node = p.node
         while len(users := data_users(node)) == 1:
             if not is_trailing(users[0], node):
@@ -66,8 +75,21 @@ def mask_points(group) -> list[MaskPoint]:
         shape = node.meta.get("shape")
         if isinstance(shape, torch.Size) and dim >= 0:
             dim = dim - len(shape)  # from the end, so one mask fits any batch shape
-        points.append(MaskPoint(node, dim, runs[id(p)]))
+        points.append(MaskPoint(node, dim, *cover[id(p)]))
     return list(dict.fromkeys(points))
+
+
+def _cover(p, size: int) -> tuple[Optional[tuple[tuple[int, int], ...]], int] | None:
+    """How a mask's call covers a place's axis: ``(runs, each)`` for :class:`MaskPoint`, None
+    where no call can (see :func:`mask_points`)."""
+    c = p.channels
+    if len(c) == size and np.array_equal(c, np.arange(size)) or _tiled(p, size):
+        return None, 1
+    k = len(c) // size if size else 0
+    if k > 1 and len(c) == k * size and np.array_equal(c, np.repeat(np.arange(size), k)):
+        return None, k
+    runs = _runs(p)
+    return (runs, 1) if runs else None
 
 
 _MAX_RUNS = 16  # more, and a mask's call would spell out a scatter of channels: no mask there

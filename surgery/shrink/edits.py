@@ -163,15 +163,18 @@ class Editor:
             dim = node.kwargs.get("dim", m.dim) % nd
             runs = node.kwargs.get("runs")  # some of the units only: their factors, as one mask of them
             f = m.factors_at(node.meta["shape"][dim], runs=runs)
-            tile = node.kwargs.get("tile", 1)
-            if isinstance(lay, np.ndarray) and lay.shape[dim] == len(f) * tile:
+            tile, each = node.kwargs.get("tile", 1), node.kwargs.get("each", 1)
+            copies = max(tile, each)
+            if isinstance(lay, np.ndarray) and lay.shape[dim] == len(f) * copies:
                 # one channel per position along dim (a head's channel is constant along its other axes)
-                line = np.moveaxis(lay, dim, 0).reshape(len(f) * tile, -1)[:len(f), 0]
-                kept = self.kept_line(line)
+                line = np.moveaxis(lay, dim, 0).reshape(len(f) * copies, -1)[:, 0]
+                kept = self.kept_line(line[::each] if each > 1 else line[:len(f)])
                 if not kept.all():
                     f = f.index_select(0, torch.from_numpy(np.flatnonzero(kept)).to(f.device))
             if tile > 1:
                 f = f.repeat(tile)  # the units' copies alike
+            elif each > 1:
+                f = f.repeat_interleave(each)
             if bool((f == 1).all()) or self._fold_back(inp, node, f, dim) or self._fold_forward(node, f, dim, nd):
                 node.replace_all_uses_with(inp)
                 g.erase_node(node)

@@ -56,7 +56,7 @@ class Decider:
             if p.role == "mask":
                 m = submodule(p.node.graph.owning_module, str(p.node.target))
                 kw = p.node.kwargs  # a call with tile=k holds its units k times over; one with runs, some of them
-                f = m.factors_at(len(p.ids), kw.get("tile", 1), kw.get("runs")).cpu().numpy()
+                f = m.factors_at(len(p.ids), kw.get("tile", 1), kw.get("runs"), kw.get("each", 1)).cpu().numpy()
                 self.candidate[self.chan[p.ids[f == 0]]] = True
         frozen: dict[str, list[int]] = {}
         for c, r in cg.frozen_chan.items():

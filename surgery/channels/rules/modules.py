@@ -31,14 +31,16 @@ def mask_rule(ctx: RuleContext):
     v = _vals(ctx, ctx.x, ids)
     runs = ctx.node.kwargs.get("runs")  # some of the units only: their factors
     f = m.factors_at(ids.shape[dim], runs=runs).double().cpu().numpy()
-    tile = ctx.node.kwargs.get("tile", 1)
-    if tile > 1 and ids.shape[dim] == len(f) * tile:
-        # the units `tile` times over on the axis: one factor for each unit's copies, one channel
-        first = np.take(ids, range(len(f)), axis=dim)
-        ctx.couple(ids, np.concatenate([first] * tile, axis=dim))
-        f = np.tile(f, tile)
+    tile, each = ctx.node.kwargs.get("tile", 1), ctx.node.kwargs.get("each", 1)
+    if max(tile, each) > 1 and ids.shape[dim] == len(f) * max(tile, each):
+        # the units `tile` times over on the axis, or each `each` times in a row: one factor for
+        # each unit's copies, one channel
+        units_at = range(len(f)) if tile > 1 else range(0, len(f) * each, each)
+        first = np.take(ids, units_at, axis=dim)
+        ctx.couple(ids, np.concatenate([first] * tile, axis=dim) if tile > 1 else np.repeat(first, each, axis=dim))
+        f = np.tile(f, tile) if tile > 1 else np.repeat(f, each)
     else:
-        first = None
+        units_at = None
     if ids.shape[dim] != len(f):
         if ids.shape[dim] == 1 and not any(s > 1 for s in ids.shape):
             pass  # one channel broadcast: the mask scales positions we do not track
@@ -55,7 +57,7 @@ def mask_rule(ctx: RuleContext):
     shape[dim] = len(f)
     fb = f.reshape(shape)
     out = np.where(fb == 0, 0.0, v * fb)
-    ctx.place("mask", line if first is None else np.take(line, range(len(f) // tile), axis=dim), dim)
+    ctx.place("mask", line if units_at is None else np.take(line, units_at, axis=dim), dim)
     return ids, out
 
 
