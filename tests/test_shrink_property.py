@@ -1,7 +1,8 @@
 """Property test: Shrink is exact on random small DAGs of conv/BN/ReLU/add/cat/flatten/linear,
-channels-last LayerNorms and RMSNorms (module and decomposed), gated units (silu(g) * u),
-single-head and multi-head (grouped-query, eager or SDPA) attention over the pixels, with random masks (few examples here; benchmarks/shrink_property.py
-runs hundreds)."""
+channels-last LayerNorms and RMSNorms (module and decomposed), one norm over a cat (masks over
+runs of a group's units), convs making two outputs of each channel (masks with each=2), gated
+units (silu(g) * u), single-head and multi-head (grouped-query, eager or SDPA) attention over the
+pixels, with random masks (few examples here; benchmarks/shrink_property.py runs hundreds)."""
 from __future__ import annotations
 
 import torch
@@ -39,6 +40,8 @@ class RandomDag(nn.Module):
                 chans.append(chans[a])
             elif op == "cat":
                 chans.append(chans[a] + chans[b])
+                if arg:  # one norm over the joined parts: a dense block's group, masked by runs
+                    self.layers[str(i)] = nn.LayerNorm(chans[-1])
             elif op in ("ln", "rms"):
                 norm = nn.LayerNorm(chans[a]) if op == "ln" else nn.RMSNorm(chans[a], eps=1e-5)
                 with torch.no_grad():
@@ -77,6 +80,8 @@ class RandomDag(nn.Module):
                 ts.append(ts[a] + ts[b])
             elif op == "cat":
                 ts.append(torch.cat([ts[a], ts[b]], 1))
+                if arg:
+                    ts[-1] = self.layers[str(i)](ts[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             elif op in ("ln", "rms"):  # channels-last, as ConvNeXt and transformers normalise
                 ts.append(self.layers[str(i)](ts[a].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
             elif op == "rms_decomposed":  # Hugging Face's RMSNorm over the channel axis
@@ -116,7 +121,8 @@ def draw_dag(data, hw: int = 4) -> RandomDag:
         if op == "conv":
             k = data.draw(st.sampled_from([1, 3]))
             dw = chans[a] > 3 and data.draw(st.booleans())
-            out = chans[a] if dw else data.draw(st.sampled_from([2, 4, 6, 8]))
+            # a depthwise conv, or one making two outputs of each channel (PiT, FastViT: `each` masks)
+            out = chans[a] * data.draw(st.sampled_from([1, 2])) if dw else data.draw(st.sampled_from([2, 4, 6, 8]))
             spec.append(("conv", a, None, (k, out, chans[a] if dw else 1)))
             chans.append(out)
         elif op == "add":
@@ -126,8 +132,12 @@ def draw_dag(data, hw: int = 4) -> RandomDag:
             spec.append(("add", a, data.draw(st.sampled_from(same)), None))
             chans.append(chans[a])
         elif op == "cat":
-            b = data.draw(st.integers(0, len(chans) - 1))
-            spec.append(("cat", a, b, None))
+            norm = len(chans) > 2 and data.draw(st.booleans())
+            if norm:  # two computed parts, one norm over both (the input's channels stay whole)
+                a, b = (data.draw(st.integers(1, len(chans) - 1)) for _ in "ab")
+            else:
+                b = data.draw(st.integers(0, len(chans) - 1))
+            spec.append(("cat", a, b, norm))
             chans.append(chans[a] + chans[b])
         elif op == "bn" and a > 0:
             spec.append(("bn", a, None, None))
