@@ -158,6 +158,9 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
                 frontier.append((u, None, axis, read))
             elif u.op == "call_function" and u.target in _ARITH:
                 frontier.append((u, None, None, read))
+            elif axis is not None and (same := _asserted_equal(g, u, node, lay, axis)) is not None:
+                if len(same):
+                    pairs.append(same)
             elif fixes is not None and len(vary) > 1 and read is not None and u.target is operator.getitem \
                     and u.args[0] is tensor:
                 fixes.append(read)  # x[..., :x.shape[-1] // 2]: the getitem rule keeps that axis whole
@@ -214,6 +217,41 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
             else:
                 return u, []
     return None, pairs
+
+
+def _count_read(g, node: Any) -> tuple[np.ndarray, int] | None:
+    """(layout, axis) of the tensor whose length along one axis `node` reads, directly
+    (``x.shape[k]``, ``x.size(k)``); None for anything else."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr and src.args[1] == "shape":
+            tensor, k = src.args[0], node.args[1]
+        else:
+            return None
+    elif node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
+        tensor, k = node.args
+    else:
+        return None
+    lay = g.layouts.get(tensor)
+    return (lay, k % lay.ndim) if isinstance(lay, np.ndarray) else None
+
+
+def _asserted_equal(g, u: fx.Node, node: fx.Node, lay: np.ndarray, axis: int) -> tuple | None:
+    """Where `u` compares the count `node` (of `lay`'s `axis`) for equality with another tensor's
+    count of as many channels, only to assert it (timm's GCViT: ``_assert(x.shape[-1] ==
+    q.shape[-1])``): the element pairs that keep the two counts equal (empty where they count the
+    same channels); None for any other use."""
+    if u.op != "call_function" or u.target not in (operator.eq, operator.ne) or len(u.args) != 2 or \
+            not u.users or any(w.target is not torch._assert for w in u.users):
+        return None
+    other = _count_read(g, u.args[1] if u.args[0] is node else u.args[0])
+    a = _line(lay, axis)
+    b = _line(*other) if other is not None else None
+    if a is None or b is None or len(a) != len(b):
+        return None
+    return () if np.array_equal(np.sort(a), np.sort(b)) else (a, b)
 
 
 def _is_shape_arg_use(u: fx.Node, v: fx.Node) -> bool:

@@ -1,10 +1,12 @@
-"""Ops that copy a tensor's entries, fill them, or look them up: ``repeat`` (tiles), ``gather``
+"""Ops that copy a tensor's entries, fill them, or look them up: ``repeat`` (tiles),
+``repeat_interleave`` (each entry several times in a row), ``gather``
 (reads positions an index names), ``zeros_like`` and its kin (x's shape, one value). Each keeps
 x's channels on the axes it does not rearrange."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.fx as fx
 
 from ..rulebook import RuleContext, register_rule, varying
 
@@ -27,6 +29,33 @@ def repeat_rule(ctx: RuleContext):
     v = ctx.values(ctx.x)
     carried = np.tile(v.reshape(lay.shape), tiles) if v is not None and v.size == lay.size else None
     return np.tile(lay, tiles), carried
+
+
+def repeat_interleave_rule(ctx: RuleContext):
+    """``x.repeat_interleave(k, dim)``: each position along `dim` k times in a row. Along an axis
+    the channels do not vary on they pass through, whatever the counts (GCViT's global query,
+    repeated along the batch for each window); along theirs each channel holds k neighbouring
+    positions (an int k). Without a dim (the result flattened), or with counts per position
+    along the channels' axis, they freeze."""
+    a, kw = ctx.node.args, ctx.node.kwargs
+    lay, out, src = ctx.ids(ctx.x), ctx.shape(), ctx.shape(ctx.x)
+    if lay is None:
+        return None
+    dim = a[2] if len(a) > 2 else kw.get("dim")
+    repeats = a[1] if len(a) > 1 else kw.get("repeats")
+    if not isinstance(dim, int) or out is None or src is None or len(out) != len(src):
+        ctx.freeze(lay, f"{ctx.describe()} flattens what it repeats, or has no recorded shapes")
+        return None
+    dim %= lay.ndim
+    v = ctx.values(ctx.x)
+    if dim not in varying(lay):
+        return lay, v
+    if isinstance(repeats, fx.Node) and isinstance(ctx.shape(repeats), torch.Size) and len(ctx.shape(repeats)):
+        ctx.freeze(lay, f"{ctx.describe()} repeats each channel its own number of times")
+        return None
+    k = out[dim] // src[dim]
+    carried = np.repeat(np.broadcast_to(v, lay.shape), k, axis=dim) if v is not None else None
+    return np.repeat(lay, k, axis=dim), carried
 
 
 def filled_like_rule(ctx: RuleContext):
@@ -69,6 +98,8 @@ def gather_rule(ctx: RuleContext):
 
 
 register_rule("repeat", repeat_rule)
+for _t in (torch.repeat_interleave, "repeat_interleave"):
+    register_rule(_t, repeat_interleave_rule)
 for _t in (torch.gather, "gather"):
     register_rule(_t, gather_rule)
 for _t in (torch.zeros_like, torch.ones_like, torch.full_like):

@@ -130,11 +130,17 @@ when_imported("torchvision.models.video.swin_transformer", _swin3d_rules)
 def rearranging_rule(ctx: RuleContext):
     """A library function that only moves entries between the other axes (timm's window_reverse,
     grid_reverse, nest's deblockify): channels varying along one axis stay on it, when the output
-    has the same rank and that axis the same length. Else they freeze."""
+    has the same rank and that axis the same length, or when it is the last axis of both (GCViT's
+    window_reverse takes (windows, tokens, C) to (B, H, W, C)). Else they freeze."""
     lay, shape_in, shape_out = ctx.ids(ctx.x), ctx.shape(ctx.x), ctx.shape()
     if lay is None:
         return None
     v = varying(lay)
+    if len(v) == 1 and shape_in is not None and shape_out is not None and v[0] == len(shape_in) - 1 \
+            and len(shape_out) != len(shape_in) and shape_in[-1] == shape_out[-1]:
+        vals = ctx.values(ctx.x)
+        out = [1] * (len(shape_out) - 1) + [shape_in[-1]]
+        return lay.reshape(out), (None if vals is None else np.broadcast_to(vals, lay.shape).reshape(out))
     if len(v) != 1 or shape_in is None or shape_out is None or len(shape_in) != len(shape_out) \
             or shape_in[v[0]] != shape_out[v[0]]:
         ctx.freeze(lay, f"{ctx.describe()} moves these channels in a way the rules cannot follow")
