@@ -32,7 +32,14 @@ def whole(t: Tensor) -> Tensor:
     """`t`, or the whole tensor where `t` is a shard: FSDP2 (``fully_shard``) keeps parameters as
     DTensor shards outside forward, where a mask's kept() and penalty() read them. Gathering is
     a collective: every rank must ask for the same masks in the same order (surgery.masks() and
-    penalty() do). Differentiable."""
+    penalty() do). Differentiable. A scripted model holds no shards: `t` itself."""
+    if torch.jit.is_scripting():
+        return t
+    return _gathered(t)
+
+
+@torch.jit.unused
+def _gathered(t: Tensor) -> Tensor:
     full = getattr(t, "full_tensor", None)
     return full() if callable(full) else t
 
@@ -76,6 +83,12 @@ class Pass(Protocol):
     def apply(self, gm: fx.GraphModule, ctx: Context) -> fx.GraphModule: ...
 
 
+def _shape_text(x: Tensor) -> str:
+    """A shape as Python writes a tuple, ``(2, 4)``, in a form TorchScript compiles too (a masked
+    model scripts: its masks' messages must)."""
+    return "(" + ", ".join([str(s) for s in x.shape]) + ("," if x.dim() == 1 else "") + ")"
+
+
 class UnitMask(nn.Module):
     """Base class for masks that scale the units along one axis of a tensor.
 
@@ -96,6 +109,7 @@ class UnitMask(nn.Module):
             raise SurgeryError(f"{type(self).__name__}: a mask needs at least one unit, got {units}")
         self.units = int(units)
         self.dim = int(dim)
+        self.kind = type(self).__name__  # for messages, in a form TorchScript reads
 
     def factors(self) -> Tensor:
         raise NotImplementedError
@@ -109,15 +123,15 @@ class UnitMask(nn.Module):
             held = 0
             for a, b in runs:
                 if a < 0 or b > self.units or a >= b:
-                    raise SurgeryError(f"{type(self).__name__}: units {a} to {b - 1} are not among its {self.units}")
+                    raise SurgeryError(f"{self.kind}: units {a} to {b - 1} are not among its {self.units}")
                 held += b - a
             if held != n:
-                raise SurgeryError(f"{type(self).__name__}: runs of {held} units on dim {axis}, got a tensor of "
-                                   f"shape {tuple(x.shape)}")
+                raise SurgeryError(f"{self.kind}: runs of {held} units on dim {axis}, got a tensor of "
+                                   f"shape {_shape_text(x)}")
         elif n != self.units * tile * each:
             copies = f" {tile} times" if tile > 1 else f", each {each} times" if each > 1 else ""
-            raise SurgeryError(f"{type(self).__name__}: expected {self.units} units{copies} on dim {axis}, got a "
-                               f"tensor of shape {tuple(x.shape)}")
+            raise SurgeryError(f"{self.kind}: expected {self.units} units{copies} on dim {axis}, got a "
+                               f"tensor of shape {_shape_text(x)}")
         shape = [1] * x.dim()
         shape[dim] = n
         return shape

@@ -9,7 +9,7 @@ from helpers import Scale, insert_shared_mask, n_params
 from torch import nn
 
 import surgery
-from passes import DAM, ChannelPrune, Shrink
+from passes import DAM, ChannelPrune, GumbelMask, Shrink
 from passes.channel_prune import HardMask
 from surgery.channels import channel_groups
 from surgery.errors import SurgeryError
@@ -194,3 +194,16 @@ def test_a_call_with_each_repeats_every_factor_in_a_row():
     assert torch.equal(Scale(f, 1)(x, each=2), x * torch.tensor([1.0, 1.0, 0.0, 0.0, 2.0, 2.0]))
     with pytest.raises(SurgeryError, match=r"Scale: expected 3 units, each 2 times on dim 1, got a tensor of shape"):
         Scale(f, 1)(torch.randn(2, 4), each=2)
+
+
+@pytest.mark.parametrize("model", [DualPath, Widening])
+def test_masked_models_script_save_and_compute_the_same(model, tmp_path):
+    """A model with masks in it (calls over runs of units, or each unit twice) scripts, as the
+    shrunk one does: ChannelPrune's, DAM's and GumbelMask's (eval: its decision)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    for p in (ChannelPrune(ratio=0.5), DAM(), GumbelMask()):
+        masked = surgery.compress(_trained_norm(model()) if model is DualPath else model().eval(), [p], (x,)).eval()
+        torch.jit.save(torch.jit.script(masked), tmp_path / "m.pt")
+        with torch.no_grad():
+            torch.testing.assert_close(torch.jit.load(tmp_path / "m.pt")(x), masked(x))
