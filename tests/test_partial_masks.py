@@ -106,22 +106,36 @@ def test_channel_prune_halves_a_dual_path_stream_and_shrink_agrees():
     model = _trained_norm(DualPath())
     masked = surgery.compress(model, [ChannelPrune(ratio=0.5)], (x,))
     (mask,) = [m for m in surgery.masks(masked).values() if m.units == 10]
-    assert int(mask.kept().sum()) == 5
     runs = [n.kwargs.get("runs") for n in masked.graph.nodes if n.op == "call_module" and
             isinstance(masked.get_submodule(str(n.target)), HardMask) and n.kwargs.get("runs")]
     assert ((0, 6), (8, 10)) in runs
-    assert mask.kept().tolist() == [True, False, True, True, True, False, False, False, False, True]
+    # the best 5 of 10 took both of the stem's dense units (6, 7); a slice y[:, 6:] of no channel
+    # would not run, so Shrink keeps one, and ChannelPrune opened its mask again: the mask says
+    # what Shrink removes, and no zero factor is left for Shrink to keep as a scale
+    assert mask.kept().tolist() == [True, False, True, True, True, False, True, False, False, True]
     small = surgery.compress(masked, [Shrink()], (x,))
     x2 = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(small(x2), masked(x2), rtol=1e-5, atol=1e-5)
-    # the residual path keeps 4 of 6, the dense path the block's last unit and one of the stem's
-    # two (masked: a slice y[:, 6:] of no channel would not run)
-    shapes = {k: tuple(v.shape) for k, v in small.state_dict().items() if not k.endswith("_scale")}
+    shapes = {k: tuple(v.shape) for k, v in small.state_dict().items()}
     assert shapes == {"stem.weight": (5, 3, 1, 1), "stem.bias": (5,), "block.weight": (5, 5, 3, 3),
                       "block.bias": (5,), "norm.weight": (6,), "norm.bias": (6,), "head.weight": (3, 6),
                       "head.bias": (3,)}
     assert (n_params(model), n_params(small)) == (669, 283)
+
+
+def test_for_a_model_in_its_own_classes_normalised_false_leaves_groups_masked_over_runs():
+    """DualPath's forward slices y[:, :6] and y[:, 6:]: widths its class keeps, so a model shrunk
+    into its own classes cannot lose those channels; normalised=False (paired with
+    Shrink(into="modules")) leaves such groups (and those a norm reads), and the model comes back
+    whole in its class."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = _trained_norm(DualPath())
+    small = surgery.compress(model, [ChannelPrune(ratio=0.5, normalised=False), Shrink(into="modules")], (x,))
+    assert type(small) is DualPath and n_params(small) == n_params(model) == 669
+    with pytest.raises(SurgeryError, match="GroupNorm 'norm' normalises pruned channels"):
+        surgery.compress(model, [ChannelPrune(ratio=0.5), Shrink(into="modules")], (x,))
 
 
 def test_dam_closes_the_first_units_of_a_dense_block_everywhere_they_are_made():
@@ -207,3 +221,21 @@ def test_masked_models_script_save_and_compute_the_same(model, tmp_path):
         torch.jit.save(torch.jit.script(masked), tmp_path / "m.pt")
         with torch.no_grad():
             torch.testing.assert_close(torch.jit.load(tmp_path / "m.pt")(x), masked(x))
+
+
+def test_a_csp_split_is_left_for_a_model_in_its_own_classes():
+    """timm's CSPResNet splits its stream at a width its code keeps (``x.split(...)``); its
+    cross-stage groups need masks over runs of units. normalised=False leaves them, so the model
+    comes back in its own classes, smaller, equal to the masked one; the graph form prunes them."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("cspresnet50", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    masked = surgery.compress(model, [ChannelPrune(ratio=0.5, normalised=False)], (x,))
+    assert not any(n.kwargs.get("runs") for n in masked.graph.nodes if n.op == "call_module")
+    small = surgery.compress(masked, [Shrink(into="modules")], (x,))
+    assert type(small) is type(model) and n_params(small) < n_params(model)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-5)
+    graph = surgery.compress(model, [ChannelPrune(ratio=0.5)], (x,))
+    assert any(n.kwargs.get("runs") for n in graph.graph.nodes if n.op == "call_module")
