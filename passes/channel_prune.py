@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from surgery.capture import surgery_meta
 from surgery.channels import ATTENTION_UNITS, ChannelGraph, ChannelGroup, analyze_tree, set_analysis
 from surgery.errors import SelectionError, SurgeryError
-from surgery.graph import layer_of, submodule, unique_name
+from surgery.graph import layer_of, unique_name
 from surgery.pipeline import Context, UnitMask
 from surgery.select import Selector, describe, matches
 
@@ -218,8 +218,6 @@ class ChannelPrune:
                     keep.update({gid: np.ones_like(kept[gid]) for gid in stuck})
             kept = {gid: keep[gid] & kept[gid] for gid in kept}
             self._place(gm, chosen, points, kept, masks)
-            if any(pt.runs or pt.each > 1 for g in chosen if g.id in masks for pt in points[g.id]):
-                self._open_held(gm, masks, kept)
             if step < self.steps and self.finetune is not None:
                 self.finetune(gm, step)
         surgery_meta(gm)["channel_scores"] = {
@@ -273,30 +271,6 @@ class ChannelPrune:
         for gid in stuck:
             masks[gid].keep.fill_(1.0)
         return stuck
-
-    def _open_held(self, gm: fx.GraphModule, masks: dict[int, HardMask], kept: dict[int, np.ndarray]) -> None:
-        """Open again the masked units Shrink would keep all the same: a piece of a split group
-        (a slice, one producer's runs) that would lose every channel keeps one. Its mask then says
-        what Shrink removes, and leaves no zero factor that Shrink must keep as a scale (which a
-        model shrunk into its own classes cannot hold). Only groups masked over runs of units,
-        or each unit several times, get such pieces; others are not analysed again."""
-        from surgery.shrink.plan import Decider
-        by_mask = {id(m): gid for gid, m in masks.items()}
-        for cg in analyze_tree(gm).values():
-            decider = Decider(cg)
-            decider.run()
-            held = decider.candidate & decider.keep  # masked, and kept all the same
-            if not held.any():
-                continue
-            for p in cg.places:
-                gid = by_mask.get(id(submodule(p.node.graph.owning_module, str(p.node.target)))) \
-                    if p.role == "mask" else None
-                if gid is None or not (at := held[cg.chan_of_elem[p.ids]]).any():
-                    continue
-                runs = p.node.kwargs.get("runs")
-                units = np.concatenate([np.arange(a, b) for a, b in runs]) if runs else np.arange(len(p.ids))
-                masks[gid].keep[torch.as_tensor(units[at])] = 1.0
-                kept[gid][units[at]] = True
 
     def _place(self, gm: fx.GraphModule, chosen: list[ChannelGroup], points: dict, kept: dict[int, np.ndarray],
                masks: dict[int, HardMask]) -> None:

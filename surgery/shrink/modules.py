@@ -67,7 +67,8 @@ def _put_tensor(root: nn.Module, target: str, new: torch.Tensor) -> None:
         raise SurgeryError(f"Shrink(into='modules'): the shrunk graph reads a tensor {target!r} that the model's "
                            "own classes do not hold: a mask's per-channel scale, kept where its channels could "
                            "not go and its factors could not fold into a layer (the report says why), or a "
-                           f"constant Shrink folded; {_GRAPH_FORM}")
+                           "constant Shrink folded; ChannelPrune(normalised=False) leaves the groups split "
+                           f"across producers, where such scales arise; {_GRAPH_FORM}")
     if name in owner._parameters:
         old = owner._parameters[name]
         if new is not old:
