@@ -143,7 +143,7 @@ class UnitMask(nn.Module):
         with `runs`, those runs of them; with `each`, each unit `each` times in a row (a grouped
         convolution that makes several outputs of each input channel, PiT's pooling)."""
         shape = self.shape_for(x, dim, tile, runs, each)
-        return self._spread(f.to(x.dtype), tile, runs, each).reshape(shape)
+        return self.spread(f.to(x.dtype), tile, runs, each).reshape(shape)
 
     def factors_at(self, length: int, tile: int = 1, runs: Optional[List[Tuple[int, int]]] = None,
                    each: int = 1) -> Tensor:
@@ -154,10 +154,11 @@ class UnitMask(nn.Module):
         f = self.factors().detach()
         if runs is None and len(f) == length:
             return f
-        return self._spread(f, tile, runs, each)
+        return self.spread(f, tile, runs, each)
 
     @staticmethod
-    def _spread(f: Tensor, tile: int, runs: Optional[List[Tuple[int, int]]], each: int) -> Tensor:
+    def spread(f: Tensor, tile: int = 1, runs: Optional[List[Tuple[int, int]]] = None, each: int = 1) -> Tensor:
+        """Per-unit values `f` laid out as a call with `tile`, `runs` or `each` holds its units."""
         if runs is not None:
             return torch.cat([f[a:b] for a, b in runs])
         if each > 1:

@@ -18,7 +18,7 @@ from .rules.operands import _param_source, _param_tree
 if TYPE_CHECKING:
     from .groups import ChannelGraph
 
-__all__ = ["check_sizes", "check_tensor_uses", "size_uses"]
+__all__ = ["check_sizes", "check_tensor_uses", "size_uses", "shape_read"]
 
 
 def check_sizes(cg: ChannelGraph) -> None:
@@ -219,23 +219,20 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
     return None, pairs
 
 
-def _count_read(g, node: Any) -> tuple[np.ndarray, int] | None:
-    """(layout, axis) of the tensor whose length along one axis `node` reads, directly
-    (``x.shape[k]``, ``x.size(k)``); None for anything else."""
-    if not isinstance(node, fx.Node):
+def shape_read(n: Any) -> tuple[fx.Node, int] | None:
+    """(tensor, axis) where `n` reads one length of a tensor: ``t.shape[a]``, ``t.size()[a]`` or
+    ``t.size(a)``."""
+    if not isinstance(n, fx.Node):
         return None
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
-        src = node.args[0]
-        if isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr and src.args[1] == "shape":
-            tensor, k = src.args[0], node.args[1]
-        else:
-            return None
-    elif node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
-        tensor, k = node.args
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 2 and isinstance(n.args[0], fx.Node):
+        tensor, d = n.args
+    elif n.target is operator.getitem and isinstance(whole := n.args[0], fx.Node) and \
+            (whole.target == "size" or whole.target is getattr and whole.args[1] == "shape") and \
+            isinstance(whole.args[0], fx.Node):
+        tensor, d = whole.args[0], n.args[1]
     else:
         return None
-    lay = g.layouts.get(tensor)
-    return (lay, k % lay.ndim) if isinstance(lay, np.ndarray) else None
+    return (tensor, d) if isinstance(d, int) else None
 
 
 def _asserted_equal(g, u: fx.Node, node: fx.Node, lay: np.ndarray, axis: int) -> tuple | None:
@@ -246,9 +243,10 @@ def _asserted_equal(g, u: fx.Node, node: fx.Node, lay: np.ndarray, axis: int) ->
     if u.op != "call_function" or u.target not in (operator.eq, operator.ne) or len(u.args) != 2 or \
             not u.users or any(w.target is not torch._assert for w in u.users):
         return None
-    other = _count_read(g, u.args[1] if u.args[0] is node else u.args[0])
+    other = shape_read(u.args[1] if u.args[0] is node else u.args[0])
+    lay_other = g.layouts.get(other[0]) if other is not None else None
     a = _line(lay, axis)
-    b = _line(*other) if other is not None else None
+    b = _line(lay_other, other[1] % lay_other.ndim) if isinstance(lay_other, np.ndarray) else None
     if a is None or b is None or len(a) != len(b):
         return None
     return () if np.array_equal(np.sort(a), np.sort(b)) else (a, b)

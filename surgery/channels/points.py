@@ -40,7 +40,7 @@ def mask_points(group) -> list[MaskPoint]:
     x is) or shifts them (a BatchNorm on the stream, a Linear with a bias over the tokens).
 
     Producers that carry every channel of the group in group order (or in group order several
-    times over, :func:`_tiled`) take the whole mask (convolutional and residual streams); one
+    times over) take the whole mask (convolutional and residual streams); one
     that carries runs of the group's channels and nothing else takes those runs of the mask (the
     layers of a dense block, whose concatenation one norm reads; DPN's 1x1 conv, split between
     its residual and its dense path: :func:`_runs`); one that carries each channel k times in a
@@ -81,13 +81,17 @@ def mask_points(group) -> list[MaskPoint]:
 
 def _cover(p, size: int) -> tuple[Optional[tuple[tuple[int, int], ...]], int] | None:
     """How a mask's call covers a place's axis: ``(runs, each)`` for :class:`MaskPoint`, None
-    where no call can (see :func:`mask_points`)."""
+    where no call can (see :func:`mask_points`). The group's channels in order, k times over
+    (k = 1: the group whole; Swin's patch merging joins four copies: the call's ``tile``), or each
+    k times in a row, take the whole mask."""
     c = p.channels
-    if len(c) == size and np.array_equal(c, np.arange(size)) or _tiled(p, size):
-        return None, 1
     k = len(c) // size if size else 0
-    if k > 1 and len(c) == k * size and np.array_equal(c, np.repeat(np.arange(size), k)):
-        return None, k
+    if k and len(c) == k * size:
+        units = np.arange(size)
+        if np.array_equal(c, np.tile(units, k)):
+            return None, 1
+        if np.array_equal(c, np.repeat(units, k)):
+            return None, k
     runs = _runs(p)
     return (runs, 1) if runs else None
 
@@ -114,13 +118,6 @@ def _shifts(p) -> bool:
     channel to a constant, so the group's mask goes after it too. After a producer it is part of
     that producer's chain, and the two points are one."""
     return any(name == "bias" for _, name, _ in p.params)
-
-
-def _tiled(p, size: int) -> bool:
-    """The place holds the group's channels in order, several times over (the norm after Swin's
-    patch merging: four copies of each channel); a mask takes them with ``tile``."""
-    k = len(p.channels) // size if size else 0
-    return k > 1 and len(p.channels) == k * size and np.array_equal(p.channels, np.tile(np.arange(size), k))
 
 
 def _reader_points(group, whole) -> list[MaskPoint]:

@@ -9,25 +9,11 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-__all__ = ["divide_anew", "size_at_run_time", "shape_read"]
+from ..channels.checks import shape_read
+
+__all__ = ["divide_anew", "size_at_run_time"]
 
 NewShape = Callable[[fx.Node], "list[int] | None"]  # a node's shape after the cut (None: unchanged)
-
-
-def shape_read(n: Any) -> tuple[fx.Node, int] | None:
-    """(tensor, axis) where `n` reads one length of a tensor: ``t.shape[a]``, ``t.size()[a]`` or
-    ``t.size(a)``."""
-    if not isinstance(n, fx.Node):
-        return None
-    if n.op == "call_method" and n.target == "size" and len(n.args) == 2 and isinstance(n.args[0], fx.Node):
-        tensor, d = n.args
-    elif n.target is operator.getitem and isinstance(whole := n.args[0], fx.Node) and \
-            (whole.target == "size" or whole.target is getattr and whole.args[1] == "shape") and \
-            isinstance(whole.args[0], fx.Node):
-        tensor, d = whole.args[0], n.args[1]
-    else:
-        return None
-    return (tensor, d) if isinstance(d, int) else None
 
 
 def _length_now(read: tuple[fx.Node, int] | None, new_shape: NewShape) -> int | None:

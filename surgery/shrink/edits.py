@@ -171,10 +171,7 @@ class Editor:
                 kept = self.kept_line(line[::each] if each > 1 else line[:len(f)])
                 if not kept.all():
                     f = f.index_select(0, torch.from_numpy(np.flatnonzero(kept)).to(f.device))
-            if tile > 1:
-                f = f.repeat(tile)  # the units' copies alike
-            elif each > 1:
-                f = f.repeat_interleave(each)
+            f = m.spread(f, tile, None, each)  # the units' copies alike
             if bool((f == 1).all()) or self._fold_back(inp, node, f, dim) or self._fold_forward(node, f, dim, nd):
                 node.replace_all_uses_with(inp)
                 g.erase_node(node)
