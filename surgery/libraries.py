@@ -9,8 +9,8 @@ group; a block that does fail to trace is kept opaque by capture, its children s
 
 Besides those, a few library layers are kept whole because the channel analysis has a rule for
 the layer (:mod:`surgery.channels.rules.libraries`) and none for what its forward does inside:
-timm's StdConv2d and ScaledStdConv2d standardise their weight per filter, which traced ops
-would only show as a weight computed on the way; Hugging Face's Conv1D (GPT-2's linear layer,
+timm's StdConv2d and ScaledStdConv2d (and their ``Same`` forms) standardise their weight per
+filter, which traced ops would only show as a weight computed on the way; Hugging Face's Conv1D (GPT-2's linear layer,
 its weight transposed) would trace to an ``addmm`` that no module selection can name.
 
 timm's BatchNormAct2d (a BatchNorm2d that also runs its ``drop`` and ``act``) is kept whole when
@@ -29,9 +29,10 @@ from torch import nn
 
 from .layers import ELEMENTWISE, PASSING
 
-__all__ = ["library_leaves", "whole_layer"]
+__all__ = ["library_leaves", "whole_layer", "standardised_conv", "STANDARDISED_CONVS"]
 
-_WHOLE_LAYERS = {"timm.layers": ("StdConv2d", "ScaledStdConv2d"), "transformers.pytorch_utils": ("Conv1D",)}
+STANDARDISED_CONVS = ("StdConv2d", "ScaledStdConv2d", "StdConv2dSame", "ScaledStdConv2dSame")
+_WHOLE_LAYERS = {"timm.layers": STANDARDISED_CONVS, "transformers.pytorch_utils": ("Conv1D",)}
 
 
 def _whole_layers() -> tuple[type, ...]:
@@ -56,6 +57,12 @@ def whole_layer(m: nn.Module) -> bool:
         return False
     drop, act = m._modules.get("drop"), m._modules.get("act")
     return type(drop) in PASSING and type(act) in (*ELEMENTWISE, *PASSING) and set(m._modules) == {"drop", "act"}
+
+
+def standardised_conv(m: nn.Module) -> bool:
+    """timm's convolutions that standardise each filter before convolving: scaling their weight
+    scales nothing (a ScaledStdConv2d's ``gain`` does)."""
+    return type(m).__name__ in STANDARDISED_CONVS and type(m).__module__.startswith("timm.layers")
 
 
 def library_leaves() -> tuple[tuple[type, ...], tuple[Callable, ...]]:

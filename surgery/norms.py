@@ -12,6 +12,11 @@ still divides by the original width D:
 (A LayerNorm's output at a removed channel is not zero, ``(0 - mean) / std * w + b``: the
 channel analysis places a mask after the norm too, so readers see zero there.)
 
+The same holds for a convolution that standardises each filter over its inputs (timm's
+StdConv2d and ScaledStdConv2d, of BiT and the NFNets) when some inputs go: a filter's mean and
+variance are over all its original weights, so the removed ones' statistics stay with the layer
+(:func:`emit_standardised_conv`).
+
 The norm is written as plain torch ops (sum, division, rsqrt...), so the shrunk model needs
 nothing of surgery's to run, save or export.
 """
@@ -23,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["emit_norm", "emit_mean", "emit_group_norm"]
+__all__ = ["emit_norm", "emit_mean", "emit_group_norm", "emit_standardised_conv", "REMOVED_STATS"]
 
 
 def emit_norm(node: fx.Node, x: fx.Node, total: int, kept: int, weight: Any, bias: Any, eps: float | None,
@@ -106,3 +111,54 @@ def emit_group_norm(node: fx.Node, x: fx.Node, total: int, kept: int, weight: An
             out = g.call_method("flatten", (out, 1, 2))
         weight, bias = (g.call_method("reshape", (t, per_channel)) if t is not None else None for t in (weight, bias))
     _affine(node, out, weight, bias)
+
+
+REMOVED_STATS = ("standardised_removed_mean", "standardised_removed_m2")  # buffers of a cut standardised conv
+
+
+def emit_standardised_conv(node: fx.Node, conv: torch.nn.Conv2d, gone: torch.Tensor, total: int) -> None:
+    """Turn `node`, a call of `conv` (timm's StdConv2d, ScaledStdConv2d or their ``Same`` forms:
+    each filter standardised over its ``total`` weights, ``F.batch_norm(w.reshape(1, out, -1),
+    training=True)``, then a Conv2d), whose inputs Shrink cut, into torch ops that standardise each
+    filter as over all its original weights. `gone`: the removed weights, (out, removed). Their
+    mean and sum of squared deviations per filter become buffers of `conv`
+    (:data:`REMOVED_STATS`); for a filter mean m over all weights,
+
+        sum over removed of (w - m)^2 = m2_removed + n_removed * (mean_removed - m)^2,
+
+    so the layer keeps the exact statistics while training moves its kept weights (the removed
+    ones held where they were). `node` itself becomes the ``F.conv2d`` call."""
+    g = node.graph
+    gone = gone.detach().double()
+    n_gone = gone.shape[1]
+    mean_gone = gone.mean(1, keepdim=True)
+    m2_gone = (gone - mean_gone).pow(2).sum(1, keepdim=True)
+    for name, t in zip(REMOVED_STATS, (mean_gone, m2_gone)):
+        conv.register_buffer(name, t.to(conv.weight.dtype))
+    target, x = str(node.target), node.args[0]
+    with g.inserting_before(node):
+        w = g.get_attr(f"{target}.weight")
+        mean_r, m2_r = (g.get_attr(f"{target}.{name}") for name in REMOVED_STATS)
+        flat = g.call_method("flatten", (w, 1))
+        summed = g.call_method("sum", (flat, 1), {"keepdim": True})
+        mean = g.call_function(operator.truediv, (g.call_function(operator.add, (
+            summed, g.call_function(operator.mul, (mean_r, float(n_gone))))), total))
+        centred = g.call_function(operator.sub, (flat, mean))
+        spread = g.call_method("sum", (g.call_method("pow", (centred, 2)), 1), {"keepdim": True})
+        apart = g.call_function(operator.mul, (g.call_method("pow", (g.call_function(
+            operator.sub, (mean_r, mean)), 2)), float(n_gone)))
+        var = g.call_function(operator.truediv, (g.call_function(operator.add, (g.call_function(
+            operator.add, (spread, m2_r)), apart)), total))
+        std_w = g.call_function(operator.mul, (centred, g.call_method("rsqrt", (g.call_function(
+            operator.add, (var, float(conv.eps))),))))
+        if getattr(conv, "gain", None) is not None:  # ScaledStdConv2d: batch_norm's weight, gain * scale
+            gain = g.call_method("reshape", (g.get_attr(f"{target}.gain"), (-1, 1)))
+            std_w = g.call_function(operator.mul, (std_w, g.call_function(operator.mul, (gain, float(conv.scale)))))
+        std_w = g.call_method("reshape_as", (std_w, w))
+        if getattr(conv, "same_pad", False):
+            from timm.layers.padding import pad_same  # the layer is timm's: timm is there
+            x = g.call_function(pad_same, (x, tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)))
+        bias = g.get_attr(f"{target}.bias") if conv.bias is not None else None
+    node.op, node.target, node.kwargs = "call_function", torch.nn.functional.conv2d, {}
+    node.args = (x, std_w, bias, tuple(conv.stride), conv.padding if isinstance(conv.padding, str) else
+                 tuple(conv.padding), tuple(conv.dilation), conv.groups)

@@ -221,17 +221,6 @@ def test_a_subclass_with_its_own_forward_does_not_borrow_its_base_rule():
     assert frozen == ["Odd 'odd' has no channel rule"]
 
 
-def test_timm_standardised_convs_lose_output_channels_only():
-    timm = pytest.importorskip("timm")
-    net = nn.Sequential(timm.layers.StdConv2d(3, 16, 3), nn.ReLU(), timm.layers.StdConv2d(16, 16, 3), nn.ReLU(),
-                        nn.Conv2d(16, 4, 1))
-    gm = surgery.capture(net.eval(), (torch.randn(1, 3, 12, 12),))
-    reasons = {g.frozen for g in surgery.channel_groups(gm)}
-    assert "StdConv2d '2' standardises each filter over all its input channels" in reasons
-    _, small = _prune(net, torch.randn(1, 3, 12, 12))
-    assert small.get_submodule("2").out_channels == 8 and small.get_submodule("2").in_channels == 16
-
-
 def test_gpt2_conv1d_is_a_linear_layer_with_its_weight_transposed():
     transformers = pytest.importorskip("transformers")
     conv1d = transformers.pytorch_utils.Conv1D

@@ -14,6 +14,7 @@ from ..channels.groups import ChannelGraph
 from ..copying import held_tensor, tensor_key, tied_tensors
 from ..errors import SurgeryError
 from ..graph import submodule, unique_name
+from ..libraries import standardised_conv
 from .counts import divide_anew, size_at_run_time
 from .cut import select_indices, slice_of_kept
 from .plan import Decider, _expand_index, _foldable, _who
@@ -205,8 +206,8 @@ class Editor:
                     len(gm.graph.find_nodes(op="call_module", target=u.target)) != 1:
                 return False
             m = submodule(gm, str(u.target))
-            if self.is_tied(m, "weight"):
-                return False  # scaling it would scale its other holders' use too
+            if self.is_tied(m, "weight") or standardised_conv(m):
+                return False  # scaling it would scale its other holders' use too, or be standardised away
             if isinstance(m, nn.Linear) and dim == nd - 1 and m.in_features == len(f):
                 mods.append(m)
             elif isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and dim == 1 and \
@@ -243,6 +244,13 @@ class Editor:
                 and type(m).forward.__module__.startswith("torch.nn"):  # timm's BatchNormAct2d: an act follows
             _set_tensor(m, "weight", m.weight.detach() * f.to(m.weight.dtype))
             _set_tensor(m, "bias", m.bias.detach() * f.to(m.bias.dtype))
+            return True
+        if standardised_conv(m):  # its filters are standardised: only a ScaledStdConv2d's gain scales them
+            if getattr(m, "gain", None) is None or dim != 1 or len(f) != m.out_channels or self.is_tied(m, "gain"):
+                return False
+            _set_tensor(m, "gain", m.gain.detach() * f.to(m.gain.dtype).reshape(-1, 1, 1, 1))
+            if m.bias is not None:
+                _set_tensor(m, "bias", m.bias.detach() * f.to(m.bias.dtype))
             return True
         if isinstance(m, nn.Linear) and dim == nd - 1 and len(f) == m.out_features or \
                 isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and dim == 1 and len(f) == m.out_channels:

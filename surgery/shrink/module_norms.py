@@ -10,7 +10,8 @@ so the module takes ``eps * N/K`` and a weight scaled by ``sqrt(N/K)`` (``(1 + w
 for Gemma's ``1 + w`` form). Which form a module has is found by running it alone on a random
 input against the formula above, before and after. A LayerNorm subtracts a mean over N that no
 K-wide LayerNorm reproduces: it is refused, naming the module, with the remedy
-(``ChannelPrune(normalised=False)``).
+(``ChannelPrune(normalised=False)``); so is a standardised convolution that lost inputs (timm's
+StdConv2d: its filters' statistics over the original weights).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SurgeryError
+from ..libraries import STANDARDISED_CONVS, standardised_conv
 
 __all__ = ["norm_sites", "rescale_norms", "module_path"]
 
@@ -47,8 +49,8 @@ def norm_sites(gm: fx.GraphModule) -> dict[fx.Node, tuple[str, str]]:
             out[n] = (module_path(n), "mean")
         elif n.op == "call_function" and n.target in _NORM_FUNCTIONS:
             out[n] = (module_path(n), n.target.__name__)
-        elif n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), _NORMS):
-            m = gm.get_submodule(str(n.target))
+        elif n.op == "call_module" and (isinstance(m := gm.get_submodule(str(n.target)), _NORMS) or
+                                        standardised_conv(m)):
             out[n] = (str(n.target), type(m).__name__)
     return out
 
@@ -129,6 +131,10 @@ def rescale_norms(model: nn.Module, sites: dict[fx.Node, tuple[str, str]]) -> se
         if path in done:
             continue
         done.add(path)
+        if kind in STANDARDISED_CONVS:
+            raise SurgeryError(f"Shrink(into='modules'): {kind} {path!r} lost input channels: it standardises each "
+                               "filter over all its original weights, whose statistics have no place in its class; "
+                               + _SUGGEST)
         if kind in ("LayerNorm", "layer_norm", "GroupNorm", "group_norm"):
             raise SurgeryError(f"Shrink(into='modules'): {kind} {path!r} normalises pruned channels: its statistics "
                                "over the original width have no place in its class; " + _SUGGEST)

@@ -303,18 +303,27 @@ def conv_rule(ctx: RuleContext):
         ctx.freeze_inputs(f"{ctx.describe()} is a grouped transposed convolution")
         return None
     if ids is not None:
-        def edit_in(kept: np.ndarray, m=m, G=G):
-            w = m.weight.data
-            per = len(kept) // G
-            idx = torch.as_tensor(np.nonzero(kept.reshape(G, per))[1].reshape(G, -1))
-            # output channel o belongs to group o // (out/G) and keeps that group's inputs: one gather
-            rows = idx.repeat_interleave(w.shape[0] // G, dim=0)
-            rows = rows.reshape(*rows.shape, *[1] * (w.dim() - 2)).expand(-1, -1, *w.shape[2:])
-            new = w.gather(1, rows)
-            m.weight = nn.Parameter(new.contiguous(), requires_grad=m.weight.requires_grad)
-            m.in_channels = int(kept.sum())
-        ctx.place("reader", ids, 1, arg=0, groups=G, edit=edit_in, values=ctx.values(ctx.x))
+        ctx.place("reader", ids, 1, arg=0, groups=G, edit=lambda kept: cut_grouped_inputs(m, kept),
+                  values=ctx.values(ctx.x))
     return ctx.new_space(1, params=[(m, "weight", 0), *bias], attrs=[(m, "out_channels")], groups=G)
+
+
+def group_columns(w: torch.Tensor, groups: int, columns: np.ndarray) -> torch.Tensor:
+    """Of a grouped convolution's weight `w` (out, in/groups, ...), for each filter the entries of
+    `columns` (groups, n), the input positions to take within each group: (out, n, ...). Filter o
+    belongs to group o // (out/groups) (`w` holding each group's filters, as many of each)."""
+    rows = torch.as_tensor(columns).repeat_interleave(w.shape[0] // groups, dim=0)
+    rows = rows.reshape(*rows.shape, *[1] * (w.dim() - 2)).expand(-1, -1, *w.shape[2:])
+    return w.gather(1, rows)
+
+
+def cut_grouped_inputs(m: nn.Module, kept: np.ndarray) -> None:
+    """Shrink's edit of a grouped convolution whose input channels `kept` survive (as many in each
+    group): each filter keeps its group's kept inputs, one gather."""
+    w, G = m.weight.data, m.groups
+    idx = np.nonzero(kept.reshape(G, len(kept) // G))[1].reshape(G, -1)
+    m.weight = nn.Parameter(group_columns(w, G, idx).contiguous(), requires_grad=m.weight.requires_grad)
+    m.in_channels = int(kept.sum())
 
 
 _BN_PARAMS = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ...norms import REMOVED_STATS, emit_standardised_conv
 from ..rulebook import NO_CHANNELS, RuleContext, channel_local, register_rule, varying, when_imported
-from .common import _BN_PARAMS, _linear, bn_values, conv_rule, no_folds
+from .common import (_BN_PARAMS, _linear, bn_values, conv_rule, cut_grouped_inputs, group_columns, no_folds,
+                     normalised)
 from .operands import untracked_operand
 
 
@@ -46,18 +48,55 @@ def padded_conv_rule(ctx: RuleContext):
 
 
 def standardised_conv_rule(ctx: RuleContext):
-    """A Conv2d that standardises each filter over its inputs before convolving (timm's
-    StdConv2dSame, ScaledStdConv2dSame): a filter's statistics, its gain and its bias are its
-    own, so output channels may go; an input channel counts in every filter's statistics."""
-    m = ctx.module
+    """A Conv2d that standardises each filter over its inputs before convolving (timm's StdConv2d,
+    ScaledStdConv2d and their ``Same`` forms, of BiT and the NFNets): a filter's statistics, its
+    gain and its bias are its own, so output channels may go (as many from each group). A
+    depthwise one is channel-local: each filter reads one channel. Otherwise an input channel
+    counts in the statistics of every filter that reads it: it may go where it is zero, as
+    through a norm (unless ``ChannelPrune(normalised=False)``), and Shrink writes the layer as ops
+    that keep the removed weights' statistics (:func:`surgery.norms.emit_standardised_conv`)."""
+    m, node = ctx.module, ctx.node
+    G, cin = m.groups, m.in_channels
     ids = ctx.ids(ctx.x)
-    if ids is not None:
-        ctx.freeze(ids, f"{ctx.describe()} standardises each filter over all its input channels")
     params = [(m, k, 0) for k in ("weight", "bias", "gain") if getattr(m, k, None) is not None]
-    out = ctx.new_space(1, params=params, attrs=[(m, "out_channels")])
-    if m.groups != 1:
-        ctx.freeze(out, f"{ctx.describe()} is a grouped standardised convolution")
-    return out
+    plain = ids is not None and varying(ids) == [1] and len(node.args) == 1 and not node.kwargs
+    if G == cin and G > 1 and plain:
+        k = m.out_channels // cin
+        out = np.repeat(ids, k, axis=1) if ids.shape[1] > 1 else ids
+
+        def edit(kept: np.ndarray) -> None:
+            n = int(kept.sum())
+            m.out_channels, m.in_channels, m.groups = n, n // k, n // k
+        ctx.place("local", out, 1, params=params, edit=edit)
+        v = ctx.values(ctx.x)
+        if v is None:
+            return out, None
+        b = m.bias.detach().double().numpy() if m.bias is not None else np.zeros(m.out_channels)
+        vin = np.repeat(v, k, axis=1) if v.shape[1] > 1 else v
+        return out, np.where(vin == 0, b.reshape([1, -1] + [1] * (ids.ndim - 2)), np.nan)  # zero in: the bias out
+    cut: dict[str, torch.Tensor] = {}  # the kept output rows, should Shrink edit those before the inputs
+
+    def edit_in(kept: np.ndarray, full: torch.Tensor = m.weight) -> None:
+        gone = np.nonzero(~kept.reshape(G, -1))[1].reshape(G, -1)  # each group's removed inputs
+        if G > 1:
+            cut_grouped_inputs(m, kept)
+        rows = full if "out" not in cut else full.index_select(0, cut["out"])  # as many of each group
+        emit_standardised_conv(node, m, group_columns(rows, G, gone).flatten(1), full[0].numel())
+
+    def edit_out(kept: np.ndarray) -> None:
+        cut["out"] = torch.as_tensor(np.flatnonzero(kept))
+        for name in REMOVED_STATS:  # the inputs' edit came first: its statistics lose the rows too
+            if name in m._buffers:
+                m._buffers[name] = m._buffers[name].index_select(0, cut["out"])
+
+    if ids is not None:
+        if not plain or not normalised(ctx):
+            ctx.freeze(ids, f"{ctx.describe()} standardises each filter over all its input channels")
+        else:
+            ctx.place("reader", ids, 1, arg=0, params=[(m, "weight", 1)] if G == 1 else [],
+                      attrs=[(m, "in_channels")] if G == 1 else [], kind="zero", groups=G, edit=edit_in,
+                      values=ctx.values(ctx.x))
+    return ctx.new_space(1, params=params, attrs=[(m, "out_channels")], edit=edit_out, groups=G)
 
 
 def transposed_linear_rule(ctx: RuleContext):
