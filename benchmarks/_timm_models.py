@@ -136,7 +136,8 @@ def families() -> dict[str, list[str]]:
 def build_timm(family: str, candidates: list[str] | None = None,
                ) -> tuple[torch.nn.Module, str, list[dict[str, str]]]:
     """Build `family`'s representative: the first of its models (in :func:`families` order, or
-    `candidates`) that ``timm.create_model(name, pretrained=False)`` builds on CPU. Returns (the
+    `candidates`) that ``timm.create_model(name, pretrained=False)`` builds on CPU, with a
+    1000-class head where its default has none (``num_classes=0``). Returns (the
     model in eval mode, its name, the models that failed to build before it with their errors).
     Raises NoModelBuilds naming the first errors when none builds."""
     import timm
@@ -144,7 +145,11 @@ def build_timm(family: str, candidates: list[str] | None = None,
     for name in candidates if candidates is not None else families()[family]:
         try:
             torch.manual_seed(0)
-            return timm.create_model(name, pretrained=False).eval(), name, failed
+            model = timm.create_model(name, pretrained=False)
+            if getattr(model, "num_classes", None) == 0:  # an encoder (EVA-02, AIMv2, a VLM's ViT): its
+                torch.manual_seed(0)  # stream is its output; with the head one fine-tunes, it is not
+                model = timm.create_model(name, pretrained=False, num_classes=1000)
+            return model.eval(), name, failed
         except Exception as e:  # the reason is data: the next candidate is tried
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
             failed.append({"model": name, "error": f"{type(e).__name__}: {first}"})

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..copying import held_tensor, tied_tensors
 from ..graph import submodule
@@ -161,6 +162,9 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
             elif axis is not None and (same := _asserted_equal(g, u, node, lay, axis)) is not None:
                 if len(same):
                     pairs.append(same)
+            elif (a := _normalised_count(g, u, node, lay, axis, dims)) is not None:
+                if not a:
+                    return u, []
             elif fixes is not None and len(vary) > 1 and read is not None and u.target is operator.getitem \
                     and u.args[0] is tensor:
                 fixes.append(read)  # x[..., :x.shape[-1] // 2]: the getitem rule keeps that axis whole
@@ -217,6 +221,29 @@ def size_uses(g, size_node: fx.Node, fixes: list[int] | None = None, decoupled: 
             else:
                 return u, []
     return None, pairs
+
+
+_NORM_FUNCTIONS = tuple(f for f in (F.layer_norm, getattr(F, "rms_norm", None)) if f is not None)
+
+
+def _normalised_count(g, u: fx.Node, node: fx.Node, lay: np.ndarray, axis: int | None, dims: list | None
+                      ) -> bool | None:
+    """Where `u` is ``F.layer_norm``/``F.rms_norm`` given the count `node` as its normalised shape
+    (``(x.shape[-1],)``, ``x.shape[-1:]``): whether it counts the very channels the norm reads
+    over its last axis (the norm's rule has Shrink rewrite the call with its original width, so
+    the count goes with it); None for any other use."""
+    if u.op != "call_function" or u.target not in _NORM_FUNCTIONS:
+        return None
+    shape = u.args[1] if len(u.args) > 1 else u.kwargs.get("normalized_shape")
+    if axis is not None and isinstance(shape, (tuple, list)) and list(shape) == [node]:
+        read = axis
+    elif dims is not None and shape is node and len(dims) == 1:
+        read = dims[0]
+    else:
+        return None
+    x_lay = g.layouts.get(u.args[0])
+    a, b = _line(lay, read), _line(x_lay, x_lay.ndim - 1) if isinstance(x_lay, np.ndarray) else None
+    return a is not None and b is not None and np.array_equal(np.sort(a), np.sort(b))
 
 
 def shape_read(n: Any) -> tuple[fx.Node, int] | None:
@@ -327,12 +354,15 @@ _METADATA = frozenset({"dtype", "device", "ndim", "is_cuda", "requires_grad", "l
 
 def _reads_other_axes(use: fx.Node, read: fx.Node, dim: int) -> bool:
     """Whether `use` only reads `read`'s metadata, or sizes of axes other than `dim` (Dinov2's
-    ``self.position_embeddings.shape[1] - 1``, which counts positions, not channels)."""
+    ``self.position_embeddings.shape[1] - 1``, which counts positions, not channels; NaFlexViT's
+    ``pos_embed.shape[1:3]``, its grid)."""
     shape = read.meta.get("shape")
     if not isinstance(shape, torch.Size):
         return False
 
     def other(k: Any) -> bool:
+        if isinstance(k, slice) and all(isinstance(b, (int, type(None))) for b in (k.start, k.stop, k.step)):
+            return dim % len(shape) not in range(len(shape))[k]
         return isinstance(k, int) and -len(shape) <= k < len(shape) and k % len(shape) != dim
 
     if use.op == "call_function" and use.target is getattr and len(use.args) == 2:
@@ -342,6 +372,8 @@ def _reads_other_axes(use: fx.Node, read: fx.Node, dim: int) -> bool:
             u.op == "call_function" and u.target is operator.getitem and other(u.args[1]) for u in use.users)
     if use.op == "call_method" and use.target in ("dim", "ndimension"):
         return True
+    if use.op == "call_method" and use.target in ("to", "type_as") and use.args[0] is not read:
+        return True  # another tensor cast to its dtype and device (Gemma-4's ``one_hot.to(table)``)
     return use.op == "call_method" and use.target == "size" and len(use.args) == 2 and other(use.args[1])
 
 

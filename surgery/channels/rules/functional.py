@@ -133,8 +133,15 @@ def _bias_parts(bias: object) -> list[fx.Node] | None:
     return None
 
 
+_CASTS = frozenset({"float", "half", "bfloat16", "double", "to", "type_as"})
+
+
 def _attr_of(ctx: RuleContext, arg: object) -> tuple[torch.nn.Module, str] | None:
-    """(owner module, attribute) of an argument read straight from the model (a get_attr node)."""
+    """(owner module, attribute) of an argument read straight from the model (a get_attr node),
+    or cast on the way for this one use (DeepSeek's ``rms_norm(x.float(), weight=self.weight.float())``)."""
+    if isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target in _CASTS and len(arg.users) == 1 and \
+            isinstance(arg.args[0], fx.Node):  # a dtype or device changes no entry's place
+        arg = arg.args[0]
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
         return _owner(ctx.g.gm, str(arg.target))
     return None
@@ -239,7 +246,7 @@ def functional_layernorm_rule(ctx: RuleContext):
     if any(t is not None and owned[k_] is None for k_, t in tensors.items()) or k != 1:
         return _layernorm(ctx, k)  # a weight computed on the way: the channels freeze
     params = [(o, a, 0) for o, a in (t for t in owned.values() if t is not None)]
-    x, total = ctx.x, int(shape[0] if isinstance(shape, (tuple, list)) else shape)
+    x, total = ctx.x, int(ctx.shape(ctx.x)[-1])  # the normalised shape's one length (written in, or read: h.shape[-1])
     eps = ctx.arg(3 if rms else 4, "eps", None if rms else 1e-5)
 
     def edit(kept: np.ndarray) -> None:

@@ -127,6 +127,8 @@ def _timm_rules() -> None:
             register_rule(fn, rearranging_rule)
         elif getattr(fn, "__name__", "") == "maybe_add_mask":
             register_rule(fn, maybe_add_mask_rule)
+        elif getattr(fn, "__name__", "") == "global_pool_naflex":
+            register_rule(fn, token_pool_rule)
 
 
 # optional libraries, slow to import: their rules are registered once a model of theirs is loaded
@@ -196,6 +198,20 @@ def maybe_add_mask_rule(ctx: RuleContext):
     if isinstance(mask, fx.Node):
         untracked_operand(ctx, mask, lay, lay.ndim)
     return lay, None
+
+
+def token_pool_rule(ctx: RuleContext):
+    """timm's ``global_pool_naflex(x, patch_valid, pool_type, ...)``: x (B, N, C) pooled over its
+    tokens (the valid ones, or the class token alone) to (B, C), each channel alone; a zero channel
+    stays zero."""
+    lay = ctx.ids(ctx.x)
+    if lay is None:
+        return None
+    if lay.ndim != 3 or lay.shape[1] > 1:
+        ctx.freeze(lay, f"{ctx.describe()} pools over the axis these channels vary along")
+        return None
+    v = ctx.values(ctx.x)
+    return lay[:, 0], (np.where(v[:, 0] == 0, 0.0, np.nan) if v is not None and v.ndim == 3 else None)
 
 
 _REARRANGING = {"window_reverse", "window_reverse_nchw", "grid_reverse", "grid_reverse_nchw", "deblockify",

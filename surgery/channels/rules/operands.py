@@ -57,7 +57,12 @@ _RESAMPLE: dict[Any, tuple[int, ...]] = {F.interpolate: (0, 1), F.adaptive_avg_p
 # timm's position-table resampling (``dynamic_img_size=True``), wrapped as one call: by name, so
 # that timm is not imported for it
 _RESAMPLE_NAMED = {("timm.layers.pos_embed", "resample_abs_pos_embed"): (0, -1),
-                   ("timm.layers.pos_embed", "resample_abs_pos_embed_nhwc"): (0, -1)}
+                   ("timm.layers.pos_embed", "resample_abs_pos_embed_nhwc"): (0, -1),
+                   ("timm.models.qwen3_vit", "resample_pos_embed_grid"): (0, -1)}
+# a table read by rows through a matrix of weights over them (Gemma-4's ``one_hot(pos) @ table``):
+# the table's last axis is the result's; and sums over other axes (of several such tables)
+_MATMULS = {operator.matmul, torch.matmul}
+_SUMS = {"sum", torch.sum}
 _MIXED = "mixed"
 _FLATTEN = {"flatten", torch.flatten}
 
@@ -107,11 +112,30 @@ def _param_tree(t: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]] | None:
                     not isinstance(n.args[0], fx.Node):
                 return None  # rows gathered by an index: :func:`_param_source`'s single chains only
             todo.append((n.args[0], after + [n]))
+        elif n.target in ("to", "type_as") and isinstance(n.args[0], fx.Node):
+            todo.append((n.args[0], after + [n]))  # another tensor there gives a dtype or device only
         elif n.target in _ELEMENTWISE | _UNARY and n.all_input_nodes:
             todo.extend((a, after + [n]) for a in n.all_input_nodes)
+        elif n.target in _MATMULS and len(n.args) == 2 and isinstance(n.args[1], fx.Node) and \
+                len(n.args[1].meta.get("shape") or ()) >= 2:
+            todo.append((n.args[1], after + [n]))  # the row weights carry no channels: the table's pass
+        elif n.target in _SUMS and isinstance(n.args[0], fx.Node) and _summed_axes(n) is not None:
+            todo.append((n.args[0], after + [n]))
         else:
             return None
     return pairs
+
+
+def _summed_axes(n: fx.Node) -> tuple[tuple[int, ...], bool] | None:
+    """(the axes ``x.sum(dims)`` sums over, keepdim), or None for a sum over all of them."""
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    shape = n.args[0].meta.get("shape") if isinstance(n.args[0], fx.Node) else None
+    if dims is None or not isinstance(shape, torch.Size):
+        return None
+    dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(d % len(shape) for d in dims), bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
 
 
 def _tree_axes(t: fx.Node, axis: int) -> list[tuple[fx.Node, list[fx.Node], int]] | None:
@@ -241,6 +265,14 @@ def _axes_after(axes: list, shape: tuple, chain: list[fx.Node], mixed: bool = Fa
             axes = [a if k in kept else _MIXED for k, a in enumerate(axes)]
         elif n.target in _CATS and len(new) == len(axes):
             pass  # every axis runs as it did; the joined one is longer
+        elif n.target in _MATMULS and len(axes) >= 2 and n.args[1] is not n.args[0]:
+            # the table is the right operand (_param_tree follows no other): its last axis stays
+            # last, its rows are contracted, its batch axes align from the right before them
+            batch = [a if shape[k] == new[len(new) - len(axes) + k] else None for k, a in enumerate(axes[:-2])]
+            axes = [None] * (len(new) - len(axes)) + batch + [None, axes[-1]]
+        elif n.target in _SUMS and (summed := _summed_axes(n)) is not None:
+            dims, keep = summed
+            axes = [None if k in dims else a for k, a in enumerate(axes) if keep or k not in dims]
         elif name == "flatten":
             start, end = (list(n.args[1:]) + [0, -1][len(n.args) - 1:])[:2]
             start, end = start % len(axes), end % len(axes)
