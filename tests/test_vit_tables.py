@@ -97,3 +97,16 @@ def test_naflexvit_pools_its_tokens_and_reads_its_grid_size():
                                  global_pool="avg", reg_tokens=2)  # as naflexvit_base_patch16_gap (4 there)
     small = _prune(naflexvit.NaFlexVit(cfg, num_classes=5, img_size=32), torch.randn(2, 3, 32, 32))
     assert small.embeds.pos_embed.shape == (1, 6, 6, 16)
+
+
+def test_a_depthwise_conv_traced_into_reads_its_kernel_size_and_loses_channels():
+    """timm's Conv2dSame, traced into: ``pad_same(x, weight.shape[-2:], ...)`` reads the kernel's
+    size, not its channels; the call's ``groups`` follows the module's once Shrink cuts it."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), timm.layers.Conv2dSame(16, 16, 3, stride=2, groups=16),
+                        nn.ReLU(), nn.Conv2d(16, 4, 1))
+    small = _prune(net, torch.randn(2, 3, 13, 13))
+    calls = [n for n in small.graph.nodes if n.target is F.conv2d]
+    assert [n.args[6] if len(n.args) > 6 else n.kwargs["groups"] for n in calls] == [8]
+    assert n_params(small) == (3 * 8 * 9 + 8) + (8 * 9 + 8) + (8 * 4 + 4)

@@ -6,10 +6,12 @@ in the rule book (:data:`surgery.channels.RULES`).
 - :mod:`.elementwise`: arithmetic with broadcasting (add, mul, addcmul, where), activations, casts, dropout
 - :mod:`.tensor`: cat/split/getitem, reshapes and permutes, expand, size reads
 - :mod:`.copies`: repeat, gather, zeros_like and its kin
-- :mod:`.functional`: reductions, softmax, functional layers, stochastic depth
+- :mod:`.functional`: reductions, softmax, functions without weights (pad, pooling), stochastic depth
+- :mod:`.layers`: the functional forms of layers with weights (F.linear, F.conv2d, F.layer_norm...)
 - :mod:`.attention`: matmul (heads as channels) and scaled_dot_product_attention
 - :mod:`.shifts`: roll and flip
 - :mod:`.libraries`: library layers with a forward of their own (timm's BatchNormAct2d, Conv2dSame...)
 - :mod:`.common`: the pieces several families share (rule files import it, never each other)
 """
-from . import attention, copies, elementwise, functional, libraries, modules, shifts, tensor  # noqa: F401  (each registers its rules)
+from . import (attention, copies, elementwise, functional, layers, libraries, modules, shifts,  # noqa: F401
+               tensor)  # each registers its rules

@@ -303,7 +303,7 @@ def conv_rule(ctx: RuleContext):
         ctx.freeze_inputs(f"{ctx.describe()} is a grouped transposed convolution")
         return None
     if ids is not None:
-        ctx.place("reader", ids, 1, arg=0, groups=G, edit=lambda kept: cut_grouped_inputs(m, kept),
+        ctx.place("reader", ids, 1, arg=0, groups=G, edit=lambda kept: cut_grouped_inputs(m, kept, G),
                   values=ctx.values(ctx.x))
     return ctx.new_space(1, params=[(m, "weight", 0), *bias], attrs=[(m, "out_channels")], groups=G)
 
@@ -317,10 +317,11 @@ def group_columns(w: torch.Tensor, groups: int, columns: np.ndarray) -> torch.Te
     return w.gather(1, rows)
 
 
-def cut_grouped_inputs(m: nn.Module, kept: np.ndarray) -> None:
-    """Shrink's edit of a grouped convolution whose input channels `kept` survive (as many in each
-    group): each filter keeps its group's kept inputs, one gather."""
-    w, G = m.weight.data, m.groups
+def cut_grouped_inputs(m: nn.Module, kept: np.ndarray, G: int) -> None:
+    """Shrink's edit of a convolution of `G` groups (as the analysis saw it: the module's own count
+    may be cut already) whose input channels `kept` survive, as many in each group: each filter
+    keeps its group's kept inputs, one gather."""
+    w = m.weight.data
     idx = np.nonzero(kept.reshape(G, len(kept) // G))[1].reshape(G, -1)
     m.weight = nn.Parameter(group_columns(w, G, idx).contiguous(), requires_grad=m.weight.requires_grad)
     m.in_channels = int(kept.sum())

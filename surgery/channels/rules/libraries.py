@@ -79,7 +79,7 @@ def standardised_conv_rule(ctx: RuleContext):
     def edit_in(kept: np.ndarray, full: torch.Tensor = m.weight) -> None:
         gone = np.nonzero(~kept.reshape(G, -1))[1].reshape(G, -1)  # each group's removed inputs
         if G > 1:
-            cut_grouped_inputs(m, kept)
+            cut_grouped_inputs(m, kept, G)
         rows = full if "out" not in cut else full.index_select(0, cut["out"])  # as many of each group
         emit_standardised_conv(node, m, group_columns(rows, G, gone).flatten(1), full[0].numel())
 
