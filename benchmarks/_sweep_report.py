@@ -163,7 +163,8 @@ def notes(family: str, size: int) -> str:
     exact = "exact = max rel. error < 1e-4 between the masked and the shrunk model on a fresh input"
     if family == "timm":
         return (f"One model per timm architecture family (benchmarks/_timm_models.py: per family the first model by "
-                "its size rule that builds on CPU); input 1xCxHxW of the model's pretrained_cfg input_size, sides "
+                "its size rule that builds on CPU, with a 1000-class head where its default has none); input "
+                "1xCxHxW of the model's pretrained_cfg input_size, sides "
                 f"over {size} brought down to {size} where the model runs on that (column input); weights random "
                 "(pretrained=False, zero-initialised tensors, near-zero norm gains and layer scales re-drawn, BN "
                 f"statistics random); {exact}.")
