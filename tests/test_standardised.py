@@ -16,7 +16,7 @@ from passes import DAM, ChannelPrune, Shrink
 from surgery.errors import SurgeryError
 from surgery.norms import REMOVED_STATS
 
-from helpers import n_params
+from helpers import masked_and_shrunk, n_params
 
 timm = pytest.importorskip("timm")
 L = timm.layers
@@ -43,11 +43,8 @@ def _zeroed(net: nn.Module, keep: dict[str, torch.Tensor]):
 
 
 def test_standardised_conv_loses_input_channels_against_timm_forward():
-    net, x = _net(), torch.randn(2, 3, 12, 12)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        masked = surgery.compress(net, [ChannelPrune(0.5)], example_inputs=(x,))
-    small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
+    net = _net()
+    masked, small, x = masked_and_shrunk(net, (2, 3, 12, 12))
     k1, k2 = _kept(masked)
     assert int(k1.sum()) == 8 and int(k2.sum()) == 8
     conv = small.get_submodule("2")
@@ -74,11 +71,7 @@ def test_standardised_conv_loses_input_channels_against_timm_forward():
 def test_training_the_shrunk_layer_moves_as_the_masked_one():
     """The removed weights' statistics are buffers: the kept weights' gradients in the shrunk
     model are those of the same weights in the masked model."""
-    net, x = _net(), torch.randn(2, 3, 12, 12)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        masked = surgery.compress(net, [ChannelPrune(0.5)], example_inputs=(x,))
-    small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
+    masked, small, x = masked_and_shrunk(_net(), (2, 3, 12, 12))
     k1, k2 = _kept(masked)
     masked(x).square().sum().backward()
     small(x).square().sum().backward()
@@ -98,11 +91,7 @@ def _grouped() -> nn.Module:
 
 
 def test_grouped_depthwise_and_same_padded_standardised_convs():
-    net, x = _grouped(), torch.randn(2, 3, 15, 15)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        masked = surgery.compress(net, [ChannelPrune(0.5)], example_inputs=(x,))
-    small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
+    masked, small, _ = masked_and_shrunk(_grouped(), (2, 3, 15, 15))
     shapes = [(n, m.in_channels, m.out_channels, m.groups) for n, m in small.named_modules()
               if isinstance(m, nn.Conv2d)]
     assert shapes == [("0", 3, 8, 1), ("2", 8, 16, 4), ("4", 16, 16, 16), ("6", 16, 8, 2), ("8", 8, 6, 1)]
