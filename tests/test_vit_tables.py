@@ -110,3 +110,16 @@ def test_a_depthwise_conv_traced_into_reads_its_kernel_size_and_loses_channels()
     calls = [n for n in small.graph.nodes if n.target is F.conv2d]
     assert [n.args[6] if len(n.args) > 6 else n.kwargs["groups"] for n in calls] == [8]
     assert n_params(small) == (3 * 8 * 9 + 8) + (8 * 9 + 8) + (8 * 4 + 4)
+
+
+def test_a_zero_channel_padded_with_minus_infinity_for_a_max_pool_stays_zero():
+    """timm's MaxPool2dSame pads with -inf, then max-pools windows longer than the padding: a
+    masked channel is zero after it, so the layer reading it may lose it (it kept a zero scale)."""
+    pytest.importorskip("timm")
+    from timm.layers import pool2d_same
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(), pool2d_same.MaxPool2dSame(3, stride=2),
+                        nn.Conv2d(16, 4, 1))
+    small = _prune(net, torch.randn(2, 3, 14, 14))
+    assert surgery.shrink_report(small).masks_scaled == []
+    assert n_params(small) == (3 * 8 * 9 + 8) + 2 * 8 + (8 * 4 + 4)

@@ -1,9 +1,10 @@
 """Channel rules for reductions, softmax, functions without weights (F.pad, F.normalize, pooling,
 interpolation, grid sampling) and torchvision's stochastic depth. See :mod:`surgery.channels.rules`
-(the functional forms of layers with weights are :mod:`.layers`').
+(the functional forms of layers with weights are :mod:`.layers`).
 """
 from __future__ import annotations
 
+import math
 
 import numpy as np
 import torch
@@ -111,7 +112,30 @@ def pad_rule(ctx: RuleContext):
     v = ctx.values(ctx.x)
     if v is not None and mode == "constant" and not value:
         return lay, np.where(v == 0, 0.0, np.nan)
+    if v is not None and mode == "constant" and value == -math.inf and ctx.node.users and \
+            all(_max_pooled_whole(ctx, u) for u in ctx.node.users):
+        return lay, v  # every window of the max pool after holds an entry of the channel: a constant stays
     return lay, None
+
+
+_MAX_POOLS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
+
+
+def _max_pooled_whole(ctx: RuleContext, u: fx.Node) -> bool:
+    """Whether `u` max-pools the padded `ctx.node` (timm's ``max_pool2d_same``: ``pad_same(x, k,
+    value=-inf)`` then ``F.max_pool2d(x, k, s, 0)``) with windows longer than the padding on each
+    axis, so that each window holds an entry of the unpadded tensor."""
+    nd = _MAX_POOLS.get(u.target) if u.op == "call_function" else None
+    before, after = ctx.shape(ctx.x), ctx.shape()
+    if nd is None or u.args[0] is not ctx.node or before is None or after is None:
+        return False
+    kernel, pad = u.args[1] if len(u.args) > 1 else u.kwargs.get("kernel_size"), \
+        u.args[3] if len(u.args) > 3 else u.kwargs.get("padding", 0)
+    kernel = (kernel,) * nd if isinstance(kernel, int) else tuple(kernel)
+    if any(p != 0 for p in ((pad,) * nd if isinstance(pad, int) else pad)) or len(kernel) != nd:
+        return False
+    added = [a - b for a, b in zip(after[-nd:], before[-nd:])]
+    return all(isinstance(k, int) and 0 <= n < k for n, k in zip(added, kernel))
 
 
 def normalize_rule(ctx: RuleContext):
