@@ -170,11 +170,24 @@ def spatial_keep_rule(ctx: RuleContext):
 
 
 def _softmax(ctx: RuleContext, dim):
+    """A softmax over `dim`: channel-local where no channels vary along it. Where they vary along it
+    and along other axes too (SKNet's attention over its paths, (B, paths, C, 1, 1)), each slice it
+    normalises becomes one unit, so a channel goes from every path at once and the others' sums
+    keep their terms. Across the channels alone, they freeze."""
     ids = ctx.ids(ctx.x)
     if ids is None:
         return None
-    if dim is None or dim % ids.ndim in varying(ids):
-        ctx.freeze(ids, f"{ctx.describe()} normalises across these channels")
+    if dim is None or dim % ids.ndim not in varying(ids):
+        return (ids, None) if dim is not None else _frozen(ctx, ids)
+    d = dim % ids.ndim
+    if len(varying(ids)) == 1:
+        return _frozen(ctx, ids)
+    ctx.couple(ids, ids[tuple(slice(0, 1) if k == d else slice(None) for k in range(ids.ndim))])
+    return ids, None
+
+
+def _frozen(ctx: RuleContext, ids: np.ndarray):
+    ctx.freeze(ids, f"{ctx.describe()} normalises across these channels")
     return ids, None
 
 
