@@ -2,16 +2,13 @@
 attention over its paths, (B, paths, C, 1, 1). Each slice it normalises is one unit, so channel c
 goes from every path at once and the stream loses it exactly; a softmax across the channels
 alone still keeps them."""
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import surgery
-from passes import ChannelPrune, Shrink
 
-from helpers import n_params
+from helpers import masked_and_shrunk, n_params
 
 
 class SelectiveKernel(nn.Module):
@@ -35,11 +32,7 @@ class SelectiveKernel(nn.Module):
 
 def test_a_softmax_over_the_paths_takes_each_channel_from_every_path():
     torch.manual_seed(0)
-    x, net = torch.randn(2, 3, 8, 8), SelectiveKernel().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        masked = surgery.compress(net, [ChannelPrune(0.5)], example_inputs=(x,))
-        small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
+    masked, small, _ = masked_and_shrunk(SelectiveKernel().eval(), (2, 3, 8, 8))
     x2 = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(small(x2), masked(x2), atol=1e-5)

@@ -177,17 +177,13 @@ def _softmax(ctx: RuleContext, dim):
     ids = ctx.ids(ctx.x)
     if ids is None:
         return None
-    if dim is None or dim % ids.ndim not in varying(ids):
-        return (ids, None) if dim is not None else _frozen(ctx, ids)
-    d = dim % ids.ndim
-    if len(varying(ids)) == 1:
-        return _frozen(ctx, ids)
+    d = dim % ids.ndim if dim is not None else None
+    if d is not None and d not in varying(ids):
+        return ids, None
+    if d is None or varying(ids) == [d]:
+        ctx.freeze(ids, f"{ctx.describe()} normalises across these channels")
+        return ids, None
     ctx.couple(ids, ids[tuple(slice(0, 1) if k == d else slice(None) for k in range(ids.ndim))])
-    return ids, None
-
-
-def _frozen(ctx: RuleContext, ids: np.ndarray):
-    ctx.freeze(ids, f"{ctx.describe()} normalises across these channels")
     return ids, None
 
 
@@ -279,7 +275,7 @@ def conv_rule(ctx: RuleContext):
     if ids is not None and any(d != 1 for d in varying(ids)):
         ctx.freeze(ids, f"{ctx.describe()} reads channels that vary along its spatial axes")
         ids = None
-    G, cin, cout = m.groups, m.in_channels, m.out_channels
+    G, cin = m.groups, m.in_channels
     bias = [(m, "bias", 0)]  # always: a constant fold may add a bias later
     if G == 1:
         if ids is not None:
@@ -288,30 +284,11 @@ def conv_rule(ctx: RuleContext):
                       values=ctx.values(ctx.x))
         return ctx.new_space(1, params=[(m, "weight", 1 if transposed else 0), *bias], attrs=[(m, "out_channels")])
     if G == cin and not transposed:
-        k = cout // cin
         if ids is None:
             out = ctx.new_space(1, params=[(m, "weight", 0), *bias])
             ctx.freeze(out, f"{ctx.describe()} is depthwise and its input channels are not tracked")
             return out
-        out = np.repeat(ids, k, axis=1) if ids.shape[1] > 1 else ids
-
-        def edit(kept: np.ndarray, m=m, k=k):
-            n = int(kept.sum())
-            m.out_channels, m.in_channels, m.groups = n, n // k, n // k
-        ctx.place("local", out, 1, params=[(m, "weight", 0), *bias], edit=edit)
-        v = ctx.values(ctx.x)
-        vals = None
-        if v is not None:
-            b = m.bias.detach().double().numpy() if m.bias is not None else np.zeros(cout)
-            vin = np.repeat(v, k, axis=1) if v.shape[1] > 1 else v
-            vb = b.reshape([1, -1] + [1] * (ids.ndim - 2))
-            pad0 = all(p == 0 for p in m.padding) if not isinstance(m.padding, str) else m.padding == "valid"
-            if pad0:
-                wsum = m.weight.detach().double().sum(dim=tuple(range(1, m.weight.dim()))).numpy()
-                vals = vin * wsum.reshape(vb.shape) + vb
-            else:
-                vals = np.where(vin == 0, vb, np.nan)
-        return out, vals
+        return depthwise(ctx, m, ids, [(m, "weight", 0), *bias])
     if transposed:
         ctx.freeze_inputs(f"{ctx.describe()} is a grouped transposed convolution")
         return None
@@ -319,6 +296,31 @@ def conv_rule(ctx: RuleContext):
         ctx.place("reader", ids, 1, arg=0, groups=G, edit=lambda kept: cut_grouped_inputs(m, kept, G),
                   values=ctx.values(ctx.x))
     return ctx.new_space(1, params=[(m, "weight", 0), *bias], attrs=[(m, "out_channels")], groups=G)
+
+
+def depthwise(ctx: RuleContext, m: nn.Module, ids: np.ndarray, params: list, scales: bool = True):
+    """A depthwise convolution `m` (groups == in_channels, k outputs per input) reading channels
+    `ids`: channel-local, each input's k outputs its copies; Shrink sets the new widths. A
+    constant channel's outputs are known where the weight scales it (`scales`) and nothing pads;
+    otherwise only a zero channel's, its bias."""
+    k = m.out_channels // m.in_channels
+    out = np.repeat(ids, k, axis=1) if ids.shape[1] > 1 else ids
+
+    def edit(kept: np.ndarray) -> None:
+        n = int(kept.sum())
+        m.out_channels, m.in_channels, m.groups = n, n // k, n // k
+    ctx.place("local", out, 1, params=params, edit=edit)
+    v = ctx.values(ctx.x)
+    if v is None:
+        return out, None
+    b = m.bias.detach().double().numpy() if m.bias is not None else np.zeros(m.out_channels)
+    vin = np.repeat(v, k, axis=1) if v.shape[1] > 1 else v
+    vb = b.reshape([1, -1] + [1] * (ids.ndim - 2))
+    pad0 = all(p == 0 for p in m.padding) if not isinstance(m.padding, str) else m.padding == "valid"
+    if scales and pad0:
+        wsum = m.weight.detach().double().sum(dim=tuple(range(1, m.weight.dim()))).numpy()
+        return out, vin * wsum.reshape(vb.shape) + vb
+    return out, np.where(vin == 0, vb, np.nan)
 
 
 def group_columns(w: torch.Tensor, groups: int, columns: np.ndarray) -> torch.Tensor:

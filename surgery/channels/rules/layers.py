@@ -17,7 +17,6 @@ from .common import _ConvNd, _group_norm, _layernorm, _linear, _owner, bn_values
 
 
 def functional_linear_rule(ctx: RuleContext):
-    n = ctx.node
     w = ctx.arg(1, "weight")
     bias = ctx.arg(2, "bias")
     parts = _bias_parts(bias)
@@ -28,7 +27,6 @@ def functional_linear_rule(ctx: RuleContext):
     pp = [(wo, wn, 0)]
     if parts is not None and len(parts) == 1:
         pp.append((*_owner(ctx.g.gm, str(parts[0].target)), 0))
-    del n
     out = _linear(ctx, ctx.ids(ctx.x), [(wo, wn, 1)], [], pp, [])
     if parts is not None and len(parts) > 1:  # each part of the bias is cut with its outputs
         start = 0

@@ -13,8 +13,8 @@ import torch.fx as fx
 
 from ...norms import REMOVED_STATS, emit_standardised_conv
 from ..rulebook import NO_CHANNELS, RuleContext, channel_local, register_rule, varying, when_imported
-from .common import (_BN_PARAMS, _linear, bn_values, conv_rule, cut_grouped_inputs, group_columns, no_folds,
-                     normalised)
+from .common import (_BN_PARAMS, _linear, bn_values, conv_rule, cut_grouped_inputs, depthwise, group_columns,
+                     no_folds, normalised)
 from .operands import untracked_operand
 
 
@@ -61,19 +61,7 @@ def standardised_conv_rule(ctx: RuleContext):
     params = [(m, k, 0) for k in ("weight", "bias", "gain") if getattr(m, k, None) is not None]
     plain = ids is not None and varying(ids) == [1] and len(node.args) == 1 and not node.kwargs
     if G == cin and G > 1 and plain:
-        k = m.out_channels // cin
-        out = np.repeat(ids, k, axis=1) if ids.shape[1] > 1 else ids
-
-        def edit(kept: np.ndarray) -> None:
-            n = int(kept.sum())
-            m.out_channels, m.in_channels, m.groups = n, n // k, n // k
-        ctx.place("local", out, 1, params=params, edit=edit)
-        v = ctx.values(ctx.x)
-        if v is None:
-            return out, None
-        b = m.bias.detach().double().numpy() if m.bias is not None else np.zeros(m.out_channels)
-        vin = np.repeat(v, k, axis=1) if v.shape[1] > 1 else v
-        return out, np.where(vin == 0, b.reshape([1, -1] + [1] * (ids.ndim - 2)), np.nan)  # zero in: the bias out
+        return depthwise(ctx, m, ids, params, scales=False)  # its filters standardised: a constant's output unknown
     cut: dict[str, torch.Tensor] = {}  # the kept output rows, should Shrink edit those before the inputs
 
     def edit_in(kept: np.ndarray, full: torch.Tensor = m.weight) -> None:
