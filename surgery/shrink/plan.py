@@ -148,12 +148,10 @@ class Decider:
 
     def _rect(self, node: fx.Node, lay: np.ndarray, removed: np.ndarray) -> bool:
         vd = varying(lay)
-        if not vd:
-            return False
         kept = ~removed[self.chan[lay]]
         if kept.all():
             return False
-        if not kept.any():
+        if not kept.any():  # one channel alone too (a gate that scales many: see rules.elementwise)
             first = lay[tuple(0 for _ in lay.shape)]
             return self.mark(self.chan[np.array([first])], f"{node.name!r} would lose every channel")
         if len(vd) < 2:

@@ -35,6 +35,13 @@ def binary_rule(ctx: RuleContext):
         ctx.freeze(ib, f"{ctx.describe()} divides by these channels (a removed one would be 0/0)")
     for t, tracked in ((a, ib if ia is None else None), (b, ia if ib is None else None)):
         untracked_operand(ctx, t, tracked, nd)
+    if ia is not None and ib is not None and name in _PRODUCTS and min(ia.size, ib.size) == 1 < max(ia.size, ib.size):
+        # one channel scaling many (FocalNet's gate over its context, CBAM's spatial attention):
+        # each product is zero where its own channel is, so the many stay apart; the one channel
+        # stays while anything reads it (Shrink keeps a tensor from losing its last channel)
+        wide = ia if ia.size > 1 else ib
+        out = np.broadcast_to(wide, np.broadcast_shapes(ia.shape, ib.shape)).copy()
+        return out, _binary_values(ctx, a, b, ia, ib, out, name)
     out = ctx.couple(ia, ib) if ia is not None and ib is not None else (ia if ia is not None else ib)
     return out, _binary_values(ctx, a, b, ia, ib, out, name)
 
@@ -140,6 +147,7 @@ def _binary_values(ctx, a, b, ia, ib, out, name):
 _BINARY = [operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
            operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
            "add", "sub", "mul", "div", "add_", "mul_", "sub_", "__add__", "__mul__", "__radd__", "__rmul__"]
+_PRODUCTS = frozenset({"mul", "imul", "mul_", "__mul__", "__rmul__"})
 for _t in _BINARY:
     register_rule(_t, binary_rule)
 _UNARY_APPLY = [torch.relu, F.relu, F.relu6, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu,

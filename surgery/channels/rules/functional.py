@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
 from ...norms import emit_mean
 from ..rulebook import RuleContext, register_rule, varying, when_imported
@@ -97,10 +98,28 @@ def softmax_fn_rule(ctx: RuleContext):
 
 
 def pad_rule(ctx: RuleContext):
+    """``F.pad(x, pad, mode, value)``: see :func:`_pad`."""
+    return _pad(ctx, ctx.arg(1, "pad"), ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None))
+
+
+_PAD_MODES = {"_ConstantPadNd": "constant", "_ReflectionPadNd": "reflect", "_ReplicationPadNd": "replicate",
+              "_CircularPadNd": "circular"}
+
+
+def pad_module_rule(ctx: RuleContext):
+    """``nn.ZeroPad2d``, ``nn.ConstantPad*d``, ``nn.ReflectionPad*d``... (their forward is F.pad)."""
+    m = ctx.module
+    mode = next(_PAD_MODES[c.__name__] for c in type(m).__mro__ if c.__name__ in _PAD_MODES)
+    return _pad(ctx, m.padding, mode, getattr(m, "value", None))
+
+
+def _pad(ctx: RuleContext, pad, mode: str, value):
+    """Padding of the spatial axes is channel-local. A channel that is zero stays zero where the
+    padding is zero or copies the channel's own entries (reflect, replicate, circular, which keep
+    any constant)."""
     lay = ctx.ids(ctx.x)
     if lay is None:
         return None
-    pad = ctx.arg(1, "pad")
     k = len(pad) // 2 if isinstance(pad, (tuple, list)) else lay.ndim
     # pad lists (left, right) per axis from the last; an axis padded by (0, 0) is untouched (HF Swin
     # pads the spatial axes of a channels-last map with (0, 0, ...) on the channels)
@@ -108,9 +127,10 @@ def pad_rule(ctx: RuleContext):
     padded = [lay.ndim - 1 - i for i in range(k) if not listed or any(pad[2 * i:2 * i + 2])]
     if not _spatial_ok(ctx, lay, padded):
         return lay, None
-    mode, value = ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None)
     v = ctx.values(ctx.x)
-    if v is not None and mode == "constant" and not value:
+    if v is not None and mode != "constant":
+        return lay, v
+    if v is not None and not value:
         return lay, np.where(v == 0, 0.0, np.nan)
     if v is not None and mode == "constant" and value == -math.inf and ctx.node.users and \
             all(_max_pooled_whole(ctx, u) for u in ctx.node.users):
@@ -201,6 +221,9 @@ for _t in [torch.norm, torch.linalg.vector_norm, torch.linalg.norm, "norm"]:
 for _t in [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"]:
     register_rule(_t, softmax_fn_rule)
 register_rule(F.pad, pad_rule)
+for _cls in (getattr(nn.modules.padding, c, None) for c in _PAD_MODES):  # _CircularPadNd: torch >= 2.1
+    if _cls is not None:
+        register_rule(_cls, pad_module_rule)
 for _t in ["dim", "ndimension", len]:
     register_rule(_t, ignore_rule)
 
