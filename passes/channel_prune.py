@@ -235,7 +235,7 @@ class ChannelPrune:
         return {gid: np.where(kept[gid], s, -np.inf) for gid, s in scores.items()}
 
     def _decide(self, step: int, chosen: list[ChannelGroup], scores: dict[int, np.ndarray],
-                segs: dict[int, np.ndarray | None], costs: Costs | None) -> dict[int, np.ndarray]:
+                segs: dict[int, list[np.ndarray] | None], costs: Costs | None) -> dict[int, np.ndarray]:
         """The channels each group keeps after `step` of `steps` (equal steps of the ratio or the cut)."""
         if costs is not None:
             goal = 1 - (1 - self.target[1]) * step / self.steps
@@ -331,22 +331,24 @@ class ChannelPrune:
             k = min(n, max(self.round_to, int(math.ceil(k / self.round_to)) * self.round_to))
         return k
 
-    def _keep(self, s: np.ndarray, seg: np.ndarray | None, ratio: float) -> np.ndarray:
+    def _keep(self, s: np.ndarray, seg: list[np.ndarray] | None, ratio: float) -> np.ndarray:
         """The channels to keep of one group with scores `s`: the best ``1 - ratio`` of them
-        (rounded), or of each segment of a grouped convolution."""
+        (rounded), or of each segment of its grouped convolutions and of the channels in none."""
         keep = np.zeros(len(s), dtype=bool)
         if seg is None:
             k = self._count(len(s), 1 - ratio)
             keep[np.argsort(-s, kind="stable")[:k]] = True
             return keep
-        per = seg.shape[1]
-        k = max(1, min(per, math.ceil(per * (1 - ratio) - 1e-9)))
-        best = np.argsort(-s[seg], axis=1, kind="stable")[:, :k]  # every segment at once
-        keep[np.take_along_axis(seg, best, axis=1)] = True
+        free = np.ones(len(s), dtype=bool)
+        for part in seg:
+            free[part] = False
+        for part in [*seg, np.flatnonzero(free)] if free.any() else seg:
+            k = max(1, min(len(part), math.ceil(len(part) * (1 - ratio) - 1e-9)))
+            keep[part[np.argsort(-s[part], kind="stable")[:k]]] = True
         return keep
 
     def _keep_global(self, groups: list[ChannelGroup], scores: dict[int, np.ndarray],
-                     segs: dict[int, np.ndarray | None], ratio: float) -> dict[int, np.ndarray]:
+                     segs: dict[int, list[np.ndarray] | None], ratio: float) -> dict[int, np.ndarray]:
         norm = {gid: _normalised(s) for gid, s in scores.items()}
         allv = np.concatenate([v[np.isfinite(v)] for v in norm.values()]) if norm else np.zeros(0)
         if not len(allv):
@@ -361,14 +363,32 @@ def _normalised(s: np.ndarray) -> np.ndarray:
     return s / (finite.mean() + 1e-12) if len(finite) else s
 
 
-def _segments(cg: ChannelGraph) -> dict[int, np.ndarray]:
-    """Per group id: its channels split into equal segments by the first grouped convolution
-    that carries all of them (as producer or reader), if one does."""
-    out: dict[int, np.ndarray] = {}
+def _segments(cg: ChannelGraph) -> dict[int, list[np.ndarray]]:
+    """Per group id: the segments of its channels (local indices) that grouped convolutions
+    split them into, where it has any: each keeps the same share, so every convolution keeps the
+    same number of channels in each of its groups. A convolution may carry some of the group's
+    channels (NextViT's, on one piece of a concatenated stream); where two split the same
+    channels differently, only one that carries all of them is followed (or none)."""
+    found: dict[int, list[np.ndarray]] = {}
+    whole: dict[int, list[np.ndarray]] = {}
     for p in cg.places:
-        if p.groups > 1 and p.role in ("producer", "reader"):
-            chans = cg.chan_of_elem[p.ids]
-            group = cg.groups[int(cg.chan_group[chans[0]])]  # chan_group counts within this graph
-            if group.id not in out and len(chans) == group.size:
-                out[group.id] = cg.local_index[chans].reshape(p.groups, -1)
+        if p.groups < 2 or p.role not in ("producer", "reader"):
+            continue
+        chans = cg.chan_of_elem[p.ids]
+        gids = cg.chan_group[chans]
+        if len(chans) % p.groups or (gids != gids[0]).any() or len(np.unique(chans)) != len(chans):
+            continue
+        group = cg.groups[int(gids[0])]  # chan_group counts within this graph
+        parts = [np.sort(part) for part in cg.local_index[chans].reshape(p.groups, -1)]
+        if len(chans) == group.size:
+            whole.setdefault(group.id, parts)
+        found.setdefault(group.id, []).extend(parts)
+    out: dict[int, list[np.ndarray]] = {}
+    for gid, parts in found.items():
+        distinct = list({part.tobytes(): part for part in parts}.values())
+        units = np.concatenate(distinct)
+        if len(np.unique(units)) == len(units):  # distinct segments do not overlap
+            out[gid] = distinct
+        elif gid in whole:
+            out[gid] = whole[gid]
     return out

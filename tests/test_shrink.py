@@ -329,6 +329,37 @@ def test_grouped_convolution_keeps_equal_channels_per_group():
     assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
 
 
+class MixedStream(nn.Module):
+    """NextViT's stream, small: two pieces concatenated (12 channels from the stem, 4 from a
+    projection), each read by a grouped convolution of its own (3 and 2 groups), then one MLP
+    adding to all 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.dw = nn.Conv2d(3, 12, 1), nn.Conv2d(12, 12, 3, padding=1, groups=3)
+        self.proj, self.gconv = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.fc1, self.fc2, self.head = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1), nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.dw(x)
+        out = self.proj(x)
+        y = torch.cat([x, out + self.gconv(out)], 1)
+        y = y + self.fc2(torch.relu(self.fc1(y)))
+        return self.head(y).mean((2, 3))
+
+
+def test_grouped_convolutions_on_pieces_of_a_group_keep_equal_channels_per_group():
+    masked, small, _ = masked_and_shrunk(MixedStream().eval(), (2, 3, 8, 8))
+    # half of each of the five segments (4, 4, 4 and 2, 2 channels) and of the MLP: stem 3x6+6,
+    # dw 6x2x9+6, proj 6x2+2, gconv 2x9+2, fc1 8x4+4, fc2 4x8+8, head 8x5+5
+    assert n_params(MixedStream()) == 48 + 444 + 52 + 76 + 136 + 144 + 85
+    assert n_params(small) == 24 + 114 + 14 + 20 + 36 + 40 + 45
+    assert not [why for row in surgery.shrink_report(small).groups for why in row.kept.values()]
+    x2 = torch.randn(3, 3, 8, 8)
+    assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
+
+
 def test_soft_mask_folds_into_the_next_layer():
     """Kept non-binary factors after a GELU (not foldable backwards) go into the readers' weights,
     depthwise and Linear alike: no multiplication is left."""
