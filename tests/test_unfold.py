@@ -2,6 +2,8 @@
 channels through; ``F.unfold`` (im2col) lays each channel's kernel positions side by side, and a
 layer reading the patches loses those columns with the channel. Each is masked, shrunk, and
 compared with the masked model and with the parameter count the kept widths give."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +85,35 @@ def test_halonet_shrunk_at_one_batch_size_runs_at_another(batch):
     assert n_params(small) == 4679716  # of 12480288
     x = torch.randn(3, 3, 256, 256)
     assert torch.allclose(small(x), masked(x), atol=1e-5)
+
+
+class PatchTokens(nn.Module):
+    """MobileViT's unfold and fold by reshapes: (B, C, H, W) -> (B*C*nh, ph, nw, pw) -> ... ->
+    (B*P, N, C), a Linear over the channels as tokens, and back. The first reshape's length,
+    B * C * nh, is read from the map at run time; nh through math.ceil, as timm writes it."""
+
+    def __init__(self, c: int = 8, patch: int = 2):
+        super().__init__()
+        self.conv, self.mix, self.proj = nn.Conv2d(3, c, 1), nn.Linear(c, c), nn.Conv2d(c, 4, 1)
+        self.patch = patch
+
+    def forward(self, x):
+        x = self.conv(x)
+        p = self.patch
+        B, C, H, W = x.shape
+        nh, nw = math.ceil(H / p), math.ceil(W / p)
+        x = x.reshape(B * C * nh, p, nw, p).transpose(1, 2)
+        x = x.reshape(B, C, nh * nw, p * p).transpose(1, 3).reshape(B * p * p, nh * nw, -1)
+        x = self.mix(x)
+        x = x.contiguous().view(B, p * p, nh * nw, -1).transpose(1, 3).reshape(B * C * nh, nw, p, p)
+        x = x.transpose(1, 2).reshape(B, C, nh * p, nw * p)
+        return self.proj(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_patches_unfolded_by_reshapes_keep_their_channels_prunable(batch):
+    masked, small, _ = masked_and_shrunk(PatchTokens().eval(), (batch, 3, 8, 8))
+    # conv 3x4+4, mix 4x4+4, proj 4x4+4 (of 32+8, 64+8, 32+4)
+    assert n_params(small) == 16 + 20 + 20
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)

@@ -66,22 +66,34 @@ def _batch_in_channel_axes(cg: ChannelGraph, size_node: fx.Node, tensor: fx.Node
     else:
         d = size_node.args[1] if len(size_node.args) > 1 else size_node.kwargs.get("dim")
         reads = [size_node] if isinstance(d, int) and d % lay.ndim == 0 else []
-    frontier = [(r, False) for r in reads]
+    frontier = [(r, False, False) for r in reads]
     seen: set[fx.Node] = set()
     while frontier:
-        node, scaled = frontier.pop()
+        node, scaled, counted = frontier.pop()
         if node in seen:
             continue
         seen.add(node)
         for u in node.users:
             if u.op == "call_function" and u.target is operator.mul:
-                frontier.append((u, True))
-            elif scaled and _is_shape_arg_use(u, node) and isinstance(out := cg.layouts.get(u), np.ndarray):
+                frontier.append((u, True, counted or any(_counts(a, tensor, lay) for a in u.args if a is not node)))
+            elif scaled and not counted and _is_shape_arg_use(u, node) and \
+                    isinstance(out := cg.layouts.get(u), np.ndarray):
                 sizes = _sizes(u)
                 for k in (k for k, a in enumerate(sizes) if a is node and len(sizes) == out.ndim):
                     if out.shape[k] > 1:
                         cg.fixed.append((out, k, f"{u.name!r} sizes axis {k} with {node.name!r}, the batch "
                                                  f"read from {tensor.name!r} times a count: the axis holds both"))
+
+
+def _counts(n: Any, tensor: fx.Node, lay: np.ndarray) -> bool:
+    """Whether `n` is a product with a factor that reads, at run time, the length of an axis of
+    `tensor` that channels vary along (``B * C * nh``, C from ``x.shape``: MobileViT's unfold).
+    Such an axis holds the batch outermost and every channel in each sample, and a reshape sized
+    so keeps its length in step with the channels: it is read anew once they go."""
+    if isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.mul:
+        return any(_counts(a, tensor, lay) for a in n.args)
+    read = shape_read(n)
+    return read is not None and read[0] is tensor and isinstance(read[1], int) and read[1] % lay.ndim in varying(lay)
 
 
 _ARITH = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,

@@ -3,6 +3,7 @@ from a size the pruning changes is given a new divisor instead of becoming a con
 reshape's size read from another tensor stays a run-time size (-1, or the count scaled)."""
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Callable
 
@@ -24,19 +25,26 @@ def _length_now(read: tuple[fx.Node, int] | None, new_shape: NewShape) -> int | 
     return int((new_shape(read[0]) or list(shape))[read[1]])
 
 
-_ARITH = frozenset({operator.mul, operator.add, operator.sub, operator.floordiv})
+_ARITH = frozenset({operator.mul, operator.add, operator.sub, operator.floordiv, operator.truediv})
+_ROUND = frozenset({math.ceil, math.floor})
 
 
-def _value_now(n: Any, new_shape: NewShape, depth: int = 0) -> int | None:
-    """The value a size expression (lengths read from shapes, numbers, + - * //) has on the
-    example once the cut is made; None for anything else."""
-    if isinstance(n, int) and not isinstance(n, bool):
+def _value_now(n: Any, new_shape: NewShape, depth: int = 0) -> float | None:
+    """The value a size expression (lengths read from shapes, numbers, + - * // /, ceil and floor:
+    MobileViT's ``math.ceil(H / patch_h)``) has on the example once the cut is made; None for
+    anything else."""
+    if isinstance(n, (int, float)) and not isinstance(n, bool):
         return n
     if not isinstance(n, fx.Node) or depth > 8:
         return None
     if n.op == "call_function" and n.target in _ARITH and len(n.args) == 2 and not n.kwargs:
         a, b = (_value_now(x, new_shape, depth + 1) for x in n.args)
-        return None if a is None or b is None or n.target is operator.floordiv and b == 0 else n.target(a, b)
+        if a is None or b is None or n.target in (operator.floordiv, operator.truediv) and b == 0:
+            return None
+        return n.target(a, b)
+    if n.op == "call_function" and n.target in _ROUND and len(n.args) == 1 and not n.kwargs:
+        a = _value_now(n.args[0], new_shape, depth + 1)
+        return None if a is None else n.target(a)
     return _length_now(shape_read(n), new_shape)
 
 

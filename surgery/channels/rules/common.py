@@ -206,19 +206,24 @@ def reshape_rule(ctx: RuleContext):
 
 
 def _compact(lay: np.ndarray, vals: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """`lay` with its leading (batch) axis cut to length 1 where it holds the same ids at each
-    position (a reshape that splits (B*H) back into (B, H) spreads the heads' ids over B too);
-    `vals` (the known values, same shape) alike, a value kept where it is the same all along.
-    Other axes keep their length: a channel held at several positions of one (a kv head repeated
-    for its query heads) is a layout the mask and shrink rules read position by position."""
+    """`lay` with every axis cut to length 1 along which it holds the same ids at each position:
+    a reshape that splits (B*H) back into (B, H) spreads the heads' ids over B too, and one that
+    merges the channels with the batch and a spatial axis and splits them off again (MobileViT's
+    unfold, (B*C*nh, ...) -> (B, C, N, P)) spreads them over N. `vals` (the known values, same
+    shape) alike, a value kept where it is the same all along. An axis whose ids differ between
+    positions keeps its length, even where some repeat (a kv head held for each of its query
+    heads): the mask and shrink rules read such layouts position by position."""
     if vals is not None and vals.shape != lay.shape:
         vals = None
-    if lay.ndim < 2 or lay.shape[0] == 1 or not (lay == lay[:1]).all():
-        return lay, vals
-    if vals is not None:
-        same = ((vals == vals[:1]) | (np.isnan(vals) & np.isnan(vals[:1]))).all(axis=0, keepdims=True)
-        vals = np.where(same, vals[:1], np.nan)
-    return lay[:1], vals
+    for d in range(lay.ndim if lay.ndim >= 2 else 0):
+        if lay.shape[d] == 1 or not (lay == np.take(lay, [0], axis=d)).all():
+            continue
+        if vals is not None:
+            first = np.take(vals, [0], axis=d)
+            same = ((vals == first) | (np.isnan(vals) & np.isnan(first))).all(axis=d, keepdims=True)
+            vals = np.where(same, first, np.nan)
+        lay = np.take(lay, [0], axis=d)
+    return lay, vals
 
 
 def _reshape(lay: np.ndarray, a: tuple, b: tuple) -> np.ndarray | None:
