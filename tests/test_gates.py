@@ -1,8 +1,9 @@
-"""One channel scaling many: FocalNet's gates (each one channel of the projection, broadcast over
-the context's channels) and a spatial attention map (one channel over the whole feature map).
-Each product is zero where its own channel is, so the many channels stay separate units; the one
-channel stays while anything reads it. Also the padding modules (``nn.ZeroPad2d``,
-``nn.ReflectionPad2d``...), whose forward is ``F.pad``."""
+"""One channel scaling many, and positions that carry channels. FocalNet's gates (each one
+channel of the projection, broadcast over the context's channels) and a spatial attention map (one
+channel over the whole feature map): each product is zero where its own channel is, so the many
+channels stay separate units; the one channel stays while anything reads it. CoaT's aggregate, a
+pointwise Conv1d whose positions are the channels, passes them along. Also the padding modules
+(``nn.ZeroPad2d``, ``nn.ReflectionPad2d``...), whose forward is ``F.pad``."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,3 +92,27 @@ def test_padding_modules_pass_channels_through(pad):
     x2 = torch.randn(3, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(small(x2), masked(x2), rtol=1e-5, atol=1e-5)
+
+
+class Aggregate(nn.Module):
+    """CoaT's head: three streams' class tokens stacked, (B, 3, C), mixed into one by a Conv1d of
+    kernel 1 whose positions are the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.streams = nn.ModuleList([nn.Linear(4, 8) for _ in range(3)])
+        self.aggregate, self.head = nn.Conv1d(3, 1, 1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        tokens = torch.stack([s(x) for s in self.streams], dim=1)
+        return self.head(self.aggregate(tokens).squeeze(1))
+
+
+def test_a_pointwise_conv_over_channels_as_positions_passes_them():
+    masked, small, _ = masked_and_shrunk(Aggregate().eval(), (2, 4))
+    # three streams 4x4+4 (channel c goes from all three at once), aggregate 3+1, head 4x2+2
+    assert n_params(Aggregate()) == 3 * 40 + 4 + 18
+    assert n_params(small) == 3 * 20 + 4 + 10
+    x2 = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x2), masked(x2), rtol=1e-5, atol=1e-6)

@@ -278,6 +278,8 @@ def conv_rule(ctx: RuleContext):
     transposed = bool(getattr(m, "transposed", False))
     ids = ctx.ids(ctx.x)
     if ids is not None and any(d != 1 for d in varying(ids)):
+        if _pointwise(m) and m.out_channels == 1:
+            return _positions_through(ctx, m, ids)
         ctx.freeze(ids, f"{ctx.describe()} reads channels that vary along its spatial axes")
         ids = None
     G, cin = m.groups, m.in_channels
@@ -301,6 +303,32 @@ def conv_rule(ctx: RuleContext):
         ctx.place("reader", ids, 1, arg=0, groups=G, edit=lambda kept: cut_grouped_inputs(m, kept, G),
                   values=ctx.values(ctx.x))
     return ctx.new_space(1, params=[(m, "weight", 0), *bias], attrs=[(m, "out_channels")], groups=G)
+
+
+def _pointwise(m: nn.Module) -> bool:
+    """A convolution that maps each position on its own: kernel 1, stride 1, no padding, one group."""
+    pad = m.padding if not isinstance(m.padding, str) else (0,) if m.padding in ("valid", "same") else (1,)
+    return not getattr(m, "transposed", False) and m.groups == 1 and all(k == 1 for k in m.kernel_size) and \
+        all(s == 1 for s in m.stride) and all(p == 0 for p in pad)
+
+
+def _positions_through(ctx: RuleContext, m: nn.Module, ids: np.ndarray):
+    """A pointwise convolution to one channel over positions that carry channels (CoaT's
+    ``aggregate``, a Conv1d from 3 stacked class tokens to 1 over (B, 3, C)): each output position
+    reads the inputs at that position alone, so the channels pass along the positions, those
+    stacked at one position coupled; its own input and output channels stay whole. A removed
+    position holds the bias plus the weights times the inputs' constants there."""
+    out = ids
+    for k in range(1, ids.shape[1]):
+        out = ctx.couple(out, ids[:, k:k + 1])
+    out = out[:, :1]
+    v = ctx.values(ctx.x)
+    if v is None or v.shape[1] not in (1, m.in_channels):
+        return out, None
+    w = m.weight.detach().double().reshape(-1).numpy()  # (in_channels,)
+    b = float(m.bias.detach()[0]) if m.bias is not None else 0.0
+    v = np.broadcast_to(v, (v.shape[0], m.in_channels, *v.shape[2:]))
+    return out, np.expand_dims(np.tensordot(w, np.moveaxis(v, 1, 0), axes=(0, 0)), 1) + b
 
 
 def depthwise(ctx: RuleContext, m: nn.Module, ids: np.ndarray, params: list, scales: bool = True):
