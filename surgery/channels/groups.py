@@ -37,7 +37,8 @@ from ..errors import SurgeryError
 from ..nested import output_items
 from ..pipeline import UnitMask
 from .boundary import Boundary, check_boundary, handed_leaves, seed
-from .checks import check_sizes, check_tensor_uses
+from .checks import check_sizes
+from .held import check_tensor_uses
 from .components import components
 from .points import MaskPoint, mask_points
 from .rulebook import NO_CHANNELS, RULES, Ids, Rule, RuleContext, _RawPlace, load_pending, varying
