@@ -433,3 +433,34 @@ def test_channels_contracted_with_a_parameter_cut_its_rows_too():
     assert small.get_parameter("w_g").shape == (4, 1) and small.get_parameter("q.weight").shape == (4, 8)
     with torch.no_grad():
         torch.testing.assert_close(small(x), masked(x), rtol=0, atol=1e-6)
+
+
+class ScaleNormAttention(nn.Module):
+    """BEiT-3's attention (timm's ``scale_norm``): a LayerNorm over the merged heads before the
+    output projection, which gives a masked head's channels its bias again."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.h = heads
+        self.qkv, self.norm, self.proj = nn.Linear(d, 3 * d), nn.LayerNorm(d), nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+        with torch.no_grad():
+            self.norm.weight.normal_(1, 0.2)
+            self.norm.bias.normal_(0, 0.2)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.head(self.proj(self.norm(x))).mean(1)
+
+
+def test_a_norm_over_the_merged_heads_takes_a_mask_too_and_the_heads_leave():
+    torch.manual_seed(0)
+    model = ScaleNormAttention().eval()
+    masked, small = _prune(model, torch.randn(2, 5, 16))
+    # two heads of four: qkv 16x24+24, the norm's 8 kept pairs, proj 8x8+8, head 8x3+3
+    assert sum(p.numel() for p in model.parameters()) == 816 + 32 + 272 + 51
+    assert sum(p.numel() for p in small.parameters()) == 408 + 16 + 72 + 27
+    x2 = torch.randn(3, 5, 16)
+    assert max_abs_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5

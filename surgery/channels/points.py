@@ -6,6 +6,7 @@ producer's only reader; on the head axis of attention's output for attention hea
 from __future__ import annotations
 
 import operator
+from collections import deque
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -59,7 +60,12 @@ def mask_points(group) -> list[MaskPoint]:
         # head_dim times in a row, but zeros there do not take the head out of the scores
         heads = [MaskPoint(p.node, p.dim - len(p.node.meta["shape"])) for p in group.points if whole(p)]
         if heads:
-            return list(dict.fromkeys(heads))
+            # a norm over the merged heads (BEiT-3's scale norm before the projection) makes a
+            # masked head's channels its bias again: a mask after it too, each head's width in a row
+            after = [MaskPoint(p.node, p.dim - len(p.node.meta["shape"]), *cover[id(p)]) for p in group.producers
+                     if cover[id(p)] is not None and isinstance(p.node.meta.get("shape"), torch.Size)
+                     and _downstream(p.node, {pt.node for pt in heads})]
+            return list(dict.fromkeys(heads + after))
         if any(c is None for c in cover.values()):
             return _reader_points(group, whole)
     added = [p for p in group.locals if p.params and (adds_parameter(p.node) or _shifts(p))] + group.shifts
@@ -176,3 +182,17 @@ _TRAILING = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, n
              nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 _TRAILING_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.gelu, F.silu, F.hardswish,
                        F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.dropout, F.batch_norm}
+
+
+def _downstream(node: fx.Node, sources: set[fx.Node], limit: int = 256) -> bool:
+    """Whether `node` reads any of `sources`, looking breadth first through at most `limit` nodes
+    back (a head's point is a few ops before the norm; the stream behind leads to every block)."""
+    frontier, seen = deque([node]), {node}
+    while frontier and len(seen) <= limit:
+        for a in frontier.popleft().all_input_nodes:
+            if a in sources:
+                return True
+            if a not in seen:
+                seen.add(a)
+                frontier.append(a)
+    return False
