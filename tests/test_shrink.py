@@ -360,6 +360,33 @@ def test_grouped_convolutions_on_pieces_of_a_group_keep_equal_channels_per_group
     assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
 
 
+class Pieces(nn.Module):
+    """Inception-ResNet's stream, small: the stem's channels concatenated with two branches of
+    other fan-ins (1x1 from 8, 3x3 from 8), then a residual over all 24."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.b0, self.b1 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 12, 3, padding=1)
+        self.mix, self.head = nn.Conv2d(24, 24, 1), nn.Linear(24, 5)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        y = torch.cat([s, self.b0(s), self.b1(s)], 1)
+        y = y + self.mix(torch.relu(y))
+        return self.head(y.mean((2, 3)))
+
+
+def test_each_piece_of_a_concatenated_group_keeps_its_share():
+    """The pieces' l1 scores scale with their fan-ins (3, 8, 72): ranked together, the stem's and
+    the 1x1 branch's channels would all go first, and Shrink would keep a channel of each."""
+    masked, small, _ = masked_and_shrunk(Pieces().eval(), (2, 3, 8, 8))
+    # stem 3x4+4, b0 4x2+2, b1 4x6x9+6, mix 12x12+12, head 12x5+5
+    assert n_params(Pieces()) == 32 + 36 + 876 + 600 + 125
+    assert n_params(small) == 16 + 10 + 222 + 156 + 65
+    x2 = torch.randn(3, 3, 8, 8)
+    assert max_rel_diff(run_eval(masked, (x2,)), run_eval(small, (x2,))) < 1e-5
+
+
 def test_soft_mask_folds_into_the_next_layer():
     """Kept non-binary factors after a GELU (not foldable backwards) go into the readers' weights,
     depthwise and Linear alike: no multiplication is left."""
