@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from surgery.capture import surgery_meta
-from surgery.channels import ATTENTION_UNITS, ChannelGraph, ChannelGroup, analyze_tree, set_analysis
+from surgery.channels import ATTENTION_UNITS, ChannelGroup, analyze_tree, set_analysis
 from surgery.errors import SelectionError, SurgeryError
 from surgery.graph import layer_of, unique_name
 from surgery.pipeline import Context, UnitMask
@@ -38,6 +38,7 @@ from . import _fields as check
 from ._budget import Costs, allocate
 from ._importance import DATA_CRITERIA, GRADIENT_CRITERIA, WEIGHT_CRITERIA, data_scores, weight_scores
 from ._placement import call_after, select_tree
+from ._segments import segments
 
 __all__ = ["ChannelPrune", "HardMask"]
 
@@ -195,7 +196,7 @@ class ChannelPrune:
         # masks over runs of units: their pieces' widths are in the model's code (split sizes)
         chosen = [g for g in groups if points[g.id] and self._eligible(g) and
                   (self.normalised or not any(pt.runs or pt.each > 1 for pt in points[g.id]))]
-        by_group = {gid: seg for cg in tree.values() for gid, seg in _segments(cg).items()}
+        by_group = {gid: seg for cg in tree.values() for gid, seg in segments(cg).items()}
         segs = {g.id: by_group.get(g.id) for g in chosen}
         costs = None
         if self.target is not None:
@@ -333,7 +334,7 @@ class ChannelPrune:
 
     def _keep(self, s: np.ndarray, seg: list[np.ndarray] | None, ratio: float) -> np.ndarray:
         """The channels to keep of one group with scores `s`: the best ``1 - ratio`` of them
-        (rounded), or of each segment of its grouped convolutions and of the channels in none."""
+        (rounded), or of each of its segments (:func:`passes._segments.segments`) and of the channels in none."""
         keep = np.zeros(len(s), dtype=bool)
         if seg is None:
             k = self._count(len(s), 1 - ratio)
@@ -361,59 +362,3 @@ def _normalised(s: np.ndarray) -> np.ndarray:
     """Scores divided by the mean of the group's finite ones (channels masked earlier stay -inf)."""
     finite = s[np.isfinite(s)]
     return s / (finite.mean() + 1e-12) if len(finite) else s
-
-
-def _segments(cg: ChannelGraph) -> dict[int, list[np.ndarray]]:
-    """Per group id: the segments of its channels (local indices) that each keep the same share,
-    where it has any. A grouped convolution splits the channels it carries into its groups, so
-    that it keeps as many in each; a producer that makes some of the group's channels (a branch
-    of a concatenated stream: Inception-ResNet's, a dense block's layer, NextViT's projection)
-    makes a piece, which keeps its share rather than going where another piece's weights are
-    larger (l1 norms over other fan-ins do not compare). Segments nest or are disjoint, and the
-    finest ones are used; where two overlap otherwise, only a grouped convolution that carries
-    all of the group's channels is followed (or none)."""
-    found: dict[int, list[np.ndarray]] = {}
-    whole: dict[int, list[np.ndarray]] = {}
-    for p in cg.places:
-        grouped = p.groups > 1 and p.role in ("producer", "reader")
-        if not grouped and p.role != "producer":
-            continue
-        chans = cg.chan_of_elem[p.ids]
-        gids = cg.chan_group[chans]
-        if len(chans) == 0 or (gids != gids[0]).any():
-            continue
-        group = cg.groups[int(gids[0])]  # chan_group counts within this graph
-        if grouped:
-            if len(chans) % p.groups or len(np.unique(chans)) != len(chans):
-                continue
-            parts = [np.sort(part) for part in cg.local_index[chans].reshape(p.groups, -1)]
-            if len(chans) == group.size:
-                whole.setdefault(group.id, parts)
-        else:  # a producer of some of the group's channels: one piece
-            piece = np.unique(cg.local_index[chans])
-            if len(piece) == group.size:
-                continue
-            parts = [piece]
-        found.setdefault(group.id, []).extend(parts)
-    out: dict[int, list[np.ndarray]] = {}
-    for gid, parts in found.items():
-        atoms = _finest(list({part.tobytes(): part for part in parts}.values()))
-        if atoms is not None:
-            out[gid] = atoms
-        elif gid in whole:
-            out[gid] = whole[gid]
-    return out
-
-
-def _finest(parts: list[np.ndarray]) -> list[np.ndarray] | None:
-    """The finest segments of `parts` (distinct sets of units, each pair nested or disjoint):
-    the units grouped by the smallest part that holds them. None where two parts overlap without
-    nesting. Largest first, each part must lie within one part seen before, or within none."""
-    parts = sorted(parts, key=len, reverse=True)
-    label = np.full(max(int(part.max()) for part in parts) + 1, -1)
-    for i, part in enumerate(parts):
-        held = label[part]
-        if (held != held[0]).any():
-            return None
-        label[part] = i
-    return [np.flatnonzero(label == i) for i in np.unique(label[label >= 0])]

@@ -6,7 +6,6 @@ producer's only reader; on the head axis of attention's output for attention hea
 from __future__ import annotations
 
 import operator
-from collections import deque
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -184,15 +183,19 @@ _TRAILING_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F
                        F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.dropout, F.batch_norm}
 
 
-def _downstream(node: fx.Node, sources: set[fx.Node], limit: int = 256) -> bool:
-    """Whether `node` reads any of `sources`, looking breadth first through at most `limit` nodes
-    back (a head's point is a few ops before the norm; the stream behind leads to every block)."""
-    frontier, seen = deque([node]), {node}
-    while frontier and len(seen) <= limit:
-        for a in frontier.popleft().all_input_nodes:
+_LAYOUT = frozenset({"reshape", "view", "transpose", "permute", "contiguous", "flatten", "unflatten",
+                     torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten})
+
+
+def _downstream(node: fx.Node, sources: set[fx.Node]) -> bool:
+    """Whether `node` reads one of `sources` through layout ops alone (BEiT-3's norm reads the
+    attention output transposed and reshaped): not through another layer, which another block's
+    projection reads a head point of an earlier block through (T5's heads, one group across blocks)."""
+    frontier = [node]
+    while frontier:
+        for a in frontier.pop().all_input_nodes:
             if a in sources:
                 return True
-            if a not in seen:
-                seen.add(a)
+            if a.op in ("call_function", "call_method") and a.target in _LAYOUT:
                 frontier.append(a)
     return False
