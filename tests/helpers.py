@@ -53,11 +53,16 @@ def masked_and_shrunk(model: nn.Module, shape: tuple[int, ...], **prune) -> tupl
     both were made with)."""
     torch.manual_seed(0)
     x = torch.randn(*shape)
+    return (*pruned_at(model, x, **prune), x)
+
+
+def pruned_at(model: nn.Module, x, **prune) -> tuple[nn.Module, nn.Module]:
+    """(`model` masked by ChannelPrune(ratio=0.5, **prune) on the example input `x`, that shrunk)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         masked = surgery.compress(model, [ChannelPrune(**{"ratio": 0.5, **prune})], example_inputs=(x,))
-    small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
-    return masked, small, x
+        small = surgery.compress(masked, [Shrink()], example_inputs=(x,))
+    return masked, small
 
 
 class Scale(UnitMask):

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..graph import submodule
 from ..pipeline import UnitMask
+from .rulebook import is_reshape
 
 __all__ = ["MaskPoint", "mask_points", "data_users", "is_trailing", "adds_parameter"]
 
@@ -183,12 +184,8 @@ _TRAILING_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F
                        F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.dropout, F.batch_norm}
 
 
-_LAYOUT = frozenset({"reshape", "view", "transpose", "permute", "contiguous", "flatten", "unflatten",
-                     torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten})
-
-
 def _downstream(node: fx.Node, sources: set[fx.Node]) -> bool:
-    """Whether `node` reads one of `sources` through layout ops alone (BEiT-3's norm reads the
+    """Whether `node` reads one of `sources` through reshapes alone (BEiT-3's norm reads the
     attention output transposed and reshaped): not through another layer, which another block's
     projection reads a head point of an earlier block through (T5's heads, one group across blocks)."""
     frontier = [node]
@@ -196,6 +193,6 @@ def _downstream(node: fx.Node, sources: set[fx.Node]) -> bool:
         for a in frontier.pop().all_input_nodes:
             if a in sources:
                 return True
-            if a.op in ("call_function", "call_method") and a.target in _LAYOUT:
+            if is_reshape(a):
                 frontier.append(a)
     return False

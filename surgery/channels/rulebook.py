@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .groups import ChannelGraph
 
 __all__ = ["RULES", "Rule", "NO_CHANNELS", "register_rule", "when_imported", "load_pending", "RuleContext",
-           "passthrough", "channel_local", "frozen", "varying", "Ids"]
+           "passthrough", "channel_local", "frozen", "varying", "is_reshape", "Ids"]
 
 Ids = np.ndarray  # int64, broadcastable to the tensor's shape
 
@@ -230,6 +230,18 @@ def _align(a: Ids, b: Ids) -> tuple[Ids, Ids]:
 def varying(ids: Ids) -> list[int]:
     """The axes a layout varies along."""
     return [d for d, s in enumerate(ids.shape) if s > 1]
+
+
+_RESHAPES = frozenset({"view", "reshape", "transpose", "permute", "contiguous", "flatten"})
+
+
+def is_reshape(n: Any) -> bool:
+    """Whether `n` is a node that only lays its input's entries out anew (view, reshape,
+    transpose, permute, contiguous, flatten; as a method or a torch function)."""
+    if not isinstance(n, fx.Node):
+        return False
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return n.op in ("call_method", "call_function") and name in _RESHAPES
 
 
 # ----------------------------------------------------------------------------------------- rule helpers

@@ -9,18 +9,15 @@ tensor may lose every channel.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch.fx as fx
 from torch import nn
 
 from ..channels.groups import ChannelGraph
-from ..channels.rulebook import _RawPlace, varying
+from ..channels.rulebook import _RawPlace, is_reshape, varying
 from ..graph import submodule
-
-_RESHAPES = {"view", "reshape", "transpose", "permute", "contiguous", "flatten"}
-
 
 class Decider:
     def __init__(self, cg: ChannelGraph):
@@ -86,14 +83,14 @@ class Decider:
         intermediate layouts need no rectangular structure."""
         cg = self.cg
         for node, lay in cg.layouts.items():
-            if not isinstance(lay, np.ndarray) or len(varying(lay)) < 2 or not _is_reshape(node):
+            if not isinstance(lay, np.ndarray) or len(varying(lay)) < 2 or not is_reshape(node):
                 continue
             start = node.args[0]
-            while _is_reshape(start) and isinstance(cg.layouts.get(start), np.ndarray) \
+            while is_reshape(start) and isinstance(cg.layouts.get(start), np.ndarray) \
                     and len(varying(cg.layouts[start])) >= 2:
                 start = start.args[0]
             end = node
-            while len(end.users) == 1 and _is_reshape(next(iter(end.users))) \
+            while len(end.users) == 1 and is_reshape(next(iter(end.users))) \
                     and len(varying(cg.layouts.get(end, np.zeros(1)))) >= 2:
                 end = next(iter(end.users))
             s_lay, e_lay = cg.layouts.get(start), cg.layouts.get(end)
@@ -194,13 +191,6 @@ def _expand_index(items, nd: int) -> list:
         else:
             out.append(i)
     return out
-
-
-def _is_reshape(n: Any) -> bool:
-    if not isinstance(n, fx.Node):
-        return False
-    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-    return n.op in ("call_method", "call_function") and name in _RESHAPES
 
 
 def _who(node: fx.Node) -> str:

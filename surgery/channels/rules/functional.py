@@ -102,14 +102,15 @@ def pad_rule(ctx: RuleContext):
     return _pad(ctx, ctx.arg(1, "pad"), ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None))
 
 
-_PAD_MODES = {"_ConstantPadNd": "constant", "_ReflectionPadNd": "reflect", "_ReplicationPadNd": "replicate",
-              "_CircularPadNd": "circular"}
+_PAD_MODULES = {cls: mode for name, mode in (("_ConstantPadNd", "constant"), ("_ReflectionPadNd", "reflect"),
+                                             ("_ReplicationPadNd", "replicate"), ("_CircularPadNd", "circular"))
+                if (cls := getattr(nn.modules.padding, name, None)) is not None}  # _CircularPadNd: torch >= 2.1
 
 
 def pad_module_rule(ctx: RuleContext):
     """``nn.ZeroPad2d``, ``nn.ConstantPad*d``, ``nn.ReflectionPad*d``... (their forward is F.pad)."""
     m = ctx.module
-    mode = next(_PAD_MODES[c.__name__] for c in type(m).__mro__ if c.__name__ in _PAD_MODES)
+    mode = next(mode for cls, mode in _PAD_MODULES.items() if isinstance(m, cls))
     return _pad(ctx, m.padding, mode, getattr(m, "value", None))
 
 
@@ -221,9 +222,8 @@ for _t in [torch.norm, torch.linalg.vector_norm, torch.linalg.norm, "norm"]:
 for _t in [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"]:
     register_rule(_t, softmax_fn_rule)
 register_rule(F.pad, pad_rule)
-for _cls in (getattr(nn.modules.padding, c, None) for c in _PAD_MODES):  # _CircularPadNd: torch >= 2.1
-    if _cls is not None:
-        register_rule(_cls, pad_module_rule)
+for _cls in _PAD_MODULES:
+    register_rule(_cls, pad_module_rule)
 for _t in ["dim", "ndimension", len]:
     register_rule(_t, ignore_rule)
 
